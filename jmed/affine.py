@@ -1,0 +1,267 @@
+"""Pure geometry on 4x4 affines (voxel index -> world millimetres, RAS+).
+
+The convention is NIfTI's: ``world = A @ [i, j, k, 1]`` where ``(i, j, k)`` index the
+first three axes of the data and world axes point towards patient Right, Anterior and
+Superior. Functions accept numpy or JAX arrays; those that work under ``jit`` say so.
+Functions that decide shapes or permutations (orientation, reorientation) need concrete
+values and use float64 numpy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+__all__ = [
+    "AXIS_LABELS",
+    "ORIENTATIONS",
+    "check_affine",
+    "compose",
+    "direction",
+    "from_spacing",
+    "orientation",
+    "orientation_transform",
+    "origin",
+    "reorient",
+    "reorient_affine",
+    "spacing",
+    "translate_voxels",
+    "voxel_to_world",
+    "world_to_voxel",
+]
+
+# For each world axis, the letter of its positive and of its negative direction.
+AXIS_LABELS = (("R", "L"), ("A", "P"), ("S", "I"))
+_LETTER_TO_AXIS = {
+    letter: (axis, 1 if i == 0 else -1)
+    for axis, pair in enumerate(AXIS_LABELS)
+    for i, letter in enumerate(pair)
+}
+
+#: All 48 orientation codes: every assignment of world axes to the three voxel axes,
+#: with either sign.
+ORIENTATIONS = tuple(
+    "".join(AXIS_LABELS[axis][sign] for axis, sign in zip(perm, signs))
+    for perm in itertools.permutations(range(3))
+    for signs in itertools.product((0, 1), repeat=3)
+)
+
+
+def _xp(*arrays):
+    return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
+
+
+def spacing(affine: ArrayLike) -> np.ndarray | jax.Array:
+    """Voxel size in mm along each data axis (norms of the affine's columns). Jittable."""
+    xp = _xp(affine)
+    a = xp.asarray(affine)
+    return xp.sqrt(xp.sum(a[..., :3, :3] ** 2, axis=-2))
+
+
+def origin(affine: ArrayLike) -> np.ndarray | jax.Array:
+    """World position (mm) of voxel (0, 0, 0). Jittable."""
+    xp = _xp(affine)
+    return xp.asarray(affine)[..., :3, 3]
+
+
+def direction(affine: ArrayLike) -> np.ndarray | jax.Array:
+    """Direction cosines: the 3x3 linear part with unit columns. Jittable."""
+    xp = _xp(affine)
+    a = xp.asarray(affine)
+    return a[..., :3, :3] / spacing(a)[..., None, :]
+
+
+def from_spacing(
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
+    orientation: str = "RAS",
+) -> np.ndarray:
+    """An axis-aligned affine with the given spacing, origin and orientation code."""
+    codes = _parse_orientation(orientation, "orientation")
+    a = np.eye(4)
+    a[:3, :3] = 0.0
+    for data_axis, (world_axis, sign) in enumerate(codes):
+        a[world_axis, data_axis] = sign * float(spacing[data_axis])
+    a[:3, 3] = np.asarray(origin, dtype=float)
+    return a
+
+
+def check_affine(affine: ArrayLike, name: str = "affine") -> np.ndarray:
+    """Validate a concrete affine: shape (4, 4), finite, invertible linear part.
+
+    Returns it as float64 numpy. Raises ``ValueError`` naming ``name`` otherwise.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise ValueError(f"{name} must have shape (4, 4), got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite, got non-finite values:\n{a}")
+    sp = np.sqrt((a[:3, :3] ** 2).sum(0))
+    if np.any(sp == 0) or abs(np.linalg.det(a[:3, :3] / sp)) < 1e-6:
+        raise ValueError(f"{name} is singular (its 3x3 part is not invertible):\n{a}")
+    return a
+
+
+def voxel_to_world(affine: ArrayLike, points: ArrayLike) -> np.ndarray | jax.Array:
+    """Map voxel indices ``(..., 3)`` to world mm ``(..., 3)``. Jittable."""
+    xp = _xp(affine, points)
+    a = xp.asarray(affine)
+    p = xp.asarray(points)
+    return p @ a[:3, :3].T + a[:3, 3]
+
+
+def world_to_voxel(affine: ArrayLike, points: ArrayLike) -> np.ndarray | jax.Array:
+    """Map world mm ``(..., 3)`` to (fractional) voxel indices ``(..., 3)``. Jittable."""
+    xp = _xp(affine, points)
+    a = xp.asarray(affine)
+    p = xp.asarray(points)
+    inv = xp.linalg.inv(a[:3, :3])
+    return (p - a[:3, 3]) @ inv.T
+
+
+def compose(*affines: ArrayLike) -> np.ndarray | jax.Array:
+    """Matrix product ``affines[0] @ affines[1] @ ...`` (the last is applied first)."""
+    xp = _xp(*affines)
+    out = xp.asarray(affines[0])
+    for a in affines[1:]:
+        out = out @ xp.asarray(a)
+    return out
+
+
+def translate_voxels(affine: ArrayLike, offset: ArrayLike) -> np.ndarray | jax.Array:
+    """Affine of a grid whose voxel 0 is voxel ``offset`` of ``affine``'s grid.
+
+    Cropping ``start`` voxels uses ``offset = start``; padding uses ``-pad``. Jittable.
+    """
+    xp = _xp(affine, offset)
+    a = xp.asarray(affine)
+    off = xp.asarray(offset, dtype=a.dtype)
+    new_origin = a[:3, :3] @ off + a[:3, 3]
+    if xp is np:
+        out = a.copy()
+        out[:3, 3] = new_origin
+        return out
+    return a.at[:3, 3].set(new_origin)
+
+
+# --- orientation -----------------------------------------------------------------------
+
+
+def _io_orientation(affine: np.ndarray) -> np.ndarray:
+    """For each data axis, the world axis it is closest to and the sign, shape (3, 2).
+
+    Takes the closest orthogonal matrix to the direction cosines (polar decomposition via
+    SVD), then assigns data axes to world axes greedily by largest absolute cosine.
+    """
+    rzs = np.asarray(affine, dtype=np.float64)[:3, :3]
+    zooms = np.sqrt((rzs**2).sum(0))
+    zooms[zooms == 0] = 1.0
+    rs = rzs / zooms
+    u, s, vt = np.linalg.svd(rs)
+    keep = s > s.max() * 3 * np.finfo(np.float64).eps
+    r = u[:, keep] @ vt[keep]
+    out = np.full((3, 2), np.nan)
+    for data_axis in range(3):
+        col = r[:, data_axis]
+        if np.allclose(col, 0):
+            continue
+        world_axis = int(np.argmax(np.abs(col)))
+        out[data_axis] = (world_axis, np.sign(col[world_axis]))
+        r[world_axis, :] = 0.0
+    return out
+
+
+def orientation(affine: ArrayLike) -> str:
+    """Orientation code such as ``'RAS'`` or ``'LPS'``, equal to ``nibabel.aff2axcodes``.
+
+    Letter ``i`` names the world direction that data axis ``i`` increases towards.
+    Needs a concrete affine (raises ``TypeError`` under ``jit``).
+    """
+    if isinstance(affine, jax.core.Tracer):
+        raise TypeError(
+            "orientation() needs a concrete affine, got a traced value; compute it "
+            "outside jit (orientation decides permutations, which fix output shapes)"
+        )
+    ornt = _io_orientation(np.asarray(affine))
+    letters = []
+    for world_axis, sign in ornt:
+        if np.isnan(world_axis):
+            raise ValueError(f"affine has a degenerate axis, no orientation:\n{affine}")
+        letters.append(AXIS_LABELS[int(world_axis)][0 if sign > 0 else 1])
+    return "".join(letters)
+
+
+def _parse_orientation(code: str, name: str) -> list[tuple[int, int]]:
+    if not isinstance(code, str) or len(code) != 3:
+        raise ValueError(f"{name} must be a 3-letter code like 'RAS' or 'LPS', got {code!r}")
+    parsed = []
+    for letter in code.upper():
+        if letter not in _LETTER_TO_AXIS:
+            raise ValueError(f"{name} {code!r} has unknown letter {letter!r}; allowed: R/L, A/P, S/I")
+        parsed.append(_LETTER_TO_AXIS[letter])
+    if sorted(axis for axis, _ in parsed) != [0, 1, 2]:
+        raise ValueError(f"{name} {code!r} must name each of R/L, A/P and S/I exactly once")
+    return parsed
+
+
+def orientation_transform(current: str, target: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """Permutation and flips that take data in ``current`` orientation to ``target``.
+
+    Returns ``(perm, flips)``: new data is ``transpose(data, perm)`` then flipped along
+    every output axis ``i`` with ``flips[i]``.
+    """
+    cur = _parse_orientation(current, "current orientation")
+    tgt = _parse_orientation(target, "target orientation")
+    world_to_cur = {axis: (i, sign) for i, (axis, sign) in enumerate(cur)}
+    perm, flips = [], []
+    for axis, sign in tgt:
+        i, cur_sign = world_to_cur[axis]
+        perm.append(i)
+        flips.append(cur_sign != sign)
+    return tuple(perm), tuple(flips)
+
+
+def reorient_affine(
+    affine: ArrayLike, spatial_shape: Sequence[int], perm: Sequence[int], flips: Sequence[bool]
+) -> np.ndarray:
+    """Affine of data that was transposed by ``perm`` then flipped by ``flips``.
+
+    Every voxel keeps its world position. ``spatial_shape`` is the shape before.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    # new index j along output axis o maps to old index along axis perm[o]:
+    #   old = n - 1 - j if flipped else j
+    m = np.zeros((4, 4))
+    m[3, 3] = 1.0
+    for out_axis, (in_axis, flip) in enumerate(zip(perm, flips)):
+        if flip:
+            m[in_axis, out_axis] = -1.0
+            m[in_axis, 3] = spatial_shape[in_axis] - 1
+        else:
+            m[in_axis, out_axis] = 1.0
+    return a @ m
+
+
+def reorient(
+    data: ArrayLike, affine: ArrayLike, target: str = "RAS"
+) -> tuple[np.ndarray | jax.Array, np.ndarray]:
+    """Permute and flip channels-last ``data`` ``(x, y, z, ...)`` to orientation ``target``.
+
+    Exact (no interpolation); the returned affine keeps every voxel's world position.
+    """
+    current = orientation(affine)
+    perm, flips = orientation_transform(current, target)
+    xp = _xp(data)
+    arr = xp.asarray(data)
+    shape = arr.shape[:3]
+    rest = tuple(range(3, arr.ndim))
+    out = xp.transpose(arr, tuple(perm) + rest)
+    flip_axes = tuple(i for i, f in enumerate(flips) if f)
+    if flip_axes:
+        out = xp.flip(out, axis=flip_axes)
+    return out, reorient_affine(affine, shape, perm, flips)

@@ -1,0 +1,391 @@
+"""Data model: ``Image`` and ``Subject`` pytrees.
+
+An ``Image`` holds ``data`` with layout ``(x, y, z, c)`` (channels last) and a 4x4
+``affine`` (voxel index -> world mm, RAS+). Its ``kind`` (``"intensity"`` or ``"label"``)
+is static pytree metadata: it decides interpolation and which transforms apply, and it
+never becomes a traced value.
+
+A ``Subject`` maps names to ``Image`` s, may carry metadata, and records the history of
+transforms applied to it. Both are pytrees, so they pass through ``jax.jit``,
+``jax.vmap`` and ``jax.tree.map``. A batch is the same pytree with a leading axis on every
+leaf (``data`` ``(b, x, y, z, c)``, ``affine`` ``(b, 4, 4)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.typing import ArrayLike
+
+from jmed import affine as affine_lib
+
+__all__ = [
+    "AFFINE_TOLERANCE",
+    "INTENSITY",
+    "KINDS",
+    "LABEL",
+    "Image",
+    "LabelMap",
+    "ScalarImage",
+    "Subject",
+    "stack",
+    "unstack",
+]
+
+INTENSITY = "intensity"
+LABEL = "label"
+KINDS = (INTENSITY, LABEL)
+
+#: Default absolute tolerance (mm, per affine entry) under which two affines count as the
+#: same space. Headers written by different tools differ by float32 rounding (~1e-5 mm);
+#: 1e-3 mm is far below any voxel size yet above that noise.
+AFFINE_TOLERANCE = 1e-3
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class _LazyData:
+    """Voxel data read on first access (keeps the header available without reading)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], Any]):
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        self.load = load
+
+
+@jax.tree_util.register_pytree_node_class
+class Image:
+    """A 3D (multi-channel) image with its physical geometry.
+
+    Args:
+        data: array of shape ``(x, y, z, c)``; use ``c = 1`` for a single channel and
+            ``z = 1`` for a 2D image.
+        affine: 4x4 voxel-to-world matrix (mm, RAS+). Defaults to the identity (1 mm
+            voxels, origin at 0).
+        kind: ``"intensity"`` or ``"label"``.
+
+    Raises:
+        ValueError: wrong data rank, unknown kind, or a bad affine (wrong shape,
+            non-finite, singular).
+    """
+
+    __slots__ = ("_data", "affine", "kind")
+
+    def __init__(self, data: ArrayLike, affine: ArrayLike | None = None, *, kind: str = INTENSITY):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(data, _LazyData):
+            if not hasattr(data, "ndim"):
+                data = np.asarray(data)
+            if data.ndim != 4:
+                raise ValueError(
+                    f"data must have 4 dimensions (x, y, z, c), got shape {tuple(data.shape)}; "
+                    "use ScalarImage/LabelMap to add a channel axis to 3D data"
+                )
+        if affine is None:
+            affine = np.eye(4)
+        elif _is_concrete(affine):
+            affine = affine_lib.check_affine(affine)
+        elif tuple(affine.shape) != (4, 4):
+            raise ValueError(f"affine must have shape (4, 4), got {tuple(affine.shape)}")
+        self._data = data
+        self.affine = affine
+        self.kind = kind
+
+    # -- pytree ------------------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.data, self.affine), self.kind
+
+    @classmethod
+    def tree_unflatten(cls, kind, children):
+        obj = object.__new__(cls)
+        obj._data, obj.affine = children
+        obj.kind = kind
+        return obj
+
+    # -- data --------------------------------------------------------------------------
+    @property
+    def data(self):
+        """Voxel array ``(x, y, z, c)``; a lazily loaded image reads it here, once."""
+        if isinstance(self._data, _LazyData):
+            self._data = self._data.load()
+        return self._data
+
+    @property
+    def is_loaded(self) -> bool:
+        """False while a lazily loaded image has not read its voxels yet."""
+        return not isinstance(self._data, _LazyData)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._data.shape)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(self._data.shape[-4:-1])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self._data.shape[-1])
+
+    @property
+    def dtype(self):
+        return self._data.dtype
+
+    @property
+    def is_label(self) -> bool:
+        return self.kind == LABEL
+
+    # -- geometry ----------------------------------------------------------------------
+    @property
+    def spacing(self):
+        """Voxel size in mm per data axis."""
+        return affine_lib.spacing(self.affine)
+
+    @property
+    def origin(self):
+        """World position (mm) of voxel (0, 0, 0)."""
+        return affine_lib.origin(self.affine)
+
+    @property
+    def direction(self):
+        return affine_lib.direction(self.affine)
+
+    @property
+    def orientation(self) -> str:
+        """Orientation code (``'RAS'``, ``'LPS'``, ...) as ``nibabel.aff2axcodes``."""
+        return affine_lib.orientation(self.affine)
+
+    # -- helpers -----------------------------------------------------------------------
+    def replace(self, **changes) -> Image:
+        """A copy with ``data``, ``affine`` and/or ``kind`` replaced (no validation)."""
+        obj = object.__new__(type(self))
+        obj._data = changes.pop("data", self._data)
+        obj.affine = changes.pop("affine", self.affine)
+        obj.kind = changes.pop("kind", self.kind)
+        if changes:
+            raise TypeError(f"replace() got unexpected fields {sorted(changes)}")
+        return obj
+
+    def numpy(self) -> np.ndarray:
+        return np.asarray(self.data)
+
+    def __repr__(self) -> str:
+        geo = ""
+        affine = self.affine
+        if _is_concrete(affine) and getattr(affine, "shape", None) == (4, 4):
+            try:
+                spacing = np.round(np.asarray(self.spacing, float), 3).tolist()
+                geo = f", spacing={tuple(spacing)}, orientation={self.orientation}"
+            except ValueError:
+                pass
+        shape = getattr(self._data, "shape", None)
+        dtype = getattr(self._data, "dtype", None)
+        return f"{type(self).__name__}(kind={self.kind!r}, shape={shape}, dtype={dtype}{geo})"
+
+
+def _with_channel(data: ArrayLike, name: str) -> Any:
+    if not hasattr(data, "ndim"):
+        data = np.asarray(data)
+    if data.ndim == 3:
+        return data[..., None]
+    if data.ndim != 4:
+        raise ValueError(
+            f"{name} data must have 3 (x, y, z) or 4 (x, y, z, c) dimensions, got shape {tuple(data.shape)}"
+        )
+    return data
+
+
+def ScalarImage(data: ArrayLike, affine: ArrayLike | None = None) -> Image:
+    """An intensity ``Image``; 3D data gets a channel axis."""
+    return Image(_with_channel(data, "ScalarImage"), affine, kind=INTENSITY)
+
+
+def LabelMap(data: ArrayLike, affine: ArrayLike | None = None) -> Image:
+    """A label-map ``Image`` (integer labels); 3D data gets a channel axis."""
+    return Image(_with_channel(data, "LabelMap"), affine, kind=LABEL)
+
+
+def _is_static(value: Any) -> bool:
+    return value is None or isinstance(value, (str, bytes, bool))
+
+
+@jax.tree_util.register_pytree_node_class
+class Subject(Mapping):
+    """A mapping of names to ``Image`` s, itself a pytree.
+
+    Args:
+        images: a mapping of names to images, and/or images as keyword arguments.
+        metadata: per-subject values (age, diagnosis, ...). Strings, booleans and
+            ``None`` are static; numbers and arrays are pytree leaves (batched by ``vmap``).
+        history: ``(transform, params)`` pairs recorded by transforms; see
+            ``jmed.transforms.replay`` and ``jmed.transforms.invert``.
+
+    Examples:
+        >>> import numpy as np, jmed
+        >>> s = jmed.Subject(t1=jmed.ScalarImage(np.zeros((4, 5, 6))),
+        ...                  seg=jmed.LabelMap(np.zeros((4, 5, 6), np.uint8)))
+        >>> sorted(s), s.spatial_shape
+        (['seg', 't1'], (4, 5, 6))
+    """
+
+    __slots__ = ("_images", "metadata", "history")
+
+    def __init__(
+        self,
+        images: Mapping[str, Image] | None = None,
+        /,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        history: tuple = (),
+        **named_images: Image,
+    ):
+        merged = dict(images or {})
+        for name in named_images:
+            if name in merged:
+                raise ValueError(f"image name {name!r} given twice")
+        merged.update(named_images)
+        if not merged:
+            raise ValueError("a Subject needs at least one Image")
+        for name, image in merged.items():
+            if not isinstance(name, str):
+                raise TypeError(f"image names must be strings, got {name!r}")
+            if not isinstance(image, Image):
+                raise TypeError(f"Subject image {name!r} must be a jmed.Image, got {type(image).__name__}")
+        self._images = dict(sorted(merged.items()))
+        self.metadata = dict(metadata or {})
+        self.history = tuple(history)
+
+    # -- mapping -----------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Image:
+        try:
+            return self._images[name]
+        except KeyError:
+            raise KeyError(f"no image named {name!r} in subject; images: {list(self._images)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._images)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getattr__(self, name: str) -> Image:
+        # attribute access to images, like TorchIO (subject.t1)
+        if name.startswith("_") or name in Subject.__slots__:
+            raise AttributeError(name)
+        try:
+            return self._images[name]
+        except KeyError:
+            raise AttributeError(f"Subject has no image or attribute {name!r}") from None
+
+    # -- pytree ------------------------------------------------------------------------
+    def tree_flatten(self):
+        names = tuple(self._images)
+        meta_static = tuple((k, v) for k, v in self.metadata.items() if _is_static(v))
+        meta_dynamic = {k: v for k, v in self.metadata.items() if not _is_static(v)}
+        transforms = tuple(t for t, _ in self.history)
+        params = tuple(p for _, p in self.history)
+        children = (tuple(self._images.values()), meta_dynamic, params)
+        return children, (names, meta_static, transforms)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        names, meta_static, transforms = aux
+        images, meta_dynamic, params = children
+        obj = object.__new__(cls)
+        obj._images = dict(zip(names, images))
+        obj.metadata = {**dict(meta_static), **meta_dynamic}
+        obj.history = tuple(zip(transforms, params))
+        return obj
+
+    # -- helpers -----------------------------------------------------------------------
+    @property
+    def images(self) -> dict[str, Image]:
+        return dict(self._images)
+
+    def replace(self, images: Mapping[str, Image] | None = None, **fields) -> Subject:
+        """A copy with some images replaced (others kept) and/or metadata/history."""
+        obj = object.__new__(Subject)
+        obj._images = dict(sorted({**self._images, **(images or {})}.items()))
+        obj.metadata = dict(fields.pop("metadata", self.metadata))
+        obj.history = tuple(fields.pop("history", self.history))
+        if fields:
+            raise TypeError(f"replace() got unexpected fields {sorted(fields)}")
+        return obj
+
+    def without_history(self) -> Subject:
+        return self.replace(history=())
+
+    def names_of_kind(self, kind: str) -> list[str]:
+        return [n for n, im in self._images.items() if im.kind == kind]
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """Spatial shape shared by all images (raises if they differ)."""
+        shapes = {im.spatial_shape for im in self._images.values()}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{n}: {im.spatial_shape}" for n, im in self._images.items())
+            raise ValueError(f"images in subject have different spatial shapes ({detail})")
+        return shapes.pop()
+
+    def check_consistent(self, tolerance: float = AFFINE_TOLERANCE) -> None:
+        """Check that all images share spatial shape and (within ``tolerance``) affine.
+
+        Affines are compared entry by entry with absolute tolerance ``tolerance`` (mm for
+        the translation column, mm per voxel step for the 3x3 part). Traced affines
+        (inside ``jit``) are not compared.
+
+        Raises:
+            ValueError: naming the two images that disagree and how.
+        """
+        items = list(self._images.items())
+        first_name, first = items[0]
+        for name, image in items[1:]:
+            if image.spatial_shape != first.spatial_shape:
+                raise ValueError(
+                    f"images {first_name!r} and {name!r} have different spatial shapes: "
+                    f"{first.spatial_shape} vs {image.spatial_shape}"
+                )
+            if _is_concrete(first.affine) and _is_concrete(image.affine):
+                a, b = np.asarray(first.affine), np.asarray(image.affine)
+                if a.shape == b.shape and not np.allclose(a, b, rtol=0, atol=tolerance):
+                    diff = float(np.max(np.abs(a - b)))
+                    raise ValueError(
+                        f"images {first_name!r} and {name!r} have different affines "
+                        f"(max difference {diff:.3g} > tolerance {tolerance:g}):\n{a}\nvs\n{b}"
+                    )
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={im!r}" for n, im in self._images.items())
+        extra = f", metadata={self.metadata}" if self.metadata else ""
+        return f"Subject({inner}{extra})"
+
+
+def stack(items: list[Any]) -> Any:
+    """Stack Images or Subjects of one structure into a batch (leading axis on every leaf).
+
+    Raises ``ValueError`` if the items differ in structure (names, kinds) or shapes.
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("stack() needs at least one item")
+    structure = jax.tree.structure(items[0])
+    for i, item in enumerate(items[1:], 1):
+        if jax.tree.structure(item) != structure:
+            raise ValueError(f"item {i} has a different structure from item 0; cannot stack")
+    try:
+        return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *items)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot stack items with different shapes: {err}") from err
+
+
+def unstack(batch: Any) -> list[Any]:
+    """Split a batch (as made by ``stack``) into a list of items."""
+    leaves, structure = jax.tree.flatten(batch)
+    n = leaves[0].shape[0]
+    return [jax.tree.unflatten(structure, [leaf[i] for leaf in leaves]) for i in range(n)]

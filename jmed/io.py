@@ -1,0 +1,205 @@
+"""Reading and writing images through nibabel.
+
+Formats: NIfTI-1/2 (``.nii``, ``.nii.gz``), MGH (``.mgh``, ``.mgz``), Analyze
+(``.hdr``/``.img``) read and write; MINC-1/2 (``.mnc``) read only. 4D files become
+channels; 2D files become ``(x, y, 1, c)``. Intensity images are read as float32 with the
+header's ``scl_slope``/``scl_inter`` applied; label maps keep their integer values (and
+their integer dtype; 64-bit integers become int32).
+
+``save`` writes a temporary file beside the target and renames it into place, so a crash
+never leaves a half-written file and never destroys an existing one; it refuses to
+overwrite an existing file unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from jmed import affine as affine_lib
+from jmed.image import INTENSITY, KINDS, Image, _LazyData
+
+__all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "load", "save"]
+
+WRITE_EXTENSIONS = (".nii", ".nii.gz", ".mgh", ".mgz", ".hdr", ".img")
+READ_EXTENSIONS = WRITE_EXTENSIONS + (".mnc",)
+
+
+def _extension(path: Path) -> str:
+    name = path.name.lower()
+    for ext in sorted(READ_EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    return "".join(path.suffixes[-2:]) or "(none)"
+
+
+def _to_channels_last(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
+    if len(shape) == 2:
+        return (*shape, 1, 1)
+    if len(shape) == 3:
+        return (*shape, 1)
+    if len(shape) == 4:
+        return shape
+    raise ValueError(
+        f"{path}: image has {len(shape)} dimensions {shape}; jmed reads 2D, 3D and 4D "
+        "images (a 4th dimension becomes channels)"
+    )
+
+
+def _label_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype in (np.int64, np.uint64, np.uint32):
+        return np.dtype(np.int32)
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        return np.dtype(dtype)
+    return np.dtype(np.int32)
+
+
+def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        if kind == INTENSITY:
+            data = np.asarray(img.get_fdata(dtype=np.float32))
+        else:
+            raw = np.asanyarray(img.dataobj)
+            if not np.issubdtype(raw.dtype, np.integer):
+                rounded = np.rint(raw)
+                if not np.allclose(raw, rounded, atol=1e-3):
+                    raise ValueError(
+                        f"{path}: label map has non-integer values (e.g. "
+                        f"{raw[np.abs(raw - rounded) > 1e-3].flat[0]}); load it with kind='intensity'"
+                    )
+                raw = rounded
+            data = raw.astype(_label_dtype(raw.dtype), copy=False)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as err:
+        raise ValueError(f"{path}: cannot read voxel data, file is truncated or corrupt ({err})") from err
+    return data.reshape(shape)
+
+
+def load(path: str | os.PathLike, kind: str = INTENSITY, *, lazy: bool = False) -> Image:
+    """Read an image file into an ``Image``.
+
+    Args:
+        path: file to read (see the module docstring for formats).
+        kind: ``"intensity"`` (float32, scaling applied) or ``"label"`` (integers kept).
+        lazy: read only the header now; voxels are read on first access to ``.data``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: unsupported extension, corrupt file, more than 4 dimensions,
+            unusable affine, unknown ``kind``.
+
+    Examples:
+        >>> import os, jmed
+        >>> from nibabel.testing import data_path
+        >>> img = jmed.load(os.path.join(data_path, "anatomical.nii"))
+        >>> img.shape, img.orientation
+        ((33, 41, 25, 1), 'LAS')
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; load() needs an image file")
+    if not path.exists():
+        raise FileNotFoundError(f"no such image file: {path}")
+    ext = _extension(path)
+    if ext not in READ_EXTENSIONS:
+        raise ValueError(f"{path}: unsupported extension {ext!r}; readable: {', '.join(READ_EXTENSIONS)}")
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises many types for bad headers
+        raise ValueError(f"{path}: cannot read image header ({type(err).__name__}: {err})") from err
+    try:
+        file_affine = img.affine
+    except Exception as err:
+        raise ValueError(f"{path}: cannot compute the affine ({err})") from err
+    if file_affine is None:
+        raise ValueError(f"{path}: file has no affine")
+    affine = affine_lib.check_affine(file_affine, name=f"affine of {path}")
+    shape = _to_channels_last(tuple(int(s) for s in img.shape), path)
+    dtype = np.float32 if kind == INTENSITY else _label_dtype(img.get_data_dtype())
+
+    def read() -> np.ndarray:
+        return _read_data(img, path, kind, shape)
+
+    data = _LazyData(shape, dtype, read) if lazy else read()
+    return Image(data, affine, kind=kind)
+
+
+def _nibabel_image(image: Image, ext: str) -> Any:
+    data = np.asarray(image.data)
+    if data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.dtype == np.float64:
+        data = data.astype(np.float32)
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if ext in (".nii", ".nii.gz"):
+        out = nib.Nifti1Image(data, affine)
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+        out.header.set_xyzt_units("mm")
+    elif ext in (".mgh", ".mgz"):
+        if data.dtype not in (np.uint8, np.int16, np.int32, np.float32):
+            data = data.astype(np.float32 if image.kind == INTENSITY else np.int32)
+        out = nib.MGHImage(data, affine)
+    else:
+        out = nib.AnalyzeImage(data, affine)
+    return out
+
+
+def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``image`` to ``path`` atomically; returns the path written.
+
+    The format follows the extension (``.nii``, ``.nii.gz``, ``.mgh``, ``.mgz``,
+    ``.hdr``/``.img``). Single-channel images are written as 3D, others as 4D. Analyze
+    stores only spacing and origin, so rotated affines cannot be written to it.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: unsupported extension, or an affine the format cannot hold.
+    """
+    if not isinstance(image, Image):
+        raise TypeError(f"save() takes a jmed.Image, got {type(image).__name__}")
+    path = Path(path)
+    ext = _extension(path)
+    if ext not in WRITE_EXTENSIONS:
+        raise ValueError(f"{path}: cannot write extension {ext!r}; writable: {', '.join(WRITE_EXTENSIONS)}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; save() needs a file path")
+    targets = [path]
+    if ext in (".hdr", ".img"):
+        targets = [path.with_suffix(".hdr"), path.with_suffix(".img")]
+        a = np.asarray(image.affine)
+        if not np.allclose(a[:3, :3], np.diag(np.diag(a[:3, :3])), atol=1e-6):
+            raise ValueError(
+                f"{path}: Analyze files store only spacing and origin; this image's affine "
+                "has rotations or axis permutations; save it as .nii or .nii.gz"
+            )
+    if not overwrite:
+        for target in targets:
+            if target.exists():
+                raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    nib_image = _nibabel_image(image, ext)
+    tmp_dir = tempfile.mkdtemp(prefix=".jmed-", dir=path.parent)
+    try:
+        tmp_path = Path(tmp_dir) / ("tmp" + (".hdr" if ext in (".hdr", ".img") else ext))
+        nib.save(nib_image, str(tmp_path))
+        # data file first, header last: a reader never sees a header without its data
+        for target in reversed(targets):
+            os.replace(tmp_path.with_suffix(target.suffix) if len(targets) > 1 else tmp_path, target)
+    finally:
+        for leftover in Path(tmp_dir).iterdir():
+            leftover.unlink()
+        os.rmdir(tmp_dir)
+    return path

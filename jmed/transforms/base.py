@@ -1,0 +1,419 @@
+"""The transform protocol and composition.
+
+Every transform is a pure callable ``transform(key, subject) -> subject`` (key first;
+deterministic transforms accept ``key=None`` or no key at all). It also accepts a single
+``Image`` and then returns an ``Image``.
+
+Random transforms split the work in two: ``sample(key, subject) -> params`` draws the
+parameters (a pytree of arrays), ``apply(subject, params) -> subject`` uses them
+deterministically. Invertible transforms add ``inverse(subject, params)``. Calling a
+transform on a ``Subject`` appends ``(transform, params)`` to ``subject.history``, which
+``replay`` and ``invert`` use. Unlike TorchIO, randomness comes only from the key: same
+key and input give the same output, eager, under ``jit`` and under ``vmap``.
+
+Transforms apply by image kind (``kinds``: intensity transforms skip label maps) and honour
+``include=`` / ``exclude=`` lists of image names.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmed.image import INTENSITY, KINDS, LABEL, Image, Subject
+from jmed.transforms import _params
+
+__all__ = [
+    "Compose",
+    "IntensityTransform",
+    "Lambda",
+    "OneOf",
+    "RandomApply",
+    "SomeOf",
+    "Transform",
+    "invert",
+    "replay",
+]
+
+Params = Any
+
+
+def _as_subject(data: Any) -> tuple[Subject, bool]:
+    if isinstance(data, Subject):
+        return data, False
+    if isinstance(data, Image):
+        return Subject(image=data), True
+    raise TypeError(f"transforms take a jmed.Subject or jmed.Image, got {type(data).__name__}")
+
+
+def _check_names(value: Any, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be an image name or a sequence of names, got {value!r}")
+    return tuple(value)
+
+
+class Transform:
+    """Base class of all transforms.
+
+    Subclasses set ``is_random`` / ``invertible`` / ``kinds`` and implement ``sample``
+    (random ones), and ``apply_image`` (same rule for every selected image) or ``apply``
+    (whole subject).
+
+    Args:
+        include: names of the images to transform (others pass through unchanged).
+        exclude: names of images to leave unchanged.
+    """
+
+    is_random: ClassVar[bool] = False
+    invertible: ClassVar[bool] = False
+    kinds: ClassVar[tuple[str, ...]] = KINDS
+
+    def __init__(
+        self, *, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None
+    ):
+        self.include = _check_names(include, "include")
+        self.exclude = _check_names(exclude, "exclude")
+        if self.include and self.exclude:
+            raise ValueError("give include or exclude, not both")
+
+    # -- protocol ----------------------------------------------------------------------
+    def __call__(self, key: Any, data: Any = None, /) -> Any:
+        if data is None and isinstance(key, (Subject, Image)):
+            key, data = None, key
+        subject, single = _as_subject(data)
+        if key is None and self.is_random:
+            raise ValueError(f"{type(self).__name__} is random: call it as transform(key, subject)")
+        out, params = self.sample_and_apply(key, subject)
+        if single:
+            return out["image"]
+        return out.replace(history=subject.history + ((self, params),))
+
+    def sample(self, key: Any, subject: Subject) -> Params:
+        """Draw this transform's parameters (a pytree of arrays) from ``key``."""
+        return None
+
+    def apply(self, subject: Subject, params: Params) -> Subject:
+        """Apply with given parameters: by default ``apply_image`` on each selected image."""
+        return subject.replace({n: self.apply_image(subject[n], params) for n in self.selected(subject)})
+
+    def apply_image(self, image: Image, params: Params) -> Image:
+        raise NotImplementedError(f"{type(self).__name__} must implement apply or apply_image")
+
+    def inverse(self, subject: Subject, params: Params) -> Subject:
+        raise TypeError(f"{type(self).__name__} is not invertible")
+
+    def sample_and_apply(self, key: Any, subject: Subject) -> tuple[Subject, Params]:
+        params = self.sample(key, subject)
+        return self.apply(subject, params), params
+
+    # -- helpers -----------------------------------------------------------------------
+    def selected(self, subject: Subject) -> list[str]:
+        """Names of the images this transform acts on (kind, include, exclude)."""
+        for field in (self.include or ()) + (self.exclude or ()):
+            if field not in subject:
+                raise KeyError(
+                    f"{type(self).__name__}: image {field!r} named in include/exclude is not "
+                    f"in the subject; images: {list(subject)}"
+                )
+        names = [n for n, im in subject.items() if im.kind in self.kinds]
+        if self.include is not None:
+            names = [n for n in names if n in self.include]
+        if self.exclude is not None:
+            names = [n for n in names if n not in self.exclude]
+        return names
+
+    def __repr__(self) -> str:
+        fields = {k: v for k, v in vars(self).items() if not k.startswith("_") and v is not None}
+        inner = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        return f"{type(self).__name__}({inner})"
+
+
+class IntensityTransform(Transform):
+    """A transform that acts on intensity images only (label maps pass through)."""
+
+    kinds = (INTENSITY,)
+
+
+def _split(key: Any, n: int) -> list[Any]:
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+def _concrete_int(x: Any) -> int | None:
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return int(np.asarray(x))
+
+
+def _switch(index: Any, branches: Sequence[Callable[[Any], Any]], operand: Any) -> Any:
+    """``branches[index](operand)``; a Python call when ``index`` is concrete, else
+    ``lax.switch`` with outputs promoted to common dtypes."""
+    i = _concrete_int(index)
+    if i is not None:
+        return branches[i](operand)
+    shapes = [jax.eval_shape(b, operand) for b in branches]
+    structs = {jax.tree.structure(s) for s in shapes}
+    if len(structs) > 1:
+        raise ValueError("the alternatives of a random choice must return the same structure under jit")
+    dtypes = jax.tree.map(lambda *leaves: jnp.result_type(*leaves), *shapes)
+
+    def cast(branch):
+        return lambda x: jax.tree.map(lambda a, d: jnp.asarray(a).astype(d), branch(x), dtypes)
+
+    return jax.lax.switch(jnp.asarray(index, jnp.int32), [cast(b) for b in branches], operand)
+
+
+def _check_transforms(transforms: Any, name: str) -> tuple[Transform, ...]:
+    if isinstance(transforms, Transform):
+        raise TypeError(f"{name} takes a sequence of transforms, got a single {type(transforms).__name__}")
+    out = tuple(transforms)
+    if not out:
+        raise ValueError(f"{name} needs at least one transform")
+    for t in out:
+        if not isinstance(t, Transform):
+            raise TypeError(f"{name} items must be jmed transforms, got {type(t).__name__}")
+    return out
+
+
+class Compose(Transform):
+    """Apply transforms in order; the key is split once per child.
+
+    Params are the tuple of the children's params.
+    """
+
+    def __init__(self, transforms: Sequence[Transform]):
+        super().__init__()
+        self.transforms = _check_transforms(transforms, "Compose")
+        self.is_random = any(t.is_random for t in self.transforms)
+        self.invertible = all(t.invertible for t in self.transforms)
+
+    def sample_and_apply(self, key, subject):
+        params = []
+        for t, k in zip(self.transforms, _split(key, len(self.transforms))):
+            subject, p = t.sample_and_apply(k, subject)
+            params.append(p)
+        return subject, tuple(params)
+
+    def sample(self, key, subject):
+        return self.sample_and_apply(key, subject)[1]
+
+    def apply(self, subject, params):
+        for t, p in zip(self.transforms, params):
+            subject = t.apply(subject, p)
+        return subject
+
+    def inverse(self, subject, params):
+        for t, p in reversed(list(zip(self.transforms, params))):
+            subject = t.inverse(subject, p)
+        return subject
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __getitem__(self, i: int) -> Transform:
+        return self.transforms[i]
+
+
+def _weights(probabilities: Any, n: int, name: str) -> np.ndarray:
+    if probabilities is None:
+        return np.full(n, 1.0 / n)
+    p = np.asarray(probabilities, dtype=float)
+    if p.shape != (n,) or np.any(p < 0) or not np.all(np.isfinite(p)) or p.sum() <= 0:
+        raise ValueError(
+            f"{name} must be {n} non-negative weights with a positive sum, got {probabilities!r}"
+        )
+    return p / p.sum()
+
+
+class OneOf(Transform):
+    """Apply one transform chosen at random (weighted).
+
+    Args:
+        transforms: a sequence of transforms, or a mapping ``{transform: weight}`` as in
+            TorchIO.
+        probabilities: weights (normalised to sum 1); uniform by default.
+
+    Params: ``(index, children_params)``; every child's params are drawn (so the
+    structure is static under ``jit``) and only the chosen child is applied.
+    """
+
+    is_random = True
+
+    def __init__(
+        self,
+        transforms: Sequence[Transform] | Mapping[Transform, float],
+        probabilities: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        if isinstance(transforms, Mapping):
+            if probabilities is not None:
+                raise ValueError("give weights either in the mapping or in probabilities, not both")
+            transforms, probabilities = list(transforms), list(transforms.values())
+        self.transforms = _check_transforms(transforms, "OneOf")
+        self.probabilities = _weights(probabilities, len(self.transforms), "probabilities")
+        self.invertible = all(t.invertible for t in self.transforms)
+
+    def sample(self, key, subject):
+        k_choice, *keys = _split(key, len(self.transforms) + 1)
+        index = jax.random.choice(k_choice, len(self.transforms), p=jnp.asarray(self.probabilities))
+        return index, tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
+
+    def apply(self, subject, params):
+        index, child = params
+        branches = [lambda s, t=t, p=p: t.apply(s, p) for t, p in zip(self.transforms, child)]
+        return _switch(index, branches, subject)
+
+    def inverse(self, subject, params):
+        index, child = params
+        branches = [lambda s, t=t, p=p: t.inverse(s, p) for t, p in zip(self.transforms, child)]
+        return _switch(index, branches, subject)
+
+
+class RandomApply(Transform):
+    """Apply ``transform`` with probability ``p``.
+
+    Params: ``(applied, child_params)`` with ``applied`` a boolean array.
+    """
+
+    is_random = True
+
+    def __init__(self, transform: Transform, p: float = 0.5):
+        super().__init__()
+        if not isinstance(transform, Transform):
+            raise TypeError(f"transform must be a jmed transform, got {type(transform).__name__}")
+        self.transform = transform
+        self.p = _params.check_probability(p, "p")
+        self.invertible = transform.invertible
+
+    def sample(self, key, subject):
+        k_apply, k_child = _split(key, 2)
+        return jax.random.bernoulli(k_apply, self.p), self.transform.sample(k_child, subject)
+
+    def apply(self, subject, params):
+        applied, child = params
+        return _switch(applied, [lambda s: s, lambda s: self.transform.apply(s, child)], subject)
+
+    def inverse(self, subject, params):
+        applied, child = params
+        return _switch(applied, [lambda s: s, lambda s: self.transform.inverse(s, child)], subject)
+
+
+class SomeOf(Transform):
+    """Apply a random subset of the transforms, in the order given.
+
+    Args:
+        transforms: the candidates.
+        num_transforms: how many to apply: an int, or ``(low, high)`` inclusive, drawn
+            uniformly. Defaults to ``(1, len(transforms))``.
+
+    Params: ``(mask, children_params)``; ``mask[i]`` says whether child ``i`` applies.
+    """
+
+    is_random = True
+
+    def __init__(self, transforms: Sequence[Transform], num_transforms: int | tuple[int, int] | None = None):
+        super().__init__()
+        self.transforms = _check_transforms(transforms, "SomeOf")
+        n = len(self.transforms)
+        if num_transforms is None:
+            num_transforms = (1, n)
+        if isinstance(num_transforms, (int, np.integer)) and not isinstance(num_transforms, bool):
+            num_transforms = (int(num_transforms), int(num_transforms))
+        lo, hi = (int(v) for v in num_transforms)
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"num_transforms must be in [0, {n}] with low <= high, got {num_transforms!r}")
+        self.num_transforms = (lo, hi)
+        self.invertible = all(t.invertible for t in self.transforms)
+
+    def sample(self, key, subject):
+        k_count, k_perm, *keys = _split(key, len(self.transforms) + 2)
+        lo, hi = self.num_transforms
+        count = jax.random.randint(k_count, (), lo, hi + 1)
+        rank = jnp.argsort(jax.random.permutation(k_perm, len(self.transforms)))
+        mask = rank < count
+        return mask, tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
+
+    def apply(self, subject, params):
+        mask, child = params
+        for i, (t, p) in enumerate(zip(self.transforms, child)):
+            subject = _switch(mask[i], [lambda s: s, lambda s, t=t, p=p: t.apply(s, p)], subject)
+        return subject
+
+    def inverse(self, subject, params):
+        mask, child = params
+        for i, (t, p) in reversed(list(enumerate(zip(self.transforms, child)))):
+            subject = _switch(mask[i], [lambda s: s, lambda s, t=t, p=p: t.inverse(s, p)], subject)
+        return subject
+
+
+class Lambda(Transform):
+    """Apply ``function(data) -> data`` to the selected images (deterministic).
+
+    Args:
+        function: maps a channels-last array to a new array (must be jittable to be used
+            under ``jit``).
+        kinds: image kinds to apply to; both by default.
+    """
+
+    def __init__(
+        self,
+        function: Callable[[jax.Array], jax.Array],
+        *,
+        kinds: Sequence[str] = KINDS,
+        include=None,
+        exclude=None,
+    ):
+        super().__init__(include=include, exclude=exclude)
+        if not callable(function):
+            raise TypeError(f"function must be callable, got {function!r}")
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        for k in kinds:
+            if k not in (INTENSITY, LABEL):
+                raise ValueError(f"kinds must be among {KINDS}, got {k!r}")
+        self.function = function
+        self.kinds = kinds
+
+    def apply_image(self, image, params):
+        return image.replace(data=self.function(image.data))
+
+
+def replay(subject: Subject | Image, history: Sequence[tuple[Transform, Params]]) -> Subject | Image:
+    """Apply recorded ``(transform, params)`` steps (e.g. ``other.history``) to ``subject``.
+
+    The same augmentation can so be applied to another image or subject, as TorchIO's
+    history replay. Replayed steps are appended to the history of a ``Subject``.
+    """
+    target, single = _as_subject(subject)
+    steps = tuple(history)
+    for t, p in steps:
+        target = t.apply(target, p)
+    if single:
+        return target["image"]
+    return target.replace(history=target.history + steps)
+
+
+def invert(subject: Subject, *, warn: bool = True) -> Subject:
+    """Undo the invertible steps of ``subject.history`` (last first).
+
+    Non-invertible steps (intensity changes, say) are skipped, with a warning unless
+    ``warn=False``. The result has an empty history.
+    """
+    if not isinstance(subject, Subject):
+        raise TypeError(f"invert takes a Subject with a history, got {type(subject).__name__}")
+    out = subject
+    for t, p in reversed(subject.history):
+        if t.invertible:
+            out = t.inverse(out, p)
+        elif warn:
+            warnings.warn(f"{type(t).__name__} is not invertible; skipped when inverting", stacklevel=2)
+    return out.replace(history=())

@@ -1,0 +1,85 @@
+"""Shared test scaffolding.
+
+``run`` runs a case three ways (eager, under ``jax.jit``, under ``jax.vmap`` over a batch
+of 2 with per-sample keys ``key`` and ``fold_in(key, 1)``). In vmap mode it also checks
+that each batch item equals the eager result for its own key, then returns the first item
+(the one for ``key``), so a test written once checks eager = jit = vmap-per-sample.
+"""
+
+import os
+
+# emulate 8 CPU devices for sharding tests; must happen before jax initialises
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jmed  # noqa: E402
+
+
+def assert_trees_close(actual, expected, atol=1e-5, rtol=1e-5):
+    a_leaves, a_tree = jax.tree.flatten(actual)
+    e_leaves, e_tree = jax.tree.flatten(expected)
+    assert a_tree == e_tree, f"structures differ: {a_tree} vs {e_tree}"
+    for a, e in zip(a_leaves, e_leaves):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, (a.shape, e.shape)
+        if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+            np.testing.assert_array_equal(a, e)
+        else:
+            np.testing.assert_allclose(a, e, atol=atol, rtol=rtol)
+
+
+class Runner:
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __call__(self, fn, key, data, *, atol=1e-5, rtol=1e-5):
+        if self.mode == "eager":
+            return fn(key, data)
+        if self.mode == "jit":
+            return jax.jit(fn)(key, data)
+        batch = jmed.stack([data, data])
+        if key is None:
+            out = jax.vmap(fn, in_axes=(None, 0))(None, batch)
+            keys = [None, None]
+        else:
+            keys = jax.numpy.stack([key, jax.random.fold_in(key, 1)])
+            out = jax.vmap(fn)(keys, batch)
+        first, second = jmed.unstack(out)
+        assert_trees_close(second, fn(keys[1], data), atol=atol, rtol=rtol)
+        assert_trees_close(first, fn(keys[0], data), atol=atol, rtol=rtol)
+        return first
+
+    def __repr__(self):
+        return self.mode
+
+
+@pytest.fixture(params=["eager", "jit", "vmap"])
+def run(request):
+    """Run ``fn(key, data)`` eager, jitted, or vmapped (see module docstring)."""
+    return Runner(request.param)
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+def make_phantom(shape=(24, 20, 16), affine=None, *, seed=0, num_labels=3):
+    """A smooth random intensity image and a label map of nested ellipsoids."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    radius = np.sqrt((grid**2 / np.array([0.8, 0.7, 0.9]) ** 2).sum(-1))
+    labels = np.zeros(shape, np.uint8)
+    for i in range(1, num_labels):
+        labels[radius < 1.0 - (i - 1) * 0.8 / max(num_labels - 1, 1)] = i
+    intensity = (labels * 100.0 + 20 * rng.standard_normal(shape) + 10 * grid[..., 0]).astype(np.float32)
+    return jmed.Subject(t1=jmed.ScalarImage(intensity, affine), seg=jmed.LabelMap(labels, affine))
+
+
+@pytest.fixture
+def phantom():
+    return make_phantom()
