@@ -11,6 +11,19 @@ from jmed.transforms.base import (
     invert,
     replay,
 )
+from jmed.transforms.preprocessing import (
+    CopyAffine,
+    Crop,
+    CropForeground,
+    CropOrPad,
+    EnsureShapeMultiple,
+    Pad,
+    Reorient,
+    Resample,
+    Resize,
+    ToCanonical,
+    WindowParams,
+)
 
 __all__ = [
     "Compose",
@@ -22,4 +35,15 @@ __all__ = [
     "Transform",
     "invert",
     "replay",
+    "CopyAffine",
+    "Crop",
+    "CropForeground",
+    "CropOrPad",
+    "EnsureShapeMultiple",
+    "Pad",
+    "Reorient",
+    "Resample",
+    "Resize",
+    "ToCanonical",
+    "WindowParams",
 ]
