@@ -11,6 +11,17 @@ from jmed.transforms.base import (
     invert,
     replay,
 )
+from jmed.transforms.normalization import (
+    Clamp,
+    HistogramStandardization,
+    Mask,
+    RescaleIntensity,
+    ZNormalization,
+    get_mask,
+    load_landmarks,
+    save_landmarks,
+    train_histogram,
+)
 from jmed.transforms.preprocessing import (
     CopyAffine,
     Crop,
@@ -46,4 +57,13 @@ __all__ = [
     "Resize",
     "ToCanonical",
     "WindowParams",
+    "Clamp",
+    "HistogramStandardization",
+    "Mask",
+    "RescaleIntensity",
+    "ZNormalization",
+    "get_mask",
+    "load_landmarks",
+    "save_landmarks",
+    "train_histogram",
 ]
