@@ -11,6 +11,16 @@ from jmed.transforms.base import (
     invert,
     replay,
 )
+from jmed.transforms.labels import (
+    FillHoles,
+    KeepLargestComponent,
+    LabelTransform,
+    OneHot,
+    RemapLabels,
+    RemoveLabels,
+    RemoveSmallObjects,
+    SequentialLabels,
+)
 from jmed.transforms.normalization import (
     Clamp,
     HistogramStandardization,
@@ -66,4 +76,12 @@ __all__ = [
     "load_landmarks",
     "save_landmarks",
     "train_histogram",
+    "FillHoles",
+    "KeepLargestComponent",
+    "LabelTransform",
+    "OneHot",
+    "RemapLabels",
+    "RemoveLabels",
+    "RemoveSmallObjects",
+    "SequentialLabels",
 ]
