@@ -34,6 +34,7 @@ from jax.typing import ArrayLike
 from jmed import affine as affine_lib
 from jmed.image import LABEL, Image, Subject
 from jmed.ops import crop_pad
+from jmed.ops.filters import gaussian_blur
 from jmed.ops.interpolation import resample as _resample
 from jmed.transforms.base import Transform
 
@@ -51,7 +52,7 @@ __all__ = [
     "WindowParams",
 ]
 
-INTERPOLATIONS = {"nearest": 0, "linear": 1}
+INTERPOLATIONS = {"nearest": 0, "linear": 1, "partial_volume": "partial_volume"}
 
 # One compiled kernel per (input shape, output shape, order, padding): eager calls with
 # concrete values reuse it.
@@ -173,12 +174,20 @@ def _grid_for_spacing(shape: Sequence[int], affine: np.ndarray, spacing: np.ndar
     return tuple(int(n) for n in new_shape), out
 
 
-def _antialias_sigmas(in_affine, out_affine) -> np.ndarray:
-    # Cardoso et al., MICCAI 2015: variance (k^2 - 1) / (2 sqrt(2 ln 2))^2 in input voxels,
-    # where k is the downsampling factor along the axis (no smoothing where k <= 1).
-    k = affine_lib.spacing(np.asarray(out_affine)) / affine_lib.spacing(np.asarray(in_affine))
+def _antialias_sigmas(in_affine, out_affine):
+    """Gaussian sigmas (input voxels) before downsampling, per input axis.
+
+    Cardoso et al., MICCAI 2015: variance ``(k^2 - 1) / (2 sqrt(2 ln 2))^2`` where ``k`` is
+    the downsampling factor (no smoothing where ``k <= 1``). ``k`` compares the output
+    spacing along each input axis's direction: the length of one output voxel step
+    projected on the input grid.
+    """
+    xp = jnp if _is_traced(in_affine) or _is_traced(out_affine) else np
+    matrix = xp.linalg.solve(xp.asarray(in_affine), xp.asarray(out_affine))[:3, :3]
+    # input voxels covered per output voxel along each input axis
+    k = xp.max(xp.abs(matrix), axis=1)
     variance = (k**2 - 1) / (2 * np.sqrt(2 * np.log(2))) ** 2
-    return np.sqrt(np.maximum(variance, 0.0))
+    return xp.sqrt(xp.maximum(variance, 0.0))
 
 
 class Resample(Transform):
@@ -198,11 +207,13 @@ class Resample(Transform):
             of view, and has ``floor(shape * old_spacing / spacing)`` voxels per axis (so
             it extends no further than the old one, as TorchIO).
         image_interpolation: ``"linear"`` or ``"nearest"`` for intensity images.
-        label_interpolation: ``"nearest"`` or ``"linear"`` for label maps (linear gives
-            float partial volumes).
+        label_interpolation: ``"nearest"``, ``"partial_volume"`` (most-voted label among
+            the trilinear neighbours, see ``jmed.ops.interpolation``) or ``"linear"``
+            (float partial volumes) for label maps.
         pad_value: value of output voxels outside the input's field of view.
-        antialias: Gaussian smoothing before downsampling (Cardoso et al. 2015). Not
-            available yet: must be ``False``.
+        antialias: smooth intensity images with a Gaussian before downsampling, with the
+            sigma of Cardoso et al. (MICCAI 2015) along each axis that is downsampled
+            (as TorchIO's ``antialias``). Label maps are never smoothed.
 
     A spacing target needs concrete affines (the output shape follows from them): run it
     in the loader. Grid targets work under ``jit``, also with traced affines.
@@ -222,11 +233,7 @@ class Resample(Transform):
         super().__init__(include=include, exclude=exclude)
         self.image_order = _interpolation(image_interpolation, "image_interpolation")
         self.label_order = _interpolation(label_interpolation, "label_interpolation")
-        if antialias:
-            raise ValueError(
-                "antialias=True is not available yet (needs a Gaussian blur kernel); use antialias=False"
-            )
-        self.antialias = False
+        self.antialias = bool(antialias)
         self.pad_value = float(pad_value)
         self.target = target
         self._spacing = None
@@ -305,7 +312,12 @@ class Resample(Transform):
             matrix = jnp.linalg.solve(jnp.asarray(image.affine), jnp.asarray(out_affine))
         else:
             matrix = np.linalg.solve(np.asarray(image.affine, np.float64), np.asarray(out_affine, np.float64))
-        data = _resample_jit(image.data, matrix, output_shape=shape, order=order, pad_value=self.pad_value)
+        data = image.data
+        if self.antialias and image.kind != LABEL:
+            sigmas = _antialias_sigmas(image.affine, out_affine)
+            if _is_traced(sigmas) or np.any(sigmas > 0):
+                data = gaussian_blur(data, sigmas, mode="nearest")
+        data = _resample_jit(data, matrix, output_shape=shape, order=order, pad_value=self.pad_value)
         return image.replace(data=data, affine=out_affine)
 
 
