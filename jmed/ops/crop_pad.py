@@ -64,17 +64,27 @@ def _as_bounds(bounds: ArrayLike, name: str) -> np.ndarray:
     return b
 
 
-def _fill_value(data: jax.Array, mode: str, value: ArrayLike) -> jax.Array:
+def _xp(data):
+    # numpy in, numpy out: eager loader code then runs without compiling small XLA ops
+    return np if isinstance(data, np.ndarray) else jnp
+
+
+def _fill_value(data, mode: str, value: ArrayLike):
+    xp = _xp(data)
     channels = data.shape[-1]
     if mode == "mean":
-        fill = jnp.mean(data, axis=(0, 1, 2), dtype=jnp.float32).astype(data.dtype)
+        fill = xp.mean(data, axis=(0, 1, 2), dtype=np.float32).astype(data.dtype)
     elif mode == "minimum":
-        fill = jnp.min(data, axis=(0, 1, 2))
+        fill = xp.min(data, axis=(0, 1, 2))
     elif mode == "maximum":
-        fill = jnp.max(data, axis=(0, 1, 2))
+        fill = xp.max(data, axis=(0, 1, 2))
     else:
-        fill = jnp.asarray(value).astype(data.dtype)
-    return jnp.broadcast_to(fill, (channels,))
+        fill = xp.asarray(value).astype(data.dtype)
+    return xp.broadcast_to(fill, (channels,))
+
+
+def _asarray(data):
+    return data if isinstance(data, (np.ndarray, jax.Array)) else jnp.asarray(data)
 
 
 def pad(data: ArrayLike, widths: ArrayLike, mode: str = "constant", value: ArrayLike = 0) -> jax.Array:
@@ -88,20 +98,25 @@ def pad(data: ArrayLike, widths: ArrayLike, mode: str = "constant", value: Array
         value: fill for ``"constant"`` (scalar or per channel).
 
     Returns:
-        The padded array, same dtype.
+        The padded array, same dtype (numpy for numpy input).
     """
     mode = check_pad_mode(mode, "mode")
-    data = jnp.asarray(data)
+    data = _asarray(data)
+    xp = _xp(data)
     w = _as_bounds(widths, "widths")
     if not w.any():
         return data
     if mode in ("edge", "reflect", "symmetric", "wrap"):
-        return jnp.pad(data, [*map(tuple, w.tolist()), (0, 0)], mode=mode)
+        return xp.pad(data, [*map(tuple, w.tolist()), (0, 0)], mode=mode)
     fill = _fill_value(data, mode, value)
     out_shape = tuple(int(n + a + b) for n, (a, b) in zip(data.shape[:3], w)) + data.shape[3:]
-    out = jnp.broadcast_to(fill, out_shape)
     region = tuple(slice(int(a), int(a + n)) for n, (a, _) in zip(data.shape[:3], w))
-    return out.at[region].set(data)
+    if xp is np:
+        out = np.empty(out_shape, data.dtype)
+        out[...] = fill
+        out[region] = data
+        return out
+    return jnp.broadcast_to(fill, out_shape).at[region].set(data)
 
 
 def crop(data: ArrayLike, bounds: ArrayLike) -> jax.Array:
@@ -109,7 +124,7 @@ def crop(data: ArrayLike, bounds: ArrayLike) -> jax.Array:
 
     ``bounds`` is static (an int, 3 ints or ``(3, 2)`` ints, as ``pad``'s ``widths``).
     """
-    data = jnp.asarray(data)
+    data = _asarray(data)
     b = _as_bounds(bounds, "bounds")
     shape = data.shape[:3]
     if np.any(b.sum(1) >= np.asarray(shape)):
@@ -135,7 +150,7 @@ def window(
     it may be traced (jittable), ``size`` must be static.
     """
     mode = check_pad_mode(mode, "mode")
-    data = jnp.asarray(data)
+    data = _asarray(data)
     shape = np.asarray(data.shape[:3])
     size = tuple(int(s) for s in size)
     if len(size) != 3 or min(size) < 1:
@@ -155,7 +170,7 @@ def window(
         lo = np.maximum(s, 0)
         hi = np.minimum(end, shape)
         if np.any(hi <= lo):
-            return jnp.broadcast_to(fill, (*size, data.shape[3]))
+            return _xp(data).broadcast_to(fill, (*size, data.shape[3])).copy()
         inner = data[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
         return pad(inner, np.stack([lo - s, end - hi], -1), "constant", fill)
     start = jnp.asarray(start, jnp.int32).reshape(3)

@@ -516,6 +516,13 @@ def _bounding_box(mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.stack(lo), jnp.stack(hi), any_voxel
 
 
+@jax.jit(static_argnums=(1, 2))
+def _mask_window_start(mask, target_shape, centred):
+    lo, hi, found = _bounding_box(mask != 0)
+    start = (lo + hi + 1 - jnp.asarray(target_shape)) // 2
+    return jnp.where(found, start, jnp.asarray(centred))
+
+
 class CropOrPad(_Window):
     """Crop and/or pad to ``target_shape``, centred on the volume or on a mask.
 
@@ -558,9 +565,7 @@ class CropOrPad(_Window):
             raise ValueError(
                 f"mask {self.mask_name!r} has spatial shape {mask.spatial_shape}, the images {shape}"
             )
-        lo, hi, found = _bounding_box(jnp.asarray(mask.data) != 0)
-        start = (lo + hi + 1 - jnp.asarray(self.target_shape)) // 2
-        start = jnp.where(found, start, jnp.asarray(centred))
+        start = _mask_window_start(mask.data, self.target_shape, tuple(int(v) for v in centred))
         if not _is_traced(start):
             start = np.asarray(start)
         return start
