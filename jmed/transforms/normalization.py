@@ -222,24 +222,20 @@ class RescaleIntensity(IntensityTransform):
 
 
 @jax.jit
-def _mean_std(data, mask):
+def _znormalise(data, mask):
+    """One XLA program: masked mean and (population) std, then the guarded division."""
     x = data.astype(jnp.float32)
     if mask is None:
-        n = jnp.float32(x.size)
         mean = jnp.mean(x)
         var = jnp.mean(jnp.square(x - mean))
     else:
-        n = jnp.sum(mask, dtype=jnp.float32)
-        safe_n = jnp.maximum(n, 1.0)
-        mean = jnp.sum(jnp.where(mask, x, 0.0)) / safe_n
-        var = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0.0)) / safe_n
-    return mean, jnp.sqrt(var), n
-
-
-@jax.jit
-def _standardise(data, mean, std):
+        n = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
+        mean = jnp.sum(jnp.where(mask, x, 0.0)) / n
+        var = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0.0)) / n
+    std = jnp.sqrt(var)
     ok = std > 0
-    return jnp.where(ok, (data.astype(jnp.float32) - mean) / jnp.where(ok, std, 1.0), 0.0)
+    out = jnp.where(ok, (x - mean) / jnp.where(ok, std, 1.0), 0.0)
+    return out, std
 
 
 class ZNormalization(IntensityTransform):
@@ -269,13 +265,13 @@ class ZNormalization(IntensityTransform):
             if mask is not None:
                 mask = _broadcast_mask(mask, image.data)
             _check_nonempty(mask, f"ZNormalization of {name!r}")
-            mean, std, _ = _mean_std(image.data, mask)
+            new, std = _znormalise(image.data, mask)
             if not _is_traced(std) and not float(std) > 0:
                 raise ValueError(
                     f"ZNormalization of {name!r}: standard deviation of the selected intensities "
                     "is zero (constant image or mask region); cannot normalise"
                 )
-            out[name] = image.replace(data=_standardise(image.data, mean, std))
+            out[name] = image.replace(data=new)
         return subject.replace(out)
 
 
