@@ -46,16 +46,25 @@ def test_get_mask_variants(subject):
 # --- rescale -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("masking_method", [None, "seg", ("seg", (1,))])
-def test_rescale_percentiles_match_numpy(run, subject, masking_method):
-    t = RescaleIntensity((-1.0, 2.0), percentiles=(2.5, 97.0), masking_method=masking_method)
-    out = run(lambda k, s: t(s), None, subject)
+def _check_rescale(subject, out, masking_method):
     x = _t1(subject)
     sel = x if masking_method is None else x[get_mask(subject, masking_method, subject.t1)]
     lo, hi = np.percentile(sel, [2.5, 97.0])
     expected = (np.clip(x, lo, hi) - lo) / (hi - lo) * 3.0 - 1.0
     np.testing.assert_allclose(_t1(out), expected, atol=3e-6)
     np.testing.assert_array_equal(out.seg.data, subject.seg.data)  # label maps pass through
+
+
+def test_rescale_percentiles_match_numpy(run, subject):
+    t = RescaleIntensity((-1.0, 2.0), percentiles=(2.5, 97.0), masking_method="seg")
+    _check_rescale(subject, run(lambda k, s: t(s), None, subject), "seg")
+
+
+@pytest.mark.parametrize("masking_method", [None, ("seg", (1,)), lambda x: x > 30])
+def test_rescale_masking_methods_eager_and_jit(subject, masking_method):
+    t = RescaleIntensity((-1.0, 2.0), percentiles=(2.5, 97.0), masking_method=masking_method)
+    _check_rescale(subject, t(subject), masking_method)
+    _check_rescale(subject, jax.jit(lambda s: t(s))(subject), masking_method)
 
 
 def test_rescale_in_min_max_and_defaults(subject):

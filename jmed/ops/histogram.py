@@ -88,6 +88,21 @@ def _from_key(key: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def _cumsum_bins(hist: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum over the last axis (65536 bins) with two small matmuls.
+
+    XLA's cumsum over 65536 entries compiles slowly on CPU; a 256 x 256 block split with an
+    integer triangular matrix product gives the same counts exactly.
+    """
+    lead = hist.shape[:-1]
+    blocks = hist.reshape(*lead, 256, 256)
+    upper = jnp.triu(jnp.ones((256, 256), jnp.int32))
+    within = jnp.matmul(blocks, upper)
+    totals = within[..., -1]
+    before = jnp.matmul(totals, upper) - totals
+    return (within + before[..., None]).reshape(hist.shape)
+
+
 def order_statistics(x: ArrayLike, ranks: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
     """The ``ranks``-th smallest (0-based) of the (masked) values of ``x``. Jittable, exact.
 
@@ -110,22 +125,24 @@ def order_statistics(x: ArrayLike, ranks: ArrayLike, mask: ArrayLike | None = No
     dump = _BINS
     index = top if valid is None else jnp.where(valid, top, dump)
     hist = jnp.zeros(_BINS + 1, jnp.int32).at[index].add(1, mode="promise_in_bounds")[:_BINS]
-    cum = jnp.cumsum(hist)
-    bins = jnp.searchsorted(cum, ranks, side="right").astype(jnp.int32)
+    cum = _cumsum_bins(hist)
+    # first bin whose cumulative count exceeds the rank (a reduction: cheaper to compile
+    # than searchsorted)
+    bins = jnp.sum(cum[None, :] <= ranks[:, None], axis=1, dtype=jnp.int32)
     within = ranks - (cum[bins] - hist[bins])
     # second pass: one histogram row per distinct wanted bin (queries sharing a bin share
     # its row: the first of the sorted bins equal to it); other voxels go to a dump bin
     sorted_bins = jnp.sort(bins)
-    first = jnp.searchsorted(sorted_bins, bins, side="left").astype(jnp.int32)
-    slot = jnp.clip(jnp.searchsorted(sorted_bins, top, side="left"), 0, num - 1).astype(jnp.int32)
+    first = jnp.sum(sorted_bins[None, :] < bins[:, None], axis=1, dtype=jnp.int32)
+    slot = jnp.minimum(jnp.sum(sorted_bins[None, :] < top[:, None], axis=1, dtype=jnp.int32), num - 1)
     hit = sorted_bins[slot] == top
     if valid is not None:
         hit &= valid
     index2 = jnp.where(hit, slot * _BINS + low, num * _BINS)
     hist2 = jnp.zeros(num * _BINS + 1, jnp.int32).at[index2].add(1, mode="promise_in_bounds")
     rows = hist2[: num * _BINS].reshape(num, _BINS)[first]
-    cum2 = jnp.cumsum(rows, axis=1)
-    lows = jax.vmap(lambda c, r: jnp.searchsorted(c, r, side="right"))(cum2, within).astype(jnp.uint32)
+    cum2 = _cumsum_bins(rows)
+    lows = jnp.sum(cum2 <= within[:, None], axis=1, dtype=jnp.int32).astype(jnp.uint32)
     key = (bins.astype(jnp.uint32) << 16) | lows
     return _from_key(key)
 
