@@ -15,13 +15,13 @@ def volume():
 def test_pad_matches_numpy(volume, mode):
     widths = np.array([[1, 2], [0, 3], [4, 1]])
     expected = np.pad(volume, [*widths.tolist(), (0, 0)], mode=mode)
-    np.testing.assert_array_equal(crop_pad.pad(volume, widths, mode), expected)
-    np.testing.assert_array_equal(jax.jit(lambda x: crop_pad.pad(x, widths, mode))(volume), expected)
+    np.testing.assert_array_equal(crop_pad.pad(volume, widths, mode=mode), expected)
+    np.testing.assert_array_equal(jax.jit(lambda x: crop_pad.pad(x, widths, mode=mode))(volume), expected)
 
 
 @pytest.mark.parametrize(("mode", "stat"), [("mean", np.mean), ("min", np.min), ("maximum", np.max)])
 def test_pad_with_volume_statistic(volume, mode, stat):
-    out = np.asarray(crop_pad.pad(volume, 2, mode))
+    out = np.asarray(crop_pad.pad(volume, 2, mode=mode))
     assert out.shape == (9, 10, 11, 2)
     for c in range(2):
         np.testing.assert_allclose(out[0, 0, 0, c], stat(volume[..., c]), rtol=1e-6)
@@ -30,7 +30,7 @@ def test_pad_with_volume_statistic(volume, mode, stat):
 
 
 def test_pad_constant_value_per_channel(volume):
-    out = np.asarray(crop_pad.pad(volume, (1, 0, 0), "constant", value=[3.0, -1.0]))
+    out = np.asarray(crop_pad.pad(volume, (1, 0, 0), mode="constant", value=[3.0, -1.0]))
     np.testing.assert_array_equal(out[0, ..., 0], 3.0)
     np.testing.assert_array_equal(out[0, ..., 1], -1.0)
 
@@ -54,16 +54,18 @@ def _reference_window(x, start, size, mode):
 def test_window_eager_and_traced_match_numpy(volume, mode, start):
     size = (4, 7, 3)
     expected = _reference_window(volume, start, size, mode)
-    np.testing.assert_array_equal(crop_pad.window(volume, np.array(start), size, mode), expected)
-    traced = jax.jit(lambda s: crop_pad.window(volume, s, size, mode))(jnp.array(start))
+    np.testing.assert_array_equal(crop_pad.window(volume, np.array(start), size, mode=mode), expected)
+    traced = jax.jit(lambda s: crop_pad.window(volume, s, size, mode=mode))(jnp.array(start))
     np.testing.assert_array_equal(traced, expected)
 
 
 def test_window_far_outside_is_padding(volume):
-    out = jax.jit(lambda s: crop_pad.window(volume, s, (2, 2, 2), "constant", 5.0))(jnp.array([-30, 0, 0]))
+    out = jax.jit(lambda s: crop_pad.window(volume, s, (2, 2, 2), mode="constant", value=5.0))(
+        jnp.array([-30, 0, 0])
+    )
     np.testing.assert_array_equal(out, 5.0)
     np.testing.assert_array_equal(
-        crop_pad.window(volume, np.array([40, 0, 0]), (2, 2, 2), "constant", 5.0), 5.0
+        crop_pad.window(volume, np.array([40, 0, 0]), (2, 2, 2), mode="constant", value=5.0), 5.0
     )
 
 
@@ -74,6 +76,6 @@ def test_crop_or_pad_bounds_extra_voxel_at_start():
 
 def test_bad_mode(volume):
     with pytest.raises(ValueError, match="mode must be one of"):
-        crop_pad.pad(volume, 1, "circular")
+        crop_pad.pad(volume, 1, mode="circular")
     with pytest.raises(ValueError, match="widths must be >= 0"):
         crop_pad.pad(volume, -1)

@@ -18,7 +18,7 @@ def _random_masks():
 @pytest.mark.parametrize("connectivity", [6, 26])
 def test_connected_components_equals_scipy_on_random_masks(connectivity):
     for mask in _random_masks():
-        out, num = labels.connected_components(mask, connectivity)
+        out, num = labels.connected_components(mask, connectivity=connectivity)
         expected, expected_num = ndimage.label(mask, STRUCTURES[connectivity])
         assert num == expected_num
         np.testing.assert_array_equal(out, expected)
@@ -30,7 +30,7 @@ def test_connected_components_equals_scipy_on_smooth_blobs(connectivity):
     field = ndimage.gaussian_filter(rng.normal(size=(40, 36, 30)), 2.0)
     for threshold in (0.0, 0.05, 0.1):
         mask = field > threshold
-        out, num = labels.connected_components(mask, connectivity)
+        out, num = labels.connected_components(mask, connectivity=connectivity)
         expected, expected_num = ndimage.label(mask, STRUCTURES[connectivity])
         assert num == expected_num > 1
         np.testing.assert_array_equal(out, expected)
@@ -40,17 +40,17 @@ def test_hand_built_fixtures():
     mask = np.zeros((5, 5, 5), bool)
     mask[0, 0, 0] = mask[1, 1, 1] = True  # touch by a corner only
     mask[3, 3, 3] = mask[3, 4, 3] = True  # share a face
-    out6, n6 = labels.connected_components(mask, 6)
-    out26, n26 = labels.connected_components(mask, 26)
+    out6, n6 = labels.connected_components(mask, connectivity=6)
+    out26, n26 = labels.connected_components(mask, connectivity=26)
     assert (n6, n26) == (3, 2)
     assert out6[0, 0, 0] == 1 and out6[1, 1, 1] == 2 and out6[3, 3, 3] == out6[3, 4, 3] == 3
     assert out26[0, 0, 0] == out26[1, 1, 1] == 1
-    assert labels.connected_components(np.zeros((3, 3, 3)), 6)[1] == 0
+    assert labels.connected_components(np.zeros((3, 3, 3)))[1] == 0
     # a spiral: many merges along one long path
     spiral = np.zeros((1, 9, 9), bool)
     spiral[0, 0, :] = spiral[0, :, 8] = spiral[0, 8, :] = spiral[0, 2:, 0] = spiral[0, 2, :7] = True
     spiral[0, 2:7, 6] = spiral[0, 6, 2:7] = spiral[0, 4:7, 2] = True
-    assert labels.connected_components(spiral, 6)[1] == ndimage.label(spiral)[1]
+    assert labels.connected_components(spiral, connectivity=6)[1] == ndimage.label(spiral)[1]
 
 
 def test_keep_largest_and_fill_holes():
@@ -67,4 +67,4 @@ def test_keep_largest_and_fill_holes():
     hollow[2:5, 2:5, 2:5] = False  # closed cavity
     np.testing.assert_array_equal(labels.fill_holes(hollow), mask)
     with pytest.raises(ValueError, match="connectivity"):
-        labels.connected_components(mask, 8)
+        labels.connected_components(mask, connectivity=8)

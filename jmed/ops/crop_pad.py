@@ -87,7 +87,7 @@ def _asarray(data):
     return data if isinstance(data, (np.ndarray, jax.Array)) else jnp.asarray(data)
 
 
-def pad(data: ArrayLike, widths: ArrayLike, mode: str = "constant", value: ArrayLike = 0) -> jax.Array:
+def pad(data: ArrayLike, widths: ArrayLike, *, mode: str = "constant", value: ArrayLike = 0) -> jax.Array:
     """Pad the spatial axes of ``data`` ``(x, y, z, c)``.
 
     Args:
@@ -140,6 +140,7 @@ def window(
     data: ArrayLike,
     start: ArrayLike,
     size: Sequence[int],
+    *,
     mode: str = "constant",
     value: ArrayLike = 0,
 ) -> jax.Array:
@@ -164,7 +165,7 @@ def window(
             return data[tuple(slice(int(a), int(a + n)) for a, n in zip(s, size))]
         if mode in ("edge", "reflect", "symmetric", "wrap"):
             # these modes depend on voxels outside the box: pad the whole volume first
-            padded = pad(data, np.stack([before, after], -1), mode, value)
+            padded = pad(data, np.stack([before, after], -1), mode=mode, value=value)
             return padded[tuple(slice(int(a + b), int(a + b + n)) for a, b, n in zip(s, before, size))]
         fill = _fill_value(data, mode, value)
         lo = np.maximum(s, 0)
@@ -172,10 +173,10 @@ def window(
         if np.any(hi <= lo):
             return _xp(data).broadcast_to(fill, (*size, data.shape[3])).copy()
         inner = data[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
-        return pad(inner, np.stack([lo - s, end - hi], -1), "constant", fill)
+        return pad(inner, np.stack([lo - s, end - hi], -1), mode="constant", value=fill)
     start = jnp.asarray(start, jnp.int32).reshape(3)
     margin = np.asarray(size)
-    padded = pad(data, np.stack([margin, margin], -1), mode, value)
+    padded = pad(data, np.stack([margin, margin], -1), mode=mode, value=value)
     # clip explicitly: dynamic_slice would wrap negative indices. Boxes further outside
     # than ``size`` are so moved next to the volume, where the padding is the same for
     # constant/edge/statistic modes.

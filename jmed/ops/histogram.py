@@ -103,7 +103,7 @@ def _cumsum_bins(hist: jax.Array) -> jax.Array:
     return (within + before[..., None]).reshape(hist.shape)
 
 
-def order_statistics(x: ArrayLike, ranks: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
+def order_statistics(x: ArrayLike, ranks: ArrayLike, *, mask: ArrayLike | None = None) -> jax.Array:
     """The ``ranks``-th smallest (0-based) of the (masked) values of ``x``. Jittable, exact.
 
     Values are compared as float32. ``ranks`` (1D, int) may be traced; ranks outside
@@ -196,7 +196,7 @@ def _percentile_traced(x, q: np.ndarray, mask) -> jax.Array:
     lo = jnp.stack([p[0] for p in positions])
     t = jnp.stack([p[1] for p in positions])
     hi = jnp.minimum(lo + 1, m)
-    stats = order_statistics(x, jnp.concatenate([lo, hi]), mask)
+    stats = order_statistics(x, jnp.concatenate([lo, hi]), mask=mask)
     a, b = stats[: q.size], stats[q.size :]
     diff = b - a
     out = jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)

@@ -68,7 +68,7 @@ def _union(num: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def connected_components(mask: ArrayLike, connectivity: int = 6) -> tuple[np.ndarray, int]:
+def connected_components(mask: ArrayLike, *, connectivity: int = 6) -> tuple[np.ndarray, int]:
     """Label the connected components of a 3D boolean mask.
 
     Args:
@@ -81,7 +81,7 @@ def connected_components(mask: ArrayLike, connectivity: int = 6) -> tuple[np.nda
 
     Examples:
         >>> m = np.zeros((3, 3, 3), bool); m[0, 0, 0] = m[1, 1, 1] = True
-        >>> connected_components(m, 6)[1], connected_components(m, 26)[1]
+        >>> connected_components(m)[1], connected_components(m, connectivity=26)[1]
         (2, 1)
     """
     check_connectivity(connectivity)
@@ -149,15 +149,15 @@ def component_sizes(labels: np.ndarray, num: int) -> np.ndarray:
     return np.bincount(labels.reshape(-1), minlength=num + 1)[1:]
 
 
-def keep_largest(mask: ArrayLike, connectivity: int = 6) -> np.ndarray:
+def keep_largest(mask: ArrayLike, *, connectivity: int = 6) -> np.ndarray:
     """Boolean mask of the largest component (the first in raster order on ties)."""
-    labels, num = connected_components(mask, connectivity)
+    labels, num = connected_components(mask, connectivity=connectivity)
     if num <= 1:
         return labels > 0
     return labels == int(np.argmax(component_sizes(labels, num))) + 1
 
 
-def fill_holes(mask: ArrayLike, connectivity: int = 6, *, fillable: ArrayLike | None = None) -> np.ndarray:
+def fill_holes(mask: ArrayLike, *, connectivity: int = 6, fillable: ArrayLike | None = None) -> np.ndarray:
     """Fill the holes of a mask: background components that do not touch the border.
 
     Args:
@@ -170,7 +170,7 @@ def fill_holes(mask: ArrayLike, connectivity: int = 6, *, fillable: ArrayLike | 
         The mask with its holes filled.
     """
     mask = np.asarray(mask).astype(bool)
-    labels, num = connected_components(~mask, connectivity)
+    labels, num = connected_components(~mask, connectivity=connectivity)
     if num == 0:
         return mask
     touching = np.zeros(num + 1, bool)

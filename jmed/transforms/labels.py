@@ -233,7 +233,7 @@ class KeepLargestComponent(_ComponentTransform):
         out = volume.copy()
         for label in self._labels_in(volume):
             mask = volume == label
-            out[mask & ~label_ops.keep_largest(mask, self.connectivity)] = 0
+            out[mask & ~label_ops.keep_largest(mask, connectivity=self.connectivity)] = 0
         return out
 
 
@@ -254,7 +254,7 @@ class RemoveSmallObjects(_ComponentTransform):
     def process(self, volume):
         out = volume.copy()
         for label in self._labels_in(volume):
-            components, num = label_ops.connected_components(volume == label, self.connectivity)
+            components, num = label_ops.connected_components(volume == label, connectivity=self.connectivity)
             if num == 0:
                 continue
             small = np.concatenate([[False], label_ops.component_sizes(components, num) < self.min_size])
@@ -278,6 +278,6 @@ class FillHoles(_ComponentTransform):
         background = volume == 0
         for label in self._labels_in(volume):
             mask = volume == label
-            filled = label_ops.fill_holes(mask, self.connectivity, fillable=background | mask)
+            filled = label_ops.fill_holes(mask, connectivity=self.connectivity, fillable=background | mask)
             out[filled & ~mask] = label
         return out

@@ -447,7 +447,7 @@ def _apply_window(image: Image, start: ArrayLike, size, mode: str, value: float)
     if image.kind == LABEL and mode in ("constant", "mean", "minimum", "maximum"):
         # fill values and statistics are intensities: label maps get background
         mode, value = "constant", 0.0
-    data = crop_pad.window(image.data, start, size, mode, value)
+    data = crop_pad.window(image.data, start, size, mode=mode, value=value)
     return image.replace(data=data, affine=affine_lib.translate_voxels(image.affine, start))
 
 
