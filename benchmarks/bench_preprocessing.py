@@ -90,7 +90,7 @@ def _anchors(t1, seg):
             "ToCanonical": lambda t=tio.ToCanonical(): t(image),
             "Resample(1.5 mm)": lambda t=tio.Resample(1.5): t(image),
             "CropOrPad(160, 192, 160)": lambda t=tio.CropOrPad((160, 192, 160)): t(image),
-            "RescaleIntensity(0.5, 99.5 %)": lambda t=tio.RescaleIntensity((0, 1), percentiles=(0.5, 99.5)): (
+            "RescaleIntensity(0.5, 99.5 %)": lambda t=tio.RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5)): (
                 t(image)
             ),
             "ZNormalization": lambda t=tio.ZNormalization(): t(image),
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         "ToCanonical": lambda t=ToCanonical(): t(t1_dev),
         "Resample(1.5 mm)": lambda t=Resample(1.5): t(t1_dev),
         "CropOrPad(160, 192, 160)": lambda t=CropOrPad((160, 192, 160)): t(t1_dev),
-        "RescaleIntensity(0.5, 99.5 %)": lambda t=RescaleIntensity((0, 1), percentiles=(0.5, 99.5)): t(
-            t1_dev
+        "RescaleIntensity(0.5, 99.5 %)": lambda t=RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5)): (
+            t(t1_dev)
         ),
         "ZNormalization": lambda t=ZNormalization(): t(t1_dev),
         "HistogramStandardization": lambda t=HistogramStandardization(landmarks): t(t1_dev),
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     jitted = {
         "RescaleIntensity(0.5, 99.5 %)": jax.jit(
-            lambda im, t=RescaleIntensity((0, 1), percentiles=(0.5, 99.5)): t(im)
+            lambda im, t=RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5)): t(im)
         ),
         "ZNormalization": jax.jit(lambda im, t=ZNormalization(): t(im)),
         "CropOrPad(160, 192, 160)": jax.jit(lambda im, t=CropOrPad((160, 192, 160)): t(im)),

@@ -56,13 +56,13 @@ def _check_rescale(subject, out, masking_method):
 
 
 def test_rescale_percentiles_match_numpy(run, subject):
-    t = RescaleIntensity((-1.0, 2.0), percentiles=(2.5, 97.0), masking_method="seg")
+    t = RescaleIntensity(out_min_max=(-1.0, 2.0), percentiles=(2.5, 97.0), masking_method="seg")
     _check_rescale(subject, run(lambda k, s: t(s), None, subject), "seg")
 
 
 @pytest.mark.parametrize("masking_method", [None, ("seg", (1,)), lambda x: x > 30])
 def test_rescale_masking_methods_eager_and_jit(subject, masking_method):
-    t = RescaleIntensity((-1.0, 2.0), percentiles=(2.5, 97.0), masking_method=masking_method)
+    t = RescaleIntensity(out_min_max=(-1.0, 2.0), percentiles=(2.5, 97.0), masking_method=masking_method)
     _check_rescale(subject, t(subject), masking_method)
     _check_rescale(subject, jax.jit(lambda s: t(s))(subject), masking_method)
 
@@ -79,7 +79,7 @@ def test_rescale_bad_input(subject):
         with pytest.raises(ValueError, match="percentiles"):
             RescaleIntensity(percentiles=bad)
     with pytest.raises(ValueError, match="out_min_max"):
-        RescaleIntensity((1, 0))
+        RescaleIntensity(out_min_max=(1, 0))
     with pytest.raises(ValueError, match="masking_method"):
         RescaleIntensity(masking_method=3)
     empty = subject.replace({"seg": jmed.LabelMap(np.zeros((12, 10, 8), np.uint8))})
@@ -89,7 +89,7 @@ def test_rescale_bad_input(subject):
     with pytest.raises(ValueError, match="constant range"):
         RescaleIntensity()(const)
     # under jit a constant image cannot raise: no NaN, out_min everywhere
-    out = jax.jit(lambda s: RescaleIntensity((0.0, 1.0))(s))(const)
+    out = jax.jit(lambda s: RescaleIntensity(out_min_max=(0.0, 1.0))(s))(const)
     np.testing.assert_array_equal(out.data, 0.0)
 
 
@@ -126,12 +126,12 @@ def test_znormalization_errors_not_nan():
 
 
 def test_clamp(run, subject):
-    t = Clamp(0.0, 100.0)
+    t = Clamp(out_min=0.0, out_max=100.0)
     out = run(lambda k, s: t(s), None, subject)
     np.testing.assert_allclose(_t1(out), np.clip(_t1(subject), 0, 100))
     np.testing.assert_allclose(_t1(Clamp(out_max=5.0)(subject)), np.minimum(_t1(subject), 5.0))
     with pytest.raises(ValueError, match="out_min must be <= out_max"):
-        Clamp(2.0, 1.0)
+        Clamp(out_min=2.0, out_max=1.0)
 
 
 def test_mask(run, subject):

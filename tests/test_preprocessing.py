@@ -376,7 +376,7 @@ def test_ensure_shape_multiple(run, phantom):
 
 
 def test_crop_foreground(phantom):
-    out = CropForeground("seg", margin=1)(phantom)
+    out = CropForeground(mask_name="seg", margin=1)(phantom)
     seg = np.asarray(phantom.seg.data)[..., 0]
     nz = np.nonzero(seg)
     lo = np.maximum(np.array([n.min() for n in nz]) - 1, 0)
@@ -394,7 +394,7 @@ def test_crop_foreground(phantom):
     with pytest.raises(ValueError, match="empty foreground"):
         CropForeground(threshold=1e9)(phantom)
     with pytest.raises(TypeError, match="CropOrPad"):
-        jax.jit(lambda s: CropForeground("seg")(s))(phantom)
+        jax.jit(lambda s: CropForeground(mask_name="seg")(s))(phantom)
 
 
 def test_copy_affine(run, phantom):

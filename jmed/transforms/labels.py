@@ -227,6 +227,12 @@ class KeepLargestComponent(_ComponentTransform):
     Args:
         labels: labels to process (others untouched); all nonzero labels by default.
         connectivity: 6 (faces, as TorchIO/SimpleITK's default) or 26.
+
+    Examples:
+        >>> import numpy as np, jmed
+        >>> seg = np.zeros((6, 1, 1), np.uint8); seg[[0, 2, 3, 5]] = 1
+        >>> KeepLargestComponent()(jmed.LabelMap(seg)).data[:, 0, 0, 0].tolist()
+        [0, 0, 1, 1, 0, 0]
     """
 
     def process(self, volume):

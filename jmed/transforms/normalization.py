@@ -172,12 +172,19 @@ class RescaleIntensity(IntensityTransform):
         ValueError: bad configuration; (eager) an empty mask, or an input range of zero
             width (a constant image). Under ``jit`` a zero-width range gives
             ``out_min_max[0]`` everywhere and an empty mask gives an arbitrary range.
+
+    Examples:
+        >>> import numpy as np, jmed
+        >>> image = jmed.ScalarImage(np.arange(101.0).reshape(101, 1, 1))
+        >>> out = RescaleIntensity(out_min_max=(0, 1), percentiles=(10, 90))(image)
+        >>> np.asarray(out.data)[[0, 10, 50, 90, 100], 0, 0, 0].tolist()
+        [0.0, 0.0, 0.5, 1.0, 1.0]
     """
 
     def __init__(
         self,
-        out_min_max: float | tuple[float, float] = (0.0, 1.0),
         *,
+        out_min_max: float | tuple[float, float] = (0.0, 1.0),
         percentiles: tuple[float, float] = (0.0, 100.0),
         in_min_max: tuple[float, float] | None = None,
         masking_method: MaskingMethod = None,
@@ -282,7 +289,7 @@ class Clamp(IntensityTransform):
     """Clip intensities to ``[out_min, out_max]`` (either may be ``None``: no bound)."""
 
     def __init__(
-        self, out_min: float | None = None, out_max: float | None = None, *, include=None, exclude=None
+        self, *, out_min: float | None = None, out_max: float | None = None, include=None, exclude=None
     ):
         super().__init__(include=include, exclude=exclude)
         for value, name in ((out_min, "out_min"), (out_max, "out_max")):

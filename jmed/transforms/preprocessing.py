@@ -132,7 +132,7 @@ class Reorient(Transform):
     Needs a concrete affine (the permutation decides the output shape).
     """
 
-    def __init__(self, orientation: str = "RAS", *, include=None, exclude=None):
+    def __init__(self, orientation: str, *, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         affine_lib._parse_orientation(orientation, "orientation")
         self.orientation = orientation.upper()
@@ -221,7 +221,7 @@ class Resample(Transform):
 
     def __init__(
         self,
-        target: Any = 1.0,
+        target: Any,
         *,
         image_interpolation: str = "linear",
         label_interpolation: str = "nearest",
@@ -536,6 +536,13 @@ class CropOrPad(_Window):
     Without a mask, an odd difference crops (or pads) the extra voxel at the start, as
     TorchIO. Jittable in both cases (the output shape is static; the mask only moves the
     box, with ``lax.dynamic_slice``).
+
+    Examples:
+        >>> import numpy as np, jmed
+        >>> image = jmed.ScalarImage(np.ones((10, 7, 4), np.float32))
+        >>> out = CropOrPad((8, 8, 8))(image)
+        >>> out.spatial_shape, out.origin.tolist()
+        ((8, 8, 8), [1.0, -1.0, -2.0])
     """
 
     def __init__(
@@ -624,8 +631,8 @@ class CropForeground(_Window):
 
     def __init__(
         self,
-        mask_name: str | None = None,
         *,
+        mask_name: str | None = None,
         threshold: float = 0.0,
         margin: int | Sequence[int] = 0,
         include=None,
