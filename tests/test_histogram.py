@@ -30,15 +30,21 @@ def test_percentile_equals_numpy_linear(x, mask):
     np.testing.assert_allclose(histogram.percentile(x, QS, mask=mask), expected_masked, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("x", "mask"), list(_cases())[:3])
-def test_traced_percentile_equals_numpy(x, mask):
-    expected = np.percentile(x[mask].astype(np.float64), QS)
-    out = jax.jit(lambda a, m: histogram.percentile(a, QS, mask=m))(x, mask)
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6 * np.abs(x).max())
-    out = jax.jit(lambda a: histogram.percentile(a, QS))(x)
-    np.testing.assert_allclose(
-        out, np.percentile(x.astype(np.float64), QS), rtol=1e-6, atol=1e-6 * np.abs(x).max()
-    )
+def test_traced_percentile_equals_numpy():
+    # one shape for every case, so each jitted function compiles once
+    masked = jax.jit(lambda a, m: histogram.percentile(a, QS, mask=m))
+    full = jax.jit(lambda a: histogram.percentile(a, QS))
+    for x, mask in _cases():
+        values = np.zeros(3000, np.float32)
+        values[: x.size] = x
+        selection = np.zeros(3000, bool)
+        selection[: x.size] = mask
+        expected = np.percentile(x[mask].astype(np.float64), QS)
+        np.testing.assert_allclose(
+            masked(values, selection), expected, rtol=1e-6, atol=1e-6 * np.abs(x).max()
+        )
+        expected = np.percentile(values.astype(np.float64), QS)
+        np.testing.assert_allclose(full(values), expected, rtol=1e-6, atol=1e-6 * np.abs(x).max())
 
 
 def test_order_statistics_exact_for_every_float():
