@@ -156,6 +156,12 @@ def window(
     size = tuple(int(s) for s in size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"size must be 3 positive ints, got {size}")
+    if _is_concrete(start) and isinstance(data, jax.Array) and not isinstance(data, jax.core.Tracer):
+        if isinstance(value, (int, float)):
+            # a concrete device array: one compiled program (cached per shapes, start and
+            # mode) instead of a chain of eager slicing and padding ops
+            start = tuple(int(v) for v in np.asarray(start).reshape(3))
+            return _window_jit(data, start, size, mode, value)
     if _is_concrete(start):
         s = np.asarray(start).astype(int).reshape(3)
         end = s + np.asarray(size)
@@ -183,6 +189,11 @@ def window(
     idx = [jnp.clip(start[d] + int(margin[d]), 0, int(shape[d] + margin[d])) for d in range(3)]
     idx.append(jnp.int32(0))
     return jax.lax.dynamic_slice(padded, idx, (*size, data.shape[3]))
+
+
+@jax.jit(static_argnums=(1, 2, 3, 4))
+def _window_jit(data, start, size, mode, value):
+    return window(data, np.asarray(start), size, mode=mode, value=value)
 
 
 def crop_or_pad_bounds(shape: Sequence[int], target_shape: Sequence[int]) -> np.ndarray:
