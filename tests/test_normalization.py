@@ -240,3 +240,17 @@ def test_histogram_standardization_bad_input():
         train_histogram([])
     with pytest.raises(ValueError, match="empty"):
         train_histogram([np.ones((3, 3, 3))], masks=[np.zeros((3, 3, 3))])
+
+
+def test_piecewise_linear_map_with_tied_percentiles():
+    from jmed.transforms.normalization import _piecewise_linear
+
+    xp = np.array([0.0, 1.0, 1.0, 3.0, 7.0], np.float32)  # a tie: a jump at 1
+    fp = np.array([0.0, 10.0, 20.0, 40.0, 50.0], np.float32)
+    x = np.array([-2.0, 0.5, 1.0, 1.5, 3.0, 5.0, 9.0], np.float32)
+    segment = np.clip((x[:, None] > xp[1:-1]).sum(1), 0, 3)
+    width = xp[segment + 1] - xp[segment]
+    slope = np.where(width > 0, (fp[segment + 1] - fp[segment]) / np.where(width > 0, width, 1), 0)
+    expected = fp[segment] + (x - xp[segment]) * slope
+    np.testing.assert_allclose(_piecewise_linear(x, xp, fp), expected, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(expected, [-20.0, 5.0, 10.0, 25.0, 40.0, 45.0, 55.0])
