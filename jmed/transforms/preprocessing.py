@@ -242,7 +242,9 @@ class Resample(Transform):
         if isinstance(target, numbers.Real) and not isinstance(target, bool):
             self._spacing = np.full(3, float(target))
         elif isinstance(target, Image):
+            # keep the grid only, not the reference's voxels
             self._grid = (target.spatial_shape, target.affine)
+            self.target = self._grid
         elif isinstance(target, (str, os.PathLike)):
             self._name = os.fspath(target)
         elif isinstance(target, Sequence) and len(target) == 3:
