@@ -23,3 +23,26 @@ __all__ = [
     "invert",
     "replay",
 ]
+from jmed.transforms.intensity import (  # noqa: E402
+    RandomBiasField,
+    RandomBlur,
+    RandomBrightness,
+    RandomCoarseDropout,
+    RandomContrast,
+    RandomGamma,
+    RandomLabelsToImage,
+    RandomNoise,
+    RandomSwap,
+)
+
+__all__ += [
+    "RandomBiasField",
+    "RandomBlur",
+    "RandomBrightness",
+    "RandomCoarseDropout",
+    "RandomContrast",
+    "RandomGamma",
+    "RandomLabelsToImage",
+    "RandomNoise",
+    "RandomSwap",
+]
