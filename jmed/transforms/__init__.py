@@ -46,3 +46,6 @@ __all__ += [
     "RandomNoise",
     "RandomSwap",
 ]
+from jmed.transforms.mri import RandomGhosting, RandomMotion, RandomSpike  # noqa: E402
+
+__all__ += ["RandomGhosting", "RandomMotion", "RandomSpike"]
