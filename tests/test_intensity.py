@@ -26,6 +26,7 @@ FACTORIES = {
     "noise": lambda: RandomNoise(std=(0.5, 1.0)),
     "rician": lambda: RandomNoise(std=(0.5, 1.0), rician=True),
     "blur": lambda: RandomBlur(std=(0.5, 1.5)),
+    "blur_voxels": lambda: RandomBlur(std=(0.5, 1.0), units="voxels"),
     "gamma": lambda: RandomGamma(),
     "gamma_nnunet": lambda: RandomGamma(gamma=(0.7, 1.5), invert=True, retain_stats=True),
     "brightness": lambda: RandomBrightness(),
@@ -113,6 +114,12 @@ def test_blur_matches_scipy_in_mm(jit):
     out = np.asarray(apply(subject, params)["t1"].data[..., 0])
     ref = ndi.gaussian_filter(
         np.asarray(subject["t1"].data[..., 0], np.float64), [1.0, 1.0, 1.5], mode="reflect"
+    )
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+    voxels = RandomBlur(std=2.0, units="voxels")
+    out = np.asarray((jax.jit(voxels.apply) if jit else voxels.apply)(subject, params)["t1"].data[..., 0])
+    ref = ndi.gaussian_filter(
+        np.asarray(subject["t1"].data[..., 0], np.float64), [1.0, 2.0, 0.75], mode="reflect"
     )
     np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
 
@@ -261,6 +268,7 @@ def test_labels_to_image_noise_onehot_and_background(key):
         (lambda: RandomBlur(std=-1), "std"),
         (lambda: RandomBlur(std=(1, 2, 3, 4)), "std"),
         (lambda: RandomBlur(mode="wrapz"), "mode"),
+        (lambda: RandomBlur(units="cm"), "units"),
         (lambda: RandomGamma(log_gamma=(0.3, -0.3)), "log_gamma"),
         (lambda: RandomGamma(gamma=(0, 1.5)), "gamma"),
         (lambda: RandomBrightness(multiplier=(1.2, 1.1)), "multiplier"),

@@ -10,7 +10,7 @@ Boundary modes use scipy's names: ``"reflect"`` (``d c b a | a b c d | d c b a``
 ``"constant"`` (``cval`` outside).
 
 ``sigma`` may be traced (under ``jit`` / ``vmap``). The kernel width then is not known
-when tracing, so each axis compiles a few static radii (2, 4, 8, 12, then one banded-matrix branch for
+when tracing, so each axis compiles a few static radii (2, 4, 8, then one banded-matrix branch for
 anything wider, up to the bound given by ``max_sigma``, or 8 times the axis length
 without a bound) and picks the one that fits at run time with ``lax.switch``; every
 branch zeroes the taps beyond the true radius, so the result is exact for any ``sigma``
@@ -48,7 +48,7 @@ _PAD_MODES = {
 }
 # largest radius filtered by shift-and-add; wider kernels use the banded matrix product
 _MAX_SHIFT_RADIUS = 12
-_BUCKETS = (2, 4, 8, 12)
+_BUCKETS = (2, 4, 8)
 
 
 def _scipy_radius(sigma, truncate: float):

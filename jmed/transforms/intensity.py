@@ -164,22 +164,36 @@ class RandomBlur(IntensityTransform):
             3 values (one ``d`` per axis) or 6 values (``a_i, b_i`` per axis).
         truncate: kernel half-width in standard deviations.
         mode: boundary mode (``scipy.ndimage`` names, see ``jmed.ops.filters``).
+        units: ``"mm"`` (TorchIO) or ``"voxels"`` (nnU-Net: the std is used as the
+            sigma in voxels, whatever the spacing).
 
-    The std is divided by the image spacing (from its affine) to get voxels, so an
+    With ``units="mm"`` the std is divided by the image spacing (from its affine) to get
+    voxels, so an
     anisotropic image is blurred by the same physical amount along each axis. The result
     equals ``scipy.ndimage.gaussian_filter`` with that sigma. When the affine is traced
     (under ``jit`` / ``vmap``) the kernel width is chosen at run time among a few
-    compiled widths (see ``jmed.ops.filters.gaussian_blur``).
+    compiled widths (see ``jmed.ops.filters.gaussian_blur``); with ``units="voxels"``
+    the bound comes from ``std`` and fewer widths are compiled.
 
-    Params: ``{"std": (3,) mm}``.
+    Params: ``{"std": (3,)}`` in ``units``.
     """
 
     is_random = True
 
     def __init__(
-        self, std=(0.0, 2.0), *, truncate: float = 4.0, mode: str = "reflect", include=None, exclude=None
+        self,
+        std=(0.0, 2.0),
+        *,
+        truncate: float = 4.0,
+        mode: str = "reflect",
+        units: str = "mm",
+        include=None,
+        exclude=None,
     ):
         super().__init__(include=include, exclude=exclude)
+        if units not in ("mm", "voxels"):
+            raise ValueError(f"units must be 'mm' or 'voxels', got {units!r}")
+        self.units = units
         self.std = _std_range_per_axis(std, "std")
         if not _is_number(truncate) or truncate < 0:
             raise ValueError(f"truncate must be a number >= 0, got {truncate!r}")
@@ -191,6 +205,11 @@ class RandomBlur(IntensityTransform):
         return {"std": _uniform(key, self.std[:, 0], self.std[:, 1], (3,))}
 
     def apply_image(self, image, params):
+        if self.units == "voxels":
+            data = gaussian_blur(
+                image.data, params["std"], truncate=self.truncate, mode=self.mode, max_sigma=self.std[:, 1]
+            )
+            return image.replace(data=data)
         spacing = affine_lib.spacing(image.affine)
         max_sigma = None
         if not isinstance(spacing, jax.core.Tracer):
