@@ -216,6 +216,8 @@ def test_swap_against_numpy(key):
         ref[s2] = p1
     np.testing.assert_array_equal(t.apply(subject, params)["t1"].data, ref)
     assert np.all(np.asarray(params["locations"]) <= np.array(SMALL) - np.array([3, 4, 2]))
+    none = RandomSwap(num_iterations=0, patch_size=2)
+    np.testing.assert_array_equal(none(key, subject)["t1"].data, subject["t1"].data)
 
 
 def test_coarse_dropout_against_numpy(key):

@@ -49,3 +49,10 @@ __all__ += [
 from jmed.transforms.mri import RandomGhosting, RandomMotion, RandomSpike  # noqa: E402
 
 __all__ += ["RandomGhosting", "RandomMotion", "RandomSpike"]
+from jmed.transforms.presets import (  # noqa: E402
+    nnunet_augmentation,
+    nnunet_intensity_augmentation,
+    torchio_paper_augmentation,
+)
+
+__all__ += ["nnunet_augmentation", "nnunet_intensity_augmentation", "torchio_paper_augmentation"]
