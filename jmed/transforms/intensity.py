@@ -12,6 +12,21 @@ standard deviations, where a scalar ``d`` means ``U(0, d)`` as in TorchIO.
 Unlike TorchIO, random noise is not stored voxel by voxel in the parameters: the params
 hold a ``seed`` (two ``uint32``) and the noise is regenerated from it, so histories
 stay small.
+
+Examples:
+    >>> import jax, numpy as np, jmed
+    >>> subject = jmed.Subject(t1=jmed.ScalarImage(np.ones((8, 8, 8), np.float32)))
+    >>> augment = jmed.transforms.Compose(
+    ...     [jmed.transforms.RandomBiasField(coefficients=0.3), jmed.transforms.RandomNoise(std=0.1)]
+    ... )
+    >>> out = jax.jit(augment)(jax.random.key(0), subject)
+    >>> out["t1"].shape
+    (8, 8, 8, 1)
+    >>> field = jmed.transforms.RandomBiasField()
+    >>> biased = field(jax.random.key(1), subject)
+    >>> restored = jmed.transforms.invert(biased)
+    >>> bool(np.allclose(restored["t1"].data, 1.0, atol=1e-5))
+    True
 """
 
 from __future__ import annotations

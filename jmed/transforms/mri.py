@@ -6,6 +6,14 @@ act on intensity images only. k-space conventions are those of ``jmed.ops.kspace
 Ghosting and spikes keep images real (their k-space changes are Hermitian-symmetric),
 so they use real FFTs or none at all; motion returns the magnitude of a complex image.
 Outputs are floating point and not clipped.
+
+Examples:
+    >>> import jax, numpy as np, jmed
+    >>> image = jmed.ScalarImage(np.random.default_rng(0).random((16, 16, 12), np.float32))
+    >>> moved = jmed.transforms.RandomMotion(num_transforms=2)(jax.random.key(0), image)
+    >>> ghosts = jmed.transforms.RandomGhosting(intensity=0.0)(jax.random.key(0), image)
+    >>> bool(np.allclose(ghosts.data, image.data, atol=1e-5))
+    True
 """
 
 from __future__ import annotations
