@@ -1,7 +1,7 @@
 """Time jmed's intensity and MRI-artifact transforms next to TorchIO and MONAI.
 
-Each jmed transform is jitted (``jax.jit(transform)(key, subject)``, a new key per call)
-and timed per call on one volume (the MNI152 T1, 197x233x189, or a synthetic volume of
+Each jmed transform is jitted (``jax.jit(transform)(key, subject)``, a new key per call,
+voxel data already a device array) and timed per call on one volume (the MNI152 T1, 197x233x189, or a synthetic volume of
 that size). Compile time is reported separately. TorchIO and MONAI run the same transform
 with the same parameters when they are importable; ratios are theirs / jmed.
 
@@ -122,7 +122,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     data, affine, source = load_volume(args.data)
-    subject = jmed.Subject(t1=jmed.Image(data, affine))
+    # data already on the device, as after a loader step (TorchIO/MONAI get torch tensors)
+    subject = jmed.Subject(t1=jmed.Image(jax.device_put(data), affine))
     try:
         import torch
         import torchio as tio
