@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import pytest
 from conftest import make_phantom
@@ -47,7 +48,10 @@ def test_nnunet_full_pipeline(key):
     subject = make_phantom((16, 14, 12))
     out = pipeline(key, subject)
     assert out["t1"].shape == subject["t1"].shape
-    assert len(pipeline) == 11
+    assert len(pipeline) == 10
+    jitted = jax.jit(pipeline)(key, subject)
+    np.testing.assert_allclose(jitted["t1"].data, out["t1"].data, atol=1e-3)
+    np.testing.assert_array_equal(jitted["seg"].data, out["seg"].data)
 
 
 def test_torchio_paper_pipeline(key):
