@@ -10,23 +10,25 @@ Boundary modes use scipy's names: ``"reflect"`` (``d c b a | a b c d | d c b a``
 ``"constant"`` (``cval`` outside).
 
 ``sigma`` may be traced (under ``jit`` / ``vmap``). The kernel width then is not known
-when tracing, so each axis compiles a few static radii (2, 4, 8, 12, then one banded-matrix branch for
-anything wider, up to the bound given by ``max_sigma``, or 8 times the axis length
-without a bound) and picks the one that fits at run time with ``lax.switch``; every
-branch zeroes the taps beyond the true radius, so the result is exact for any ``sigma``
-within the bound. Under
-``vmap`` with per-sample ``sigma`` all branches run (a ``switch`` on a batched index is a
-select), so pass ``max_sigma`` to keep the branch count small.
+when tracing, so each axis compiles three variants: identity, a shift-and-add filter of
+radius 4 (sigma up to 1 voxel at ``truncate=4``) and one wider filter up to the bound
+given by ``max_sigma`` (or 8 times the axis length without a bound), and picks one at
+run time with ``lax.switch``. Every variant zeroes the taps beyond scipy's radius for
+the actual ``sigma``, so the result is exact for any ``sigma`` within the bound. Under
+``vmap`` with per-sample ``sigma`` all variants run (a ``switch`` on a batched index
+is a select).
 
-Kernel choice (measured on 2 CPU cores, 197x233x189, float32): shifting and adding
-``2r + 1`` slices is 1.3-3x faster than a banded (boundary-folded) ``n x n`` matrix
-product along each axis up to about ``r = 8``, and ~100x faster than ``lax.conv``; past
-``r = 12`` the fused sum degrades and the matrix product, whose cost does not depend on
-the radius, is used instead.
+Kernel choice (measured on a shared, loaded 2-core CPU, 197x233x189 float32, so only
+roughly): per axis, shifting and adding ``2r + 1`` slices took 56-154 ms at ``r = 4``
+against 79-227 ms for a banded (boundary-folded) ``n x n`` matrix product, and was
+faster on 2 of 3 axes at ``r = 8``; at ``r = 16`` the fused sum degraded (2.5 s for
+three axes against 0.3 s). ``lax.conv`` is about 100x slower on CPU. Hence shift-and-add
+up to ``r = 12`` and the matrix product, whose cost does not depend on ``r``, beyond.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -48,7 +50,7 @@ _PAD_MODES = {
 }
 # largest radius filtered by shift-and-add; wider kernels use the banded matrix product
 _MAX_SHIFT_RADIUS = 12
-_BUCKETS = (2, 4, 8, 12)
+_BUCKETS = (4,)
 
 
 def _scipy_radius(sigma, truncate: float):
@@ -120,6 +122,9 @@ def _banded(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval)
     return out
 
 
+# jitted so that eager calls compile once per configuration instead of dispatching
+# every slice separately
+@functools.partial(jax.jit, static_argnames=("radius", "axis", "mode", "truncate", "cval"))
 def _filter_static(x, sigma, radius: int, axis: int, mode: str, truncate: float, cval):
     if radius == 0:
         return x
@@ -194,7 +199,7 @@ def gaussian_blur(
         n = data.shape[axis]
         if concrete:
             radius = int(truncate * float(s[axis]) + 0.5)
-            out = _filter_static(out, sigma_arr[axis], radius, axis, mode, truncate, cval)
+            out = _filter_static(out, sigma_arr[axis], radius, axis, mode, float(truncate), float(cval))
             continue
         limit = int(truncate * bounds[axis] + 0.5) if bounds is not None else 8 * n
         radii = [0] + [b for b in _BUCKETS if b < limit] + ([limit] if limit > 0 else [])
@@ -202,7 +207,8 @@ def gaussian_blur(
         needed = jnp.minimum(_scipy_radius(sig, truncate), limit)
         index = jnp.searchsorted(jnp.asarray(radii), needed)
         branches = [
-            lambda x, sg, r=r, ax=axis: _filter_static(x, sg, r, ax, mode, truncate, cval) for r in radii
+            lambda x, sg, r=r, ax=axis: _filter_static(x, sg, r, ax, mode, float(truncate), float(cval))
+            for r in radii
         ]
         out = jax.lax.switch(index, branches, out, sig)
     return out

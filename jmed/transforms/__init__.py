@@ -85,3 +85,36 @@ __all__ = [
     "RemoveSmallObjects",
     "SequentialLabels",
 ]
+from jmed.transforms.intensity import (  # noqa: E402
+    RandomBiasField,
+    RandomBlur,
+    RandomBrightness,
+    RandomCoarseDropout,
+    RandomContrast,
+    RandomGamma,
+    RandomLabelsToImage,
+    RandomNoise,
+    RandomSwap,
+)
+
+__all__ += [
+    "RandomBiasField",
+    "RandomBlur",
+    "RandomBrightness",
+    "RandomCoarseDropout",
+    "RandomContrast",
+    "RandomGamma",
+    "RandomLabelsToImage",
+    "RandomNoise",
+    "RandomSwap",
+]
+from jmed.transforms.mri import RandomGhosting, RandomMotion, RandomSpike  # noqa: E402
+
+__all__ += ["RandomGhosting", "RandomMotion", "RandomSpike"]
+from jmed.transforms.presets import (  # noqa: E402
+    nnunet_augmentation,
+    nnunet_intensity_augmentation,
+    torchio_paper_augmentation,
+)
+
+__all__ += ["nnunet_augmentation", "nnunet_intensity_augmentation", "torchio_paper_augmentation"]

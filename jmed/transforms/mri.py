@@ -1,0 +1,324 @@
+"""MRI k-space artifacts: motion, ghosting and spikes.
+
+The transforms keep the shape, are jittable and vmappable with per-sample parameters and
+act on intensity images only. k-space conventions are those of ``jmed.ops.kspace``
+(unnormalised FFT over the three spatial axes, integer frequencies ``fftfreq(n) * n``).
+Ghosting and spikes keep images real (their k-space changes are Hermitian-symmetric),
+so they use real FFTs or none at all; motion returns the magnitude of a complex image.
+Outputs are floating point and not clipped.
+
+Examples:
+    >>> import jax, numpy as np, jmed
+    >>> image = jmed.ScalarImage(np.random.default_rng(0).random((16, 16, 12), np.float32))
+    >>> moved = jmed.transforms.RandomMotion(num_transforms=2)(jax.random.key(0), image)
+    >>> ghosts = jmed.transforms.RandomGhosting(intensity=0.0)(jax.random.key(0), image)
+    >>> bool(np.allclose(ghosts.data, image.data, atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmed.ops import kspace
+from jmed.ops.interpolation import resample
+from jmed.transforms import _params
+from jmed.transforms.base import IntensityTransform
+
+__all__ = ["RandomGhosting", "RandomMotion", "RandomSpike"]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _count_range(value, name: str) -> tuple[int, int]:
+    """TorchIO's rule for counts: ``d`` -> ``{0..d}``, ``(a, b)`` -> ``{a..b}``; ints >= 0."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (0, int(value))
+    try:
+        low, high = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a (low, high) pair of ints, got {value!r}") from None
+    for v in (low, high):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{name} must be an int or a (low, high) pair of ints, got {value!r}")
+    if low < 0 or high < low:
+        raise ValueError(f"{name} must be >= 0 with low <= high, got {value!r}")
+    return int(low), int(high)
+
+
+def _positive_range(value, name: str) -> tuple[float, float]:
+    """``d`` -> ``(0, d)``, ``(a, b)`` -> ``(a, b)``, all >= 0."""
+    if _is_number(value):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+        value = (0.0, float(value))
+    return _params.parse_range(value, name, min_value=0.0)
+
+
+def _uniform(key, low, high, shape=()):
+    low, high = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
+    return jax.random.uniform(key, shape, jnp.float32) * (high - low) + low
+
+
+def _float(x):
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+# -- motion ------------------------------------------------------------------------------
+def _rotation(degrees: jax.Array) -> jax.Array:
+    """``Rz @ Ry @ Rx`` for angles in degrees about the world x, y, z axes."""
+    a, b, c = jnp.deg2rad(degrees)
+    ca, sa, cb, sb, cc, sc = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b), jnp.cos(c), jnp.sin(c)
+    one, zero = jnp.ones_like(a), jnp.zeros_like(a)
+    rx = jnp.array([[one, zero, zero], [zero, ca, -sa], [zero, sa, ca]])
+    ry = jnp.array([[cb, zero, sb], [zero, one, zero], [-sb, zero, cb]])
+    rz = jnp.array([[cc, -sc, zero], [sc, cc, zero], [zero, zero, one]])
+    return rz @ ry @ rx
+
+
+def rigid_voxel_matrix(affine, spatial_shape, degrees, translation) -> jax.Array:
+    """Output-voxel -> input-voxel 4x4 matrix of a rigid motion in world space.
+
+    The world map is ``p -> R (p - c) + c + t`` with ``R`` from ``degrees`` (about the
+    world axes), ``t`` = ``translation`` in mm and ``c`` the world position of the volume
+    centre.
+    """
+    affine = jnp.asarray(affine, jnp.float32)
+    centre = affine @ jnp.append(jnp.asarray((np.array(spatial_shape) - 1) / 2.0, jnp.float32), 1.0)
+    rot = _rotation(degrees)
+    world = jnp.eye(4, dtype=jnp.float32)
+    world = world.at[:3, :3].set(rot)
+    world = world.at[:3, 3].set(centre[:3] - rot @ centre[:3] + translation)
+    return jnp.linalg.inv(affine) @ world @ affine
+
+
+class RandomMotion(IntensityTransform):
+    """Simulate rigid head motion during a (3D, Cartesian) acquisition.
+
+    The image is resampled under ``num_transforms`` random rigid motions; k-space is then
+    filled line by line along the phase-encoding axis, each segment of lines from the
+    image in the pose the head had while those lines were acquired, and the output is
+    the magnitude of the inverse Fourier transform.
+
+    Phase-encoding convention: ``phase_encoding_axis`` (default 2, the last spatial
+    axis) is acquired in linear order from the most negative to the most positive
+    frequency; the readout and the other encoding direction are instantaneous. The
+    ``num_transforms`` sorted times ``t_i ~ U(0, 1)`` split the ``n`` lines at positions
+    ``floor(t_i * n)`` into ``num_transforms + 1`` segments. The segment that contains
+    frequency 0 keeps the original pose (so the output stays aligned with the input);
+    the other segments take the sampled motions in order. Hence every k-space plane of
+    constant phase-encoding frequency equals, to rounding, the same plane of one moved
+    copy of the image, and nothing else changes: along the readout and the other axis
+    no mixing happens beyond what the motion itself does.
+
+    Args:
+        degrees: rotation range in degrees per world axis: ``d`` -> ``U(-d, d)``,
+            ``(a, b)`` -> ``U(a, b)``, or 3 / 6 values per axis.
+        translation: translation range in mm, as ``degrees``.
+        num_transforms: number of motions (>= 1).
+        phase_encoding_axis: data axis along which k-space lines are acquired in time.
+        magnitude: return ``|image|`` (physical magnitude images; a non-negative input
+            is unchanged without motion). ``False`` returns the real part instead, which
+            keeps negative intensities (e.g. after z-normalisation).
+        pad_mode: how motion brings in voxels from outside: ``"edge"`` or ``"constant"`` 0.
+
+    Params: ``{"degrees": (N, 3), "translation": (N, 3), "times": (N,)}``.
+
+    References:
+        Shaw et al., "MRI k-space motion artefact augmentation: model robustness and task-
+        specific uncertainty", MIDL 2019.
+    """
+
+    is_random = True
+
+    def __init__(
+        self,
+        degrees=10.0,
+        translation=10.0,
+        num_transforms: int = 2,
+        *,
+        phase_encoding_axis: int = 2,
+        magnitude: bool = True,
+        pad_mode: str = "edge",
+        include=None,
+        exclude=None,
+    ):
+        super().__init__(include=include, exclude=exclude)
+        self.degrees = _params.parse_range_per_axis(degrees, "degrees")
+        self.translation = _params.parse_range_per_axis(translation, "translation")
+        self.num_transforms = _params.as_positive_int(num_transforms, "num_transforms")
+        if isinstance(phase_encoding_axis, bool) or not isinstance(phase_encoding_axis, numbers.Integral):
+            raise ValueError(f"phase_encoding_axis must be one int in [0, 2], got {phase_encoding_axis!r}")
+        self.phase_encoding_axis = _params.as_axes(phase_encoding_axis, "phase_encoding_axis")[0]
+        if pad_mode not in ("edge", "constant"):
+            raise ValueError(f"pad_mode must be 'edge' or 'constant', got {pad_mode!r}")
+        self.magnitude = bool(magnitude)
+        self.pad_mode = pad_mode
+
+    def sample(self, key, subject):
+        n = self.num_transforms
+        k_deg, k_tr, k_time = jax.random.split(key, 3)
+        return {
+            "degrees": _uniform(k_deg, self.degrees[:, 0], self.degrees[:, 1], (n, 3)),
+            "translation": _uniform(k_tr, self.translation[:, 0], self.translation[:, 1], (n, 3)),
+            "times": jnp.sort(jax.random.uniform(k_time, (n,))),
+        }
+
+    def line_sources(self, times: jax.Array, n: int) -> jax.Array:
+        """For each phase-encoding frequency (FFT order), which volume supplies it:
+        0 = the original pose, ``1 + i`` = motion ``i``."""
+        position = jnp.arange(n)  # acquisition order: frequency position - n // 2
+        boundaries = jnp.floor(times * n).astype(jnp.int32)
+        segment = jnp.sum(position[:, None] >= boundaries[None, :], axis=1)
+        centre = segment[n // 2]
+        source = jnp.where(segment == centre, 0, 1 + jnp.where(segment < centre, segment, segment - 1))
+        return jnp.fft.ifftshift(source)  # acquisition order -> FFT order
+
+    def apply_image(self, image, params):
+        x = _float(image.data)
+        shape = image.spatial_shape
+        moved = [
+            resample(x, rigid_voxel_matrix(image.affine, shape, d, t), shape, order=1, pad_mode=self.pad_mode)
+            for d, t in zip(params["degrees"], params["translation"])
+        ]
+        volumes = jnp.stack([x] + [m.astype(x.dtype) for m in moved])
+        source = self.line_sources(params["times"], shape[self.phase_encoding_axis])
+        spliced = kspace.splice_lines(volumes, source, self.phase_encoding_axis)
+        out = jnp.abs(spliced) if self.magnitude else jnp.real(spliced)
+        return image.replace(data=out.astype(x.dtype))
+
+
+# -- ghosting ----------------------------------------------------------------------------
+class RandomGhosting(IntensityTransform):
+    """Ghosting along one axis: every ``n``-th k-space plane is attenuated.
+
+    The planes with integer frequency ``f`` along the chosen axis such that
+    ``f mod n == 0`` are multiplied by ``1 - s``, except those restored around the
+    centre. Attenuating a comb of period ``n`` in k-space subtracts ``s`` times the mean
+    of ``n`` copies of the image shifted by multiples of ``N / n`` voxels: ``n`` ghosts at
+    spacing ``N / n``. The comb is symmetric about frequency 0 (unlike TorchIO's, which
+    starts at the edge of the shifted spectrum and keeps the real part), so the output
+    is real and real FFTs suffice.
+
+    Args:
+        num_ghosts: ``n``: ``d`` -> integer ``U{0..d}``, ``(a, b)`` -> ``U{a..b}``;
+            0 disables.
+        axes: candidate axes; one is chosen uniformly.
+        intensity: ``s``: ``d`` -> ``U(0, d)``, ``(a, b)`` -> ``U(a, b)``; 0 disables.
+        restore: fraction of k-space around the centre left untouched along the axis
+            (planes with ``|f| <= restore * N / 2``); None restores only ``f == 0``.
+
+    Params: ``{"num_ghosts": int32, "axis": int32, "intensity": float}``.
+    """
+
+    is_random = True
+
+    def __init__(
+        self,
+        num_ghosts=(4, 10),
+        axes=(0, 1, 2),
+        intensity=(0.5, 1.0),
+        restore=None,
+        *,
+        include=None,
+        exclude=None,
+    ):
+        super().__init__(include=include, exclude=exclude)
+        self.num_ghosts = _count_range(num_ghosts, "num_ghosts")
+        self.axes = _params.as_axes(axes, "axes")
+        if not self.axes:
+            raise ValueError("axes must name at least one axis, got an empty sequence")
+        self.intensity = _positive_range(intensity, "intensity")
+        if restore is not None and (not _is_number(restore) or not 0 <= restore <= 1):
+            raise ValueError(f"restore must be None or a number in [0, 1], got {restore!r}")
+        self.restore = None if restore is None else float(restore)
+
+    def sample(self, key, subject):
+        k_n, k_axis, k_s = jax.random.split(key, 3)
+        return {
+            "num_ghosts": jax.random.randint(k_n, (), self.num_ghosts[0], self.num_ghosts[1] + 1, jnp.int32),
+            "axis": jnp.asarray(self.axes, jnp.int32)[jax.random.randint(k_axis, (), 0, len(self.axes))],
+            "intensity": _uniform(k_s, *self.intensity),
+        }
+
+    def _plane_factor(self, n: int, params, half: bool) -> jax.Array:
+        f = np.abs(kspace.frequencies(n))
+        if half:
+            f = f[: n // 2 + 1]
+        restored = f <= (0 if self.restore is None else np.floor(self.restore * n / 2))
+        ghosts = params["num_ghosts"]
+        comb = (jnp.mod(jnp.asarray(f), jnp.maximum(ghosts, 1)) == 0) & (ghosts > 0) & ~restored
+        return 1.0 - params["intensity"] * comb.astype(jnp.float32)
+
+    def apply_image(self, image, params):
+        x = _float(image.data)
+        shape = image.spatial_shape
+        factor = 1.0
+        for axis, n in enumerate(shape):
+            if axis not in self.axes:
+                continue
+            along = self._plane_factor(n, params, half=axis == 2)
+            view = [1, 1, 1, 1]
+            view[axis] = along.shape[0]
+            factor = jnp.where(params["axis"] == axis, along.reshape(view), factor)
+        out = kspace.irfft3(kspace.rfft3(x) * factor, shape)
+        return image.replace(data=out.astype(x.dtype))
+
+
+# -- spikes ------------------------------------------------------------------------------
+class RandomSpike(IntensityTransform):
+    """Herringbone artifact: spikes in k-space.
+
+    Each spike adds ``r * max|k-space|`` at a random frequency (positions uniform over
+    k-space). As in TorchIO the output is the real part of the inverse transform, so in
+    the spectrum of the result the spike shows as ``r * max / 2`` at ``f`` and at ``-f``.
+    No FFT is needed to apply it (see ``jmed.ops.kspace.add_spikes``); one forward real
+    FFT gives the maximum.
+
+    Args:
+        num_spikes: ``d`` -> integer ``U{0..d}``, ``(a, b)`` -> ``U{a..b}``. The params
+            always hold ``high`` spikes (static shapes) and mask the unused ones.
+        intensity: ratio ``r``: ``d`` -> ``U(-d, d)``, ``(a, b)`` -> ``U(a, b)``.
+
+    Params: ``{"positions": (high, 3) in [0, 1), "intensity": (high,), "active": (high,) bool}``;
+    spike ``s`` sits at frequency ``floor(position * N) - N // 2`` per axis.
+    """
+
+    is_random = True
+
+    def __init__(self, num_spikes=1, intensity=(1.0, 3.0), *, include=None, exclude=None):
+        super().__init__(include=include, exclude=exclude)
+        self.num_spikes = _count_range(num_spikes, "num_spikes")
+        self.intensity = _params.parse_range(intensity, "intensity")
+
+    def sample(self, key, subject):
+        high = self.num_spikes[1]
+        k_n, k_pos, k_r = jax.random.split(key, 3)
+        count = jax.random.randint(k_n, (), self.num_spikes[0], high + 1)
+        return {
+            "positions": jax.random.uniform(k_pos, (high, 3)),
+            # one ratio per transform call as in TorchIO, repeated for static shapes
+            "intensity": jnp.full((high,), _uniform(k_r, *self.intensity)),
+            "active": jnp.arange(high) < count,
+        }
+
+    @staticmethod
+    def spike_frequencies(positions, shape) -> jax.Array:
+        n = jnp.asarray(shape, jnp.int32)
+        return jnp.floor(positions * n).astype(jnp.int32) - n // 2
+
+    def apply_image(self, image, params):
+        x = _float(image.data)
+        if params["positions"].shape[0] == 0:
+            return image.replace(data=x)
+        peak = jnp.max(jnp.abs(kspace.rfft3(x)))
+        amplitudes = jnp.where(params["active"], params["intensity"] * peak, 0.0)
+        freqs = self.spike_frequencies(params["positions"], image.spatial_shape)
+        return image.replace(data=kspace.add_spikes(x, freqs, amplitudes).astype(x.dtype))
