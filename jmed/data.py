@@ -55,6 +55,7 @@ from jmed.image import INTENSITY, LABEL, Image, Subject
 from jmed.sampling import PatchSampler
 
 __all__ = [
+    "LoaderIterator",
     "Queue",
     "SubjectsSource",
     "VolumeLoader",
@@ -586,9 +587,46 @@ class _Loader:
             )
         )
 
-    def __iter__(self) -> grain.DatasetIterator:
+    def __iter__(self) -> LoaderIterator:
         """A fresh iterator from the start; supports ``get_state`` / ``set_state``."""
-        return iter(self.dataset)
+        return LoaderIterator(iter(self.dataset))
+
+
+class LoaderIterator:
+    """Iterator over batches: grain's iterator, closed (workers stopped) when exhausted.
+
+    ``get_state()`` returns a small JSON-compatible dict; ``set_state(state)`` on a fresh
+    iterator of an identically configured loader continues exactly from that point.
+    Call ``close()`` (or use it as a context manager) to stop workers early.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator):
+        self._iterator = iterator
+
+    def __iter__(self) -> LoaderIterator:
+        return self
+
+    def __next__(self) -> Subject:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self.close()
+            raise
+
+    def get_state(self) -> dict:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state)
+
+    def close(self) -> None:
+        self._iterator.close()
+
+    def __enter__(self) -> LoaderIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Queue(_Loader):
