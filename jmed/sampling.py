@@ -27,6 +27,7 @@ keeps float32 cumulative sums accurate on volumes of millions of voxels.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -138,7 +139,8 @@ class PatchSampler:
             raise TypeError(f"samplers take a jmed.Subject, got {type(subject).__name__}")
         num_patches = _num_patches(num_patches)
         _check_fits(subject.spatial_shape, self.patch_size)
-        return extract_patches(subject, self.starts(key, subject, num_patches), self.patch_size)
+        # one compiled program also when called eagerly (op-by-op dispatch is slow)
+        return _sample_jit(self, key, subject, num_patches)
 
     def _valid_shape(self, subject: Subject) -> tuple[int, int, int]:
         """Number of valid start positions per axis."""
@@ -156,6 +158,17 @@ class PatchSampler:
         return f"{type(self).__name__}({fields})"
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _sample_jit(sampler: PatchSampler, key: Any, subject: Subject, num_patches: int) -> Subject:
+    return extract_patches(subject, sampler.starts(key, subject, num_patches), sampler.patch_size)
+
+
+def _uniform_starts(u: jax.Array, valid: Sequence[int]) -> jax.Array:
+    """Uniform start indices from uniforms ``u`` ``(n, 3)`` in ``[0, 1)``."""
+    valid = jnp.asarray(valid, jnp.int32)
+    return jnp.minimum(jnp.floor(u * valid).astype(jnp.int32), valid - 1)
+
+
 class UniformSampler(PatchSampler):
     """Patches at uniformly random positions (every valid start equally likely).
 
@@ -168,16 +181,18 @@ class UniformSampler(PatchSampler):
     """
 
     def starts(self, key, subject, num_patches):
-        valid = jnp.asarray(self._valid_shape(subject), jnp.int32)
-        return jax.random.randint(key, (num_patches, 3), 0, valid, dtype=jnp.int32)
+        # one uniform draw per number: each random primitive adds compile time
+        return _uniform_starts(jax.random.uniform(key, (num_patches, 3)), self._valid_shape(subject))
 
 
 def _block_size(n: int) -> int:
     return int(max(256, 2 ** math.ceil(math.log2(max(math.isqrt(n), 1)))))
 
 
-def _draw_from_weights(key: ArrayLike, weights: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
-    """Draw ``num`` flat indices with probability proportional to ``weights`` (flat, >= 0).
+def _draw_from_weights(u: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Draw flat indices with probability proportional to ``weights`` (flat, >= 0).
+
+    ``u`` ``(num, 2)`` holds uniforms in ``[0, 1)`` (one for the block, one within it).
 
     Two levels (block, then voxel in block) keep float32 cumulative sums accurate.
     Returns ``(indices, total)``; when ``total`` is 0 the indices are meaningless.
@@ -188,17 +203,17 @@ def _draw_from_weights(key: ArrayLike, weights: jax.Array, num: int) -> tuple[ja
     w = jnp.pad(weights.astype(jnp.float32), (0, num_blocks * size - n)).reshape(num_blocks, size)
     block_cdf = jnp.cumsum(w.sum(axis=1))
     total = block_cdf[-1]
-    k_block, k_voxel = jax.random.split(key)
-    u_block = jax.random.uniform(k_block, (num,), jnp.float32)
-    u_voxel = jax.random.uniform(k_voxel, (num,), jnp.float32)
+    u_block, u_voxel = u[:, 0], u[:, 1]
 
     def one(ub, uv):
         r = jnp.minimum(ub * total, jnp.nextafter(total, jnp.float32(0)))
-        block = jnp.minimum(jnp.searchsorted(block_cdf, r, side="right"), num_blocks - 1)
+        block = jnp.minimum(
+            jnp.searchsorted(block_cdf, r, side="right", method="compare_all"), num_blocks - 1
+        )
         row = jax.lax.dynamic_index_in_dim(w, block, axis=0, keepdims=False)
         cdf = jnp.cumsum(row)
         r = jnp.minimum(uv * cdf[-1], jnp.nextafter(cdf[-1], jnp.float32(0)))
-        pos = jnp.minimum(jnp.searchsorted(cdf, r, side="right"), size - 1)
+        pos = jnp.minimum(jnp.searchsorted(cdf, r, side="right", method="compare_all"), size - 1)
         return block * size + pos
 
     return jax.vmap(one)(u_block, u_voxel), total
@@ -209,9 +224,11 @@ def _unravel(flat: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 
 def _draw_by_class(
-    key: ArrayLike, classes: jax.Array, class_weights: np.ndarray, num: int
+    u: jax.Array, classes: jax.Array, class_weights: np.ndarray
 ) -> tuple[jax.Array, jax.Array]:
-    """Draw ``num`` voxels of a class map ``(x, y, z)`` (values ``0..K-1``, ``-1`` none).
+    """Draw voxels of a class map ``(x, y, z)`` (values ``0..K-1``, ``-1`` none).
+
+    ``u`` ``(num, 2)`` holds uniforms in ``[0, 1)`` (one for the class, one for the voxel).
 
     A class is drawn with probability proportional to ``class_weights`` among the classes
     present, then a voxel uniformly among that class's voxels: the ``u``-th voxel is found
@@ -236,18 +253,22 @@ def _draw_by_class(
     counts = block_counts.sum(axis=0)
     q = jnp.where(counts > 0, jnp.asarray(class_weights, jnp.float32), 0.0)
     ok = q.sum() > 0
-    k_class, k_rank = jax.random.split(key)
-    chosen = jax.random.categorical(k_class, jnp.log(jnp.where(ok, q, 1.0)), shape=(num,))
-    ranks = jax.random.randint(k_rank, (num,), 0, jnp.maximum(counts[chosen], 1), dtype=jnp.int32)
+    class_cdf = jnp.cumsum(q)
+    r = u[:, 0] * class_cdf[-1]
+    chosen = jnp.minimum(jnp.searchsorted(class_cdf, r, side="right", method="compare_all"), num_classes - 1)
+    count = jnp.maximum(counts[chosen], 1)
+    ranks = jnp.minimum(jnp.floor(u[:, 1] * count).astype(jnp.int32), count - 1)
 
     def one(c, rank):
         column = block_counts[:, c]
         cdf = jnp.cumsum(column)
-        block = jnp.minimum(jnp.searchsorted(cdf, rank, side="right"), num_blocks - 1)
+        block = jnp.minimum(jnp.searchsorted(cdf, rank, side="right", method="compare_all"), num_blocks - 1)
         rank_in_block = rank - (cdf[block] - column[block])
         row = jax.lax.dynamic_index_in_dim(blocks, block, axis=0, keepdims=False)
         row_cdf = jnp.cumsum((row == c).astype(jnp.int32))
-        pos = jnp.minimum(jnp.searchsorted(row_cdf, rank_in_block, side="right"), size - 1)
+        pos = jnp.minimum(
+            jnp.searchsorted(row_cdf, rank_in_block, side="right", method="compare_all"), size - 1
+        )
         return block * size + pos
 
     index = jax.vmap(one)(chosen, ranks)
@@ -293,9 +314,9 @@ class WeightedSampler(PatchSampler):
     def starts(self, key, subject, num_patches):
         weights = jnp.maximum(self._weights(subject), 0.0)
         valid = weights.shape
-        k_draw, k_uniform = jax.random.split(key)
-        flat, total = _draw_from_weights(k_draw, weights.reshape(-1), num_patches)
-        fallback = jax.random.randint(k_uniform, (num_patches, 3), 0, jnp.asarray(valid), dtype=jnp.int32)
+        u = jax.random.uniform(key, (num_patches, 5))
+        flat, total = _draw_from_weights(u[:, :2], weights.reshape(-1))
+        fallback = _uniform_starts(u[:, 2:], valid)
         return jnp.where(total > 0, _unravel(flat, valid), fallback)
 
 
@@ -387,16 +408,16 @@ class LabelSampler(PatchSampler):
             classes = jnp.where(labels == v, i, classes)
         return classes, weights, values
 
-    def _draw(self, key, classes, class_weights, num):
-        return _draw_by_class(key, classes, class_weights, num)
+    def _draw(self, u, classes, class_weights):
+        return _draw_by_class(u, classes, class_weights)
 
     def starts(self, key, subject, num_patches):
         classes, weights, values = self._classes(subject)
         valid = classes.shape
-        k_draw, k_uniform, k_fg = jax.random.split(key, 3)
-        uniform = jax.random.randint(k_uniform, (num_patches, 3), 0, jnp.asarray(valid), dtype=jnp.int32)
+        u = jax.random.uniform(key, (num_patches, 5))
+        uniform = _uniform_starts(u[:, 2:], valid)
         if self.foreground_fraction is None:
-            starts, ok = self._draw(k_draw, classes, weights, num_patches)
+            starts, ok = self._draw(u[:, :2], classes, weights)
             return jnp.where(ok, starts, uniform)
         num_forced = math.ceil(self.foreground_fraction * num_patches)
         if num_forced == 0:
@@ -404,7 +425,7 @@ class LabelSampler(PatchSampler):
         fg_weights = np.where(values != 0, weights, 0.0)
         if self.label_probabilities is None:
             fg_weights = np.array([0.0, 1.0])
-        forced, ok = self._draw(k_fg, classes, fg_weights, num_forced)
+        forced, ok = self._draw(u[-num_forced:, :2], classes, fg_weights)
         forced = jnp.where(ok, forced, uniform[-num_forced:])
         return jnp.concatenate([uniform[: num_patches - num_forced], forced], axis=0)
 

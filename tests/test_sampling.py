@@ -81,7 +81,9 @@ def test_patch_values_and_affines_match_source(sampler, key):
             patch_affine = np.asarray(patches[name].affine[i], float)
             # voxel (0, 0, 0) of the patch is source voxel (x0, y0, z0), in world mm
             expected = affine_lib.voxel_to_world(OBLIQUE, np.array([x0, y0, z0], float))
-            np.testing.assert_allclose(affine_lib.voxel_to_world(patch_affine, np.zeros(3)), expected, atol=1e-4)
+            np.testing.assert_allclose(
+                affine_lib.voxel_to_world(patch_affine, np.zeros(3)), expected, atol=1e-4
+            )
             # and any other voxel keeps its world position too
             np.testing.assert_allclose(
                 affine_lib.voxel_to_world(patch_affine, np.array([1.0, 2.0, 3.0])),
@@ -108,7 +110,9 @@ def test_weighted_single_voxel_gives_one_location(run, key):
     weights[7, 3, 5] = 0.25
     # a voxel whose patch would leave the volume is not an eligible centre
     weights[0, 0, 0] = 100.0
-    subject = jmed.Subject(t1=jmed.ScalarImage(np.ones(shape, np.float32)), sampling=jmed.ScalarImage(weights))
+    subject = jmed.Subject(
+        t1=jmed.ScalarImage(np.ones(shape, np.float32)), sampling=jmed.ScalarImage(weights)
+    )
     out = run(lambda k, s: WeightedSampler(patch, "sampling")(k, s, 16), key, subject)
     expected_start = np.array([7, 3, 5]) - np.array(patch) // 2
     np.testing.assert_array_equal(_starts(out), np.broadcast_to(expected_start, (16, 3)))
