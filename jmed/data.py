@@ -34,6 +34,7 @@ not open files; use module-level functions, not lambdas).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -404,6 +405,7 @@ class _EpochAndIndex:
         return position // self.num_local, int(index)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _augment_and_sample_one(augmentation, sampler, num_patches, key, subject):
     k_aug, k_sample = jax.random.split(key)
     if augmentation is not None:
@@ -428,26 +430,17 @@ class _AugmentAndSample(grain.transforms.Map):
         self.sampler = sampler
         self.num_patches = num_patches
         self.seed = seed
-        self._fn = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fn"] = None
-        return state
 
     def map(self, item):
         if item is None:
             return None
         (epoch, index), subject = item
-        if self._fn is None:
-            self._fn = jax.jit(
-                lambda key, s: _augment_and_sample_one(
-                    self.augmentation, self.sampler, self.num_patches, key, s
-                )
-            )
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), epoch), index)
         images = Subject(subject.images)  # metadata stays out of jit (strings would recompile)
-        data, affine, location = self._fn(key, images)
+        # compiled once per (augmentation, sampler, num_patches, volume shape) and process
+        data, affine, location = _augment_and_sample_one(
+            self.augmentation, self.sampler, self.num_patches, key, images
+        )
         return {
             "data": {n: np.asarray(v) for n, v in data.items()},
             "affine": {n: np.asarray(v) for n, v in affine.items()},
