@@ -189,6 +189,12 @@ def _block_size(n: int) -> int:
     return int(max(256, 2 ** math.ceil(math.log2(max(math.isqrt(n), 1)))))
 
 
+def _cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Cumulative sum as a parallel scan: XLA's CPU cumsum is a reduce-window that
+    recomputes a fused producer once per window element (quadratic in the length)."""
+    return jax.lax.associative_scan(jnp.add, x, axis=axis)
+
+
 def _draw_from_weights(u: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Draw flat indices with probability proportional to ``weights`` (flat, >= 0).
 
@@ -201,7 +207,7 @@ def _draw_from_weights(u: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax
     size = _block_size(n)
     num_blocks = -(-n // size)
     w = jnp.pad(weights.astype(jnp.float32), (0, num_blocks * size - n)).reshape(num_blocks, size)
-    block_cdf = jnp.cumsum(w.sum(axis=1))
+    block_cdf = _cumsum(w.sum(axis=1))
     total = block_cdf[-1]
     u_block, u_voxel = u[:, 0], u[:, 1]
 
@@ -211,7 +217,7 @@ def _draw_from_weights(u: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax
             jnp.searchsorted(block_cdf, r, side="right", method="compare_all"), num_blocks - 1
         )
         row = jax.lax.dynamic_index_in_dim(w, block, axis=0, keepdims=False)
-        cdf = jnp.cumsum(row)
+        cdf = _cumsum(row)
         r = jnp.minimum(uv * cdf[-1], jnp.nextafter(cdf[-1], jnp.float32(0)))
         pos = jnp.minimum(jnp.searchsorted(cdf, r, side="right", method="compare_all"), size - 1)
         return block * size + pos
@@ -236,42 +242,41 @@ def _draw_by_class(
     ``(indices (num, 3), ok)``; ``ok`` is False when no weighted class is present.
     """
     num_classes = len(class_weights)
-    flat = classes.reshape(-1)
+    # materialised once: fused into both the scatter and the gather, XLA's CPU scatter
+    # runs several times slower
+    flat = jax.lax.optimization_barrier(classes.reshape(-1))
     n = flat.shape[0]
     size = _block_size(n)
     num_blocks = -(-n // size)
-    blocks = jnp.pad(flat, (0, num_blocks * size - n), constant_values=-1).reshape(num_blocks, size)
     # one scatter-add gives per-block class counts (much faster than reductions on CPU)
-    bins = jnp.arange(num_blocks, dtype=jnp.int32)[:, None] * num_classes + blocks
-    bins = jnp.where(blocks >= 0, bins, num_blocks * num_classes)
+    bins = jnp.arange(n, dtype=jnp.int32) // size * num_classes + flat
+    bins = jnp.where(flat >= 0, bins, num_blocks * num_classes)
     block_counts = (
         jnp.zeros(num_blocks * num_classes, jnp.int32)
-        .at[bins.reshape(-1)]
+        .at[bins]
         .add(1, mode="drop")
         .reshape(num_blocks, num_classes)
     )
     counts = block_counts.sum(axis=0)
     q = jnp.where(counts > 0, jnp.asarray(class_weights, jnp.float32), 0.0)
     ok = q.sum() > 0
-    class_cdf = jnp.cumsum(q)
+    class_cdf = _cumsum(q)
     r = u[:, 0] * class_cdf[-1]
     chosen = jnp.minimum(jnp.searchsorted(class_cdf, r, side="right", method="compare_all"), num_classes - 1)
     count = jnp.maximum(counts[chosen], 1)
     ranks = jnp.minimum(jnp.floor(u[:, 1] * count).astype(jnp.int32), count - 1)
 
-    def one(c, rank):
-        column = block_counts[:, c]
-        cdf = jnp.cumsum(column)
-        block = jnp.minimum(jnp.searchsorted(cdf, rank, side="right", method="compare_all"), num_blocks - 1)
-        rank_in_block = rank - (cdf[block] - column[block])
-        row = jax.lax.dynamic_index_in_dim(blocks, block, axis=0, keepdims=False)
-        row_cdf = jnp.cumsum((row == c).astype(jnp.int32))
-        pos = jnp.minimum(
-            jnp.searchsorted(row_cdf, rank_in_block, side="right", method="compare_all"), size - 1
-        )
-        return block * size + pos
-
-    index = jax.vmap(one)(chosen, ranks)
+    # the u-th voxel of its class: the block by exact counts, then the voxel in the block
+    columns = block_counts[:, chosen]  # (num_blocks, num)
+    cdf = _cumsum(columns, axis=0)
+    block = jnp.minimum(jnp.sum(cdf <= ranks, axis=0), num_blocks - 1)
+    before = jnp.take_along_axis(cdf - columns, block[None], axis=0)[0]
+    # the rows of the chosen blocks, gathered from the flat class map (padding: -1)
+    offsets = block[:, None] * size + jnp.arange(size, dtype=jnp.int32)
+    rows = jnp.where(offsets < n, flat[jnp.minimum(offsets, n - 1)], -1)  # (num, size)
+    row_cdf = _cumsum((rows == chosen[:, None]).astype(jnp.int32), axis=1)
+    pos = jnp.minimum(jnp.sum(row_cdf <= (ranks - before)[:, None], axis=1), size - 1)
+    index = block * size + pos
     return _unravel(index, classes.shape), ok
 
 
