@@ -189,12 +189,6 @@ def _block_size(n: int) -> int:
     return int(max(256, 2 ** math.ceil(math.log2(max(math.isqrt(n), 1)))))
 
 
-def _cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
-    """Cumulative sum as a parallel scan: XLA's CPU cumsum is a reduce-window that
-    recomputes a fused producer once per window element (quadratic in the length)."""
-    return jax.lax.associative_scan(jnp.add, x, axis=axis)
-
-
 def _draw_from_weights(u: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Draw flat indices with probability proportional to ``weights`` (flat, >= 0).
 
@@ -207,7 +201,7 @@ def _draw_from_weights(u: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax
     size = _block_size(n)
     num_blocks = -(-n // size)
     w = jnp.pad(weights.astype(jnp.float32), (0, num_blocks * size - n)).reshape(num_blocks, size)
-    block_cdf = _cumsum(w.sum(axis=1))
+    block_cdf = jnp.cumsum(w.sum(axis=1))
     total = block_cdf[-1]
     u_block, u_voxel = u[:, 0], u[:, 1]
 
@@ -217,7 +211,7 @@ def _draw_from_weights(u: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax
             jnp.searchsorted(block_cdf, r, side="right", method="compare_all"), num_blocks - 1
         )
         row = jax.lax.dynamic_index_in_dim(w, block, axis=0, keepdims=False)
-        cdf = _cumsum(row)
+        cdf = jnp.cumsum(row)
         r = jnp.minimum(uv * cdf[-1], jnp.nextafter(cdf[-1], jnp.float32(0)))
         pos = jnp.minimum(jnp.searchsorted(cdf, r, side="right", method="compare_all"), size - 1)
         return block * size + pos
@@ -260,7 +254,7 @@ def _draw_by_class(
     counts = block_counts.sum(axis=0)
     q = jnp.where(counts > 0, jnp.asarray(class_weights, jnp.float32), 0.0)
     ok = q.sum() > 0
-    class_cdf = _cumsum(q)
+    class_cdf = jnp.cumsum(q)
     r = u[:, 0] * class_cdf[-1]
     chosen = jnp.minimum(jnp.searchsorted(class_cdf, r, side="right", method="compare_all"), num_classes - 1)
     count = jnp.maximum(counts[chosen], 1)
@@ -268,13 +262,13 @@ def _draw_by_class(
 
     # the u-th voxel of its class: the block by exact counts, then the voxel in the block
     columns = block_counts[:, chosen]  # (num_blocks, num)
-    cdf = _cumsum(columns, axis=0)
+    cdf = jnp.cumsum(columns, axis=0)
     block = jnp.minimum(jnp.sum(cdf <= ranks, axis=0), num_blocks - 1)
     before = jnp.take_along_axis(cdf - columns, block[None], axis=0)[0]
     # the rows of the chosen blocks, gathered from the flat class map (padding: -1)
     offsets = block[:, None] * size + jnp.arange(size, dtype=jnp.int32)
     rows = jnp.where(offsets < n, flat[jnp.minimum(offsets, n - 1)], -1)  # (num, size)
-    row_cdf = _cumsum((rows == chosen[:, None]).astype(jnp.int32), axis=1)
+    row_cdf = jnp.cumsum((rows == chosen[:, None]).astype(jnp.int32), axis=1)
     pos = jnp.minimum(jnp.sum(row_cdf <= (ranks - before)[:, None], axis=1), size - 1)
     index = block * size + pos
     return _unravel(index, classes.shape), ok
