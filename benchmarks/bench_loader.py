@@ -116,7 +116,8 @@ class _PeakMemory:
             self._thread.join()
 
 
-def _time_batches(batches) -> tuple[float, float, int]:
+def _time_batches(batches) -> tuple[float, float, float, int]:
+    """Time to the first batch, patches/s after it, patches/s overall, patches."""
     start = time.perf_counter()
     first = None
     patches = 0
@@ -129,7 +130,7 @@ def _time_batches(batches) -> tuple[float, float, int]:
         else:
             count_after_first += n
     end = time.perf_counter()
-    return first - start, count_after_first / max(end - first, 1e-9), patches
+    return first - start, count_after_first / max(end - first, 1e-9), patches / (end - start), patches
 
 
 def _run_torchio(records: list[dict], epochs: int) -> dict:
@@ -149,8 +150,14 @@ def _run_torchio(records: list[dict], epochs: int) -> dict:
                 yield batch["t1"][tio.DATA].shape[0]
 
     with _PeakMemory() as memory:
-        first, rate, total = _time_batches(batches())
-    return {"first_batch_s": first, "patches_per_s": rate, "patches": total, "peak_bytes": memory.peak}
+        first, rate, overall, total = _time_batches(batches())
+    return {
+        "first_batch_s": first,
+        "patches_per_s": rate,
+        "overall_patches_per_s": overall,
+        "patches": total,
+        "peak_bytes": memory.peak,
+    }
 
 
 def _run_jmed(records: list[dict], epochs: int, cache_dir: str | None) -> dict:
@@ -176,17 +183,29 @@ def _run_jmed(records: list[dict], epochs: int, cache_dir: str | None) -> dict:
                 yield batch["t1"].data.shape[0]
 
     with _PeakMemory() as memory:
-        first, rate, total = _time_batches(batches())
+        first, rate, overall, total = _time_batches(batches())
     return {
         "first_batch_s": first,
         "patches_per_s": rate,
+        "overall_patches_per_s": overall,
         "patches": total,
         "peak_bytes": memory.peak,
         "estimate_bytes": queue.get_max_memory(),
     }
 
 
-def _sampler_times(data_dir: Path | None, repeats: int) -> list[tuple[str, float, float | None]]:
+def _median_times(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU (process) seconds of ``fn()`` over ``repeats`` calls."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return float(np.median(wall)), float(np.median(cpu))
+
+
+def _sampler_times(data_dir: Path | None, repeats: int) -> list[tuple[str, float, float, float | None]]:
     sys.path.insert(0, str(ROOT))
     import jax
 
@@ -199,12 +218,16 @@ def _sampler_times(data_dir: Path | None, repeats: int) -> list[tuple[str, float
     start = time.perf_counter()
     jax.block_until_ready(sampler(jax.random.key(0), subject, SAMPLES_PER_VOLUME))
     compile_s = time.perf_counter() - start
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(sampler(jax.random.key(i + 1), subject, SAMPLES_PER_VOLUME))
-        times.append(time.perf_counter() - start)
-    rows = [("jmed LabelSampler (jit)", float(np.median(times)), compile_s)]
+    keys = iter(jax.random.split(jax.random.key(1), repeats))
+    rows = [
+        (
+            "jmed LabelSampler (jit)",
+            *_median_times(
+                lambda: jax.block_until_ready(sampler(next(keys), subject, SAMPLES_PER_VOLUME)), repeats
+            ),
+            compile_s,
+        )
+    ]
     try:
         import torch
         import torchio as tio
@@ -216,12 +239,8 @@ def _sampler_times(data_dir: Path | None, repeats: int) -> list[tuple[str, float
         )
         tio_sampler = tio.LabelSampler(PATCH, "seg", PROBABILITIES)
         list(tio_sampler(tio_subject, num_patches=SAMPLES_PER_VOLUME))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            list(tio_sampler(tio_subject, num_patches=SAMPLES_PER_VOLUME))
-            times.append(time.perf_counter() - start)
-        rows.append(("TorchIO LabelSampler", float(np.median(times)), None))
+        times = _median_times(lambda: list(tio_sampler(tio_subject, num_patches=SAMPLES_PER_VOLUME)), repeats)
+        rows.append(("TorchIO LabelSampler", *times, None))
     except ImportError:
         pass
     try:
@@ -238,12 +257,7 @@ def _sampler_times(data_dir: Path | None, repeats: int) -> list[tuple[str, float
         crop.set_random_state(0)
         data = {"t1": t1[None], "seg": seg[None]}
         crop(data)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            crop(data)
-            times.append(time.perf_counter() - start)
-        rows.append(("MONAI RandCropByLabelClassesd", float(np.median(times)), None))
+        rows.append(("MONAI RandCropByLabelClassesd", *_median_times(lambda: crop(data), repeats), None))
     except ImportError:
         pass
     return rows
@@ -281,7 +295,11 @@ def _spawn(kind: str, records_file: Path, epochs: int, cache_dir: str | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    default_data = ROOT.parent / "shared" / "data" / "mni152"
+    candidates = [
+        ROOT.parent / "shared" / "data" / "mni152",
+        ROOT.parent.parent / "shared" / "data" / "mni152",
+    ]
+    default_data = next((c for c in candidates if c.exists()), candidates[0])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=default_data if default_data.exists() else None)
     parser.add_argument("--subjects", type=int, default=6)
@@ -298,11 +316,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"data: {args.data or 'synthetic 197x233x189'}; cpu cores: {os.cpu_count()}")
     print(f"\n16 label-balanced {PATCH}^3 patches from one volume (median of {args.repeats}):")
     rows = _sampler_times(args.data, args.repeats)
-    jmed_time = rows[0][1]
-    print(f"{'method':32s} {'time ms':>9s} {'compile s':>10s} {'vs jmed':>8s}")
-    for name, seconds, compile_s in rows:
+    jmed_wall, jmed_cpu = rows[0][1], rows[0][2]
+    print(
+        f"{'method':32s} {'wall ms':>8s} {'cpu ms':>8s} {'compile s':>10s} {'wall vs jmed':>13s} {'cpu vs jmed':>12s}"
+    )
+    for name, wall, cpu, compile_s in rows:
         compile_text = f"{compile_s:10.2f}" if compile_s is not None else f"{'':10s}"
-        print(f"{name:32s} {1000 * seconds:9.1f} {compile_text} {seconds / jmed_time:7.1f}x")
+        print(
+            f"{name:32s} {1000 * wall:8.1f} {1000 * cpu:8.1f} {compile_text} "
+            f"{wall / jmed_wall:12.1f}x {cpu / jmed_cpu:11.1f}x"
+        )
     if args.skip_loaders:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,16 +342,22 @@ def main(argv: list[str] | None = None) -> None:
         f"\nQueue: {args.subjects} subjects x {args.epochs} epochs, {SAMPLES_PER_VOLUME} patches of {PATCH}^3 "
         f"per volume, label sampler, max_length {MAX_LENGTH}, batch {BATCH_SIZE}, {NUM_WORKERS} workers"
     )
-    print(f"{'loader':26s} {'patches/s':>10s} {'vs TorchIO':>11s} {'1st batch s':>12s} {'peak MiB':>9s}")
-    reference = runs[0][1]["patches_per_s"] if runs[0][1] else None
+    print("patches/s after the first batch (steady), and over the whole run including start-up")
+    print(
+        f"{'loader':26s} {'steady/s':>9s} {'vs TorchIO':>11s} {'overall/s':>10s} {'vs TorchIO':>11s} "
+        f"{'1st batch s':>12s} {'peak MiB':>9s}"
+    )
+    reference = runs[0][1]
     for name, result in runs:
         if result is None:
             print(f"{name:26s} failed")
             continue
-        ratio = f"{result['patches_per_s'] / reference:10.2f}x" if reference else f"{'':11s}"
+        ratios = []
+        for key in ("patches_per_s", "overall_patches_per_s"):
+            ratios.append(f"{result[key] / reference[key]:10.2f}x" if reference else f"{'':11s}")
         print(
-            f"{name:26s} {result['patches_per_s']:10.1f} {ratio} {result['first_batch_s']:12.1f} "
-            f"{result['peak_bytes'] / 2**20:9.0f}"
+            f"{name:26s} {result['patches_per_s']:9.1f} {ratios[0]} {result['overall_patches_per_s']:10.1f} "
+            f"{ratios[1]} {result['first_batch_s']:12.1f} {result['peak_bytes'] / 2**20:9.0f}"
         )
         if "estimate_bytes" in result:
             print(f"{'':26s} (queue's own memory estimate: {result['estimate_bytes'] / 2**20:.0f} MiB)")
