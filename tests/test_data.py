@@ -1,4 +1,5 @@
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -198,7 +199,7 @@ def test_queue_is_deterministic_and_restorable(records):
     # save mid-epoch (inside a shuffle window), restore in a fresh iterator
     iterator = iter(_queue(records))
     _collect(iterator, limit=2)
-    state = iterator.get_state()
+    state = json.loads(json.dumps(iterator.get_state()))  # a checkpoint can be stored as JSON
     rest = _collect(iterator)
     restored = iter(_queue(records))
     restored.set_state(state)
@@ -338,8 +339,6 @@ def _free_port():
 
 
 def test_two_processes_see_disjoint_subjects(records, tmp_path):
-    import json
-
     script = tmp_path / "worker.py"
     script.write_text(_DISTRIBUTED)
     port = _free_port()
