@@ -182,7 +182,7 @@ class _Cache:
         try:
             info = {}
             for name, image in images.items():
-                np.save(tmp / f"{name}.npy", np.asarray(image.data))
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(image.data))
                 info[name] = {"affine": np.asarray(image.affine, float).tolist(), "kind": image.kind}
             # geometry.json last: its presence marks a complete entry
             (tmp / "geometry.json").write_text(json.dumps(info))
@@ -315,11 +315,12 @@ class SubjectsSource:
         return subject
 
     def _preprocess(self, subject: Subject) -> Subject:
-        if self.preprocessing is None:
-            return subject
-        out = self.preprocessing(None, subject)
+        out = subject if self.preprocessing is None else self.preprocessing(None, subject)
+        # NIfTI data arrive in Fortran order; one C-order copy here is cheaper than the
+        # strided copy every later hand-over to JAX would make
         images = {
-            n: im.replace(data=np.asarray(im.data), affine=np.asarray(im.affine)) for n, im in out.items()
+            n: im.replace(data=np.ascontiguousarray(im.data), affine=np.asarray(im.affine))
+            for n, im in out.items()
         }
         return Subject(images, metadata=out.metadata)
 
