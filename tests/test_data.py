@@ -219,7 +219,7 @@ def test_worker_error_names_the_file(records, tmp_path):
     broken.write_bytes(b"not a nifti file")
     bad = [*records[:2], {**records[2], "t1": str(broken)}]
     queue = _queue(bad, num_workers=1, shuffle_subjects=False)
-    with pytest.raises(Exception, match="broken.nii.gz"):
+    with pytest.raises(RuntimeError, match="broken.nii.gz"):
         _collect(iter(queue))
     missing = [{**records[0], "seg": str(tmp_path / "missing_seg.nii.gz")}]
     with pytest.raises(RuntimeError, match="missing_seg.nii.gz"):
