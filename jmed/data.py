@@ -757,7 +757,8 @@ class Queue(_Loader):
 
         Counts the patch window and a batch in the main process, and per worker (at
         least one) ``worker_buffer_size + 1`` volumes (input and augmented copy) and
-        their patches. Volume sizes come from ``subject`` or from loading the first
+        their patches. Array data only: each process's interpreter and JAX runtime
+        (a few hundred MiB) come on top. Volume sizes come from ``subject`` or from loading the first
         subject (with preprocessing).
         """
         if subject is None:
