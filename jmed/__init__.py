@@ -6,6 +6,7 @@ through a grain loader and stitch patch-wise predictions back together.
 """
 
 from jmed import affine, transforms
+from jmed.data import Queue, SubjectsSource, VolumeLoader, augment_and_sample
 from jmed.image import (
     AFFINE_TOLERANCE,
     INTENSITY,
@@ -18,6 +19,15 @@ from jmed.image import (
     unstack,
 )
 from jmed.io import load, save
+from jmed.sampling import (
+    GridSampler,
+    LabelSampler,
+    PatchSampler,
+    UniformSampler,
+    WeightedSampler,
+    extract_patches,
+    grid_locations,
+)
 
 __version__ = "0.1.0"
 
@@ -35,4 +45,15 @@ __all__ = [
     "stack",
     "transforms",
     "unstack",
+    "GridSampler",
+    "LabelSampler",
+    "PatchSampler",
+    "Queue",
+    "SubjectsSource",
+    "UniformSampler",
+    "VolumeLoader",
+    "WeightedSampler",
+    "augment_and_sample",
+    "extract_patches",
+    "grid_locations",
 ]

@@ -1,0 +1,367 @@
+"""Patch loading: jmed's grain Queue next to TorchIO's Queue, and the label sampler alone.
+
+Same volumes and settings for both loaders: subjects written as ``.nii.gz`` (T1 plus a
+3-class label map), ``LabelSampler`` with 64^3 patches, 16 patches per volume, a queue of
+64 patches, batches of 4, 2 worker processes. Each loader runs in its own subprocess
+(so peak memory is its own); the table reports patches per second after the first batch
+(the time to the first batch, which includes worker start-up and compilation, is shown
+separately) and the peak resident memory summed over the process and its workers.
+
+The sampler benchmark draws 16 label-balanced 64^3 patches from a 197x233x189 volume:
+jitted jmed (compile time separate) next to TorchIO's ``LabelSampler`` and MONAI's
+``RandCropByLabelClasses`` (median of repeats after a warm-up).
+
+    python benchmarks/bench_loader.py [--data DIR] [--subjects 6] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PATCH = 64
+SAMPLES_PER_VOLUME = 16
+MAX_LENGTH = 64
+BATCH_SIZE = 4
+NUM_WORKERS = 2
+PROBABILITIES = {0: 1, 1: 1, 2: 1}
+
+
+def _volumes(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """T1, label map (0 background, 1 white matter, 2 grey matter) and affine."""
+    import nibabel as nib
+
+    if data_dir is not None and (data_dir / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz").exists():
+        t1_img = nib.load(str(data_dir / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+        t1 = t1_img.get_fdata(dtype=np.float32)
+        wm = nib.load(str(data_dir / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")).get_fdata()
+        gm = nib.load(str(data_dir / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")).get_fdata()
+        seg = np.zeros(t1.shape, np.uint8)
+        seg[wm > 0.5] = 1
+        seg[gm > 0.5] = 2
+        return t1, seg, t1_img.affine
+    shape = (197, 233, 189)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    radius = np.sqrt((grid**2).sum(-1))
+    seg = np.zeros(shape, np.uint8)
+    seg[radius < 0.8] = 2
+    seg[radius < 0.5] = 1
+    t1 = (seg * 40.0 + np.random.default_rng(0).normal(0, 5, shape)).astype(np.float32)
+    return t1, seg, np.diag([1.0, 1.0, 1.0, 1.0])
+
+
+def _write_subjects(folder: Path, data_dir: Path | None, num_subjects: int) -> list[dict]:
+    import nibabel as nib
+
+    t1, seg, affine = _volumes(data_dir)
+    records = []
+    for i in range(num_subjects):
+        t1_path, seg_path = folder / f"t1_{i}.nii.gz", folder / f"seg_{i}.nii.gz"
+        nib.save(nib.Nifti1Image(t1 * (1 + 0.01 * i), affine), str(t1_path))
+        nib.save(nib.Nifti1Image(seg, affine), str(seg_path))
+        records.append({"t1": str(t1_path), "seg": str(seg_path)})
+    return records
+
+
+class _PeakMemory:
+    """Peak resident memory summed over this process and its children (psutil if present)."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        try:
+            import psutil
+
+            self._process = psutil.Process()
+        except ImportError:
+            self._process = None
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            total = 0
+            for p in [self._process, *self._process.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except Exception:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        if self._process is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._process is None:
+            import resource
+
+            self.peak = 1024 * (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            )
+        else:
+            self._thread.join()
+
+
+def _time_batches(batches) -> tuple[float, float, float, int]:
+    """Time to the first batch, patches/s after it, patches/s overall, patches."""
+    start = time.perf_counter()
+    first = None
+    patches = 0
+    count_after_first = 0
+    for batch in batches:
+        n = batch
+        patches += n
+        if first is None:
+            first = time.perf_counter()
+        else:
+            count_after_first += n
+    end = time.perf_counter()
+    return first - start, count_after_first / max(end - first, 1e-9), patches / (end - start), patches
+
+
+def _run_torchio(records: list[dict], epochs: int) -> dict:
+    import torch
+    import torchio as tio
+
+    torch.set_num_threads(1)
+    subjects = [tio.Subject(t1=tio.ScalarImage(r["t1"]), seg=tio.LabelMap(r["seg"])) for r in records]
+    dataset = tio.SubjectsDataset(subjects)
+    sampler = tio.LabelSampler(PATCH, "seg", PROBABILITIES)
+    queue = tio.Queue(dataset, MAX_LENGTH, SAMPLES_PER_VOLUME, sampler, num_workers=NUM_WORKERS)
+    loader = tio.SubjectsLoader(queue, batch_size=BATCH_SIZE, num_workers=0)
+
+    def batches():
+        for _ in range(epochs):
+            for batch in loader:
+                yield batch["t1"][tio.DATA].shape[0]
+
+    with _PeakMemory() as memory:
+        first, rate, overall, total = _time_batches(batches())
+    return {
+        "first_batch_s": first,
+        "patches_per_s": rate,
+        "overall_patches_per_s": overall,
+        "patches": total,
+        "peak_bytes": memory.peak,
+    }
+
+
+def _run_jmed(records: list[dict], epochs: int, cache_dir: str | None) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import jmed
+
+    queue = jmed.Queue(
+        records,
+        jmed.LabelSampler(PATCH, "seg", PROBABILITIES),
+        samples_per_volume=SAMPLES_PER_VOLUME,
+        max_length=MAX_LENGTH,
+        batch_size=BATCH_SIZE,
+        num_workers=NUM_WORKERS,
+        seed=0,
+        label_names="seg",
+        num_epochs=epochs,
+        cache_dir=cache_dir,
+    )
+
+    def batches():
+        with iter(queue) as it:
+            for batch in it:
+                yield batch["t1"].data.shape[0]
+
+    with _PeakMemory() as memory:
+        first, rate, overall, total = _time_batches(batches())
+    return {
+        "first_batch_s": first,
+        "patches_per_s": rate,
+        "overall_patches_per_s": overall,
+        "patches": total,
+        "peak_bytes": memory.peak,
+        "estimate_bytes": queue.get_max_memory(),
+    }
+
+
+def _median_times(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU (process) seconds of ``fn()`` over ``repeats`` calls."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return float(np.median(wall)), float(np.median(cpu))
+
+
+def _sampler_times(data_dir: Path | None, repeats: int) -> list[tuple[str, float, float, float | None]]:
+    sys.path.insert(0, str(ROOT))
+    import jax
+
+    import jmed
+
+    t1, seg, affine = _volumes(data_dir)
+    subject = jmed.Subject(t1=jmed.ScalarImage(t1, affine), seg=jmed.LabelMap(seg, affine))
+    subject = jax.device_put(subject)
+    sampler = jax.jit(jmed.LabelSampler(PATCH, "seg", PROBABILITIES), static_argnums=2)
+    start = time.perf_counter()
+    jax.block_until_ready(sampler(jax.random.key(0), subject, SAMPLES_PER_VOLUME))
+    compile_s = time.perf_counter() - start
+    keys = iter(jax.random.split(jax.random.key(1), repeats))
+    rows = [
+        (
+            "jmed LabelSampler (jit)",
+            *_median_times(
+                lambda: jax.block_until_ready(sampler(next(keys), subject, SAMPLES_PER_VOLUME)), repeats
+            ),
+            compile_s,
+        )
+    ]
+    try:
+        import torch
+        import torchio as tio
+
+        torch.set_num_threads(2)
+        tio_subject = tio.Subject(
+            t1=tio.ScalarImage(tensor=t1[None], affine=affine),
+            seg=tio.LabelMap(tensor=seg[None], affine=affine),
+        )
+        tio_sampler = tio.LabelSampler(PATCH, "seg", PROBABILITIES)
+        list(tio_sampler(tio_subject, num_patches=SAMPLES_PER_VOLUME))
+        times = _median_times(lambda: list(tio_sampler(tio_subject, num_patches=SAMPLES_PER_VOLUME)), repeats)
+        rows.append(("TorchIO LabelSampler", *times, None))
+    except ImportError:
+        pass
+    try:
+        from monai.transforms import RandCropByLabelClassesd
+
+        crop = RandCropByLabelClassesd(
+            keys=["t1", "seg"],
+            label_key="seg",
+            spatial_size=(PATCH,) * 3,
+            ratios=[1, 1, 1],
+            num_classes=3,
+            num_samples=SAMPLES_PER_VOLUME,
+        )
+        crop.set_random_state(0)
+        data = {"t1": t1[None], "seg": seg[None]}
+        crop(data)
+        rows.append(("MONAI RandCropByLabelClassesd", *_median_times(lambda: crop(data), repeats), None))
+    except ImportError:
+        pass
+    return rows
+
+
+def _child(args) -> None:
+    records = json.loads(Path(args.records).read_text())
+    if args.child == "torchio":
+        result = _run_torchio(records, args.epochs)
+    else:
+        result = _run_jmed(records, args.epochs, args.cache_dir)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _spawn(kind: str, records_file: Path, epochs: int, cache_dir: str | None = None) -> dict | None:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--records",
+        str(records_file),
+        "--epochs",
+        str(epochs),
+    ]
+    if cache_dir:
+        command += ["--cache-dir", cache_dir]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"{kind} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}", file=sys.stderr)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    candidates = [
+        ROOT.parent / "shared" / "data" / "mni152",
+        ROOT.parent.parent / "shared" / "data" / "mni152",
+    ]
+    default_data = next((c for c in candidates if c.exists()), candidates[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=default_data if default_data.exists() else None)
+    parser.add_argument("--subjects", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--skip-loaders", action="store_true")
+    parser.add_argument("--child", choices=["torchio", "jmed"], help=argparse.SUPPRESS)
+    parser.add_argument("--records", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+    print(f"data: {args.data or 'synthetic 197x233x189'}; cpu cores: {os.cpu_count()}")
+    print(f"\n16 label-balanced {PATCH}^3 patches from one volume (median of {args.repeats}):")
+    rows = _sampler_times(args.data, args.repeats)
+    jmed_wall, jmed_cpu = rows[0][1], rows[0][2]
+    print(
+        f"{'method':32s} {'wall ms':>8s} {'cpu ms':>8s} {'compile s':>10s} {'wall vs jmed':>13s} {'cpu vs jmed':>12s}"
+    )
+    for name, wall, cpu, compile_s in rows:
+        compile_text = f"{compile_s:10.2f}" if compile_s is not None else f"{'':10s}"
+        print(
+            f"{name:32s} {1000 * wall:8.1f} {1000 * cpu:8.1f} {compile_text} "
+            f"{wall / jmed_wall:12.1f}x {cpu / jmed_cpu:11.1f}x"
+        )
+    if args.skip_loaders:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        records = _write_subjects(folder, args.data, args.subjects)
+        records_file = folder / "records.json"
+        records_file.write_text(json.dumps(records))
+        runs = [("TorchIO Queue", _spawn("torchio", records_file, args.epochs))]
+        runs.append(("jmed Queue", _spawn("jmed", records_file, args.epochs)))
+        cache = str(folder / "cache")
+        _spawn("jmed", records_file, 1, cache)  # fill the decode-once cache
+        runs.append(("jmed Queue + warm cache", _spawn("jmed", records_file, args.epochs, cache)))
+    print(
+        f"\nQueue: {args.subjects} subjects x {args.epochs} epochs, {SAMPLES_PER_VOLUME} patches of {PATCH}^3 "
+        f"per volume, label sampler, max_length {MAX_LENGTH}, batch {BATCH_SIZE}, {NUM_WORKERS} workers"
+    )
+    print("patches/s after the first batch (steady), and over the whole run including start-up")
+    print(
+        f"{'loader':26s} {'steady/s':>9s} {'vs TorchIO':>11s} {'overall/s':>10s} {'vs TorchIO':>11s} "
+        f"{'1st batch s':>12s} {'peak MiB':>9s}"
+    )
+    reference = runs[0][1]
+    for name, result in runs:
+        if result is None:
+            print(f"{name:26s} failed")
+            continue
+        ratios = []
+        for key in ("patches_per_s", "overall_patches_per_s"):
+            ratios.append(f"{result[key] / reference[key]:10.2f}x" if reference else f"{'':11s}")
+        print(
+            f"{name:26s} {result['patches_per_s']:9.1f} {ratios[0]} {result['overall_patches_per_s']:10.1f} "
+            f"{ratios[1]} {result['first_batch_s']:12.1f} {result['peak_bytes'] / 2**20:9.0f}"
+        )
+        if "estimate_bytes" in result:
+            print(f"{'':26s} (queue's own memory estimate: {result['estimate_bytes'] / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

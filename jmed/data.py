@@ -1,0 +1,916 @@
+"""Loading for training: a grain source of subjects, the patch ``Queue`` and whole-volume batches.
+
+Two pipelines:
+
+**CPU-loader pipeline** (``Queue``, TorchIO's ``SubjectsDataset`` + ``Queue``)::
+
+    subject indices -> shuffle per epoch -> shard over JAX processes
+      -> load + deterministic preprocessing      (worker processes)
+      -> augment + extract samples_per_volume patches, one key per (epoch, subject)
+      -> flatten -> window shuffle of max_length patches -> batch  (main process)
+
+**Device pipeline** (``VolumeLoader`` + ``augment_and_sample``): the loader yields
+fixed-shape preprocessed volumes; inside the jitted train step,
+``augment_and_sample(key, batch, ...)`` runs ``vmap(augmentation)`` then ``vmap(sampler)``
+on the accelerator.
+
+Determinism: the patches of subject ``i`` in epoch ``e`` depend only on
+``fold_in(fold_in(key(seed), e), i)``, the order of subjects on ``seed`` and ``e``, and
+the window shuffle on ``seed``. Workers process whole subjects and their outputs are
+interleaved in subject order, so batches are bit-identical for any ``num_workers``.
+Iterators are grain ``DatasetIterator`` s: ``get_state()`` / ``set_state()`` restore a
+position mid-epoch exactly.
+
+Batches are ``Subject`` s with a leading batch axis on every leaf: image data
+``(b, x, y, z, c)`` (channels last), affines ``(b, 4, 4)``, ``metadata["location"]``
+``(b, 6)`` int32 (patch start and stop voxel indices, see ``jmed.sampling``),
+``metadata["subject_index"]`` ``(b,)`` (position of the subject in the ``subjects`` list)
+and every record metadata value stacked (numbers as numeric arrays, strings as a numpy
+string array: drop those before passing the batch to ``jax.jit``).
+
+Worker processes are spawned: sources and transforms must pickle (they hold paths,
+not open files; use module-level functions, not lambdas).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmed import io
+from jmed.image import INTENSITY, LABEL, Image, Subject
+from jmed.sampling import PatchSampler
+
+__all__ = [
+    "LoaderIterator",
+    "Queue",
+    "SubjectsSource",
+    "VolumeLoader",
+    "augment_and_sample",
+]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = "jmed-cache-1"
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; with recent jaxlib they must be parsed."""
+    try:
+        from absl import flags
+    except ImportError:  # pragma: no cover - absl ships with grain
+        return
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _is_image_path(value: Any) -> bool:
+    if not isinstance(value, (str, os.PathLike)):
+        return False
+    name = os.fspath(value).lower()
+    return any(name.endswith(ext) for ext in io.READ_EXTENSIONS)
+
+
+def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_deterministic(preprocessing: Any) -> Any:
+    if preprocessing is None:
+        return None
+    if not callable(preprocessing):
+        raise TypeError(f"preprocessing must be a jmed transform, got {preprocessing!r}")
+    if getattr(preprocessing, "is_random", False):
+        raise ValueError(
+            f"preprocessing must be deterministic, got random {type(preprocessing).__name__}; "
+            "put random transforms in augmentation="
+        )
+    return preprocessing
+
+
+# --- decode-once cache -------------------------------------------------------------------
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Cache:
+    """Preprocessed volumes stored as ``.npy`` (read memory-mapped), one folder per entry.
+
+    An entry's key hashes the content of every image file (SHA-256), the image names and
+    kinds, and ``repr(preprocessing)``. File digests are memoised by (path, size,
+    modification time) so a hit reads no image file. Entries are written to a temporary
+    folder and renamed into place, so a partial entry is never read.
+    """
+
+    def __init__(self, folder: str | os.PathLike, config: str):
+        self.folder = Path(folder)
+        self.config = config
+
+    def _digest(self, path: Path) -> str:
+        stat = path.stat()
+        memo = self.folder / "files" / (hashlib.sha256(os.fsencode(path.resolve())).hexdigest() + ".json")
+        signature = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if memo.exists():
+            try:
+                stored = json.loads(memo.read_text())
+                if stored["size"] == stat.st_size and stored["mtime_ns"] == stat.st_mtime_ns:
+                    return stored["sha256"]
+            except (OSError, ValueError, KeyError):
+                pass
+        digest = _hash_file(path)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(memo, json.dumps({**signature, "sha256": digest}))
+        return digest
+
+    def entry(self, images: Mapping[str, tuple[str, str]]) -> Path:
+        parts = [_CACHE_VERSION, self.config]
+        for name, (path, kind) in sorted(images.items()):
+            parts.append(f"{name}:{kind}:{self._digest(Path(path))}")
+        key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:40]
+        return self.folder / key
+
+    @staticmethod
+    def read(entry: Path) -> dict[str, Image] | None:
+        geometry = entry / "geometry.json"
+        if not geometry.exists():
+            return None
+        info = json.loads(geometry.read_text())
+        return {
+            name: Image(
+                np.load(entry / f"{name}.npy", mmap_mode="r"), np.array(item["affine"]), kind=item["kind"]
+            )
+            for name, item in info.items()
+        }
+
+    def write(self, entry: Path, images: Mapping[str, Image]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
+        try:
+            info = {}
+            for name, image in images.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(image.data))
+                info[name] = {"affine": np.asarray(image.affine, float).tolist(), "kind": image.kind}
+            # geometry.json last: its presence marks a complete entry
+            (tmp / "geometry.json").write_text(json.dumps(info))
+            try:
+                os.rename(tmp, entry)
+            except OSError:
+                if not (entry / "geometry.json").exists():  # not a concurrent writer's entry
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- source --------------------------------------------------------------------------------
+
+
+class SubjectsSource:
+    """A grain random-access data source of subjects, loaded lazily from paths.
+
+    Args:
+        subjects: a sequence of records, one per subject: a mapping whose values are
+            image paths (``str`` / ``PathLike`` with a readable extension, see
+            ``jmed.io``) or metadata (age, diagnosis, ...). Loaded ``Subject`` s are also
+            accepted (they are pickled to the workers; prefer paths for large data).
+        label_names: names of the images that are label maps (others are intensity).
+        preprocessing: a deterministic jmed transform applied after loading (in the
+            worker), called as ``preprocessing(None, subject)``.
+        cache_dir: optional folder for the decode-once cache: each preprocessed volume
+            is stored uncompressed and read memory-mapped; the key covers the files'
+            content and ``repr(preprocessing)``, so a changed file or configuration
+            misses. Transforms must have a faithful ``repr`` (the default one lists
+            their attributes).
+        skip_errors: if True a subject that fails to load is logged and skipped
+            (``source[i]`` returns ``None``); by default the error is raised, naming
+            the subject and the file.
+
+    ``source[i]`` returns the loaded, preprocessed ``Subject``; its metadata holds the
+    record's non-image values and ``subject_index = i``. The source holds only paths and
+    pickles cheaply.
+
+    Raises:
+        ValueError: empty ``subjects``, a record without images, or records with
+            different image names.
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[Mapping[str, Any] | Subject],
+        *,
+        label_names: Sequence[str] | str = (),
+        preprocessing: Callable | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        skip_errors: bool = False,
+    ):
+        if isinstance(subjects, (str, bytes, Mapping)) or not isinstance(subjects, Sequence):
+            raise TypeError(
+                f"subjects must be a sequence of records (mappings), got {type(subjects).__name__}"
+            )
+        if not subjects:
+            raise ValueError("subjects is empty; give at least one subject record")
+        self.label_names = (label_names,) if isinstance(label_names, str) else tuple(label_names)
+        records: list[Any] = []
+        names = None
+        for i, record in enumerate(subjects):
+            if isinstance(record, Subject):
+                record_names = tuple(record)
+            elif isinstance(record, Mapping):
+                record_names = tuple(sorted(k for k, v in record.items() if _is_image_path(v)))
+                record = {k: (os.fspath(v) if _is_image_path(v) else v) for k, v in record.items()}
+            else:
+                raise TypeError(
+                    f"subjects[{i}] must be a mapping or a jmed.Subject, got {type(record).__name__}"
+                )
+            if not record_names:
+                raise ValueError(
+                    f"subjects[{i}] has no image path (values ending in {', '.join(io.READ_EXTENSIONS)}): {record!r}"
+                )
+            if names is None:
+                names = record_names
+            elif record_names != tuple(sorted(names)):
+                raise ValueError(
+                    f"subjects[{i}] has images {list(record_names)}, subjects[0] has {list(names)}"
+                )
+            records.append(record)
+        self.records = records
+        self.image_names = tuple(sorted(names))
+        self.preprocessing = _check_deterministic(preprocessing)
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        self.skip_errors = bool(skip_errors)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def kind_of(self, name: str) -> str:
+        return LABEL if name in self.label_names else INTENSITY
+
+    def __getitem__(self, index: int) -> Subject | None:
+        index = int(index)
+        try:
+            return self._load(index)
+        except Exception as err:
+            message = f"cannot load subject {index}: {type(err).__name__}: {err}"
+            if self.skip_errors:
+                logger.warning("%s (skipped: skip_errors=True)", message)
+                return None
+            raise RuntimeError(message) from err
+
+    def _load(self, index: int) -> Subject:
+        record = self.records[index]
+        if isinstance(record, Subject):
+            subject = record.without_history()
+            subject = subject.replace(metadata={**subject.metadata, "subject_index": index})
+            return self._preprocess(subject)
+        paths = {name: record[name] for name in self.image_names}
+        metadata = {k: v for k, v in record.items() if k not in paths}
+        metadata["subject_index"] = index
+        kinds = {name: (path, self.kind_of(name)) for name, path in paths.items()}
+        if self.cache_dir is not None:
+            cache = _Cache(self.cache_dir, repr(self.preprocessing))
+            entry = cache.entry(kinds)
+            images = cache.read(entry)
+            if images is not None:
+                return Subject(images, metadata=metadata)
+        images = {name: io.load(path, kind=kind) for name, (path, kind) in kinds.items()}
+        subject = self._preprocess(Subject(images, metadata=metadata))
+        if self.cache_dir is not None:
+            cache.write(entry, {name: subject[name] for name in subject})
+            images = cache.read(entry)
+            subject = subject.replace(images)
+        return subject
+
+    def _preprocess(self, subject: Subject) -> Subject:
+        out = subject if self.preprocessing is None else self.preprocessing(None, subject)
+        # NIfTI data arrive in Fortran order; one C-order copy here is cheaper than the
+        # strided copy every later hand-over to JAX would make
+        images = {
+            n: im.replace(data=np.ascontiguousarray(im.data), affine=np.asarray(im.affine))
+            for n, im in out.items()
+        }
+        return Subject(images, metadata=out.metadata)
+
+    def __repr__(self) -> str:
+        return (
+            f"SubjectsSource({len(self)} subjects, images={list(self.image_names)}, "
+            f"label_names={list(self.label_names)}, preprocessing={self.preprocessing!r}, "
+            f"cache_dir={self.cache_dir!r})"
+        )
+
+
+# --- elements exchanged between pipeline stages --------------------------------------------
+
+
+def _numeric(value: Any) -> bool:
+    return not isinstance(value, (str, bytes)) and value is not None
+
+
+def _subject_to_element(subject: Subject) -> dict:
+    """A plain dict of numpy arrays and strings (cheap to pickle between processes)."""
+    return {
+        "data": {n: np.asarray(im.data) for n, im in subject.items()},
+        "affine": {n: np.asarray(im.affine) for n, im in subject.items()},
+        "kind": {n: im.kind for n, im in subject.items()},
+        "metadata": {k: (np.asarray(v) if _numeric(v) else v) for k, v in subject.metadata.items()},
+    }
+
+
+def _collate(elements: Sequence[dict]) -> Subject:
+    """Stack elements into a batched ``Subject`` (leading axis on every leaf)."""
+    first = elements[0]
+    images = {}
+    for name, kind in first["kind"].items():
+        shapes = {e["data"][name].shape for e in elements}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"cannot batch image {name!r}: shapes differ {sorted(shapes)}; make shapes equal in "
+                "preprocessing (e.g. crop or pad to a fixed shape)"
+            )
+        data = np.stack([e["data"][name] for e in elements])
+        affine = np.stack([e["affine"][name] for e in elements])
+        images[name] = Image.tree_unflatten(kind, (data, affine))
+    metadata = {}
+    for key in first["metadata"]:
+        values = [e["metadata"].get(key) for e in elements]
+        if all(_numeric(v) for v in values):
+            metadata[key] = np.stack([np.asarray(v) for v in values])
+        else:
+            metadata[key] = np.array([str(v) for v in values])
+    return Subject(images, metadata=metadata)
+
+
+class _CollateTo:
+    def __init__(self, as_jax: bool):
+        self.as_jax = as_jax
+
+    def __call__(self, elements: Sequence[dict]) -> Subject:
+        batch = _collate(elements)
+        if self.as_jax:
+            batch = jax.tree.map(lambda x: jnp.asarray(x) if x.dtype.kind in "biuf" else x, batch)
+        return batch
+
+
+class _Load(grain.transforms.Map):
+    """subject index -> loaded, preprocessed element (runs in the workers)."""
+
+    def __init__(self, source: SubjectsSource):
+        self.source = source
+
+    def map(self, tagged):
+        _, index = tagged
+        subject = self.source[index]
+        return None if subject is None else (tagged, subject)
+
+
+class _EpochAndIndex:
+    """Position in the repeated, shuffled index stream -> (epoch, subject index)."""
+
+    def __init__(self, num_local: int):
+        self.num_local = num_local
+
+    def __call__(self, position: int, index: int) -> tuple[int, int]:
+        return position // self.num_local, int(index)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _augment_and_sample_one(augmentation, sampler, num_patches, key, subject):
+    k_aug, k_sample = jax.random.split(key)
+    if augmentation is not None:
+        subject = augmentation(k_aug, subject)
+    patches = sampler(k_sample, subject.without_history(), num_patches)
+    return (
+        {n: patches[n].data for n in patches},
+        {n: patches[n].affine for n in patches},
+        patches.metadata["location"],
+    )
+
+
+class _AugmentAndSample(grain.transforms.Map):
+    """(tag, subject) -> element of ``num_patches`` stacked patches (runs in the workers).
+
+    The key is ``fold_in(fold_in(key(seed), epoch), subject_index)``, independent of
+    worker count, shard and position in the shuffled order.
+    """
+
+    def __init__(self, augmentation, sampler, num_patches: int, seed: int):
+        self.augmentation = augmentation
+        self.sampler = sampler
+        self.num_patches = num_patches
+        self.seed = seed
+
+    def map(self, item):
+        if item is None:
+            return None
+        (epoch, index), subject = item
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), epoch), index)
+        images = Subject(subject.images)  # metadata stays out of jit (strings would recompile)
+        # compiled once per (augmentation, sampler, num_patches, volume shape) and process
+        data, affine, location = _augment_and_sample_one(
+            self.augmentation, self.sampler, self.num_patches, key, images
+        )
+        return {
+            "data": {n: np.asarray(v) for n, v in data.items()},
+            "affine": {n: np.asarray(v) for n, v in affine.items()},
+            "kind": {n: im.kind for n, im in subject.items()},
+            "location": np.asarray(location),
+            "metadata": {k: (np.asarray(v) if _numeric(v) else v) for k, v in subject.metadata.items()},
+        }
+
+
+class _ToElement(grain.transforms.Map):
+    def map(self, item):
+        return None if item is None else _subject_to_element(item[1])
+
+
+class _SplitPatches(grain.experimental.FlatMapTransform):
+    """One element of ``n`` stacked patches -> ``n`` single-patch elements."""
+
+    def __init__(self, max_fan_out: int):
+        self.max_fan_out = max_fan_out
+
+    def flat_map(self, element):
+        if element is None:
+            return []
+        n = element["location"].shape[0]
+        return [
+            {
+                "data": {k: v[i] for k, v in element["data"].items()},
+                "affine": {k: v[i] for k, v in element["affine"].items()},
+                "kind": element["kind"],
+                "metadata": {**element["metadata"], "location": element["location"][i]},
+            }
+            for i in range(n)
+        ]
+
+
+class _DropNones(grain.experimental.FlatMapTransform):
+    max_fan_out = 1
+
+    def flat_map(self, element):
+        return [] if element is None else [element]
+
+
+def _shard(num_subjects: int, shard_index: int | None, shard_count: int | None, drop_remainder: bool):
+    if shard_index is None:
+        shard_index = jax.process_index()
+    if shard_count is None:
+        shard_count = jax.process_count()
+    shard_count = _positive_int(shard_count, "shard_count")
+    shard_index = _positive_int(shard_index, "shard_index", allow_zero=True)
+    if shard_index >= shard_count:
+        raise ValueError(f"shard_index must be < shard_count={shard_count}, got {shard_index}")
+    indices = np.arange(num_subjects)[shard_index::shard_count]
+    if drop_remainder and shard_count > 1:
+        per_shard = num_subjects // shard_count
+        if per_shard == 0:
+            raise ValueError(f"{num_subjects} subjects cannot be split over {shard_count} processes")
+        if num_subjects % shard_count:
+            logger.warning(
+                "%d subjects do not split evenly over %d processes: %d dropped so every process sees %d",
+                num_subjects,
+                shard_count,
+                num_subjects % shard_count,
+                per_shard,
+            )
+        indices = indices[:per_shard]
+    return indices, shard_index, shard_count
+
+
+def _subject_stream(
+    source: SubjectsSource, indices: np.ndarray, *, shuffle: bool, seed: int, num_epochs: int | None
+) -> grain.MapDataset:
+    ds = grain.MapDataset.source(np.asarray(indices))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    ds = ds.map_with_index(_EpochAndIndex(len(indices)))
+    return ds.map(_Load(source))
+
+
+def _as_source(subjects, label_names, preprocessing, cache_dir, skip_errors) -> SubjectsSource:
+    if isinstance(subjects, SubjectsSource):
+        if label_names or preprocessing is not None or cache_dir is not None or skip_errors:
+            raise ValueError(
+                "give label_names/preprocessing/cache_dir/skip_errors to the SubjectsSource, not here"
+            )
+        return subjects
+    return SubjectsSource(
+        subjects,
+        label_names=label_names,
+        preprocessing=preprocessing,
+        cache_dir=cache_dir,
+        skip_errors=skip_errors,
+    )
+
+
+def _pretty_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+class _Loader:
+    """Shared configuration of ``Queue`` and ``VolumeLoader``."""
+
+    def _setup(self, subjects, batch_size, num_workers, seed, num_epochs, shuffle_subjects, kw):
+        self.source = _as_source(
+            subjects, kw["label_names"], kw["preprocessing"], kw["cache_dir"], kw["skip_errors"]
+        )
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.num_workers = _positive_int(num_workers, "num_workers", allow_zero=True)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = int(seed)
+        if num_epochs is not None:
+            num_epochs = _positive_int(num_epochs, "num_epochs")
+        self.num_epochs = num_epochs
+        self.shuffle_subjects = bool(shuffle_subjects)
+        self.indices, self.shard_index, self.shard_count = _shard(
+            len(self.source), kw["shard_index"], kw["shard_count"], kw["drop_remainder"]
+        )
+        self.drop_last = bool(kw["drop_last"])
+        self.as_jax = bool(kw["as_jax"])
+        self.worker_buffer_size = _positive_int(kw["worker_buffer_size"], "worker_buffer_size")
+
+    def _read_options(self) -> grain.ReadOptions:
+        return grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.worker_buffer_size)
+
+    def _prefetch(self, ds: grain.IterDataset) -> grain.IterDataset:
+        if self.num_workers == 0:
+            return ds
+        _ensure_absl_flags_parsed()
+        return ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=self.num_workers, per_worker_buffer_size=self.worker_buffer_size
+            )
+        )
+
+    def __iter__(self) -> LoaderIterator:
+        """A fresh iterator from the start; supports ``get_state`` / ``set_state``."""
+        return LoaderIterator(iter(self.dataset))
+
+
+class LoaderIterator:
+    """Iterator over batches: grain's iterator, closed (workers stopped) when exhausted.
+
+    ``get_state()`` returns a small JSON-compatible dict; ``set_state(state)`` on a fresh
+    iterator of an identically configured loader continues exactly from that point.
+    Call ``close()`` (or use it as a context manager) to stop workers early.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator):
+        self._iterator = iterator
+
+    def __iter__(self) -> LoaderIterator:
+        return self
+
+    def __next__(self) -> Subject:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self.close()
+            raise
+
+    def get_state(self) -> dict:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state)
+
+    def close(self) -> None:
+        self._iterator.close()
+
+    def __enter__(self) -> LoaderIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Queue(_Loader):
+    """Patch queue for training (TorchIO's ``Queue``) built on grain.
+
+    Args:
+        subjects: subject records (see ``SubjectsSource``) or a ``SubjectsSource``.
+        sampler: a jmed patch sampler (``UniformSampler``, ``WeightedSampler``,
+            ``LabelSampler``, or any ``PatchSampler``).
+        samples_per_volume: patches extracted from each subject per epoch.
+        max_length: window of patches shuffled together (TorchIO's queue length). grain
+            fills a window, shuffles it and emits it whole, so patches of up to
+            ``ceil(max_length / samples_per_volume) + 1`` subjects mix in a batch.
+        batch_size: patches per batch.
+        num_workers: worker processes loading, preprocessing, augmenting and sampling
+            (0: in the main process). Batches do not depend on it.
+        seed: seed of every random choice (subject order, augmentation, patches, window
+            shuffle).
+        preprocessing: deterministic jmed transform, applied after loading, in workers.
+        augmentation: random jmed transform ``augmentation(key, subject)``, applied to
+            the whole volume before sampling, in workers (jitted; one compilation per
+            volume shape and worker).
+        label_names: names of label-map images in the records.
+        num_epochs: passes over the subjects (``None``: repeat forever). Subjects are
+            reshuffled each epoch.
+        shuffle_subjects: shuffle the subject order each epoch.
+        shuffle_patches: shuffle patches within windows of ``max_length``.
+        drop_last: drop the last, incomplete batch (keeps shapes static for ``jit``).
+        cache_dir: decode-once cache folder (see ``SubjectsSource``).
+        skip_errors: skip (and log) subjects that fail to load instead of raising.
+        shard_index, shard_count: this process's shard of the subjects; default
+            ``jax.process_index()`` and ``jax.process_count()``. Subjects are dealt
+            round-robin (``subjects[shard_index::shard_count]``).
+        drop_remainder: with several shards, drop the last subjects so every process
+            has the same number (processes stay in lockstep); a warning is logged.
+        as_jax: yield JAX arrays instead of numpy (numeric leaves).
+        worker_buffer_size: subjects each worker prepares ahead.
+
+    Iterating yields batched ``Subject`` s (see the module docstring). Each
+    ``iter(queue)`` starts again at epoch 0.
+
+    Raises:
+        ValueError / TypeError: bad configuration, naming the argument.
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[Mapping[str, Any] | Subject] | SubjectsSource,
+        sampler: PatchSampler,
+        samples_per_volume: int,
+        max_length: int,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        *,
+        preprocessing: Callable | None = None,
+        augmentation: Callable | None = None,
+        label_names: Sequence[str] | str = (),
+        num_epochs: int | None = 1,
+        shuffle_subjects: bool = True,
+        shuffle_patches: bool = True,
+        drop_last: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        skip_errors: bool = False,
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+        drop_remainder: bool = True,
+        as_jax: bool = False,
+        worker_buffer_size: int = 2,
+    ):
+        if not callable(sampler) or not hasattr(sampler, "patch_size"):
+            raise TypeError(f"sampler must be a jmed patch sampler, got {sampler!r}")
+        if augmentation is not None and not callable(augmentation):
+            raise TypeError(f"augmentation must be a jmed transform, got {augmentation!r}")
+        self.sampler = sampler
+        self.augmentation = augmentation
+        self.samples_per_volume = _positive_int(samples_per_volume, "samples_per_volume")
+        self.max_length = _positive_int(max_length, "max_length")
+        self.shuffle_patches = bool(shuffle_patches)
+        self._setup(
+            subjects,
+            batch_size,
+            num_workers,
+            seed,
+            num_epochs,
+            shuffle_subjects,
+            dict(
+                label_names=label_names,
+                preprocessing=preprocessing,
+                cache_dir=cache_dir,
+                skip_errors=skip_errors,
+                shard_index=shard_index,
+                shard_count=shard_count,
+                drop_remainder=drop_remainder,
+                drop_last=drop_last,
+                as_jax=as_jax,
+                worker_buffer_size=worker_buffer_size,
+            ),
+        )
+
+    @property
+    def dataset(self) -> grain.IterDataset:
+        """The grain pipeline (an ``IterDataset`` of batches)."""
+        ds = _subject_stream(
+            self.source,
+            self.indices,
+            shuffle=self.shuffle_subjects,
+            seed=self.seed,
+            num_epochs=self.num_epochs,
+        )
+        ds = ds.map(_AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed))
+        it = ds.to_iter_dataset(self._read_options(), allow_nones=True)
+        it = self._prefetch(it)
+        # flatten and shuffle in the main process, so the order is the same for any worker count
+        it = grain.experimental.FlatMapIterDataset(it, _SplitPatches(self.samples_per_volume))
+        if self.shuffle_patches and self.max_length > 1:
+            it = grain.experimental.WindowShuffleIterDataset(it, window_size=self.max_length, seed=self.seed)
+        return it.batch(self.batch_size, drop_remainder=self.drop_last, batch_fn=_CollateTo(self.as_jax))
+
+    @property
+    def num_patches_per_epoch(self) -> int:
+        """Patches this process delivers per epoch (before any skipped subject)."""
+        return len(self.indices) * self.samples_per_volume
+
+    def __len__(self) -> int:
+        """Batches per pass over ``num_epochs`` (raises if repeating forever)."""
+        if self.num_epochs is None:
+            raise TypeError("a Queue with num_epochs=None has no length")
+        total = self.num_patches_per_epoch * self.num_epochs
+        return total // self.batch_size if self.drop_last else -(-total // self.batch_size)
+
+    def get_max_memory(self, subject: Subject | None = None) -> int:
+        """Estimated peak bytes held by the pipeline (like TorchIO's ``get_max_memory``).
+
+        Counts the patch window and a batch in the main process, and per worker (at
+        least one) ``worker_buffer_size + 1`` volumes (input and augmented copy) and
+        their patches. Array data only: each process's interpreter and JAX runtime
+        (a few hundred MiB) come on top. Volume sizes come from ``subject`` or from loading the first
+        subject (with preprocessing).
+        """
+        if subject is None:
+            subject = self.source[int(self.indices[0])]
+            if subject is None:
+                raise ValueError("the first subject could not be loaded; pass subject=")
+        volume = sum(np.asarray(im.data).nbytes for im in subject.values())
+        patch = 0
+        for im in subject.values():
+            itemsize = np.dtype(im.dtype).itemsize
+            patch += math.prod(self.sampler.patch_size) * im.num_channels * itemsize
+        per_subject_patches = patch * self.samples_per_volume
+        main = patch * (self.max_length + self.batch_size) + per_subject_patches
+        workers = (
+            max(self.num_workers, 1) * (self.worker_buffer_size + 1) * (2 * volume + per_subject_patches)
+        )
+        return int(main + workers)
+
+    def get_max_memory_pretty(self, subject: Subject | None = None) -> str:
+        return _pretty_bytes(self.get_max_memory(subject))
+
+    def __repr__(self) -> str:
+        return (
+            f"Queue(subjects={len(self.source)}, sampler={self.sampler!r}, "
+            f"samples_per_volume={self.samples_per_volume}, max_length={self.max_length}, "
+            f"batch_size={self.batch_size}, num_workers={self.num_workers}, seed={self.seed})"
+        )
+
+
+class VolumeLoader(_Loader):
+    """Batches of whole preprocessed volumes, for the device pipeline.
+
+    Volumes are loaded and preprocessed in workers and batched in subject order
+    (shuffled per epoch). All volumes must have the same shape after preprocessing
+    (crop or pad to a fixed shape), otherwise batching raises a ``ValueError``. Pair it
+    with ``augment_and_sample`` inside the jitted train step.
+
+    Args: as ``Queue`` (without sampler, patch and window options); ``drop_last``
+    defaults to True so every batch has the same shape.
+
+    Examples:
+        A train step, with a fixed-shape loader::
+
+            loader = jmed.VolumeLoader(records, batch_size=2, label_names="seg",
+                                       preprocessing=crop_or_pad, num_workers=2)
+
+            @jax.jit
+            def train_step(state, key, batch):
+                patches = jmed.augment_and_sample(
+                    key, batch, sampler=sampler, num_patches=8, augmentation=augment)
+                ...  # patches["t1"].data: (2 * 8, px, py, pz, c)
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[Mapping[str, Any] | Subject] | SubjectsSource,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        *,
+        preprocessing: Callable | None = None,
+        label_names: Sequence[str] | str = (),
+        num_epochs: int | None = 1,
+        shuffle_subjects: bool = True,
+        drop_last: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        skip_errors: bool = False,
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+        drop_remainder: bool = True,
+        as_jax: bool = False,
+        worker_buffer_size: int = 2,
+    ):
+        self._setup(
+            subjects,
+            batch_size,
+            num_workers,
+            seed,
+            num_epochs,
+            shuffle_subjects,
+            dict(
+                label_names=label_names,
+                preprocessing=preprocessing,
+                cache_dir=cache_dir,
+                skip_errors=skip_errors,
+                shard_index=shard_index,
+                shard_count=shard_count,
+                drop_remainder=drop_remainder,
+                drop_last=drop_last,
+                as_jax=as_jax,
+                worker_buffer_size=worker_buffer_size,
+            ),
+        )
+
+    @property
+    def dataset(self) -> grain.IterDataset:
+        ds = _subject_stream(
+            self.source,
+            self.indices,
+            shuffle=self.shuffle_subjects,
+            seed=self.seed,
+            num_epochs=self.num_epochs,
+        )
+        ds = ds.map(_ToElement())
+        it = ds.to_iter_dataset(self._read_options(), allow_nones=True)
+        it = self._prefetch(it)
+        it = grain.experimental.FlatMapIterDataset(it, _DropNones())
+        return it.batch(self.batch_size, drop_remainder=self.drop_last, batch_fn=_CollateTo(self.as_jax))
+
+    def __repr__(self) -> str:
+        return (
+            f"VolumeLoader(subjects={len(self.source)}, batch_size={self.batch_size}, "
+            f"num_workers={self.num_workers}, seed={self.seed})"
+        )
+
+
+def augment_and_sample(
+    key: jax.Array,
+    batch: Subject,
+    *,
+    sampler: PatchSampler,
+    num_patches: int,
+    augmentation: Callable | None = None,
+) -> Subject:
+    """Augment a batch of volumes and draw patches from each, on the accelerator.
+
+    ``vmap(augmentation)`` then ``vmap(sampler)`` with one key per volume (split from
+    ``key``), flattened to ``batch_size * num_patches`` patches: patch ``j`` of volume
+    ``i`` is item ``i * num_patches + j``. Jittable (``sampler``, ``num_patches`` and
+    ``augmentation`` are static configuration: close over them or use ``partial``).
+    Only numeric metadata may be present (drop strings before ``jit``).
+
+    Args:
+        key: a JAX key.
+        batch: batched ``Subject`` (leading batch axis), e.g. from ``VolumeLoader``.
+        sampler: a jmed patch sampler.
+        num_patches: patches per volume (static).
+        augmentation: random jmed transform, or None.
+
+    Returns:
+        a patch ``Subject`` with leading axis ``batch_size * num_patches``; its metadata
+        holds ``location`` ``(b * n, 6)`` and the batch's numeric metadata repeated per
+        patch.
+    """
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
+    keys = jax.random.split(key, batch_size)
+
+    def one(k, subject):
+        k_aug, k_sample = jax.random.split(k)
+        if augmentation is not None:
+            subject = augmentation(k_aug, subject)
+        return sampler(k_sample, subject.without_history(), num_patches)
+
+    patches = jax.vmap(one)(keys, batch)
+    return jax.tree.map(lambda x: x.reshape(batch_size * num_patches, *x.shape[2:]), patches)

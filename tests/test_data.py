@@ -1,0 +1,464 @@
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+from absl import flags
+
+import jmed
+import jmed.data
+from jmed.sampling import LabelSampler, UniformSampler
+from jmed.transforms import IntensityTransform
+
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+SHAPE = (10, 9, 8)
+NUM_SUBJECTS = 5
+
+
+class Scale(IntensityTransform):
+    """Deterministic: multiply intensities by ``factor``."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def apply_image(self, image, params):
+        return image.replace(data=image.data * self.factor)
+
+
+class AddNoise(IntensityTransform):
+    """Random: add uniform noise in [0, 1) to intensities."""
+
+    is_random = True
+
+    def sample(self, key, subject):
+        return jax.random.uniform(key, subject.spatial_shape)[..., None]
+
+    def apply_image(self, image, params):
+        return image.replace(data=image.data + params)
+
+
+def _affine(i):
+    return jmed.affine.from_spacing((1.0, 1.5, 2.0), (i, -3.0, 4.0), "LPS")
+
+
+def _write_subjects(folder, n=NUM_SUBJECTS):
+    records = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        t1 = rng.standard_normal(SHAPE).astype(np.float32) + 10 * i
+        seg = np.zeros(SHAPE, np.uint8)
+        seg[3:7, 2:6, 2:5] = 1
+        seg[5, 4, 3] = 2
+        nib.save(nib.Nifti1Image(t1, _affine(i)), folder / f"t1_{i}.nii.gz")
+        nib.save(nib.Nifti1Image(seg, _affine(i)), folder / f"seg_{i}.nii.gz")
+        records.append(
+            {
+                "t1": str(folder / f"t1_{i}.nii.gz"),
+                "seg": folder / f"seg_{i}.nii.gz",
+                "age": 40 + i,
+                "diagnosis": "AD" if i % 2 else "CN",
+            }
+        )
+    return records
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return _write_subjects(tmp_path_factory.mktemp("subjects"))
+
+
+# shared instances: the jitted worker function is cached per (augmentation, sampler)
+SAMPLER = LabelSampler(4, "seg", {0: 1, 1: 1, 2: 1})
+NOISE = AddNoise()
+
+
+def _queue(records, **kw):
+    options = dict(
+        sampler=SAMPLER,
+        samples_per_volume=3,
+        max_length=7,
+        batch_size=4,
+        seed=7,
+        label_names="seg",
+        preprocessing=Scale(2.0),
+        augmentation=NOISE,
+        shard_index=0,
+        shard_count=1,
+    )
+    options.update(kw)
+    return jmed.Queue(records, **options)
+
+
+def _collect(iterator, limit=None):
+    """All batches (then close the iterator), or the next ``limit`` (left open)."""
+    if limit is not None:
+        return [next(iterator) for _ in range(limit)]
+    with contextlib.closing(iterator):
+        return list(iterator)
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert jax.tree.structure(x) == jax.tree.structure(y)
+        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# --- source ------------------------------------------------------------------------------------
+
+
+def test_source_loads_preprocesses_and_keeps_metadata(records):
+    source = jmed.SubjectsSource(records, label_names="seg", preprocessing=Scale(3.0))
+    assert len(source) == NUM_SUBJECTS and source.image_names == ("seg", "t1")
+    subject = source[2]
+    expected = nib.load(records[2]["t1"]).get_fdata(dtype=np.float32) * 3.0
+    np.testing.assert_allclose(np.asarray(subject["t1"].data)[..., 0], expected, rtol=1e-6)
+    assert subject["seg"].kind == "label" and subject["seg"].dtype == np.uint8
+    np.testing.assert_allclose(subject["t1"].affine, _affine(2))
+    assert subject.metadata == {"age": 42, "diagnosis": "CN", "subject_index": 2}
+    assert "SubjectsSource(5 subjects" in repr(source)
+
+
+def test_source_validates_records(records, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        jmed.SubjectsSource([])
+    with pytest.raises(ValueError, match="no image path"):
+        jmed.SubjectsSource([{"age": 3}])
+    with pytest.raises(ValueError, match=r"subjects\[1\] has images"):
+        jmed.SubjectsSource([records[0], {"t1": records[1]["t1"]}])
+    with pytest.raises(ValueError, match="deterministic"):
+        jmed.SubjectsSource(records, preprocessing=AddNoise())
+    with pytest.raises(TypeError, match="sequence of records"):
+        jmed.SubjectsSource(records[0])
+
+
+# --- queue: content --------------------------------------------------------------------------
+
+
+def test_queue_patches_match_preprocessed_volumes(records):
+    queue = _queue(records, augmentation=None, num_epochs=2, batch_size=5)
+    source = jmed.SubjectsSource(records, label_names="seg", preprocessing=Scale(2.0))
+    volumes = [source[i] for i in range(NUM_SUBJECTS)]
+    batches = _collect(iter(queue))
+    assert len(batches) == len(queue) == 6  # 2 epochs * 5 subjects * 3 patches / 5
+    seen = []
+    for batch in batches:
+        assert batch["t1"].data.shape == (5, 4, 4, 4, 1) and batch["t1"].data.dtype == np.float32
+        assert batch["seg"].kind == "label"
+        meta = batch.metadata
+        assert meta["location"].shape == (5, 6) and meta["location"].dtype == np.int32
+        assert meta["diagnosis"].tolist() == ["AD" if i % 2 else "CN" for i in meta["subject_index"]]
+        np.testing.assert_array_equal(meta["age"], 40 + meta["subject_index"])
+        for j in range(5):
+            index = int(meta["subject_index"][j])
+            seen.append(index)
+            x0, y0, z0, x1, y1, z1 = meta["location"][j]
+            for name in ("t1", "seg"):
+                volume = np.asarray(volumes[index][name].data)
+                np.testing.assert_array_equal(batch[name].data[j], volume[x0:x1, y0:y1, z0:z1])
+            expected_origin = jmed.affine.voxel_to_world(_affine(index), np.array([x0, y0, z0], float))
+            np.testing.assert_allclose(batch["t1"].affine[j][:3, 3], expected_origin, atol=1e-4)
+    # each subject contributes samples_per_volume patches per epoch
+    for epoch in range(2):
+        counts = np.bincount(seen[epoch * 15 : (epoch + 1) * 15], minlength=NUM_SUBJECTS)
+        assert counts.tolist() == [3] * NUM_SUBJECTS or epoch == 0
+    np.testing.assert_array_equal(np.bincount(seen, minlength=NUM_SUBJECTS), [6] * NUM_SUBJECTS)
+
+
+def test_queue_per_epoch_counts_without_window_shuffle(records):
+    queue = _queue(records, num_epochs=2, batch_size=3, shuffle_patches=False)
+    batches = _collect(iter(queue))
+    indices = np.concatenate([b.metadata["subject_index"] for b in batches])
+    for epoch in range(2):
+        part = indices[epoch * 15 : (epoch + 1) * 15]
+        assert np.bincount(part, minlength=NUM_SUBJECTS).tolist() == [3] * NUM_SUBJECTS
+        # whole subjects arrive together, in the shuffled subject order
+        assert all(len(set(part[k : k + 3])) == 1 for k in range(0, 15, 3))
+    assert indices[:15].tolist() != indices[15:].tolist()  # reshuffled each epoch
+
+
+def test_queue_is_deterministic_and_restorable(records):
+    first = _collect(iter(_queue(records)))
+    second = _collect(iter(_queue(records)))
+    _assert_batches_equal(first, second)
+    other = _collect(iter(_queue(records, seed=8)))
+    assert not np.array_equal(first[0]["t1"].data, other[0]["t1"].data)
+    # save mid-epoch (inside a shuffle window), restore in a fresh iterator
+    iterator = iter(_queue(records))
+    _collect(iterator, limit=2)
+    state = json.loads(json.dumps(iterator.get_state()))  # a checkpoint can be stored as JSON
+    rest = _collect(iterator)
+    restored = iter(_queue(records))
+    restored.set_state(state)
+    _assert_batches_equal(_collect(restored), rest)
+    _assert_batches_equal(first[2:], rest)
+
+
+def test_queue_same_batches_for_0_1_2_workers(records):
+    reference = _collect(iter(_queue(records, num_workers=0)))
+    assert len(reference) == 4
+    _assert_batches_equal(_collect(iter(_queue(records, num_workers=1))), reference)
+    _assert_batches_equal(_collect(iter(_queue(records, num_workers=2))), reference)
+
+
+def test_worker_error_names_the_file(records, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti file")
+    bad = [*records[:2], {**records[2], "t1": str(broken)}]
+    queue = _queue(bad, num_workers=1, shuffle_subjects=False)
+    with pytest.raises(RuntimeError, match="broken.nii.gz"):
+        _collect(iter(queue))
+    missing = [{**records[0], "seg": str(tmp_path / "missing_seg.nii.gz")}]
+    with pytest.raises(RuntimeError, match="missing_seg.nii.gz"):
+        _collect(iter(_queue(missing)))
+
+
+def test_skip_errors_logs_and_skips(records, tmp_path, caplog):
+    bad = [*records[:2], {**records[2], "t1": str(tmp_path / "gone.nii.gz")}]
+    with caplog.at_level(logging.WARNING, logger="jmed.data"):
+        batches = _collect(iter(_queue(bad, skip_errors=True, batch_size=1)))
+    assert len(batches) == 6  # 2 subjects * 3 patches
+    assert {int(b.metadata["subject_index"][0]) for b in batches} == {0, 1}
+    assert any("gone.nii.gz" in r.getMessage() and "skip" in r.getMessage() for r in caplog.records)
+
+
+# --- cache ---------------------------------------------------------------------------------------
+
+
+def test_cache_decodes_once_and_invalidates(records, tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    local = _write_subjects(folder, n=2)
+    cache = tmp_path / "cache"
+    loads, hashes = [], []
+    real_load, real_hash = jmed.io.load, jmed.data._hash_file
+    monkeypatch.setattr(
+        jmed.io, "load", lambda path, **kw: loads.append(Path(path).name) or real_load(path, **kw)
+    )
+    monkeypatch.setattr(jmed.data, "_hash_file", lambda path: hashes.append(path.name) or real_hash(path))
+
+    def run(preprocessing=Scale(2.0)):
+        loads.clear()
+        hashes.clear()
+        return _collect(iter(_queue(local, cache_dir=cache, preprocessing=preprocessing, num_epochs=1)))
+
+    uncached = _collect(iter(_queue(local, num_epochs=1)))
+    first = run()
+    assert sorted(loads) == ["seg_0.nii.gz", "seg_1.nii.gz", "t1_0.nii.gz", "t1_1.nii.gz"]
+    _assert_batches_equal(first, uncached)
+    second = run()
+    assert loads == [] and hashes == []  # no image file read at all
+    _assert_batches_equal(second, first)
+    entries = [p for p in cache.iterdir() if p.name != "files"]
+    assert len(entries) == 2 and not any(p.name.startswith(".tmp") for p in cache.iterdir())
+    assert all((p / "t1.npy").exists() and (p / "geometry.json").exists() for p in entries)
+    # a changed preprocessing misses
+    run(Scale(5.0))
+    assert len(loads) == 4
+    # a changed file misses for that subject only
+    data = np.full(SHAPE, 3.0, np.float32)
+    nib.save(nib.Nifti1Image(data, _affine(1)), folder / "t1_1.nii.gz")
+    os.utime(folder / "t1_1.nii.gz", ns=(1, 1))
+    changed = run()
+    assert sorted(loads) == ["seg_1.nii.gz", "t1_1.nii.gz"]
+    for batch in changed:
+        for index, patch in zip(batch.metadata["subject_index"], batch["t1"].data):
+            if index == 1:  # new content: 3 * 2 + noise in [0, 1)
+                assert np.all((patch >= 6.0) & (patch < 7.0))
+
+
+# --- sharding ----------------------------------------------------------------------------------
+
+
+def test_shards_are_disjoint(records, caplog):
+    seen = []
+    for index in range(2):
+        with caplog.at_level(logging.WARNING, logger="jmed.data"):
+            queue = _queue(records, shard_index=index, shard_count=2, batch_size=3)
+        batches = _collect(iter(queue))
+        seen.append({int(i) for b in batches for i in b.metadata["subject_index"]})
+    assert seen[0].isdisjoint(seen[1])
+    assert len(seen[0]) == len(seen[1]) == 2  # 5 subjects, 1 dropped so shards are equal
+    assert any("dropped" in r.getMessage() for r in caplog.records)
+    keep_all = _queue(records, shard_index=0, shard_count=2, drop_remainder=False)
+    assert len(keep_all.indices) == 3
+
+
+_DISTRIBUTED = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process_id, port, records = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                               initialization_timeout=60)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    import jmed
+    queue = jmed.Queue(records, jmed.UniformSampler(4), samples_per_volume=2, max_length=4,
+                       batch_size=2, seed=3, label_names="seg", drop_last=True)
+    assert (queue.shard_index, queue.shard_count) == (process_id, 2)
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    sharding = NamedSharding(mesh, PartitionSpec("batch"))
+    seen, shapes = [], []
+    with queue.__iter__() as it:
+        for batch in it:
+            seen.extend(int(i) for i in batch.metadata["subject_index"])
+            data = jax.make_array_from_process_local_data(sharding, batch["t1"].data)
+            shapes.append(list(data.shape))
+            local = np.concatenate([np.asarray(s.data) for s in data.addressable_shards])
+            assert np.array_equal(local, batch["t1"].data)
+            total = float(jax.jit(lambda x: x.sum())(data))
+            both = multihost_utils.process_allgather(np.float32(batch["t1"].data.sum()))
+            assert np.isclose(total, both.sum(), rtol=1e-4), (total, both)
+    print("RESULT", json.dumps({"seen": sorted(set(seen)), "shapes": shapes}), flush=True)
+    jax.distributed.shutdown()
+    """
+)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_see_disjoint_subjects(records, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_DISTRIBUTED)
+    port = _free_port()
+    plain = [{k: str(v) if isinstance(v, Path) else v for k, v in r.items()} for r in records]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(jmed.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), json.dumps(plain)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=150)
+            outputs.append(out)
+            assert proc.returncode == 0, out[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    results = [
+        json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
+        for out in outputs
+    ]
+    seen = [set(r["seen"]) for r in results]
+    assert seen[0].isdisjoint(seen[1]) and len(seen[0]) == len(seen[1]) == 2
+    assert results[0]["shapes"] == results[1]["shapes"] == [[4, 4, 4, 4, 1]] * 2
+
+
+# --- device pipeline -------------------------------------------------------------------------
+
+
+def test_volume_loader_and_device_sampling(records):
+    loader = jmed.VolumeLoader(
+        records,
+        batch_size=2,
+        seed=1,
+        label_names="seg",
+        preprocessing=Scale(2.0),
+        shard_index=0,
+        shard_count=1,
+    )
+    batches = _collect(iter(loader))
+    assert len(batches) == 2  # 5 subjects, drop_last
+    batch = batches[0]
+    assert batch["t1"].data.shape == (2, *SHAPE, 1) and batch["t1"].affine.shape == (2, 4, 4)
+    numeric = batch.replace(metadata={k: v for k, v in batch.metadata.items() if v.dtype.kind in "biuf"})
+    sampler = UniformSampler((4, 3, 5))
+
+    @jax.jit
+    def step(key, batch):
+        return jmed.augment_and_sample(key, batch, sampler=sampler, num_patches=3)
+
+    patches = step(jax.random.key(0), numeric)
+    assert patches["t1"].data.shape == (6, 4, 3, 5, 1)
+    locations = np.asarray(patches.metadata["location"])
+    for i in range(6):
+        x0, y0, z0, x1, y1, z1 = locations[i]
+        volume = batch["t1"].data[i // 3]
+        np.testing.assert_array_equal(np.asarray(patches["t1"].data[i]), volume[x0:x1, y0:y1, z0:z1])
+    np.testing.assert_array_equal(
+        np.asarray(patches.metadata["subject_index"]), np.repeat(batch.metadata["subject_index"], 3)
+    )
+    # augmentation draws from its own key: the same key gives the same locations, plus noise
+    augmented = jax.jit(
+        lambda k, b: jmed.augment_and_sample(k, b, sampler=sampler, num_patches=3, augmentation=NOISE)
+    )(jax.random.key(0), numeric)
+    np.testing.assert_array_equal(np.asarray(augmented.metadata["location"]), locations)
+    noise = np.asarray(augmented["t1"].data) - np.asarray(patches["t1"].data)
+    assert np.all((noise > -1e-5) & (noise < 1 + 1e-5)) and noise.std() > 0.1
+    np.testing.assert_array_equal(np.asarray(augmented["seg"].data), np.asarray(patches["seg"].data))
+
+
+def test_volume_loader_rejects_different_shapes(records, tmp_path):
+    odd = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.float32), np.eye(4)), odd)
+    loader = jmed.VolumeLoader(
+        [{"t1": records[0]["t1"]}, {"t1": str(odd)}],
+        batch_size=2,
+        shuffle_subjects=False,
+        shard_index=0,
+        shard_count=1,
+    )
+    with pytest.raises(ValueError, match="shapes differ"):
+        _collect(iter(loader))
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def test_memory_estimate(records):
+    queue = _queue(records, max_length=10, batch_size=4, num_workers=2, worker_buffer_size=1)
+    volume = np.prod(SHAPE) * (4 + 1)  # float32 t1 + uint8 seg
+    patch = 64 * (4 + 1)
+    per_subject = 3 * patch
+    expected = patch * (10 + 4) + per_subject + 2 * 2 * (2 * volume + per_subject)
+    assert queue.get_max_memory() == expected
+    assert queue.get_max_memory_pretty().endswith("KiB")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(samples_per_volume=0), "samples_per_volume"),
+        (dict(max_length=-1), "max_length"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(num_workers=-1), "num_workers"),
+        (dict(shard_index=2, shard_count=2), "shard_index"),
+        (dict(num_epochs=0), "num_epochs"),
+        (dict(sampler=None), "sampler"),
+        (dict(seed=1.5), "seed"),
+        (dict(preprocessing=AddNoise()), "deterministic"),
+    ],
+)
+def test_queue_configuration_errors(records, change, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _queue(records, **change)
