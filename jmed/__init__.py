@@ -36,3 +36,6 @@ __all__ = [
     "transforms",
     "unstack",
 ]
+from jmed.inference import GridAggregator, GridSampler, grid_locations, sliding_window_inference  # noqa: E402
+
+__all__ += ["GridAggregator", "GridSampler", "grid_locations", "sliding_window_inference"]
