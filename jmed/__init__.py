@@ -17,6 +17,7 @@ from jmed.image import (
     stack,
     unstack,
 )
+from jmed.inference import GridAggregator, GridSampler, grid_locations, sliding_window_inference
 from jmed.io import load, save
 
 __version__ = "0.1.0"
@@ -35,7 +36,8 @@ __all__ = [
     "stack",
     "transforms",
     "unstack",
+    "GridAggregator",
+    "GridSampler",
+    "grid_locations",
+    "sliding_window_inference",
 ]
-from jmed.inference import GridAggregator, GridSampler, grid_locations, sliding_window_inference  # noqa: E402
-
-__all__ += ["GridAggregator", "GridSampler", "grid_locations", "sliding_window_inference"]
