@@ -233,7 +233,7 @@ def _pad(data: jax.Array, widths: Sequence[tuple[int, int]], padding_mode: str, 
     return jnp.pad(data, pad_width, mode=padding_mode)
 
 
-def _padding(shape, patch, over, factor, pad_borders) -> list[tuple[int, int]]:
+def _padding(shape, patch, over, factor, pad_borders) -> tuple[tuple[int, int], ...]:
     """Padding per axis: borders, enough for one window, a multiple of the factor."""
     widths = []
     for length, p, o, f in zip(shape, patch, over, factor):
@@ -243,7 +243,7 @@ def _padding(shape, patch, over, factor, pad_borders) -> list[tuple[int, int]]:
         high = border + deficit - (deficit // 2) // f * f
         high += -(low + length + high) % f
         widths.append((low, high))
-    return widths
+    return tuple(widths)
 
 
 # --- kernels shared by sliding_window_inference and GridAggregator ------------------------
@@ -351,15 +351,54 @@ def _label_dtype(num_channels: int) -> np.dtype:
 # --- the jitted programs -------------------------------------------------------------------
 
 
-def _device_program(predict, plan, batch, acc_dtype, argmax, out_channels, mesh, axes, num_devices):
-    """``(volume, starts, valid) -> accumulator`` for batches laid out as (n_batches, b, ...)."""
-    acc_shape = (*plan.out_shape, 1 if argmax else out_channels)
+def _schedule(plan: _Plan, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window starts ``(total, 3)`` and validity ``(total,)``, padded to whole batches."""
+    locations = plan.locations()
+    n = len(locations)
+    total = -(-n // global_batch) * global_batch
+    starts = np.zeros((total, 3), np.int32)
+    starts[:n] = locations
+    valid = np.zeros(total, np.float32)
+    valid[:n] = 1.0
+    return starts, valid
 
-    def accumulate(volume, starts, valid):
+
+def _finish(acc, crop, final_argmax, out_channels, xp):
+    """Crop the padding away (output space) and take the argmax if asked."""
+    out = acc[tuple(slice(low, low + length) for low, length in crop)]
+    if final_argmax:
+        out = xp.argmax(out, axis=-1)[..., None].astype(_label_dtype(out_channels))
+    return out
+
+
+def _device_program(
+    predict,
+    plan,
+    widths,
+    padding_mode,
+    padding_value,
+    crop,
+    final_argmax,
+    batch,
+    acc_dtype,
+    label_only,
+    out_channels,
+    mesh,
+    axes,
+    num_devices,
+):
+    """``data -> output``: pad, scan over batches (split over the mesh), crop."""
+    acc_shape = (*plan.out_shape, 1 if label_only else out_channels)
+    starts, valid = _schedule(plan, batch * num_devices)
+    # (n_batches, batch, ...); with a mesh, device k takes a contiguous run of batches
+    starts = starts.reshape(-1, batch, 3)
+    valid = valid.reshape(-1, batch)
+
+    def local_accumulate(volume, starts, valid):
         def body(acc, xs):
             s, v = xs
             outputs = predict(_gather(volume, s, plan.patch))
-            out_starts, values = _weigh(plan, outputs, s, v, acc_dtype, argmax)
+            out_starts, values = _weigh(plan, outputs, s, v, acc_dtype, label_only)
             return _scatter_add(acc, out_starts, values), None
 
         acc = jnp.zeros(acc_shape, acc_dtype)
@@ -368,16 +407,24 @@ def _device_program(predict, plan, batch, acc_dtype, argmax, out_channels, mesh,
         acc, _ = jax.lax.scan(body, acc, (starts, valid))
         return acc
 
-    if mesh is None:
-        return accumulate
-    spec = jax.sharding.PartitionSpec
-    batch_spec = spec(axes if len(axes) > 1 else axes[0])
+    if mesh is not None:
+        spec = jax.sharding.PartitionSpec
+        batch_spec = spec(axes if len(axes) > 1 else axes[0])
 
-    def sharded(volume, starts, valid):
-        return jax.lax.psum(accumulate(volume, starts, valid), axes)
+        def sharded(volume, starts, valid):
+            return jax.lax.psum(local_accumulate(volume, starts, valid), axes)
 
-    mapped = _shard_map(sharded, mesh=mesh, in_specs=(spec(), batch_spec, batch_spec), out_specs=spec())
-    return _placed(mapped, mesh, batch_spec)
+        mapped = _shard_map(sharded, mesh=mesh, in_specs=(spec(), batch_spec, batch_spec), out_specs=spec())
+        accumulate = _placed(mapped, mesh, batch_spec)
+    else:
+        accumulate = local_accumulate
+
+    def run(data):
+        padded = _pad(data, widths, padding_mode, padding_value)
+        acc = accumulate(padded, jnp.asarray(starts), jnp.asarray(valid))
+        return _finish(acc, crop, final_argmax, out_channels, jnp)
+
+    return run
 
 
 def _placed(mapped, mesh, batch_spec):
@@ -424,9 +471,11 @@ def _cached_jit(kind, predict, *config):
 def _compiled(kind, predict, config, cache: bool):
     if cache:
         try:
-            return _cached_jit(kind, predict, *config)
-        except TypeError:  # unhashable predict
-            pass
+            hash((predict, config))
+        except TypeError:  # unhashable predict: compile for this call only
+            cache = False
+    if cache:
+        return _cached_jit(kind, predict, *config)
     builder = _device_program if kind == "device" else _host_step
     return jax.jit(builder(predict, *config))
 
@@ -551,44 +600,37 @@ def sliding_window_inference(
         acc_dtype_used = acc_dtype
 
     widths = _padding(image.spatial_shape, patch, over, factor, pad_borders)
-    padded = _pad(jnp.asarray(data), widths, padding_mode, padding_value)
-    plan = _make_plan(tuple(padded.shape[:3]), patch, over, factor, mode)
-    locations = plan.locations()
+    padded_shape = tuple(s + lo + hi for s, (lo, hi) in zip(image.spatial_shape, widths))
+    plan = _make_plan(padded_shape, patch, over, factor, mode)
     label_only = argmax and mode == "crop"
 
-    global_batch = batch * num_devices
-    n = len(locations)
-    n_batches = -(-n // global_batch)
-    total = n_batches * global_batch
-    starts = np.zeros((total, 3), np.int32)
-    starts[:n] = locations
-    valid = np.zeros(total, np.float32)
-    valid[:n] = 1.0
-
+    crop = tuple((w[0] // f, -(-length // f)) for w, f, length in zip(widths, factor, image.spatial_shape))
+    final_argmax = argmax and not label_only
     if output_on_host:
+        padded = _pad(jnp.asarray(data), widths, padding_mode, padding_value)
+        starts, valid = _schedule(plan, batch * num_devices)
         step = _compiled("host", predict, (plan, acc_dtype_used, label_only, mesh, axes), cache=not traced)
         acc = _host_accumulate(
-            step, padded, starts, valid, global_batch, plan, acc_dtype_used, label_only, out_channels
+            step, padded, starts, valid, batch * num_devices, plan, acc_dtype_used, label_only, out_channels
         )
+        out = _finish(acc, crop, final_argmax, out_channels, np)
     else:
-        if mesh is None:
-            starts_in = starts.reshape(n_batches, batch, 3)
-            valid_in = valid.reshape(n_batches, batch)
-        else:
-            # device k takes a contiguous run of windows; its local scan sees (n_local, batch)
-            n_local = n_batches
-            starts_in = starts.reshape(num_devices * n_local, batch, 3)
-            valid_in = valid.reshape(num_devices * n_local, batch)
-        config = (plan, batch, acc_dtype_used, label_only, out_channels, mesh, axes, num_devices)
-        program = _compiled("device", predict, config, cache=not traced)
-        acc = program(padded, jnp.asarray(starts_in), jnp.asarray(valid_in))
-
-    out_len = [-(-s // f) for s, f in zip(image.spatial_shape, factor)]
-    lows = [w[0] // f for w, f in zip(widths, factor)]
-    out = acc[lows[0] : lows[0] + out_len[0], lows[1] : lows[1] + out_len[1], lows[2] : lows[2] + out_len[2]]
-    if argmax and not label_only:
-        xp = np if output_on_host else jnp
-        out = xp.argmax(out, axis=-1)[..., None].astype(_label_dtype(out_channels))
+        config = (
+            plan,
+            widths,
+            padding_mode,
+            float(padding_value),
+            crop,
+            final_argmax,
+            batch,
+            acc_dtype_used,
+            label_only,
+            out_channels,
+            mesh,
+            axes,
+            num_devices,
+        )
+        out = _compiled("device", predict, config, cache=not traced)(data)
     affine = _output_affine(image.affine, factor)
     return image.replace(data=out, affine=affine, kind=LABEL if argmax else INTENSITY)
 
