@@ -274,16 +274,21 @@ class _Plan:
         grid = np.stack(np.meshgrid(*self.positions, indexing="ij"), axis=-1).reshape(-1, 3)
         return grid * np.asarray(self.factor)
 
-    def weights(self, out_starts: jax.Array, valid: jax.Array) -> jax.Array:
-        """Normalised weights ``(b, qx, qy, qz)`` for windows starting at ``out_starts``."""
+    def axis_weights(self, out_starts: jax.Array, valid: jax.Array) -> list[jax.Array]:
+        """Normalised 1D weights ``[(b, qx), (b, qy), (b, qz)]``; invalid windows get 0."""
         per_axis = []
         for axis in range(3):
-            index = jnp.searchsorted(jnp.asarray(self.positions[axis]), out_starts[:, axis])
+            index = jnp.searchsorted(
+                jnp.asarray(self.positions[axis]), out_starts[:, axis], method="compare_all"
+            )
             index = jnp.clip(index, 0, len(self.positions[axis]) - 1)
             per_axis.append(jnp.asarray(self.tables[axis])[index])
-        wx, wy, wz = per_axis
-        w = wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]
-        return w * valid.astype(w.dtype)[:, None, None, None]
+        per_axis[0] = per_axis[0] * valid.astype(jnp.float32)[:, None]
+        return per_axis
+
+
+def _outer(wx, wy, wz):
+    return wx[..., :, None, None] * wy[..., None, :, None] * wz[..., None, None, :]
 
 
 @functools.lru_cache(maxsize=64)
@@ -322,11 +327,11 @@ def _check_output(out_shape, batch, patch, num_channels=None) -> tuple[tuple[int
     return factor, out_shape[-1]
 
 
-def _weigh(plan: _Plan, outputs, starts, valid, acc_dtype, argmax: bool):
+def _weigh(plan: _Plan, outputs, starts, valid, acc_dtype, label_only: bool):
     """Output-space starts and weighted predictions (or labels) for one batch."""
     out_starts = starts // jnp.asarray(plan.factor, starts.dtype)
-    w = plan.weights(out_starts, valid)
-    if argmax:
+    w = _outer(*plan.axis_weights(out_starts, valid))
+    if label_only:
         # crop mode: each voxel has exactly one window with weight 1, so labels add exactly
         labels = jnp.argmax(outputs, axis=-1).astype(acc_dtype)
         return out_starts, jnp.where(w > 0, labels, 0)[..., None]
@@ -334,13 +339,27 @@ def _weigh(plan: _Plan, outputs, starts, valid, acc_dtype, argmax: bool):
     return out_starts, weighted.astype(acc_dtype)
 
 
-def _scatter_add(acc: jax.Array, out_starts: jax.Array, values: jax.Array) -> jax.Array:
-    """Add each ``values[b]`` into ``acc`` at ``out_starts[b]`` (in place under jit)."""
-    size = values.shape[1:]
-    for b in range(values.shape[0]):  # static and small: unrolled
+def _accumulate_batch(plan: _Plan, acc, outputs, starts, valid, label_only: bool):
+    """Weight each predicted window and add it into ``acc`` (in place under jit).
+
+    Window by window (the batch is static and small, so the loop is unrolled), so that the
+    weight, the multiplication and the addition fuse into one pass over the window and no
+    weighted copy of the batch is materialised.
+    """
+    out_starts = starts // jnp.asarray(plan.factor, starts.dtype)
+    wx, wy, wz = plan.axis_weights(out_starts, valid)
+    if label_only:
+        labels = jnp.argmax(outputs, axis=-1).astype(acc.dtype)
+    size = (*outputs.shape[1:4], acc.shape[-1])
+    for b in range(outputs.shape[0]):
+        w = _outer(wx[b], wy[b], wz[b])
+        if label_only:
+            value = jnp.where(w > 0, labels[b], 0)[..., None]
+        else:
+            value = (outputs[b].astype(jnp.float32) * w[..., None]).astype(acc.dtype)
         index = (out_starts[b, 0], out_starts[b, 1], out_starts[b, 2], 0)
         current = jax.lax.dynamic_slice(acc, index, size)
-        acc = jax.lax.dynamic_update_slice(acc, current + values[b], index)
+        acc = jax.lax.dynamic_update_slice(acc, current + value, index)
     return acc
 
 
@@ -398,8 +417,7 @@ def _device_program(
         def body(acc, xs):
             s, v = xs
             outputs = predict(_gather(volume, s, plan.patch))
-            out_starts, values = _weigh(plan, outputs, s, v, acc_dtype, label_only)
-            return _scatter_add(acc, out_starts, values), None
+            return _accumulate_batch(plan, acc, outputs, s, v, label_only), None
 
         acc = jnp.zeros(acc_shape, acc_dtype)
         if mesh is not None:  # each device's partial sum differs: mark the carry as varying
@@ -834,5 +852,4 @@ class GridAggregator:
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(1,))
 def _aggregate_batch(plan, acc, outputs, starts, label_only):
     valid = jnp.ones(starts.shape[0], jnp.float32)
-    out_starts, values = _weigh(plan, outputs, starts, valid, acc.dtype, label_only)
-    return _scatter_add(acc, out_starts, values)
+    return _accumulate_batch(plan, acc, outputs, starts, valid, label_only)
