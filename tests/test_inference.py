@@ -210,7 +210,7 @@ SHAPES = {
 @pytest.mark.parametrize("mode", MODES)
 def test_identity(mode, shape, overlap):
     image = random_image(shape, seed=2, channels=2)
-    out = sliding_window_inference(identity, image, 4, overlap=overlap, batch_size=3, mode=mode)
+    out = sliding_window_inference(identity, image, 4, overlap=overlap, batch_size=2, mode=mode)
     assert out.shape == image.shape
     np.testing.assert_allclose(np.asarray(out.data), image.data, atol=1e-6)
     np.testing.assert_array_equal(out.affine, image.affine)
@@ -340,14 +340,15 @@ def test_inside_user_jit_with_traced_parameters():
 
 @pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
 def test_sharded_equals_single_device(num_devices):
-    image = random_image((10, 9, 7), seed=12)
+    image = random_image((8, 7, 6), seed=12)
     kwargs = dict(overlap=2, batch_size=2, mode="hann")
     single = sliding_window_inference(nonlinear, image, 4, **kwargs)
     mesh = jax.make_mesh((num_devices,), ("data",), devices=jax.devices()[:num_devices])
     sharded = sliding_window_inference(nonlinear, image, 4, mesh=mesh, **kwargs)
     np.testing.assert_allclose(np.asarray(sharded.data), np.asarray(single.data), atol=1e-6, rtol=0)
-    host = sliding_window_inference(nonlinear, image, 4, mesh=mesh, output_on_host=True, **kwargs)
-    np.testing.assert_allclose(host.data, np.asarray(single.data), atol=1e-6, rtol=0)
+    if num_devices == 8:
+        host = sliding_window_inference(nonlinear, image, 4, mesh=mesh, output_on_host=True, **kwargs)
+        np.testing.assert_allclose(host.data, np.asarray(single.data), atol=1e-6, rtol=0)
 
 
 def test_sharded_2d_mesh_named_axis():
@@ -377,7 +378,8 @@ def test_aggregator_matches_sliding_window(mode):
     image = random_image((9, 7, 10), seed=14)
     sampler = GridSampler(image, (4, 5, 4), (2, 2, 1))
     aggregator = GridAggregator(sampler, mode=mode)
-    for patches, locations in sampler.batches(5):
+    assert len(sampler) == 24
+    for patches, locations in sampler.batches(6):
         # TorchIO layout: (start, end) per axis
         aggregator.add_batch(nonlinear(patches), np.concatenate([locations, locations + (4, 5, 4)], 1))
     expected = sliding_window_inference(
