@@ -501,6 +501,19 @@ def _compiled(kind, predict, config, cache: bool):
 # --- public API ------------------------------------------------------------------------------
 
 
+def _under_trace(data) -> bool:
+    """True inside ``jit``/``vmap``/...: then ``predict`` may close over tracers, and a
+    program built here must not be cached (it would leak them into later calls)."""
+    if isinstance(data, jax.core.Tracer):
+        return True
+    try:
+        from jax._src import core as _core  # no public equivalent in jax 0.10
+
+        return not _core.trace_state_clean()
+    except (ImportError, AttributeError):  # pragma: no cover - other jax versions
+        return False
+
+
 def _as_image(image: Any) -> Image:
     if isinstance(image, Image):
         return image
@@ -601,7 +614,7 @@ def sliding_window_inference(
     axes, num_devices = (None, 1) if mesh is None else _mesh_axes(mesh, axis_name)
 
     data = image.data
-    traced = isinstance(data, jax.core.Tracer)
+    traced = _under_trace(data)
     if output_on_host and traced:
         raise ValueError("output_on_host=True cannot run under jax.jit (it accumulates in numpy)")
     in_channels = data.shape[-1]

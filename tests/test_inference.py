@@ -335,6 +335,29 @@ def test_inside_user_jit_with_traced_parameters():
     np.testing.assert_allclose(np.asarray(out.data), 3 * image.data, atol=1e-5)
 
 
+def test_jit_over_parameters_only_does_not_cache_tracers():
+    image = random_image((6, 5, 4), seed=16)  # concrete, closed over
+
+    @jax.jit
+    def infer(scale):
+        return sliding_window_inference(lambda x: scale * x, image, 4, overlap=1).data
+
+    for scale in (2.0, 5.0):
+        np.testing.assert_allclose(np.asarray(infer(jnp.float32(scale))), scale * image.data, atol=1e-5)
+
+
+def test_public_signatures():
+    import inspect
+
+    signature = inspect.signature(sliding_window_inference)
+    positional = [p.name for p in signature.parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == ["predict", "image", "patch_size"]
+    assert all(p.kind == p.KEYWORD_ONLY for p in signature.parameters.values() if p.name not in positional)
+    for name in ("sliding_window_inference", "grid_locations", "GridSampler", "GridAggregator"):
+        assert getattr(jmed, name) is getattr(jmed.inference, name)
+        assert name in jmed.__all__ and name in jmed.inference.__all__
+
+
 # --- sharding ----------------------------------------------------------------------------------------
 
 
