@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -487,10 +488,15 @@ def _cached_jit(kind, predict, *config):
 
 
 def _compiled(kind, predict, config, cache: bool):
+    # Only plain functions are cached (like ``jax.jit(f)``, the program keeps what ``f``
+    # closed over at its first call). Callable objects such as Flax NNX models are
+    # mutable: a cached program would keep their old weights, so they are traced per call.
+    if cache and not isinstance(predict, types.FunctionType):
+        cache = False
     if cache:
         try:
             hash((predict, config))
-        except TypeError:  # unhashable predict: compile for this call only
+        except TypeError:  # unhashable configuration: compile for this call only
             cache = False
     if cache:
         return _cached_jit(kind, predict, *config)
@@ -553,9 +559,12 @@ def sliding_window_inference(
     The volume is padded if needed, cut into the static grid of ``grid_locations``,
     predicted ``batch_size`` windows at a time, weighted according to ``mode`` (see the
     module docstring) and accumulated. Everything runs as one jitted program per
-    configuration (cached for hashable ``predict``); the function itself is also
-    traceable, so it can be called inside a user's ``jax.jit`` (e.g. with a Flax NNX model
-    rebuilt from its state), except with ``output_on_host=True``.
+    configuration. When ``predict`` is a plain function the compiled program is cached
+    (like ``jax.jit(predict)``, it keeps what the function closed over at its first call);
+    a callable object (a Flax NNX model) is traced on every call, because its weights may
+    have changed. For repeated calls with a model, call this function inside your own
+    ``jax.jit`` with the model rebuilt from its state (``nnx.merge``): it is traceable,
+    except with ``output_on_host=True``.
 
     Args:
         predict: jittable function from a batch ``(batch_size, px, py, pz, c_in)`` to

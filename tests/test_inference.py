@@ -346,6 +346,23 @@ def test_jit_over_parameters_only_does_not_cache_tracers():
         np.testing.assert_allclose(np.asarray(infer(jnp.float32(scale))), scale * image.data, atol=1e-5)
 
 
+def test_model_object_weights_are_not_stale():
+    class Scaled:  # a mutable "model", like a Flax NNX module
+        def __init__(self, scale):
+            self.scale = jnp.float32(scale)
+
+        def __call__(self, x):
+            return self.scale * x
+
+    image = random_image((6, 5, 4), seed=17)
+    model = Scaled(2.0)
+    first = sliding_window_inference(model, image, 4, overlap=1)
+    model.scale = jnp.float32(7.0)  # "training" changed the weights
+    second = sliding_window_inference(model, image, 4, overlap=1)
+    np.testing.assert_allclose(np.asarray(first.data), 2 * image.data, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(second.data), 7 * image.data, atol=1e-5)
+
+
 def test_public_signatures():
     import inspect
 
