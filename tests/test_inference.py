@@ -197,14 +197,14 @@ def test_matches_numpy_reference(mode):
 
 # --- identity --------------------------------------------------------------------------------
 
+# patch 4; stride 4 (overlap 0) or 2 (overlap 2). Each shape covers two of the cases.
 SHAPES = {
-    "odd": (7, 9, 5),
-    "even": (8, 6, 10),
-    "smaller_than_patch": (3, 2, 5),
-    "not_divisible_by_stride": (11, 7, 9),
+    # odd sizes; (size - patch) not a multiple of the stride along x (overlap 2) and x, y
+    # (overlap 0), so the last window overlaps its neighbour by more than the overlap
+    "odd_not_divisible_by_stride": (7, 9, 5),
+    # even sizes; x smaller than the patch (padded), y fits exactly, z = 10
+    "even_smaller_than_patch": (2, 4, 10),
 }
-
-
 @pytest.mark.parametrize("overlap", [0, 2])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("mode", MODES)
