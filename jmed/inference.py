@@ -6,7 +6,7 @@ prediction is weighted, and the weighted predictions are added into one output v
 The whole loop (gather -> predict -> weight -> scatter-add) for one volume is a single
 jitted XLA program (a ``lax.scan`` over batches; the last batch is filled with dummy
 windows of weight zero). Given a ``jax.sharding.Mesh``, the batches are split over the
-devices of one mesh axis with ``jax.shard_map``; every device accumulates the windows it
+devices of the chosen mesh axes with ``jax.shard_map``; every device accumulates the windows it
 predicted into its own copy of the output and the copies are summed with ``psum``.
 
 Array contract: image data are ``(x, y, z, c)`` (channels last); ``predict`` maps a batch
@@ -851,6 +851,14 @@ class GridAggregator:
                 f"outputs have spatial shape {outputs.shape[1:4]}, expected "
                 f"{self.plan.out_patch} (patch_size {self.sampler.patch_size} / downsampling {self.sampler.factor})"
             )
+        starts = locations[:, :3].astype(np.int64)
+        for axis in range(3):
+            allowed = self.plan.positions[axis] * self.sampler.factor[axis]
+            if not np.isin(starts[:, axis], allowed).all():
+                raise ValueError(
+                    f"locations must be window starts of the sampler's grid; along axis {axis} "
+                    f"got {sorted(set(starts[:, axis].tolist()))}, allowed {allowed.tolist()}"
+                )
         label_only = self.argmax and self.mode == "crop"
         if self._acc is None:
             self._channels = channels

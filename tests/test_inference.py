@@ -205,6 +205,8 @@ SHAPES = {
     # even sizes; x smaller than the patch (padded), y fits exactly, z = 10
     "even_smaller_than_patch": (2, 4, 10),
 }
+
+
 @pytest.mark.parametrize("overlap", [0, 2])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("mode", MODES)
@@ -499,6 +501,8 @@ def test_aggregator_errors():
     patches, locations = next(sampler.batches(2))
     with pytest.raises(ValueError, match="locations must have shape"):
         aggregator.add_batch(patches, locations[:1])
+    with pytest.raises(ValueError, match="locations must be window starts of the sampler's grid"):
+        aggregator.add_batch(patches, locations + 1)
     with pytest.raises(ValueError, match="expected"):
         aggregator.add_batch(patches[:, :2, :2, :2], locations)
     with pytest.raises(ValueError, match="must be divisible by downsampling"):
