@@ -626,6 +626,8 @@ def sliding_window_inference(
     _check_choice(padding_mode, "padding_mode", PADDING_MODES)
     acc_dtype = _check_dtype(accumulation_dtype)
     axes, num_devices = (None, 1) if mesh is None else _mesh_axes(mesh, axis_name)
+    if num_devices == 1:  # nothing to split; skip the (copying) psum
+        mesh, axes = None, None
 
     data = image.data
     traced = _under_trace(data)
