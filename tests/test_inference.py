@@ -507,3 +507,30 @@ def test_aggregator_errors():
         aggregator.add_batch(patches[:, :2, :2, :2], locations)
     with pytest.raises(ValueError, match="must be divisible by downsampling"):
         GridSampler(random_image((6, 6, 6)), 4, 1, downsampling=2)
+
+
+# --- optional comparison with TorchIO ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["average", "crop"])
+def test_matches_torchio_aggregator(mode):
+    torch = pytest.importorskip("torch")
+    tio = pytest.importorskip("torchio")
+    # a regular grid (every stride equal) where both libraries define crop the same way
+    image = random_image((10, 8, 6), seed=18)
+    patch, overlap = (4, 4, 4), (2, 2, 2)
+    tensor = torch.from_numpy(np.moveaxis(np.asarray(image.data), -1, 0).copy())
+    sampler = tio.inference.GridSampler(tio.Subject(t1=tio.ScalarImage(tensor=tensor)), patch, overlap)
+    aggregator = tio.inference.GridAggregator(sampler, overlap_mode=mode)
+    for index in range(len(sampler)):
+        patch_subject = sampler[index]
+        data = patch_subject["t1"][tio.DATA][None]
+        mean = data.mean(dim=(2, 3, 4), keepdim=True)
+        aggregator.add_batch(data * mean, patch_subject[tio.LOCATION][None])
+    expected = np.moveaxis(aggregator.get_output_tensor().numpy(), 0, -1)
+
+    def predict(x):
+        return x * x.mean(axis=(1, 2, 3), keepdims=True)
+
+    out = sliding_window_inference(predict, image, patch, overlap=overlap, batch_size=4, mode=mode)
+    np.testing.assert_allclose(np.asarray(out.data), expected, rtol=1e-5, atol=1e-6)
