@@ -122,12 +122,29 @@ def test_aggregator_fixture(mode, axis):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_aggregator_fixture_3d(mode):
+    # the same grid along all three axes; window (a, b, c) is multiplied by k(a) k(b) k(c).
+    # Weights and constants are separable, so the expected volume is the outer product of
+    # the 1D fixture with itself three times.
+    image = jmed.ScalarImage(np.ones((7, 7, 7), np.float32))
+    sampler = GridSampler(image, 4, 2)
+    constants = {0: 1.0, 2: 2.0, 3: 4.0}
+    aggregator = GridAggregator(sampler, mode=mode)
+    for patches, locations in sampler.batches(9):  # 27 windows
+        factors = jnp.asarray([np.prod([constants[int(v)] for v in loc]) for loc in locations])
+        aggregator.add_batch(patches * factors[:, None, None, None, None], locations)
+    line = np.asarray(FIXTURES[mode])
+    expected = line[:, None, None] * line[None, :, None] * line[None, None, :]
+    np.testing.assert_allclose(np.asarray(aggregator.get_output().data)[..., 0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_sliding_window_fixture(mode):
     # the "model" returns each window's mean: windows A, B, C have known different means
     data = np.array([4, 0, 0, 0, 8, 0, 12], np.float32).reshape(7, 1, 1)
     image = jmed.ScalarImage(data)
     means = {0: 1.0, 2: 2.0, 3: 5.0}  # [4, 0, 0, 0], [0, 0, 8, 0], [0, 8, 0, 12]
-    aggregator_fixture = {
+    expected = {
         "crop": [means[0]] * 3 + [means[2]] + [means[3]] * 3,
         "average": [
             means[0],
@@ -158,7 +175,7 @@ def test_sliding_window_fixture(mode):
         ],
     }[mode]
     out = sliding_window_inference(window_mean, image, (4, 1, 1), overlap=(2, 0, 0), batch_size=2, mode=mode)
-    np.testing.assert_allclose(np.asarray(out.data).reshape(-1), aggregator_fixture, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.data).reshape(-1), expected, rtol=1e-6)
 
 
 def _reference(predict, data, patch, overlap, mode):
