@@ -1,0 +1,553 @@
+"""Tests for jmed.inference: grid, weighting fixtures, identity, sharding, memory options."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_trees_close
+
+import jmed
+from jmed import affine as affine_lib
+from jmed.inference import (
+    GridAggregator,
+    GridSampler,
+    grid_locations,
+    sliding_window_inference,
+)
+
+MODES = ("crop", "average", "hann", "gaussian")
+
+
+def identity(x):
+    return x
+
+
+def window_mean(x):
+    """A 'model' whose output for a window is the window's mean, everywhere in the window."""
+    return jnp.broadcast_to(x.mean(axis=(1, 2, 3), keepdims=True), x.shape)
+
+
+def nonlinear(x):
+    """Depends on the whole window (so blending matters) and has 2 output channels."""
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    return jnp.concatenate([x * mean, jnp.sin(x) + mean], axis=-1)
+
+
+def random_image(shape, seed=0, channels=1, affine=None):
+    data = np.random.default_rng(seed).standard_normal((*shape, channels)).astype(np.float32)
+    return jmed.Image(data, affine)
+
+
+# --- grid ------------------------------------------------------------------------------------
+
+
+def test_grid_locations_rule():
+    locations = grid_locations((10, 4, 7), (4, 4, 3), (1, 0, 2))
+    # x: stride 3 -> 0, 3, 6 (6 = 10 - 4 ends at the border); y: one window; z: stride 1 -> 0..4
+    expected = np.array(list(itertools.product([0, 3, 6], [0], [0, 1, 2, 3, 4])))
+    np.testing.assert_array_equal(locations, expected)
+    assert locations.dtype.kind == "i"
+
+
+def test_grid_locations_last_window_ends_at_border():
+    locations = grid_locations((11, 9, 96), 4, 2)
+    assert locations[:, 0].tolist().count(7) > 0  # 0, 2, 4, 6, 7
+    np.testing.assert_array_equal(np.unique(locations[:, 0]), [0, 2, 4, 6, 7])
+    np.testing.assert_array_equal(np.unique(locations[:, 1]), [0, 2, 4, 5])
+    assert locations[:, 2].max() == 92
+    np.testing.assert_array_equal(locations, np.unique(locations, axis=0))
+
+
+def test_grid_locations_cover_volume():
+    shape, patch = (13, 7, 9), (5, 3, 4)
+    covered = np.zeros(shape, int)
+    for x, y, z in grid_locations(shape, patch, (2, 1, 3)):
+        covered[x : x + 5, y : y + 3, z : z + 4] += 1
+    assert covered.min() >= 1
+
+
+# --- hand-computed fixtures --------------------------------------------------------------------
+# Volume of 7 voxels along one axis, patch 4, overlap 2: windows start at 0, 2 and 3
+# (A = [0, 4), B = [2, 6), C = [3, 7)). The "model" multiplies window A by 1, B by 2, C by 4
+# (on a volume of ones).
+
+H = np.sin(3 * np.pi / 8) ** 2  # hann weight of the 2 inner voxels of a 4-voxel window
+h = np.sin(np.pi / 8) ** 2  # hann weight of the 2 outer voxels (h + H = 1)
+G = np.exp(-0.5)  # gaussian, sigma = 0.5: inner voxels are 0.5 from the centre 1.5
+g = np.exp(-4.5)  # outer voxels are 1.5 from the centre
+
+FIXTURES = {
+    # crop: boundaries in the middle of each actual overlap: A [0, 3), B [3, 4), C [4, 7)
+    "crop": [1, 1, 1, 2, 4, 4, 4],
+    "average": [1, 1, 1.5, 7 / 3, 3, 3, 4],
+    "hann": [
+        1,
+        1,
+        (H * 1 + h * 2) / (H + h),
+        (h * 1 + H * 2 + h * 4) / (h + H + h),
+        (H * 2 + H * 4) / (2 * H),
+        (h * 2 + H * 4) / (h + H),
+        4,
+    ],
+    "gaussian": [
+        1,
+        1,
+        (G * 1 + g * 2) / (G + g),
+        (g * 1 + G * 2 + g * 4) / (g + G + g),
+        3,
+        (g * 2 + G * 4) / (g + G),
+        4,
+    ],
+}
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("mode", MODES)
+def test_aggregator_fixture(mode, axis):
+    shape, patch, overlap = [1, 1, 1], [1, 1, 1], [0, 0, 0]
+    shape[axis], patch[axis], overlap[axis] = 7, 4, 2
+    image = jmed.ScalarImage(np.ones(shape, np.float32))
+    sampler = GridSampler(image, patch, overlap)
+    np.testing.assert_array_equal(sampler.locations[:, axis], [0, 2, 3])
+    constants = {0: 1.0, 2: 2.0, 3: 4.0}
+    aggregator = GridAggregator(sampler, mode=mode)
+    for patches, locations in sampler.batches(2):  # batches of 2 and 1
+        factors = jnp.asarray([constants[int(loc[axis])] for loc in locations])
+        aggregator.add_batch(patches * factors[:, None, None, None, None], locations)
+    out = aggregator.get_output()
+    np.testing.assert_allclose(np.asarray(out.data).reshape(-1), FIXTURES[mode], rtol=1e-6)
+    np.testing.assert_array_equal(out.affine, image.affine)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aggregator_fixture_3d(mode):
+    # the same grid along all three axes; window (a, b, c) is multiplied by k(a) k(b) k(c).
+    # Weights and constants are separable, so the expected volume is the outer product of
+    # the 1D fixture with itself three times.
+    image = jmed.ScalarImage(np.ones((7, 7, 7), np.float32))
+    sampler = GridSampler(image, 4, 2)
+    constants = {0: 1.0, 2: 2.0, 3: 4.0}
+    aggregator = GridAggregator(sampler, mode=mode)
+    for patches, locations in sampler.batches(9):  # 27 windows
+        factors = jnp.asarray([np.prod([constants[int(v)] for v in loc]) for loc in locations])
+        aggregator.add_batch(patches * factors[:, None, None, None, None], locations)
+    line = np.asarray(FIXTURES[mode])
+    expected = line[:, None, None] * line[None, :, None] * line[None, None, :]
+    np.testing.assert_allclose(np.asarray(aggregator.get_output().data)[..., 0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sliding_window_fixture(mode):
+    # the "model" returns each window's mean: windows A, B, C have known different means
+    data = np.array([4, 0, 0, 0, 8, 0, 12], np.float32).reshape(7, 1, 1)
+    image = jmed.ScalarImage(data)
+    means = {0: 1.0, 2: 2.0, 3: 5.0}  # [4, 0, 0, 0], [0, 0, 8, 0], [0, 8, 0, 12]
+    expected = {
+        "crop": [means[0]] * 3 + [means[2]] + [means[3]] * 3,
+        "average": [
+            means[0],
+            means[0],
+            (means[0] + means[2]) / 2,
+            (means[0] + means[2] + means[3]) / 3,
+            (means[2] + means[3]) / 2,
+            (means[2] + means[3]) / 2,
+            means[3],
+        ],
+        "hann": [
+            means[0],
+            means[0],
+            H * means[0] + h * means[2],
+            (h * means[0] + H * means[2] + h * means[3]) / (2 * h + H),
+            (means[2] + means[3]) / 2,
+            h * means[2] + H * means[3],
+            means[3],
+        ],
+        "gaussian": [
+            means[0],
+            means[0],
+            (G * means[0] + g * means[2]) / (G + g),
+            (g * means[0] + G * means[2] + g * means[3]) / (2 * g + G),
+            (means[2] + means[3]) / 2,
+            (g * means[2] + G * means[3]) / (g + G),
+            means[3],
+        ],
+    }[mode]
+    out = sliding_window_inference(window_mean, image, (4, 1, 1), overlap=(2, 0, 0), batch_size=2, mode=mode)
+    np.testing.assert_allclose(np.asarray(out.data).reshape(-1), expected, rtol=1e-6)
+
+
+def _reference(predict, data, patch, overlap, mode):
+    """Accumulate weighted sums and weights separately, then divide (numpy, no padding)."""
+    profiles = []
+    for p in patch:
+        i = np.arange(p)
+        profiles.append(
+            {
+                "average": np.ones(p),
+                "hann": np.sin(np.pi * (i + 0.5) / p) ** 2,
+                "gaussian": np.exp(-0.5 * ((i - (p - 1) / 2) / (0.125 * p)) ** 2),
+            }[mode]
+        )
+    window = np.einsum("i,j,k->ijk", *profiles)[..., None]
+    total = np.zeros(data.shape[:3] + (1,))
+    weighted = None
+    for x, y, z in grid_locations(data.shape[:3], patch, overlap):
+        region = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
+        out = np.asarray(predict(data[region][None]))[0]
+        if weighted is None:
+            weighted = np.zeros(data.shape[:3] + out.shape[-1:])
+        weighted[region] += window * out
+        total[region] += window
+    return weighted / total
+
+
+@pytest.mark.parametrize("mode", ["average", "hann", "gaussian"])
+def test_matches_numpy_reference(mode):
+    image = random_image((11, 8, 9), seed=1)
+    patch, overlap = (5, 4, 6), (2, 1, 3)
+    out = sliding_window_inference(nonlinear, image, patch, overlap=overlap, batch_size=3, mode=mode)
+    expected = _reference(nonlinear, np.asarray(image.data), patch, overlap, mode)
+    np.testing.assert_allclose(np.asarray(out.data), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- identity --------------------------------------------------------------------------------
+
+# patch 4; stride 4 (overlap 0) or 2 (overlap 2). Each shape covers two of the cases.
+SHAPES = {
+    # odd sizes; (size - patch) not a multiple of the stride along x (overlap 2) and x, y
+    # (overlap 0), so the last window overlaps its neighbour by more than the overlap
+    "odd_not_divisible_by_stride": (7, 9, 5),
+    # even sizes; x smaller than the patch (padded), y fits exactly, z = 10
+    "even_smaller_than_patch": (2, 4, 10),
+}
+
+
+@pytest.mark.parametrize("overlap", [0, 2])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("mode", MODES)
+def test_identity(mode, shape, overlap):
+    image = random_image(shape, seed=2, channels=2)
+    out = sliding_window_inference(identity, image, 4, overlap=overlap, batch_size=2, mode=mode)
+    assert out.shape == image.shape
+    np.testing.assert_allclose(np.asarray(out.data), image.data, atol=1e-6)
+    np.testing.assert_array_equal(out.affine, image.affine)
+
+
+@pytest.mark.parametrize("padding_mode", ["constant", "edge", "reflect"])
+def test_identity_pad_borders(padding_mode):
+    image = random_image((6, 5, 3), seed=3)
+    out = sliding_window_inference(
+        identity, image, (4, 4, 4), overlap=2, batch_size=2, mode="hann",
+        padding_mode=padding_mode, pad_borders=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out.data), image.data, atol=1e-6)
+
+
+def test_padding_is_seen_by_the_model():
+    # a model that returns its input's mean everywhere sees the padding value
+    image = jmed.ScalarImage(np.ones((2, 2, 2), np.float32))
+    out = sliding_window_inference(window_mean, image, 4, mode="crop", padding_value=3.0)
+    np.testing.assert_allclose(np.asarray(out.data), (8 * 1 + 56 * 3) / 64, rtol=1e-6)
+    out = sliding_window_inference(window_mean, image, 4, mode="crop", padding_mode="edge")
+    np.testing.assert_allclose(np.asarray(out.data), 1.0, rtol=1e-6)
+
+
+def test_eager_jit_vmap(run):
+    image = random_image((6, 7, 5), seed=4)
+
+    def fn(key, image):
+        return sliding_window_inference(nonlinear, image, 4, overlap=1, batch_size=2, mode="hann")
+
+    out = run(fn, None, image)
+    expected = _reference(nonlinear, np.asarray(image.data), (4, 4, 4), (1, 1, 1), "hann")
+    np.testing.assert_allclose(np.asarray(out.data), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- outputs: channels, downsampling, argmax, dtype, host ------------------------------------------
+
+
+def test_output_channels_differ():
+    image = random_image((7, 6, 5), seed=5)
+    out = sliding_window_inference(
+        lambda x: jnp.concatenate([x, 2 * x, -x], -1), image, 4, overlap=1, batch_size=2
+    )
+    x = np.asarray(image.data)
+    np.testing.assert_allclose(np.asarray(out.data), np.concatenate([x, 2 * x, -x], -1), atol=1e-6)
+
+
+def _pool2(x):
+    b, nx, ny, nz, c = x.shape
+    return x.reshape(b, nx // 2, 2, ny // 2, 2, nz // 2, 2, c).mean(axis=(2, 4, 6))
+
+
+@pytest.mark.parametrize("mode", ["crop", "hann"])
+def test_downsampling_model(mode):
+    affine = affine_lib.from_spacing((1.0, 2.0, 0.5), (10.0, -4.0, 3.0), "LPS")
+    image = random_image((9, 8, 6), seed=6, affine=affine)  # 9 is odd: padded to 10
+    out = sliding_window_inference(_pool2, image, 4, overlap=2, batch_size=2, mode=mode)
+    padded = np.pad(np.asarray(image.data), ((0, 1), (0, 0), (0, 0), (0, 0)))
+    expected = _pool2(padded[None])[0]
+    assert out.shape == (5, 4, 3, 1)
+    np.testing.assert_allclose(np.asarray(out.data), expected, atol=1e-6)
+    # output voxel j sits at the centre of input voxels [2 j, 2 j + 1]
+    corners = affine_lib.voxel_to_world(image.affine, np.array([[0, 0, 0], [1, 1, 1]]))
+    centre = affine_lib.voxel_to_world(np.asarray(out.affine), np.array([[0, 0, 0]]))
+    np.testing.assert_allclose(centre[0], corners.mean(0), atol=1e-9)
+    np.testing.assert_allclose(np.asarray(out.spacing), 2 * np.asarray(image.spacing))
+
+
+@pytest.mark.parametrize("mode", ["crop", "gaussian"])
+def test_argmax(mode):
+    image = random_image((7, 6, 5), seed=7)
+
+    def logits(x):
+        return jnp.concatenate([x, -x, 0.5 * jnp.ones_like(x)], -1)
+
+    out = sliding_window_inference(logits, image, 4, overlap=2, batch_size=3, mode=mode, argmax=True)
+    x = np.asarray(image.data)
+    expected = np.argmax(np.concatenate([x, -x, 0.5 * np.ones_like(x)], -1), -1)[..., None]
+    assert out.is_label and out.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(out.data), expected)
+
+
+def test_argmax_crop_equals_argmax_of_crop():
+    image = random_image((9, 7, 6), seed=8)
+    probs = sliding_window_inference(nonlinear, image, 4, overlap=2, batch_size=2, mode="crop")
+    labels = sliding_window_inference(nonlinear, image, 4, overlap=2, batch_size=2, mode="crop", argmax=True)
+    np.testing.assert_array_equal(np.asarray(labels.data)[..., 0], np.argmax(np.asarray(probs.data), -1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_accumulation(dtype):
+    image = random_image((9, 7, 6), seed=9)
+    out = sliding_window_inference(
+        identity, image, 4, overlap=2, batch_size=2, mode="gaussian", accumulation_dtype=dtype
+    )
+    assert out.dtype == dtype
+    tolerance = 1e-2 if dtype == jnp.float16 else 4e-2
+    np.testing.assert_allclose(np.asarray(out.data, np.float32), image.data, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("argmax", [False, True])
+def test_output_on_host(argmax):
+    image = random_image((9, 7, 6), seed=10)
+    kwargs = dict(overlap=2, batch_size=3, mode="crop" if argmax else "hann", argmax=argmax)
+    device = sliding_window_inference(nonlinear, image, 4, **kwargs)
+    host = sliding_window_inference(nonlinear, image, 4, output_on_host=True, **kwargs)
+    assert isinstance(host.data, np.ndarray)
+    assert host.kind == device.kind and host.dtype == device.dtype
+    np.testing.assert_allclose(host.data, np.asarray(device.data), atol=1e-6)
+
+
+def test_inside_user_jit_with_traced_parameters():
+    # how a Flax NNX model is used: parameters are traced arguments of the user's jit
+    image = random_image((7, 6, 5), seed=11)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+
+    @jax.jit
+    def infer(scale, image):
+        return sliding_window_inference(lambda x: scale * x, image, 4, overlap=2, batch_size=2, mesh=mesh)
+
+    out = infer(jnp.float32(3.0), image)
+    np.testing.assert_allclose(np.asarray(out.data), 3 * image.data, atol=1e-5)
+
+
+def test_jit_over_parameters_only_does_not_cache_tracers():
+    image = random_image((6, 5, 4), seed=16)  # concrete, closed over
+
+    @jax.jit
+    def infer(scale):
+        return sliding_window_inference(lambda x: scale * x, image, 4, overlap=1).data
+
+    for scale in (2.0, 5.0):
+        np.testing.assert_allclose(np.asarray(infer(jnp.float32(scale))), scale * image.data, atol=1e-5)
+
+
+def test_model_object_weights_are_not_stale():
+    class Scaled:  # a mutable "model", like a Flax NNX module
+        def __init__(self, scale):
+            self.scale = jnp.float32(scale)
+
+        def __call__(self, x):
+            return self.scale * x
+
+    image = random_image((6, 5, 4), seed=17)
+    model = Scaled(2.0)
+    first = sliding_window_inference(model, image, 4, overlap=1)
+    model.scale = jnp.float32(7.0)  # "training" changed the weights
+    second = sliding_window_inference(model, image, 4, overlap=1)
+    np.testing.assert_allclose(np.asarray(first.data), 2 * image.data, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(second.data), 7 * image.data, atol=1e-5)
+
+
+def test_public_signatures():
+    import inspect
+
+    signature = inspect.signature(sliding_window_inference)
+    positional = [p.name for p in signature.parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == ["predict", "image", "patch_size"]
+    assert all(p.kind == p.KEYWORD_ONLY for p in signature.parameters.values() if p.name not in positional)
+    for name in ("sliding_window_inference", "grid_locations", "GridSampler", "GridAggregator"):
+        assert getattr(jmed, name) is getattr(jmed.inference, name)
+        assert name in jmed.__all__ and name in jmed.inference.__all__
+
+
+# --- sharding ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_sharded_equals_single_device(num_devices):
+    image = random_image((8, 7, 6), seed=12)
+    kwargs = dict(overlap=2, batch_size=2, mode="hann")
+    single = sliding_window_inference(nonlinear, image, 4, **kwargs)
+    mesh = jax.make_mesh((num_devices,), ("data",), devices=jax.devices()[:num_devices])
+    sharded = sliding_window_inference(nonlinear, image, 4, mesh=mesh, **kwargs)
+    np.testing.assert_allclose(np.asarray(sharded.data), np.asarray(single.data), atol=1e-6, rtol=0)
+    if num_devices == 8:
+        host = sliding_window_inference(nonlinear, image, 4, mesh=mesh, output_on_host=True, **kwargs)
+        np.testing.assert_allclose(host.data, np.asarray(single.data), atol=1e-6, rtol=0)
+
+
+def test_sharded_2d_mesh_named_axis():
+    image = random_image((10, 9, 7), seed=13)
+    single = sliding_window_inference(nonlinear, image, 4, overlap=2, batch_size=2, mode="crop", argmax=True)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    for axis_name in ("model", ("data", "model")):
+        sharded = sliding_window_inference(
+            nonlinear,
+            image,
+            4,
+            overlap=2,
+            batch_size=2,
+            mode="crop",
+            argmax=True,
+            mesh=mesh,
+            axis_name=axis_name,
+        )
+        np.testing.assert_array_equal(np.asarray(sharded.data), np.asarray(single.data))
+
+
+# --- GridSampler / GridAggregator ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aggregator_matches_sliding_window(mode):
+    image = random_image((9, 7, 10), seed=14)
+    sampler = GridSampler(image, (4, 5, 4), (2, 2, 1))
+    aggregator = GridAggregator(sampler, mode=mode)
+    assert len(sampler) == 24
+    for patches, locations in sampler.batches(6):
+        # TorchIO layout: (start, end) per axis
+        aggregator.add_batch(nonlinear(patches), np.concatenate([locations, locations + (4, 5, 4)], 1))
+    expected = sliding_window_inference(
+        nonlinear, image, (4, 5, 4), overlap=(2, 2, 1), batch_size=4, mode=mode
+    )
+    assert_trees_close(aggregator.get_output(), expected, atol=1e-6)
+
+
+def test_sampler_patches():
+    image = random_image((6, 5, 7), seed=15)
+    sampler = GridSampler(image, 4, 1, padding_mode="edge")
+    assert len(sampler) == len(grid_locations((6, 5, 7), 4, 1))
+    x, y, z = sampler.locations[3]
+    np.testing.assert_array_equal(
+        np.asarray(sampler[3]), np.asarray(image.data)[x : x + 4, y : y + 4, z : z + 4]
+    )
+    small = GridSampler(image, 8, 2, padding_mode="edge")  # padded to 8 along every axis
+    assert small.padded.shape == (8, 8, 8, 1) and len(small) == 1
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(patch_size=4, overlap=4), "overlap must be smaller than patch_size"),
+        (dict(patch_size=(4, 0, 4)), "patch_size values must be >= 1"),
+        (dict(patch_size=(4, 4)), "patch_size must be an integer or 3 integers"),
+        (dict(patch_size=4, overlap=-1), "overlap values must be >= 0"),
+        (dict(patch_size=4, batch_size=0), "batch_size must be an integer >= 1"),
+        (dict(patch_size=4, mode="max"), "mode must be one of"),
+        (dict(patch_size=4, padding_mode="wrap"), "padding_mode must be one of"),
+    ],
+)
+def test_bad_configuration(kwargs, match):
+    image = random_image((5, 5, 5))
+    with pytest.raises(ValueError, match=match):
+        sliding_window_inference(identity, image, **kwargs)
+
+
+def test_bad_mesh_axis():
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with pytest.raises(ValueError, match=r"axis_name 'batch' is not an axis of the mesh.*\('data',\)"):
+        sliding_window_inference(identity, random_image((5, 5, 5)), 4, mesh=mesh, axis_name="batch")
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        sliding_window_inference(identity, random_image((5, 5, 5)), 4, mesh="data")
+
+
+@pytest.mark.parametrize(
+    "predict",
+    [
+        lambda x: x[:, :3],  # 3 does not divide 4
+        lambda x: x[0],  # no batch axis
+        lambda x: jnp.concatenate([x, x], axis=1),  # larger than the patch
+    ],
+)
+def test_predict_wrong_shape(predict):
+    with pytest.raises(ValueError, match=r"predict must return \(batch, x, y, z, channels\).*got shape"):
+        sliding_window_inference(predict, random_image((5, 5, 5)), 4, batch_size=2)
+
+
+def test_bad_types():
+    with pytest.raises(TypeError, match="image must be a jmed.Image"):
+        sliding_window_inference(identity, np.zeros((5, 5, 5, 1)), 4)
+    with pytest.raises(TypeError, match="accumulation_dtype must be a floating dtype"):
+        sliding_window_inference(identity, random_image((5, 5, 5)), 4, accumulation_dtype=jnp.int32)
+    with pytest.raises(ValueError, match="spatial_shape .* is smaller than patch_size"):
+        grid_locations((3, 5, 5), 4)
+
+
+def test_aggregator_errors():
+    sampler = GridSampler(random_image((6, 6, 6)), 4, 2)
+    aggregator = GridAggregator(sampler)
+    with pytest.raises(ValueError, match="no batch has been added"):
+        aggregator.get_output()
+    patches, locations = next(sampler.batches(2))
+    with pytest.raises(ValueError, match="locations must have shape"):
+        aggregator.add_batch(patches, locations[:1])
+    with pytest.raises(ValueError, match="locations must be window starts of the sampler's grid"):
+        aggregator.add_batch(patches, locations + 1)
+    with pytest.raises(ValueError, match="expected"):
+        aggregator.add_batch(patches[:, :2, :2, :2], locations)
+    with pytest.raises(ValueError, match="must be divisible by downsampling"):
+        GridSampler(random_image((6, 6, 6)), 4, 1, downsampling=2)
+
+
+# --- optional comparison with TorchIO ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["average", "crop"])
+def test_matches_torchio_aggregator(mode):
+    torch = pytest.importorskip("torch")
+    tio = pytest.importorskip("torchio")
+    # a regular grid (every stride equal) where both libraries define crop the same way
+    image = random_image((10, 8, 6), seed=18)
+    patch, overlap = (4, 4, 4), (2, 2, 2)
+    tensor = torch.from_numpy(np.moveaxis(np.asarray(image.data), -1, 0).copy())
+    sampler = tio.inference.GridSampler(tio.Subject(t1=tio.ScalarImage(tensor=tensor)), patch, overlap)
+    aggregator = tio.inference.GridAggregator(sampler, overlap_mode=mode)
+    for index in range(len(sampler)):
+        patch_subject = sampler[index]
+        data = patch_subject["t1"][tio.DATA][None]
+        mean = data.mean(dim=(2, 3, 4), keepdim=True)
+        aggregator.add_batch(data * mean, patch_subject[tio.LOCATION][None])
+    expected = np.moveaxis(aggregator.get_output_tensor().numpy(), 0, -1)
+
+    def predict(x):
+        return x * x.mean(axis=(1, 2, 3), keepdims=True)
+
+    out = sliding_window_inference(predict, image, patch, overlap=overlap, batch_size=4, mode=mode)
+    np.testing.assert_allclose(np.asarray(out.data), expected, rtol=1e-5, atol=1e-6)
