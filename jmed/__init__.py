@@ -5,7 +5,7 @@ jittable, vmappable functions driven by explicit PRNG keys, sample patches, feed
 through a grain loader and stitch patch-wise predictions back together.
 """
 
-from jmed import affine, datasets, metrics, transforms
+from jmed import affine, datasets, metrics, plot, transforms
 from jmed.image import (
     AFFINE_TOLERANCE,
     INTENSITY,
@@ -33,6 +33,7 @@ __all__ = [
     "datasets",
     "load",
     "metrics",
+    "plot",
     "save",
     "stack",
     "transforms",
