@@ -5,7 +5,7 @@ jittable, vmappable functions driven by explicit PRNG keys, sample patches, feed
 through a grain loader and stitch patch-wise predictions back together.
 """
 
-from jmed import affine, datasets, metrics, plot, transforms
+from jmed import affine, datasets, formats, metrics, plot, transforms
 from jmed.image import (
     AFFINE_TOLERANCE,
     INTENSITY,
@@ -31,6 +31,7 @@ __all__ = [
     "Subject",
     "affine",
     "datasets",
+    "formats",
     "load",
     "metrics",
     "plot",
