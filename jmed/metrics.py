@@ -30,6 +30,7 @@ distance transform computed in JAX (separable minimum convolution with a parabol
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -391,10 +392,14 @@ def distance_transform(mask: ArrayLike, spacing: Sequence[float] | float = (1.0,
     ``scipy.ndimage.distance_transform_edt(~mask, sampling=spacing)``; a mask with no
     ``True`` voxel gives ``inf`` everywhere. Jittable (``spacing`` must be concrete).
     """
-    spacing = _check_spacing(spacing)
     mask = jnp.asarray(mask, bool)
     if mask.ndim < 3:
         raise ValueError(f"mask must have at least 3 dimensions (x, y, z), got shape {mask.shape}")
+    return _distance_transform(mask, _check_spacing(spacing))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _distance_transform(mask: jax.Array, spacing: tuple[float, float, float]) -> jax.Array:
     d2 = jnp.where(mask, 0.0, jnp.inf).astype(jnp.float32)
     for axis, step in zip((-3, -2, -1), spacing):
         d2 = _min_plus_axis(d2, mask.ndim + axis, step)
@@ -432,8 +437,9 @@ def surface_distances(
         raise ValueError(f"masks have different shapes: {prediction_mask.shape} vs {target_mask.shape}")
     pred_surface = _surface(prediction_mask)
     target_surface = _surface(target_mask)
-    d_pred = distance_transform(target_surface, spacing)
-    d_target = distance_transform(pred_surface, spacing)
+    spacing = _check_spacing(spacing)
+    d_pred = _distance_transform(target_surface, spacing)
+    d_target = _distance_transform(pred_surface, spacing)
     return d_pred, pred_surface, d_target, target_surface
 
 
@@ -486,6 +492,19 @@ def hausdorff_distance(
     """
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+    return _hausdorff(
+        prediction,
+        target,
+        spacing=_check_spacing(spacing),
+        percentile=float(percentile),
+        num_classes=num_classes,
+        include_background=include_background,
+    )
+
+
+# one compiled program per configuration and shape, also when called eagerly
+@functools.partial(jax.jit, static_argnames=("spacing", "percentile", "num_classes", "include_background"))
+def _hausdorff(prediction, target, *, spacing, percentile, num_classes, include_background):
     pred, tgt = _class_masks(prediction, target, num_classes, include_background)
     d_pred, s_pred, d_tgt, s_tgt = surface_distances(pred, tgt, spacing)
     s_pred, s_tgt = _flat_spatial(s_pred), _flat_spatial(s_tgt)
@@ -511,6 +530,18 @@ def average_surface_distance(
     voxel to the prediction surface; with ``symmetric=False`` only the former.
     Arguments and empty-class rules as ``hausdorff_distance``.
     """
+    return _average_surface_distance(
+        prediction,
+        target,
+        spacing=_check_spacing(spacing),
+        symmetric=bool(symmetric),
+        num_classes=num_classes,
+        include_background=include_background,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("spacing", "symmetric", "num_classes", "include_background"))
+def _average_surface_distance(prediction, target, *, spacing, symmetric, num_classes, include_background):
     pred, tgt = _class_masks(prediction, target, num_classes, include_background)
     d_pred, s_pred, d_tgt, s_tgt = surface_distances(pred, tgt, spacing)
     s_pred, s_tgt = _flat_spatial(s_pred), _flat_spatial(s_tgt)
