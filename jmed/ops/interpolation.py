@@ -1,0 +1,292 @@
+"""Pull-resampling of channels-last volumes driven by an output -> input voxel mapping.
+
+``out[p] = data(matrix @ p + displacement_matrix @ displacement[p])`` for every output
+voxel index ``p``, where ``matrix`` is a 4x4 affine from output voxel indices to
+(fractional) input voxel indices and ``displacement`` an optional ``(X, Y, Z, 3)`` field
+(in input voxels, or in any unit that ``displacement_matrix`` (3x3) maps to input voxels,
+e.g. millimetres). Arrays only (no ``Image``); all functions are jittable, vmappable and
+differentiable in ``data``.
+
+Interpolation (``order``):
+
+- ``0`` / ``"nearest"``: nearest neighbour; keeps the dtype (the default for labels).
+- ``1`` / ``"linear"``: trilinear; float output.
+- ``"partial_volume"``: for label maps. For each output voxel the 8 trilinear neighbours
+  vote with their trilinear weights and the label with the largest summed weight wins
+  (ties go to the first neighbour in ``(0,0,0), (0,0,1), ... (1,1,1)`` order). The cost is
+  8 x 8 comparisons per voxel whatever the number of classes (no one-hot channels). Keeps
+  the dtype; output labels are always input labels (or ``pad_value``).
+
+Samples outside the input are padded: ``"constant"`` uses ``pad_value`` for every
+neighbour outside the input (so between the border voxel and the outside, linear
+interpolation blends towards ``pad_value``), ``"edge"`` repeats the border voxels.
+``pad_value_for`` computes TorchIO's ``default_pad_value`` rules (``"minimum"``,
+``"mean"`` and ``"otsu"`` of the border voxels) from the data.
+
+Exactness: coordinates are computed as ``m[d, 0] * i + m[d, 1] * j + m[d, 2] * k + m[d, 3]``
+so an identity matrix (with zero displacement) gives exact integer coordinates, weights
+exactly 1 and 0, and the input back bit for bit, also under ``jit``.
+
+Performance: an affine-only mapping never builds a ``(3, X, Y, Z)`` grid; each coordinate
+is an outer sum of three 1D ramps that XLA fuses into the gathers. On CPU the fastest
+formulation measured was 8 scalar gathers on the flattened volume fused with the weight
+arithmetic (faster than ``jax.scipy.ndimage.map_coordinates`` with a materialised grid,
+and much faster than a 2x2x2 window gather or gathering neighbour pairs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = ["INTERPOLATIONS", "PAD_MODES", "PAD_VALUE_RULES", "pad_value_for", "resample"]
+
+PAD_MODES = ("constant", "edge")
+INTERPOLATIONS = ("nearest", "linear", "partial_volume")
+PAD_VALUE_RULES = ("minimum", "mean", "otsu")
+
+_ORDER_NAMES = {0: "nearest", 1: "linear", "nearest": "nearest", "linear": "linear"}
+_ORDER_NAMES["partial_volume"] = "partial_volume"
+
+
+def _interpolation(order) -> str:
+    try:
+        return _ORDER_NAMES[order]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"order must be 0 (nearest), 1 (linear), 'nearest', 'linear' or 'partial_volume', got {order!r}"
+        ) from None
+
+
+def _coordinates(matrix, output_shape, displacement, displacement_matrix) -> list[jax.Array]:
+    # One coordinate per axis as an outer sum of 1D ramps; broadcasting happens inside the
+    # fusions that consume them, so no (3, X, Y, Z) grid is built for affine mappings.
+    axes = [jnp.arange(n, dtype=jnp.float32) for n in output_shape]
+    i = axes[0][:, None, None]
+    j = axes[1][None, :, None]
+    k = axes[2][None, None, :]
+    coords = [matrix[d, 0] * i + matrix[d, 1] * j + matrix[d, 2] * k + matrix[d, 3] for d in range(3)]
+    if displacement is not None:
+        if displacement_matrix is None:
+            offsets = [displacement[..., d] for d in range(3)]
+        else:
+            offsets = [
+                sum(displacement_matrix[d, e] * displacement[..., e] for e in range(3)) for d in range(3)
+            ]
+        coords = [c + o for c, o in zip(coords, offsets)]
+    return coords
+
+
+def _gather(flat: jax.Array, index: jax.Array, output_shape) -> jax.Array:
+    # single channel: stay 3D (a trailing unit axis inside the arithmetic slows XLA's
+    # CPU fusions down); the channel axis is added once at the end
+    if flat.ndim == 1:
+        return jnp.take(flat, index, mode="clip")
+    return jnp.take(flat, index.reshape(-1), axis=0, mode="clip").reshape(*output_shape, flat.shape[1])
+
+
+def resample(
+    data: ArrayLike,
+    matrix: ArrayLike,
+    output_shape: tuple[int, int, int],
+    *,
+    order: int | str = 1,
+    displacement: ArrayLike | None = None,
+    pad_mode: str = "constant",
+    pad_value: ArrayLike = 0.0,
+    displacement_matrix: ArrayLike | None = None,
+) -> jax.Array:
+    """Resample ``data`` ``(x, y, z, c)`` on an output grid of ``output_shape``.
+
+    Args:
+        data: input volume, channels last.
+        matrix: 4x4 output-voxel -> input-voxel affine.
+        output_shape: static spatial shape of the output.
+        order: ``0``/``"nearest"`` (keeps dtype, for labels), ``1``/``"linear"``
+            (trilinear; float output) or ``"partial_volume"`` (labels; see module doc).
+        displacement: optional ``(*output_shape, 3)`` offsets added after ``matrix``, in
+            input voxels unless ``displacement_matrix`` is given.
+        pad_mode: ``"constant"`` or ``"edge"``.
+        pad_value: value outside the input for ``"constant"`` (scalar or per channel);
+            see ``pad_value_for`` for TorchIO's rules.
+        displacement_matrix: optional 3x3 matrix mapping ``displacement`` vectors to input
+            voxels (e.g. the inverse of the input's 3x3 affine for a field in mm).
+
+    Returns:
+        Array of shape ``(*output_shape, c)``.
+
+    Raises:
+        ValueError: unknown ``order`` or ``pad_mode``, wrong ``data`` rank or
+            ``displacement`` shape.
+    """
+    mode = _interpolation(order)
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    data = jnp.asarray(data)
+    if data.ndim != 4:
+        raise ValueError(f"data must be (x, y, z, c), got shape {data.shape}")
+    output_shape = tuple(int(n) for n in output_shape)
+    matrix = jnp.asarray(matrix, jnp.float32)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"matrix must have shape (4, 4), got {matrix.shape}")
+    if displacement is not None:
+        displacement = jnp.asarray(displacement, jnp.float32)
+        if displacement.shape != (*output_shape, 3):
+            raise ValueError(f"displacement must have shape {(*output_shape, 3)}, got {displacement.shape}")
+        if displacement_matrix is not None:
+            displacement_matrix = jnp.asarray(displacement_matrix, jnp.float32)
+            if displacement_matrix.shape != (3, 3):
+                raise ValueError(
+                    f"displacement_matrix must have shape (3, 3), got {displacement_matrix.shape}"
+                )
+    in_shape = data.shape[:3]
+    channels = data.shape[3]
+    flat = data.reshape(-1) if channels == 1 else data.reshape(-1, channels)
+    strides = (in_shape[1] * in_shape[2], in_shape[2], 1)
+    coords = _coordinates(matrix, output_shape, displacement, displacement_matrix)
+    if pad_mode == "edge":
+        coords = [jnp.clip(c, 0.0, n - 1.0) for c, n in zip(coords, in_shape)]
+
+    def locate(idx):
+        inside = True
+        flat_index = 0
+        for d in range(3):
+            inside = inside & (idx[d] >= 0) & (idx[d] <= in_shape[d] - 1)
+            flat_index = flat_index + jnp.clip(idx[d], 0, in_shape[d] - 1) * strides[d]
+        return flat_index, inside
+
+    single = channels == 1
+
+    def per_voxel(x):  # a per-voxel (X, Y, Z) array, broadcastable against the values
+        return x if single else x[..., None]
+
+    def pad_as(dtype):
+        pad = jnp.broadcast_to(jnp.asarray(pad_value).astype(dtype), (channels,))
+        return pad[0] if single else pad
+
+    def finish(values):
+        return values[..., None] if single else values
+
+    if mode == "nearest":
+        idx = [jnp.floor(c + 0.5).astype(jnp.int32) for c in coords]
+        flat_index, inside = locate(idx)
+        values = _gather(flat, flat_index, output_shape)
+        if pad_mode == "constant":
+            values = jnp.where(per_voxel(inside), values, pad_as(data.dtype))
+        return finish(values)
+
+    lower = [jnp.floor(c) for c in coords]
+    frac = [c - f for c, f in zip(coords, lower)]
+    lower = [f.astype(jnp.int32) for f in lower]
+    corners = []
+    inside_weight = 0.0
+    for corner in itertools.product((0, 1), repeat=3):
+        flat_index, inside = locate([lo + c for lo, c in zip(lower, corner)])
+        weight = (frac[0] if corner[0] else 1.0 - frac[0]) * (frac[1] if corner[1] else 1.0 - frac[1])
+        weight = weight * (frac[2] if corner[2] else 1.0 - frac[2])
+        if pad_mode == "constant":
+            weight = jnp.where(inside, weight, 0.0)
+            inside_weight = inside_weight + weight
+        corners.append((_gather(flat, flat_index, output_shape), per_voxel(weight)))
+    missing = per_voxel(1.0 - inside_weight) if pad_mode == "constant" else None
+
+    if mode == "partial_volume":
+        return finish(_partial_volume(corners, missing, pad_as(data.dtype)))
+
+    out_dtype = data.dtype if jnp.issubdtype(data.dtype, jnp.floating) else jnp.float32
+    total = None
+    for values, weight in corners:
+        term = weight.astype(out_dtype) * values.astype(out_dtype)
+        total = term if total is None else total + term
+    if missing is not None:
+        missing = missing.astype(out_dtype)
+        # keep the in-bounds result untouched (bit-exact identity) where nothing is missing
+        total = jnp.where(missing > 0, total + missing * pad_as(out_dtype), total)
+    return finish(total)
+
+
+def _partial_volume(corners, missing, pad):
+    """Label with the largest summed trilinear weight among the 8 neighbours (and pad)."""
+    candidates = [values for values, _ in corners]
+    weights = [w for _, w in corners]
+    if missing is not None:
+        candidates.append(jnp.broadcast_to(pad, candidates[0].shape))
+        weights.append(missing)
+    best_label = best_score = None
+    for a, label in enumerate(candidates):
+        score = weights[a]
+        for b, other in enumerate(candidates):
+            if b != a:
+                score = score + jnp.where(other == label, weights[b], 0.0)
+        if best_label is None:
+            best_label, best_score = label, score
+        else:
+            better = score > best_score
+            best_label = jnp.where(better, label, best_label)
+            best_score = jnp.where(better, score, best_score)
+    return best_label
+
+
+def _border_values(data: jax.Array) -> jax.Array:
+    """Voxels on the 6 faces of ``data`` ``(x, y, z, c)`` as ``(n, c)``, each once."""
+    c = data.shape[-1]
+    inner_x = data[1:-1] if data.shape[0] > 2 else data[:0]
+    inner_xy = inner_x[:, 1:-1] if data.shape[1] > 2 else inner_x[:, :0]
+    faces = [data[:1], data[-1:] if data.shape[0] > 1 else data[:0], inner_x[:, :1]]
+    faces += [inner_x[:, -1:] if data.shape[1] > 1 else inner_x[:, :0], inner_xy[:, :, :1]]
+    faces += [inner_xy[:, :, -1:] if data.shape[2] > 1 else inner_xy[:, :, :0]]
+    return jnp.concatenate([f.reshape(-1, c) for f in faces])
+
+
+def _otsu_threshold(values: jax.Array, bins: int = 256) -> jax.Array:
+    """Otsu's threshold of 1D ``values`` from a ``bins``-bin histogram (jittable)."""
+    lo, hi = jnp.min(values), jnp.max(values)
+    width = jnp.where(hi > lo, (hi - lo) / bins, 1.0)
+    index = jnp.clip(((values - lo) / width).astype(jnp.int32), 0, bins - 1)
+    hist = jnp.zeros(bins, jnp.float32).at[index].add(1.0)
+    centres = lo + (jnp.arange(bins, dtype=jnp.float32) + 0.5) * width
+    w0 = jnp.cumsum(hist)
+    w1 = w0[-1] - w0
+    s0 = jnp.cumsum(hist * centres)
+    m0 = s0 / jnp.maximum(w0, 1e-12)
+    m1 = (s0[-1] - s0) / jnp.maximum(w1, 1e-12)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return lo + (jnp.argmax(between) + 1.0) * width
+
+
+def pad_value_for(data: ArrayLike, rule: str | float) -> jax.Array:
+    """Per-channel padding value ``(c,)`` for ``data`` ``(x, y, z, c)`` (jittable).
+
+    Args:
+        data: the input volume.
+        rule: a number, ``"minimum"`` (the image minimum), ``"mean"`` (mean of the
+            border voxels) or ``"otsu"`` (mean of the border voxels below the Otsu
+            threshold of the border voxels, i.e. the background), as TorchIO's
+            ``default_pad_value``.
+
+    Raises:
+        ValueError: unknown rule.
+    """
+    data = jnp.asarray(data)
+    channels = data.shape[-1]
+    if isinstance(rule, numbers.Real) and not isinstance(rule, bool):
+        return jnp.full((channels,), rule, jnp.result_type(data.dtype, jnp.float32))
+    if rule not in PAD_VALUE_RULES:
+        raise ValueError(f"pad value must be a number or one of {PAD_VALUE_RULES}, got {rule!r}")
+    if rule == "minimum":
+        return jnp.min(data.reshape(-1, channels), axis=0).astype(jnp.float32)
+    border = _border_values(data).astype(jnp.float32)
+    if rule == "mean":
+        return jnp.mean(border, axis=0)
+
+    def background_mean(values):
+        threshold = _otsu_threshold(values)
+        below = values < threshold
+        mean_below = jnp.sum(jnp.where(below, values, 0.0)) / jnp.maximum(jnp.sum(below), 1)
+        return jnp.where(jnp.any(below), mean_below, jnp.mean(values))
+
+    return jax.vmap(background_mean, in_axes=1)(border)
