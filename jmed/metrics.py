@@ -24,8 +24,9 @@ millimetres, computed from the voxel ``spacing``. A class absent from both predi
 target gives ``nan``; absent from exactly one of them gives ``inf``. The surface of a mask
 is the set of its voxels with at least one of their 6 face neighbours outside the mask
 (voxels on the array border count as surface). Distances come from an exact Euclidean
-distance transform computed in JAX (separable minimum convolution with a parabola, cost
-``O(n^4)`` for an ``n^3`` volume; comfortable up to about ``160^3`` on CPU).
+distance transform computed in JAX, separably along each axis (brute force for small
+volumes, the Felzenszwalb-Huttenlocher lower envelope for large ones), jittable; on CPU it
+takes about twice as long as ``scipy.ndimage.distance_transform_edt``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 _SPATIAL = (-4, -3, -2)  # spatial axes of a channels-last (..., x, y, z, c) array
-# above this many elements, the distance transform loops over output positions to save memory
+# above n * size elements, the distance transform switches from brute force to the lower envelope
 _DIRECT_LIMIT = 2**24
 
 
@@ -357,22 +358,87 @@ def dice_ce_loss(
 
 
 def _min_plus_axis(d2: jax.Array, axis: int, step: float) -> jax.Array:
-    """``out[i] = min_j d2[j] + (step (i - j))²`` along ``axis`` (exact, brute force)."""
+    """``out[i] = min_j d2[j] + (step (i - j))²`` along ``axis`` (exact).
+
+    Small arrays take the brute-force minimum over all ``j`` (one fused reduction);
+    large ones the lower envelope of parabolas, linear per line.
+    """
+    n = d2.shape[axis]
+    if n * d2.size > _DIRECT_LIMIT:
+        return _lower_envelope_axis(d2, axis, step)
     moved = jnp.moveaxis(d2, axis, 0)
-    n = moved.shape[0]
     index = jnp.arange(n, dtype=d2.dtype)
-    shape = (n,) + (1,) * (moved.ndim - 1)
-    if n * moved.size <= _DIRECT_LIMIT:
-        parabola = ((index[:, None] - index[None, :]) * step) ** 2
-        out = jnp.min(moved[None] + parabola.reshape((n, n) + shape[1:]), axis=1)
-        return jnp.moveaxis(out, 0, axis)
-
-    def one(i):
-        parabola = ((index - i) * step) ** 2
-        return jnp.min(moved + parabola.reshape(shape), axis=0)
-
-    out = lax.map(one, index, batch_size=min(n, 16))
+    parabola = ((index[:, None] - index[None, :]) * step) ** 2
+    out = jnp.min(moved[None] + parabola.reshape((n, n) + (1,) * (moved.ndim - 1)), axis=1)
     return jnp.moveaxis(out, 0, axis)
+
+
+def _lower_envelope_axis(d2: jax.Array, axis: int, step: float) -> jax.Array:
+    """``_min_plus_axis`` by the lower envelope of parabolas, all lines at once.
+
+    For each line, the parabolas ``f(j) + (x - p_j)²`` of its finite samples are added
+    left to right, dropping those hidden by the new one; then every position reads the
+    parabola that is lowest there. Each step runs on every line in parallel.
+
+    References:
+        Felzenszwalb and Huttenlocher, "Distance transforms of sampled functions",
+        Theory of Computing 8, 2012.
+    """
+    moved = jnp.moveaxis(d2, axis, -1)
+    n = moved.shape[-1]
+    f = moved.reshape(-1, n)
+    lines = jnp.arange(f.shape[0])
+    pos = jnp.arange(n, dtype=f.dtype) * step
+    inf = jnp.asarray(jnp.inf, f.dtype)
+
+    def intersection(q, vk):
+        # where the parabola of sample q starts to lie below that of sample vk
+        fv, pv = f[lines, vk], pos[vk]
+        return ((f[:, q] + pos[q] ** 2) - (fv + pv**2)) / (2 * (pos[q] - pv))
+
+    def add(q, state):
+        v, z, k = state  # envelope samples, their left boundaries, index of the last
+        active = jnp.isfinite(f[:, q])
+        s = jnp.where(k >= 0, intersection(q, v[lines, jnp.maximum(k, 0)]), -inf)
+
+        def hidden(carry):
+            k, s = carry
+            return active & (k > 0) & (s <= z[lines, jnp.maximum(k, 0)])
+
+        def drop(carry):
+            k, s = carry
+            h = hidden(carry)
+            k = jnp.where(h, k - 1, k)
+            return k, jnp.where(h, intersection(q, v[lines, jnp.maximum(k, 0)]), s)
+
+        k, s = lax.while_loop(lambda c: jnp.any(hidden(c)), drop, (k, s))
+        k = jnp.where(active, k + 1, k)
+        kk = jnp.maximum(k, 0)
+        v = v.at[lines, kk].set(jnp.where(active, q, v[lines, kk]))
+        z = z.at[lines, kk].set(jnp.where(active, jnp.where(k == 0, -inf, s), z[lines, kk]))
+        return v, z, k
+
+    start = (
+        jnp.zeros(f.shape, jnp.int32),
+        jnp.full(f.shape, inf),
+        jnp.full(f.shape[:1], -1, jnp.int32),
+    )
+    v, z, last = lax.fori_loop(0, n, add, start)
+    z = jnp.concatenate([z, jnp.full(f.shape[:1] + (1,), inf)], axis=1)
+
+    def read(i, state):
+        j, out = state
+
+        def behind(j):
+            return (j < last) & (z[lines, j + 1] < pos[i])
+
+        j = lax.while_loop(lambda j: jnp.any(behind(j)), lambda j: jnp.where(behind(j), j + 1, j), j)
+        vj = v[lines, j]
+        value = (pos[i] - pos[vj]) ** 2 + f[lines, vj]
+        return j, out.at[:, i].set(jnp.where(last >= 0, value, inf))
+
+    _, out = lax.fori_loop(0, n, read, (jnp.zeros(f.shape[:1], jnp.int32), jnp.zeros_like(f)))
+    return jnp.moveaxis(out.reshape(moved.shape), -1, axis)
 
 
 def _check_spacing(spacing) -> tuple[float, float, float]:

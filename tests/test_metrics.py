@@ -155,6 +155,24 @@ def test_distance_transform_matches_scipy(spacing):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.4])
+def test_lower_envelope_path_matches_scipy(density):
+    # the algorithm used for large volumes, called directly on a small one
+    rng = np.random.default_rng(1)
+    mask = np.zeros((2, 13, 17, 11), bool)
+    mask[0] = rng.random((13, 17, 11)) < density
+    mask[0, 3, 4, 5] = True
+    spacing = (0.7, 2.0, 1.3)
+    d2 = jnp.where(mask, 0.0, jnp.inf).astype(jnp.float32)
+    for axis, step in zip((1, 2, 3), spacing):
+        d2 = metrics._lower_envelope_axis(d2, axis, step)
+    ours = np.sqrt(np.asarray(d2))
+    np.testing.assert_allclose(
+        ours[0], ndimage.distance_transform_edt(~mask[0], sampling=spacing), rtol=1e-5, atol=1e-5
+    )
+    assert np.all(np.isinf(ours[1]))
+
+
 def test_distance_transform_batched_and_empty():
     masks = np.zeros((2, 5, 5, 5), bool)
     masks[0, 2, 2, 2] = True
