@@ -254,3 +254,19 @@ def test_surface_distances_jit_and_batch():
         np.testing.assert_allclose(
             batched[b, 0], max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)), rtol=1e-5
         )
+
+
+def test_cropped_and_full_volume_paths_agree():
+    # eager calls crop each class to its bounding box; under jit the full volume is used
+    shape = (30, 26, 20)
+    target = np.zeros(shape, np.int32)
+    pred = np.zeros(shape, np.int32)
+    target[_blob((5, 5, 4), (3, 4, 3), shape)] = 1  # small structure
+    pred[_blob((6, 5, 4), (3, 3, 3), shape)] = 1
+    target[25:30, 20:26, 15:20] = 2  # touching the array border
+    pred[24:30, 21:26, 14:20] = 2
+    for fn in (metrics.hausdorff_distance, metrics.average_surface_distance):
+        call = functools.partial(fn, spacing=(1.2, 0.9, 2.0), num_classes=3)
+        eager = np.asarray(call(pred, target))
+        np.testing.assert_allclose(eager, jax.jit(call)(pred, target), rtol=1e-5)
+        assert np.all(np.isfinite(eager)) and np.all(eager > 0)
