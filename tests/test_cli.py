@@ -1,0 +1,86 @@
+import os
+import subprocess
+import sys
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.testing import data_path
+
+import jmed
+from jmed import cli
+
+ANAT = os.path.join(data_path, "anatomical.nii")
+
+
+def _jmed(*args, cwd=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jmed.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+def test_parse_kwargs():
+    assert cli.parse_kwargs('degrees=10 scales=(0.9, 1.1) mode=linear axes=[0, 1] name="a b"') == {
+        "degrees": 10,
+        "scales": (0.9, 1.1),
+        "mode": "linear",
+        "axes": [0, 1],
+        "name": "a b",
+    }
+    with pytest.raises(cli.CommandError, match="NAME=VALUE"):
+        cli.parse_kwargs("degrees")
+
+
+def test_info_prints_header_and_stats():
+    result = _jmed("info", ANAT, "--stats")
+    assert result.returncode == 0, result.stderr
+    ref = nib.load(ANAT)
+    assert "(33, 41, 25, 1)" in result.stdout
+    assert "orientation: LAS" in result.stdout
+    data = ref.get_fdata()
+    assert f"max {data.max():.6g}" in result.stdout
+
+
+def test_transform_matches_python_api(tmp_path):
+    out = tmp_path / "noisy.nii.gz"
+    result = _jmed("transform", ANAT, out, "RandomNoise", "--kwargs", "std=(0.5, 1.0)", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    expected = jmed.transforms.RandomNoise(std=(0.5, 1.0))(jax.random.key(3), jmed.load(ANAT))
+    np.testing.assert_allclose(np.asarray(jmed.load(out).data), np.asarray(expected.data), atol=1e-5)
+    # deterministic transform, no seed needed
+    out2 = tmp_path / "rescaled.nii"
+    result = _jmed("transform", ANAT, out2, "RescaleIntensity", "--kwargs", "out_min_max=(0, 1)")
+    assert result.returncode == 0, result.stderr
+    data = np.asarray(jmed.load(out2).data)
+    assert data.min() == pytest.approx(0) and data.max() == pytest.approx(1)
+
+
+def test_transform_bad_input(tmp_path):
+    missing = _jmed("transform", tmp_path / "nope.nii", tmp_path / "o.nii", "RandomNoise")
+    assert missing.returncode == 1 and "nope.nii" in missing.stderr
+    bad_name = _jmed("transform", ANAT, tmp_path / "o.nii", "RandomBanana")
+    assert bad_name.returncode == 1 and "unknown transform 'RandomBanana'" in bad_name.stderr
+    assert "RandomNoise" in bad_name.stderr  # lists what is available
+    bad_kwargs = _jmed("transform", ANAT, tmp_path / "o.nii", "RandomNoise", "--kwargs", "std=-1")
+    assert bad_kwargs.returncode == 1 and "std" in bad_kwargs.stderr
+    unknown_kwarg = _jmed("transform", ANAT, tmp_path / "o.nii", "RandomNoise", "--kwargs", "colour=3")
+    assert unknown_kwarg.returncode == 1 and "colour" in unknown_kwarg.stderr
+    usage = _jmed("transform", ANAT)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_transform_never_overwrites_input(tmp_path):
+    copy = tmp_path / "input.nii"
+    copy.write_bytes(open(ANAT, "rb").read())
+    before = copy.read_bytes()
+    result = _jmed("transform", copy, copy, "RandomNoise", "--overwrite")
+    assert result.returncode == 1 and "is the input file" in result.stderr
+    assert copy.read_bytes() == before
+    existing = tmp_path / "existing.nii"
+    existing.write_bytes(b"keep me")
+    result = _jmed("transform", copy, existing, "RandomNoise")
+    assert result.returncode == 1 and "overwrite" in result.stderr
+    assert existing.read_bytes() == b"keep me"
