@@ -280,9 +280,16 @@ def plot_subject(
     return _save(fig, output)
 
 
-def plot_image(image: Image, **kwargs: Any):
-    """``plot_subject`` for a single ``Image`` (same keyword arguments)."""
-    return plot_subject(Subject(image=image), **kwargs)
+def plot_image(image: Image, *, label: Image | None = None, **kwargs: Any):
+    """``plot_subject`` for a single ``Image``, optionally with a label map overlaid.
+
+    Other keyword arguments are those of ``plot_subject``.
+    """
+    if label is None:
+        return plot_subject(Subject(image=image), **kwargs)
+    if not isinstance(label, Image):
+        raise TypeError(f"label must be a jmed.Image, got {type(label).__name__}")
+    return plot_subject(Subject(image=image, label=label.replace(kind="label")), overlay="label", **kwargs)
 
 
 def _items(batch) -> list[Subject]:

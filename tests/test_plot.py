@@ -94,6 +94,8 @@ def test_overlay_and_rows(tmp_path):
     assert len(fig.axes) == 1 and len(fig.axes[0].images) == 1
     fig = plot.plot_image(s.seg)
     assert len(fig.axes) == 3
+    fig = plot.plot_image(s.t1, label=s.seg)
+    assert len(fig.axes) == 3 and all(len(ax.images) == 2 for ax in fig.axes)
     with pytest.raises(ValueError, match="views"):
         plot.plot_subject(s, views=["oblique"])
     with pytest.raises(KeyError, match="flair"):
