@@ -1,0 +1,109 @@
+"""Benchmark segmentation metrics: jmed vs MONAI (and scipy-based surface distances).
+
+Target: the 3-class MNI152 label map (background, GM, WM; 197x233x189 at 1 mm) built as
+``jmed.datasets.MNI152`` does, from ``--data`` (default ``../shared/data/mni152`` relative
+to the repository root) or, when absent, a synthetic phantom of the same shape.
+Prediction: the target shifted by 2 voxels along x and 1 along z (a realistic error).
+
+Prints the median wall time of ``--repeats`` runs after one warm-up (compile time
+separately for jmed) and the values, so agreement is visible.
+
+    python benchmarks/bench_metrics.py [--data DIR] [--repeats 5] [--shape 197 233 189]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import jmed
+from jmed import metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _labels(data_dir: Path, shape):
+    files = {k: data_dir / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("gm", "wm")}
+    if shape is None and all(f.exists() for f in files.values()):
+        gm = jmed.load(files["gm"]).numpy()[..., 0] / 255
+        wm = jmed.load(files["wm"]).numpy()[..., 0] / 255
+        labels = np.where(np.maximum(gm, wm) < 0.5, 0, np.where(wm > gm, 2, 1)).astype(np.int32)
+        return labels, "MNI152"
+    shape = tuple(shape or (197, 233, 189))
+    labels = jmed.datasets.phantom(0, shape=shape, num_classes=3).seg.numpy()[..., 0].astype(np.int32)
+    return labels, f"phantom {shape}"
+
+
+def _time(fn, repeats):
+    start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mni152")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shape", type=int, nargs=3, default=None, help="use a phantom of this shape")
+    args = parser.parse_args(argv)
+    target, source = _labels(args.data, args.shape)
+    prediction = np.roll(target, (2, 0, 1), axis=(0, 1, 2))
+    spacing = (1.0, 1.0, 1.0)
+    print(f"data: {source}, shape {target.shape}, device {jax.devices()[0].platform}, repeats {args.repeats}")
+
+    pred_j, tgt_j = jax.device_put(prediction), jax.device_put(target)
+    jobs = {
+        "dice": lambda: metrics.dice_score(pred_j, tgt_j, num_classes=3, include_background=False),
+        "hd95": lambda: metrics.hausdorff_distance(pred_j, tgt_j, spacing=spacing, num_classes=3),
+        "assd": lambda: metrics.average_surface_distance(pred_j, tgt_j, spacing=spacing, num_classes=3),
+    }
+    rows = []
+    for name, fn in jobs.items():
+        first, median, value = _time(lambda fn=fn: jax.block_until_ready(fn()), args.repeats)
+        rows.append([name, "jmed", first - median, median, np.asarray(value)])
+
+    try:
+        import torch
+        from monai.metrics import (
+            compute_average_surface_distance,
+            compute_dice,
+            compute_hausdorff_distance,
+        )
+
+        def onehot(x):
+            return torch.nn.functional.one_hot(torch.from_numpy(x).long(), 3).permute(3, 0, 1, 2)[None]
+
+        p_t, t_t = onehot(prediction), onehot(target)
+        monai_jobs = {
+            "dice": lambda: compute_dice(p_t, t_t, include_background=False),
+            "hd95": lambda: compute_hausdorff_distance(p_t, t_t, percentile=95, spacing=spacing),
+            "assd": lambda: compute_average_surface_distance(p_t, t_t, symmetric=True, spacing=spacing),
+        }
+        for name, fn in monai_jobs.items():
+            _, median, value = _time(fn, args.repeats)
+            rows.append([name, "monai", None, median, np.asarray(value).ravel()])
+    except ImportError:
+        print("MONAI not installed: jmed only")
+
+    print(f"{'metric':<6} {'library':<7} {'compile s':>10} {'median s':>10} {'vs jmed':>8}  values (GM, WM)")
+    jmed_time = {r[0]: r[3] for r in rows if r[1] == "jmed"}
+    for name, lib, compile_s, median, value in sorted(rows, key=lambda r: (r[0], r[1] != "jmed")):
+        ratio = median / jmed_time[name]
+        compile_text = f"{compile_s:10.3f}" if compile_s is not None else f"{'-':>10}"
+        values = ", ".join(f"{v:.4f}" for v in np.ravel(value))
+        print(f"{name:<6} {lib:<7} {compile_text} {median:10.4f} {ratio:7.2f}x  {values}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,664 @@
+"""Segmentation metrics and losses, pure JAX and jittable.
+
+Array contract (channels last, as everywhere in jmed):
+
+- ``logits`` / ``probabilities``: float arrays ``(..., x, y, z, num_classes)``; ``...`` are
+  any batch axes.
+- ``labels``: integer label maps ``(..., x, y, z)`` or ``(..., x, y, z, 1)``. For
+  functions that also take a float prediction, the label map's rank relative to the
+  prediction tells which form it is. Functions that take two integer label maps treat a
+  trailing axis of size 1 as the channel axis (jmed's ``LabelMap`` data layout).
+- Metrics return one value per class and per batch item, shape ``(..., num_classes)``
+  (or ``num_classes - 1`` with ``include_background=False``, which drops class 0); losses
+  return a scalar (the mean over batch items and classes).
+
+**Empty classes.** A class absent from the *target* has no defined Dice. With
+``ignore_empty=True`` (the default, as MONAI's ``DiceMetric``) its score is ``nan``
+whatever the prediction, so ``jnp.nanmean`` averages over the classes present. With
+``ignore_empty=False`` it scores ``1.0`` when the prediction is empty too and ``0.0``
+otherwise. The soft losses add ``smooth`` to numerator and denominator instead, so a class
+absent from both prediction and target contributes a loss of 0.
+
+**Surface distances** (``hausdorff_distance``, ``average_surface_distance``) are in
+millimetres, computed from the voxel ``spacing``. A class absent from both prediction and
+target gives ``nan``; absent from exactly one of them gives ``inf``. The surface of a mask
+is the set of its voxels with at least one of their 6 face neighbours outside the mask
+(voxels on the array border count as surface). Distances come from an exact Euclidean
+distance transform computed in JAX, separably along each axis (brute force for small
+volumes, the Felzenszwalb-Huttenlocher lower envelope for large ones) and jittable. On
+CPU it is slower than ``scipy.ndimage.distance_transform_edt`` (2x for one mask of
+``128^3``, more for whole-brain label maps); eager calls therefore crop each class to its
+bounding box first, which keeps the result exact.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+__all__ = [
+    "average_surface_distance",
+    "cross_entropy",
+    "dice_ce_loss",
+    "dice_loss",
+    "dice_score",
+    "distance_transform",
+    "generalized_dice_loss",
+    "generalized_dice_score",
+    "hausdorff_distance",
+    "one_hot",
+    "soft_dice",
+    "surface_distances",
+]
+
+_SPATIAL = (-4, -3, -2)  # spatial axes of a channels-last (..., x, y, z, c) array
+# above n * size elements, the distance transform switches from brute force to the lower envelope
+_DIRECT_LIMIT = 2**24
+
+
+def _is_integer(x: jax.Array) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_
+
+
+def _check_num_classes(num_classes, name: str = "num_classes") -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{name} must be a positive integer, got {num_classes!r}")
+    return num_classes
+
+
+def _labels_like(labels: ArrayLike, scores: jax.Array, name: str = "labels") -> jax.Array:
+    """Integer labels shaped ``scores.shape[:-1]`` (drops a trailing channel axis of 1)."""
+    labels = jnp.asarray(labels)
+    if not _is_integer(labels):
+        raise TypeError(f"{name} must be an integer label map, got dtype {labels.dtype}")
+    if labels.ndim == scores.ndim and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.shape != scores.shape[:-1]:
+        raise ValueError(
+            f"{name} must have shape {scores.shape[:-1]} or {(*scores.shape[:-1], 1)} to match "
+            f"the prediction {scores.shape} (channels last), got {labels.shape}"
+        )
+    return labels.astype(jnp.int32)
+
+
+def _squeeze_channel(labels: ArrayLike, name: str) -> jax.Array:
+    labels = jnp.asarray(labels)
+    if labels.ndim >= 4 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.ndim < 3:
+        raise ValueError(f"{name} must have at least 3 spatial dimensions, got shape {labels.shape}")
+    return labels
+
+
+def _scores(prediction: ArrayLike, name: str = "logits") -> jax.Array:
+    prediction = jnp.asarray(prediction)
+    if _is_integer(prediction):
+        raise TypeError(
+            f"{name} must be floating point (..., x, y, z, num_classes), got dtype {prediction.dtype}"
+        )
+    if prediction.ndim < 4:
+        raise ValueError(f"{name} must have shape (..., x, y, z, num_classes), got {prediction.shape}")
+    return prediction
+
+
+def one_hot(labels: ArrayLike, num_classes: int, *, dtype=jnp.float32) -> jax.Array:
+    """One-hot encode an integer label map ``(..., x, y, z[, 1])`` to ``(..., x, y, z, C)``.
+
+    Labels outside ``[0, num_classes)`` give all-zero vectors.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> one_hot(jnp.array([[[0, 2]]]), 3)[0, 0].tolist()
+        [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    num_classes = _check_num_classes(num_classes)
+    labels = _squeeze_channel(labels, "labels")
+    return jax.nn.one_hot(labels, num_classes, dtype=dtype)
+
+
+def _drop_background(values: jax.Array, include_background: bool) -> jax.Array:
+    return values if include_background else values[..., 1:]
+
+
+def _hard_one_hot(prediction: ArrayLike, num_classes: int | None, name: str) -> jax.Array:
+    prediction = jnp.asarray(prediction)
+    if _is_integer(prediction):
+        if num_classes is None:
+            raise ValueError(f"num_classes is required when {name} is an integer label map")
+        return one_hot(prediction, _check_num_classes(num_classes), dtype=jnp.bool_)
+    prediction = _scores(prediction, name)
+    if num_classes is not None and num_classes != prediction.shape[-1]:
+        raise ValueError(
+            f"num_classes={num_classes} does not match the last axis of {name} {prediction.shape}"
+        )
+    return jax.nn.one_hot(jnp.argmax(prediction, -1), prediction.shape[-1], dtype=jnp.bool_)
+
+
+def dice_score(
+    prediction: ArrayLike,
+    target: ArrayLike,
+    *,
+    num_classes: int | None = None,
+    include_background: bool = True,
+    ignore_empty: bool = True,
+) -> jax.Array:
+    """Hard Dice coefficient per class, ``2 |P ∩ T| / (|P| + |T|)``.
+
+    Args:
+        prediction: integer label map ``(..., x, y, z[, 1])``, or logits/probabilities
+            ``(..., x, y, z, C)`` (their argmax over the last axis is used).
+        target: integer label map ``(..., x, y, z[, 1])``.
+        num_classes: number of classes ``C``; required when ``prediction`` is a label map.
+        include_background: keep class 0 in the output.
+        ignore_empty: see the module docstring (``nan`` for classes absent from the target).
+
+    Returns:
+        ``(..., C)`` (or ``C - 1``) Dice values in ``[0, 1]`` (or ``nan``).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> p = jnp.array([[[0, 1, 1, 1]]]); t = jnp.array([[[0, 0, 1, 1]]])
+        >>> [round(float(d), 3) for d in dice_score(p, t, num_classes=3)]  # class 2 absent
+        [0.667, 0.8, nan]
+    """
+    pred = _hard_one_hot(prediction, num_classes, "prediction")
+    num_classes = pred.shape[-1]
+    tgt = one_hot(target, num_classes, dtype=jnp.bool_)
+    if tgt.shape != pred.shape:
+        raise ValueError(f"prediction {pred.shape[:-1]} and target {tgt.shape[:-1]} shapes differ")
+    intersection = jnp.sum(pred & tgt, _SPATIAL).astype(jnp.float32)
+    p_sum = jnp.sum(pred, _SPATIAL).astype(jnp.float32)
+    t_sum = jnp.sum(tgt, _SPATIAL).astype(jnp.float32)
+    denominator = p_sum + t_sum
+    dice = 2 * intersection / jnp.where(denominator > 0, denominator, 1.0)
+    if ignore_empty:
+        dice = jnp.where(t_sum > 0, dice, jnp.nan)
+    else:
+        dice = jnp.where(denominator > 0, dice, 1.0)
+    return _drop_background(dice, include_background)
+
+
+def soft_dice(
+    probabilities: ArrayLike,
+    labels: ArrayLike,
+    *,
+    smooth: float = 1e-5,
+    squared: bool = False,
+    batch: bool = False,
+    include_background: bool = True,
+) -> jax.Array:
+    """Soft Dice per class, ``(2 Σ p t + smooth) / (Σ p + Σ t + smooth)``.
+
+    Args:
+        probabilities: ``(..., x, y, z, C)`` (e.g. ``jax.nn.softmax(logits)``).
+        labels: integer label map ``(..., x, y, z[, 1])``.
+        smooth: added to numerator and denominator (a class absent from both scores 1).
+        squared: use ``Σ p² + Σ t²`` in the denominator (V-Net's variant).
+        batch: sum over the batch axes too ("batch Dice", one value per class).
+        include_background: keep class 0.
+
+    Returns:
+        ``(..., C)`` soft Dice values, or ``(C,)`` with ``batch=True``.
+    """
+    probabilities = _scores(probabilities, "probabilities")
+    labels = _labels_like(labels, probabilities)
+    target = jax.nn.one_hot(labels, probabilities.shape[-1], dtype=probabilities.dtype)
+    axes = tuple(range(probabilities.ndim - 1)) if batch else _SPATIAL
+    intersection = jnp.sum(probabilities * target, axes)
+    if squared:
+        denominator = jnp.sum(probabilities**2, axes) + jnp.sum(target**2, axes)
+    else:
+        denominator = jnp.sum(probabilities, axes) + jnp.sum(target, axes)
+    dice = (2 * intersection + smooth) / (denominator + smooth)
+    return _drop_background(dice, include_background)
+
+
+def dice_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    softmax: bool = True,
+    smooth: float = 1e-5,
+    squared: bool = False,
+    batch: bool = False,
+    include_background: bool = True,
+) -> jax.Array:
+    """Soft Dice loss ``1 - mean(soft_dice)`` (mean over batch items and classes).
+
+    Args:
+        logits: ``(..., x, y, z, C)`` scores; with ``softmax=False`` they must already be
+            probabilities.
+        labels: integer label map ``(..., x, y, z[, 1])``.
+        softmax: apply a softmax over the last axis first.
+        smooth, squared, batch, include_background: see ``soft_dice``.
+
+    References:
+        Milletari, Navab and Ahmadi, "V-Net: Fully convolutional neural networks for
+        volumetric medical image segmentation", 3DV 2016.
+    """
+    logits = _scores(logits)
+    probabilities = jax.nn.softmax(logits, -1) if softmax else logits
+    dice = soft_dice(
+        probabilities,
+        labels,
+        smooth=smooth,
+        squared=squared,
+        batch=batch,
+        include_background=include_background,
+    )
+    return 1.0 - jnp.mean(dice)
+
+
+def generalized_dice_score(
+    probabilities: ArrayLike,
+    labels: ArrayLike,
+    *,
+    smooth: float = 1e-5,
+    include_background: bool = True,
+) -> jax.Array:
+    """Generalised Dice, per batch item: ``2 Σ_c w_c Σ p t / Σ_c w_c (Σ p + Σ t)``.
+
+    Class weights are ``w_c = 1 / (Σ t_c)²`` (inverse squared volume of the class in the
+    target). A class absent from the target would get an infinite weight; it gets the
+    largest weight of the classes present instead (0 if none is present).
+
+    Returns:
+        ``(...)`` one value per batch item.
+
+    References:
+        Sudre et al., "Generalised Dice overlap as a deep learning loss function for highly
+        unbalanced segmentations", DLMIA 2017.
+    """
+    probabilities = _scores(probabilities, "probabilities")
+    labels = _labels_like(labels, probabilities)
+    target = jax.nn.one_hot(labels, probabilities.shape[-1], dtype=probabilities.dtype)
+    target = _drop_background(target, include_background)
+    probabilities = _drop_background(probabilities, include_background)
+    intersection = jnp.sum(probabilities * target, _SPATIAL)
+    denominator = jnp.sum(probabilities, _SPATIAL) + jnp.sum(target, _SPATIAL)
+    volume = jnp.sum(target, _SPATIAL)
+    present = volume > 0
+    weights = jnp.where(present, 1.0 / jnp.where(present, volume, 1.0) ** 2, 0.0)
+    largest = jnp.max(weights, -1, keepdims=True)
+    weights = jnp.where(present, weights, largest)
+    numerator = 2 * jnp.sum(weights * intersection, -1)
+    return (numerator + smooth) / (jnp.sum(weights * denominator, -1) + smooth)
+
+
+def generalized_dice_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    softmax: bool = True,
+    smooth: float = 1e-5,
+    include_background: bool = True,
+) -> jax.Array:
+    """``1 - mean(generalized_dice_score)`` over batch items (softmax first by default)."""
+    logits = _scores(logits)
+    probabilities = jax.nn.softmax(logits, -1) if softmax else logits
+    score = generalized_dice_score(
+        probabilities, labels, smooth=smooth, include_background=include_background
+    )
+    return 1.0 - jnp.mean(score)
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    class_weights: ArrayLike | None = None,
+) -> jax.Array:
+    """Softmax cross-entropy averaged over voxels (and batch items).
+
+    With ``class_weights`` ``(C,)`` each voxel's loss is weighted by the weight of its
+    target class and the sum is divided by the sum of those weights (PyTorch's convention).
+    """
+    logits = _scores(logits)
+    labels = _labels_like(labels, logits)
+    log_p = jax.nn.log_softmax(logits, -1)
+    nll = -jnp.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+    if class_weights is None:
+        return jnp.mean(nll)
+    class_weights = jnp.asarray(class_weights, log_p.dtype)
+    if class_weights.shape != (logits.shape[-1],):
+        raise ValueError(f"class_weights must have shape ({logits.shape[-1]},), got {class_weights.shape}")
+    w = class_weights[labels]
+    return jnp.sum(w * nll) / jnp.sum(w)
+
+
+def dice_ce_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    dice_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    smooth: float = 1e-5,
+    batch: bool = False,
+    include_background: bool = True,
+    class_weights: ArrayLike | None = None,
+) -> jax.Array:
+    """``dice_weight * dice_loss + ce_weight * cross_entropy`` (the nnU-Net default loss).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> labels = jnp.zeros((2, 4, 4, 4), jnp.int32).at[:, 1:3, 1:3, 1:3].set(1)
+        >>> perfect = 20.0 * jax.nn.one_hot(labels, 2) - 10.0
+        >>> float(dice_ce_loss(perfect, labels)) < 1e-3
+        True
+    """
+    dice = dice_loss(logits, labels, smooth=smooth, batch=batch, include_background=include_background)
+    ce = cross_entropy(logits, labels, class_weights=class_weights)
+    return dice_weight * dice + ce_weight * ce
+
+
+# --- surface distances -------------------------------------------------------------------
+
+
+def _min_plus_axis(d2: jax.Array, axis: int, step: float) -> jax.Array:
+    """``out[i] = min_j d2[j] + (step (i - j))²`` along ``axis`` (exact).
+
+    Small arrays take the brute-force minimum over all ``j`` (one fused reduction);
+    large ones the lower envelope of parabolas, linear per line.
+    """
+    n = d2.shape[axis]
+    if n * d2.size > _DIRECT_LIMIT:
+        return _lower_envelope_axis(d2, axis, step)
+    moved = jnp.moveaxis(d2, axis, 0)
+    index = jnp.arange(n, dtype=d2.dtype)
+    parabola = ((index[:, None] - index[None, :]) * step) ** 2
+    out = jnp.min(moved[None] + parabola.reshape((n, n) + (1,) * (moved.ndim - 1)), axis=1)
+    return jnp.moveaxis(out, 0, axis)
+
+
+def _lower_envelope_axis(d2: jax.Array, axis: int, step: float) -> jax.Array:
+    """``_min_plus_axis`` by the lower envelope of parabolas, all lines at once.
+
+    For each line, the parabolas ``f(j) + (x - p_j)²`` of its finite samples are added
+    left to right, dropping those hidden by the new one; then every position reads the
+    parabola that is lowest there. Each step runs on every line in parallel.
+
+    References:
+        Felzenszwalb and Huttenlocher, "Distance transforms of sampled functions",
+        Theory of Computing 8, 2012.
+    """
+    moved = jnp.moveaxis(d2, axis, -1)
+    n = moved.shape[-1]
+    f = moved.reshape(-1, n)
+    lines = jnp.arange(f.shape[0])
+    pos = jnp.arange(n, dtype=f.dtype) * step
+    inf = jnp.asarray(jnp.inf, f.dtype)
+
+    def intersection(q, vk):
+        # where the parabola of sample q starts to lie below that of sample vk
+        fv, pv = f[lines, vk], pos[vk]
+        return ((f[:, q] + pos[q] ** 2) - (fv + pv**2)) / (2 * (pos[q] - pv))
+
+    def add(q, state):
+        v, z, k = state  # envelope samples, their left boundaries, index of the last
+        active = jnp.isfinite(f[:, q])
+        s = jnp.where(k >= 0, intersection(q, v[lines, jnp.maximum(k, 0)]), -inf)
+
+        def hidden(carry):
+            k, s = carry
+            return active & (k > 0) & (s <= z[lines, jnp.maximum(k, 0)])
+
+        def drop(carry):
+            k, s = carry
+            h = hidden(carry)
+            k = jnp.where(h, k - 1, k)
+            return k, jnp.where(h, intersection(q, v[lines, jnp.maximum(k, 0)]), s)
+
+        k, s = lax.while_loop(lambda c: jnp.any(hidden(c)), drop, (k, s))
+        k = jnp.where(active, k + 1, k)
+        kk = jnp.maximum(k, 0)
+        v = v.at[lines, kk].set(jnp.where(active, q, v[lines, kk]))
+        z = z.at[lines, kk].set(jnp.where(active, jnp.where(k == 0, -inf, s), z[lines, kk]))
+        return v, z, k
+
+    start = (
+        jnp.zeros(f.shape, jnp.int32),
+        jnp.full(f.shape, inf),
+        jnp.full(f.shape[:1], -1, jnp.int32),
+    )
+    v, z, last = lax.fori_loop(0, n, add, start)
+    z = jnp.concatenate([z, jnp.full(f.shape[:1] + (1,), inf)], axis=1)
+
+    def read(i, state):
+        j, out = state
+
+        def behind(j):
+            return (j < last) & (z[lines, j + 1] < pos[i])
+
+        j = lax.while_loop(lambda j: jnp.any(behind(j)), lambda j: jnp.where(behind(j), j + 1, j), j)
+        vj = v[lines, j]
+        value = (pos[i] - pos[vj]) ** 2 + f[lines, vj]
+        return j, out.at[:, i].set(jnp.where(last >= 0, value, inf))
+
+    _, out = lax.fori_loop(0, n, read, (jnp.zeros(f.shape[:1], jnp.int32), jnp.zeros_like(f)))
+    return jnp.moveaxis(out.reshape(moved.shape), -1, axis)
+
+
+def _check_spacing(spacing) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(s) for s in spacing)
+    except TypeError:
+        values = (float(spacing),) * 3
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing!r}")
+    return values
+
+
+def distance_transform(mask: ArrayLike, spacing: Sequence[float] | float = (1.0, 1.0, 1.0)) -> jax.Array:
+    """Exact Euclidean distance (mm) from each voxel to the nearest ``True`` voxel of ``mask``.
+
+    ``mask`` is ``(..., x, y, z)`` boolean; the last three axes are spatial. This is
+    ``scipy.ndimage.distance_transform_edt(~mask, sampling=spacing)``; a mask with no
+    ``True`` voxel gives ``inf`` everywhere. Jittable (``spacing`` must be concrete).
+    """
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim < 3:
+        raise ValueError(f"mask must have at least 3 dimensions (x, y, z), got shape {mask.shape}")
+    return _distance_transform(mask, _check_spacing(spacing))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _distance_transform(mask: jax.Array, spacing: tuple[float, float, float]) -> jax.Array:
+    d2 = jnp.where(mask, 0.0, jnp.inf).astype(jnp.float32)
+    for axis, step in zip((-3, -2, -1), spacing):
+        d2 = _min_plus_axis(d2, mask.ndim + axis, step)
+    return jnp.sqrt(d2)
+
+
+def _surface(mask: jax.Array) -> jax.Array:
+    """Voxels of ``mask`` with a face neighbour outside it (the border counts as outside)."""
+    padded = jnp.pad(mask, [(0, 0)] * (mask.ndim - 3) + [(1, 1)] * 3)
+    inner = slice(1, -1)
+    interior = mask
+    for axis in range(3):
+        for shifted in (slice(None, -2), slice(2, None)):
+            index = [inner, inner, inner]
+            index[axis] = shifted
+            interior = interior & padded[(..., *index)]
+    return mask & ~interior
+
+
+def surface_distances(
+    prediction_mask: ArrayLike,
+    target_mask: ArrayLike,
+    spacing: Sequence[float] | float = (1.0, 1.0, 1.0),
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Distances between the surfaces of two boolean masks ``(..., x, y, z)``.
+
+    Returns:
+        ``(d_pred, pred_surface, d_target, target_surface)``: ``d_pred`` is, at every
+        voxel, the distance (mm) to the nearest *target* surface voxel, to be read where
+        ``pred_surface`` is True; ``d_target`` likewise to the prediction's surface.
+    """
+    prediction_mask = jnp.asarray(prediction_mask, bool)
+    target_mask = jnp.asarray(target_mask, bool)
+    if prediction_mask.shape != target_mask.shape:
+        raise ValueError(f"masks have different shapes: {prediction_mask.shape} vs {target_mask.shape}")
+    pred_surface = _surface(prediction_mask)
+    target_surface = _surface(target_mask)
+    spacing = _check_spacing(spacing)
+    d_pred = _distance_transform(target_surface, spacing)
+    d_target = _distance_transform(pred_surface, spacing)
+    return d_pred, pred_surface, d_target, target_surface
+
+
+def _class_masks(prediction, target, num_classes, include_background):
+    pred = _hard_one_hot(prediction, num_classes, "prediction")
+    tgt = one_hot(target, pred.shape[-1], dtype=jnp.bool_)
+    if tgt.shape != pred.shape:
+        raise ValueError(f"prediction {pred.shape[:-1]} and target {tgt.shape[:-1]} shapes differ")
+    pred = _drop_background(pred, include_background)
+    tgt = _drop_background(tgt, include_background)
+    # classes to the front, so the last three axes are spatial
+    return jnp.moveaxis(pred, -1, 0), jnp.moveaxis(tgt, -1, 0)
+
+
+def _flat_spatial(x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-3], -1)
+
+
+def _empty_rule(value, n_pred, n_target):
+    value = jnp.where((n_pred == 0) | (n_target == 0), jnp.inf, value)
+    return jnp.where((n_pred == 0) & (n_target == 0), jnp.nan, value)
+
+
+@functools.partial(jax.jit, static_argnames=("spacing", "percentile", "symmetric"))
+def _mask_metric(pred, tgt, *, spacing, percentile, symmetric):
+    """HD (``percentile`` given) or ASD of boolean masks ``(..., x, y, z)``."""
+    d_pred, s_pred, d_tgt, s_tgt = surface_distances(pred, tgt, spacing)
+    s_pred, s_tgt = _flat_spatial(s_pred), _flat_spatial(s_tgt)
+    d_pred, d_tgt = _flat_spatial(d_pred), _flat_spatial(d_tgt)
+    n_pred, n_tgt = s_pred.sum(-1), s_tgt.sum(-1)
+    if percentile is not None:
+        a = jnp.nanpercentile(jnp.where(s_pred, d_pred, jnp.nan), percentile, axis=-1)
+        b = jnp.nanpercentile(jnp.where(s_tgt, d_tgt, jnp.nan), percentile, axis=-1)
+        value = jnp.maximum(a, b)
+    else:
+        sum_pred = jnp.sum(jnp.where(s_pred, d_pred, 0.0), -1)
+        if symmetric:
+            sum_tgt = jnp.sum(jnp.where(s_tgt, d_tgt, 0.0), -1)
+            value = (sum_pred + sum_tgt) / jnp.maximum(n_pred + n_tgt, 1)
+        else:
+            value = sum_pred / jnp.maximum(n_pred, 1)
+    return _empty_rule(value, n_pred, n_tgt)
+
+
+_CROP_MULTIPLE = 16  # crops are padded to multiples of this, so few shapes get compiled
+
+
+def _cropped_metric(pred: np.ndarray, tgt: np.ndarray, **config) -> np.ndarray:
+    """``_mask_metric`` per mask on the bounding box of prediction and target (host).
+
+    Surfaces and the distances between them lie inside the bounding box of the two
+    masks, so cropping (keeping one background voxel around, padding with background)
+    gives exactly the full-volume result, much faster for small structures.
+    """
+    flat_pred = pred.reshape(-1, *pred.shape[-3:])
+    flat_tgt = tgt.reshape(-1, *tgt.shape[-3:])
+    out = np.empty(len(flat_pred), np.float32)
+    for i, (p, t) in enumerate(zip(flat_pred, flat_tgt)):
+        union = p | t
+        if not union.any():
+            out[i] = np.nan
+            continue
+        box = []
+        for axis in range(3):
+            hits = np.nonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+            box.append(slice(max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, union.shape[axis])))
+        box = tuple(box)
+        size = [-(-(b.stop - b.start) // _CROP_MULTIPLE) * _CROP_MULTIPLE for b in box]
+        pad = [(0, n - (b.stop - b.start)) for n, b in zip(size, box)]
+        crop_p = np.pad(p[box], pad)
+        crop_t = np.pad(t[box], pad)
+        out[i] = float(_mask_metric(crop_p, crop_t, **config))
+    return out.reshape(pred.shape[:-3])
+
+
+def _surface_metric(prediction, target, num_classes, include_background, **config):
+    pred, tgt = _class_masks(prediction, target, num_classes, include_background)
+    if isinstance(pred, jax.core.Tracer) or isinstance(tgt, jax.core.Tracer):
+        value = _mask_metric(pred, tgt, **config)
+    else:
+        value = jnp.asarray(_cropped_metric(np.asarray(pred), np.asarray(tgt), **config))
+    return jnp.moveaxis(value, 0, -1)
+
+
+def hausdorff_distance(
+    prediction: ArrayLike,
+    target: ArrayLike,
+    *,
+    spacing: Sequence[float] | float = (1.0, 1.0, 1.0),
+    percentile: float = 95.0,
+    num_classes: int | None = None,
+    include_background: bool = False,
+) -> jax.Array:
+    """Percentile Hausdorff distance (mm) per class, HD95 by default.
+
+    For each class, the ``percentile`` of the distances from the prediction's surface
+    voxels to the target's surface, and of those from the target's surface to the
+    prediction's; the larger of the two. ``percentile=100`` is the classical Hausdorff
+    distance. Percentiles interpolate linearly (``numpy.percentile``'s default).
+
+    Called on concrete arrays, each class is computed on the bounding box of its
+    prediction and target (exact, and fast for small structures); under ``jit`` the
+    whole volume is used.
+
+    Args:
+        prediction: integer label map ``(..., x, y, z[, 1])`` or scores ``(..., x, y, z, C)``.
+        target: integer label map ``(..., x, y, z[, 1])``.
+        spacing: voxel size in mm (e.g. ``image.spacing``); must be concrete.
+        percentile: in ``[0, 100]``.
+        num_classes: required when ``prediction`` is a label map.
+        include_background: also score class 0 (off by default).
+
+    Returns:
+        ``(..., C)`` (or ``C - 1``); ``nan``/``inf`` for empty classes (module docstring).
+    """
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+    return _surface_metric(
+        prediction,
+        target,
+        num_classes,
+        include_background,
+        spacing=_check_spacing(spacing),
+        percentile=float(percentile),
+        symmetric=True,
+    )
+
+
+def average_surface_distance(
+    prediction: ArrayLike,
+    target: ArrayLike,
+    *,
+    spacing: Sequence[float] | float = (1.0, 1.0, 1.0),
+    symmetric: bool = True,
+    num_classes: int | None = None,
+    include_background: bool = False,
+) -> jax.Array:
+    """Average surface distance (mm) per class.
+
+    With ``symmetric=True`` (default, often called ASSD) the mean over the distances from
+    every prediction surface voxel to the target surface and from every target surface
+    voxel to the prediction surface; with ``symmetric=False`` only the former.
+    Arguments, cropping and empty-class rules as ``hausdorff_distance``.
+    """
+    return _surface_metric(
+        prediction,
+        target,
+        num_classes,
+        include_background,
+        spacing=_check_spacing(spacing),
+        percentile=None,
+        symmetric=bool(symmetric),
+    )

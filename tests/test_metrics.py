@@ -1,0 +1,272 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from jmed import metrics
+
+
+def _random_labels(seed, shape, num_classes):
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, num_classes, size=tuple(max(s // 4, 1) for s in shape))
+    return np.kron(coarse, np.ones((4, 4, 4), int))[: shape[0], : shape[1], : shape[2]].astype(np.int32)
+
+
+# --- Dice -----------------------------------------------------------------------------
+
+
+def test_dice_score_hand_computed():
+    pred = np.zeros((4, 1, 1), np.int32)
+    target = np.zeros((4, 1, 1), np.int32)
+    pred[:, 0, 0] = [0, 1, 1, 1]
+    target[:, 0, 0] = [0, 0, 1, 1]
+    d = np.asarray(metrics.dice_score(pred, target, num_classes=3))
+    # class 0: P={0}, T={0,1}: 2*1/3; class 1: P={1,2,3}, T={2,3}: 2*2/5; class 2 absent
+    np.testing.assert_allclose(d[:2], [2 / 3, 4 / 5], rtol=1e-6)
+    assert np.isnan(d[2])
+    d = np.asarray(metrics.dice_score(pred, target, num_classes=3, ignore_empty=False))
+    np.testing.assert_allclose(d, [2 / 3, 4 / 5, 1.0], rtol=1e-6)
+    d = np.asarray(metrics.dice_score(pred, target, num_classes=3, include_background=False))
+    assert d.shape == (2,)
+
+
+def test_dice_score_empty_target_nonempty_prediction():
+    pred = np.ones((2, 2, 2), np.int32)
+    target = np.zeros((2, 2, 2), np.int32)
+    assert np.isnan(metrics.dice_score(pred, target, num_classes=2)[1])
+    assert float(metrics.dice_score(pred, target, num_classes=2, ignore_empty=False)[1]) == 0.0
+
+
+def test_dice_score_from_logits_batched_and_channel_axis():
+    labels = np.stack([_random_labels(s, (8, 8, 8), 3) for s in range(2)])
+    target = np.stack([_random_labels(s + 10, (8, 8, 8), 3) for s in range(2)])
+    logits = jax.nn.one_hot(labels, 3) * 5.0
+    d_logits = metrics.dice_score(logits, target[..., None])
+    d_labels = metrics.dice_score(labels[..., None], target, num_classes=3)
+    np.testing.assert_allclose(d_logits, d_labels)
+    # numpy reference
+    for b in range(2):
+        for c in range(3):
+            p, t = labels[b] == c, target[b] == c
+            np.testing.assert_allclose(d_labels[b, c], 2 * (p & t).sum() / (p.sum() + t.sum()), rtol=1e-6)
+
+
+def test_dice_jit():
+    labels = _random_labels(0, (8, 8, 8), 3)
+    target = _random_labels(1, (8, 8, 8), 3)
+    fn = functools.partial(metrics.dice_score, num_classes=3)
+    np.testing.assert_allclose(jax.jit(fn)(labels, target), fn(labels, target))
+
+
+def test_soft_dice_and_loss_numpy_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 6, 5, 4, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, (2, 6, 5, 4)).astype(np.int32)
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    t = np.eye(3)[labels]
+    inter = (p * t).sum((1, 2, 3))
+    denom = p.sum((1, 2, 3)) + t.sum((1, 2, 3))
+    expected = (2 * inter + 1e-5) / (denom + 1e-5)
+    np.testing.assert_allclose(metrics.soft_dice(p, labels), expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics.dice_loss(logits, labels), 1 - expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics.dice_loss(logits, labels, include_background=False), 1 - expected[:, 1:].mean(), rtol=1e-5
+    )
+    batch = (2 * inter.sum(0) + 1e-5) / (denom.sum(0) + 1e-5)
+    np.testing.assert_allclose(metrics.soft_dice(p, labels, batch=True), batch, rtol=1e-5)
+    squared = (2 * inter + 1e-5) / ((p**2).sum((1, 2, 3)) + t.sum((1, 2, 3)) + 1e-5)
+    np.testing.assert_allclose(metrics.soft_dice(p, labels, squared=True), squared, rtol=1e-5)
+
+
+def test_dice_loss_gradient_is_finite_and_loss_decreases():
+    labels = _random_labels(0, (8, 8, 8), 3)
+    logits = jnp.zeros((8, 8, 8, 3))
+    loss, grad = jax.jit(jax.value_and_grad(metrics.dice_ce_loss))(logits, labels)
+    assert np.all(np.isfinite(grad))
+    assert float(metrics.dice_ce_loss(logits - 0.5 * grad / jnp.abs(grad).max(), labels)) < float(loss)
+
+
+def test_cross_entropy_numpy_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((5, 4, 3, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, (5, 4, 3, 1)).astype(np.int32)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, labels, -1)[..., 0]
+    np.testing.assert_allclose(metrics.cross_entropy(logits, labels), nll.mean(), rtol=1e-5)
+    w = np.array([0.1, 1.0, 2.0, 3.0], np.float32)
+    wv = w[labels[..., 0]]
+    np.testing.assert_allclose(
+        metrics.cross_entropy(logits, labels, class_weights=w), (wv * nll).sum() / wv.sum(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        metrics.dice_ce_loss(logits, labels, dice_weight=0.5, ce_weight=2.0),
+        0.5 * metrics.dice_loss(logits, labels) + 2.0 * nll.mean(),
+        rtol=1e-5,
+    )
+
+
+def test_generalized_dice_hand_computed():
+    # 1 batch item, 4 voxels, 2 classes, probabilities given directly
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]], np.float32).reshape(4, 1, 1, 2)
+    labels = np.array([0, 0, 0, 1]).reshape(4, 1, 1)
+    w = np.array([1 / 9, 1.0])
+    inter = np.array([0.9 + 0.6 + 0.2, 0.7])
+    denom = np.array([2.0 + 3, 2.0 + 1])
+    expected = (2 * (w * inter).sum() + 1e-5) / ((w * denom).sum() + 1e-5)
+    np.testing.assert_allclose(metrics.generalized_dice_score(p, labels), expected, rtol=1e-5)
+    logits = np.log(p)
+    np.testing.assert_allclose(metrics.generalized_dice_loss(logits, labels), 1 - expected, rtol=1e-5)
+    # an absent class gets the largest weight of the present ones
+    labels0 = np.zeros((4, 1, 1), int)
+    inter0 = np.array([0.9 + 0.6 + 0.2 + 0.3, 0.0])
+    denom0 = np.array([2.0 + 4, 2.0 + 0])
+    expected0 = (2 * (inter0 / 16).sum() + 1e-5) / ((denom0 / 16).sum() + 1e-5)
+    np.testing.assert_allclose(metrics.generalized_dice_score(p, labels0), expected0, rtol=1e-5)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="labels must have shape"):
+        metrics.dice_loss(np.zeros((4, 4, 4, 2)), np.zeros((4, 4, 3), int))
+    with pytest.raises(TypeError, match="integer label map"):
+        metrics.cross_entropy(np.zeros((4, 4, 4, 2)), np.zeros((4, 4, 4)))
+    with pytest.raises(ValueError, match="num_classes is required"):
+        metrics.dice_score(np.zeros((4, 4, 4), int), np.zeros((4, 4, 4), int))
+    with pytest.raises(ValueError, match="spacing"):
+        metrics.distance_transform(np.ones((3, 3, 3), bool), spacing=(1, 0, 1))
+    with pytest.raises(ValueError, match="percentile"):
+        metrics.hausdorff_distance(
+            np.zeros((4, 4, 4), int), np.zeros((4, 4, 4), int), num_classes=2, percentile=101
+        )
+
+
+# --- distances --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 2.0, 1.3)])
+def test_distance_transform_matches_scipy(spacing):
+    rng = np.random.default_rng(0)
+    mask = rng.random((9, 11, 7)) < 0.03
+    mask[4, 5, 3] = True
+    ours = np.asarray(metrics.distance_transform(mask, spacing))
+    ref = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.4])
+def test_lower_envelope_path_matches_scipy(density):
+    # the algorithm used for large volumes, called directly on a small one
+    rng = np.random.default_rng(1)
+    mask = np.zeros((2, 13, 17, 11), bool)
+    mask[0] = rng.random((13, 17, 11)) < density
+    mask[0, 3, 4, 5] = True
+    spacing = (0.7, 2.0, 1.3)
+    d2 = jnp.where(mask, 0.0, jnp.inf).astype(jnp.float32)
+    for axis, step in zip((1, 2, 3), spacing):
+        d2 = metrics._lower_envelope_axis(d2, axis, step)
+    ours = np.sqrt(np.asarray(d2))
+    np.testing.assert_allclose(
+        ours[0], ndimage.distance_transform_edt(~mask[0], sampling=spacing), rtol=1e-5, atol=1e-5
+    )
+    assert np.all(np.isinf(ours[1]))
+
+
+def test_distance_transform_batched_and_empty():
+    masks = np.zeros((2, 5, 5, 5), bool)
+    masks[0, 2, 2, 2] = True
+    out = np.asarray(metrics.distance_transform(masks))
+    np.testing.assert_allclose(out[0], ndimage.distance_transform_edt(~masks[0]), rtol=1e-6)
+    assert np.all(np.isinf(out[1]))
+
+
+def _reference_surface_distances(pred, target, spacing):
+    """scipy reference: surfaces by erosion (border outside), distances by EDT."""
+
+    def surface(m):
+        return m & ~ndimage.binary_erosion(m, border_value=0)
+
+    sp, st = surface(pred), surface(target)
+    d_pt = ndimage.distance_transform_edt(~st, sampling=spacing)[sp]
+    d_tp = ndimage.distance_transform_edt(~sp, sampling=spacing)[st]
+    return d_pt, d_tp
+
+
+def _blob(center, radii, shape):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    return (((grid - np.array(center)) / np.array(radii)) ** 2).sum(-1) <= 1
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.5, 0.8, 2.5)])
+def test_hausdorff_and_asd_match_scipy_reference(spacing):
+    shape = (20, 18, 16)
+    target = np.zeros(shape, np.int32)
+    pred = np.zeros(shape, np.int32)
+    target[_blob((10, 9, 8), (6, 5, 4), shape)] = 1
+    target[_blob((6, 6, 6), (2, 2, 2), shape)] = 2
+    pred[_blob((11, 8, 8), (5, 6, 4), shape)] = 1
+    pred[_blob((7, 6, 5), (2, 3, 2), shape)] = 2
+    pred[15:17, 2:4, 12:14] = 2  # a distant false positive: the tail that HD95 ignores
+    hd95 = np.asarray(metrics.hausdorff_distance(pred, target, spacing=spacing, num_classes=3))
+    hd100 = np.asarray(
+        metrics.hausdorff_distance(pred, target, spacing=spacing, num_classes=3, percentile=100)
+    )
+    assd = np.asarray(metrics.average_surface_distance(pred, target, spacing=spacing, num_classes=3))
+    asd = np.asarray(
+        metrics.average_surface_distance(pred, target, spacing=spacing, num_classes=3, symmetric=False)
+    )
+    assert hd95.shape == (2,)
+    for i, c in enumerate((1, 2)):
+        d_pt, d_tp = _reference_surface_distances(pred == c, target == c, spacing)
+        np.testing.assert_allclose(hd95[i], max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)), rtol=1e-5)
+        np.testing.assert_allclose(hd100[i], max(d_pt.max(), d_tp.max()), rtol=1e-5)
+        np.testing.assert_allclose(assd[i], np.concatenate([d_pt, d_tp]).mean(), rtol=1e-5)
+        np.testing.assert_allclose(asd[i], d_pt.mean(), rtol=1e-5)
+    assert hd100[1] > hd95[1]
+
+
+def test_surface_distance_hand_computed_and_empty_classes():
+    pred = np.zeros((3, 8, 3), np.int32)
+    target = np.zeros((3, 8, 3), np.int32)
+    pred[1, 1, 1] = 1
+    target[1, 4, 1] = 1
+    pred[0, 0, 0] = 2  # class 2 only in the prediction; class 3 in neither
+    hd = np.asarray(
+        metrics.hausdorff_distance(pred, target, spacing=(1, 2, 1), num_classes=4, percentile=100)
+    )
+    np.testing.assert_allclose(hd[0], 6.0)  # 3 voxels along y at 2 mm
+    assert np.isinf(hd[1]) and np.isnan(hd[2])
+    asd = np.asarray(metrics.average_surface_distance(pred, target, spacing=(1, 2, 1), num_classes=4))
+    np.testing.assert_allclose(asd[0], 6.0)
+    assert np.isinf(asd[1]) and np.isnan(asd[2])
+
+
+def test_surface_distances_jit_and_batch():
+    target = np.stack([_random_labels(s, (12, 12, 8), 2) for s in range(2)])
+    pred = np.stack([_random_labels(s + 5, (12, 12, 8), 2) for s in range(2)])
+    fn = functools.partial(metrics.hausdorff_distance, spacing=(1.0, 1.2, 2.0), num_classes=2)
+    batched = np.asarray(jax.jit(fn)(pred, target))
+    assert batched.shape == (2, 1)
+    for b in range(2):
+        np.testing.assert_allclose(batched[b], fn(pred[b], target[b]), rtol=1e-6)
+        d_pt, d_tp = _reference_surface_distances(pred[b] == 1, target[b] == 1, (1.0, 1.2, 2.0))
+        np.testing.assert_allclose(
+            batched[b, 0], max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)), rtol=1e-5
+        )
+
+
+def test_cropped_and_full_volume_paths_agree():
+    # eager calls crop each class to its bounding box; under jit the full volume is used
+    shape = (30, 26, 20)
+    target = np.zeros(shape, np.int32)
+    pred = np.zeros(shape, np.int32)
+    target[_blob((5, 5, 4), (3, 4, 3), shape)] = 1  # small structure
+    pred[_blob((6, 5, 4), (3, 3, 3), shape)] = 1
+    target[25:30, 20:26, 15:20] = 2  # touching the array border
+    pred[24:30, 21:26, 14:20] = 2
+    for fn in (metrics.hausdorff_distance, metrics.average_surface_distance):
+        call = functools.partial(fn, spacing=(1.2, 0.9, 2.0), num_classes=3)
+        eager = np.asarray(call(pred, target))
+        np.testing.assert_allclose(eager, jax.jit(call)(pred, target), rtol=1e-5)
+        assert np.all(np.isfinite(eager)) and np.all(eager > 0)
