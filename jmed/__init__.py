@@ -5,11 +5,18 @@ jittable, vmappable functions driven by explicit PRNG keys, sample patches, feed
 through a grain loader and stitch patch-wise predictions back together.
 """
 
-from jmed import affine, transforms
-from jmed.data import Queue, SubjectsSource, VolumeLoader, augment_and_sample
+from jmed import affine, datasets, formats, metrics, ops, plot, transforms
+from jmed.data import (
+    LoaderIterator,
+    Queue,
+    SubjectsSource,
+    VolumeLoader,
+    augment_and_sample,
+)
 from jmed.image import (
     AFFINE_TOLERANCE,
     INTENSITY,
+    KINDS,
     LABEL,
     Image,
     LabelMap,
@@ -18,9 +25,21 @@ from jmed.image import (
     stack,
     unstack,
 )
-from jmed.io import load, save
-from jmed.sampling import (
+from jmed.inference import (
+    MODES,
+    PADDING_MODES,
+    GridAggregator,
     GridSampler,
+    sliding_window_inference,
+)
+from jmed.io import (
+    READ_EXTENSIONS,
+    WRITE_EXTENSIONS,
+    load,
+    save,
+)
+from jmed.sampling import (
+    GridPatchSampler,
     LabelSampler,
     PatchSampler,
     UniformSampler,
@@ -32,28 +51,42 @@ from jmed.sampling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "datasets",
+    "formats",
+    "metrics",
+    "plot",
     "AFFINE_TOLERANCE",
-    "INTENSITY",
-    "LABEL",
-    "Image",
-    "LabelMap",
-    "ScalarImage",
-    "Subject",
-    "affine",
-    "load",
-    "save",
-    "stack",
-    "transforms",
-    "unstack",
+    "GridAggregator",
+    "GridPatchSampler",
     "GridSampler",
+    "INTENSITY",
+    "Image",
+    "KINDS",
+    "LABEL",
+    "LabelMap",
     "LabelSampler",
+    "LoaderIterator",
+    "MODES",
+    "PADDING_MODES",
     "PatchSampler",
     "Queue",
+    "READ_EXTENSIONS",
+    "ScalarImage",
+    "Subject",
     "SubjectsSource",
     "UniformSampler",
     "VolumeLoader",
+    "WRITE_EXTENSIONS",
     "WeightedSampler",
+    "affine",
     "augment_and_sample",
     "extract_patches",
     "grid_locations",
+    "load",
+    "ops",
+    "save",
+    "sliding_window_inference",
+    "stack",
+    "transforms",
+    "unstack",
 ]

@@ -6,7 +6,7 @@ Subcommands::
     jmed transform IN OUT NAME [--kwargs "degrees=10 scales=(0.9, 1.1)"] [--seed N] [--label] [--overwrite]
     jmed plot PATH [--label SEG] -o OUT.png
     jmed landmarks PATHS... -o landmarks.npy [--mask MASK ...]
-    jmed cache PATHS... --cache-dir DIR [--label]
+    jmed cache PATHS... --cache-dir DIR [--name NAME] [--label]
 
 ``transform`` applies any transform of ``jmed.transforms`` by name to one file, like
 TorchIO's ``tiotr``; a random transform gets the key ``jax.random.key(seed)``, so the
@@ -23,8 +23,9 @@ import ast
 import inspect
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,13 +46,18 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tokens: list[str] = []
     depth = 0
+    quote = ""
     current = ""
     for char in text.strip():
-        if char in "([{":
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
             depth += 1
         elif char in ")]}":
             depth -= 1
-        if char.isspace() and depth == 0:
+        if char.isspace() and depth == 0 and not quote:
             if current:
                 tokens.append(current)
             current = ""
@@ -90,7 +96,8 @@ def _transform_class(name: str):
             for n in getattr(transforms, "__all__", dir(transforms))
             if inspect.isclass(getattr(transforms, n, None))
             and issubclass(getattr(transforms, n), Transform)
-            and n not in ("Transform", "IntensityTransform", "Compose", "OneOf", "SomeOf", "RandomApply", "Lambda")
+            and n
+            not in ("Transform", "IntensityTransform", "Compose", "OneOf", "SomeOf", "RandomApply", "Lambda")
         )
         raise CommandError(f"unknown transform {name!r}; available: {', '.join(available)}")
     return candidate
@@ -170,11 +177,13 @@ def cmd_landmarks(args: argparse.Namespace) -> None:
         if not Path(path).is_file():
             raise CommandError(f"no such image file: {path}")
     if args.mask and len(args.mask) != len(args.paths):
-        raise CommandError(f"--mask needs one mask per image: got {len(args.mask)} masks for {len(args.paths)} images")
+        raise CommandError(
+            f"--mask needs one mask per image: got {len(args.mask)} masks for {len(args.paths)} images"
+        )
     if Path(args.output).exists() and not args.overwrite:
         raise CommandError(f"{args.output} exists; pass --overwrite to replace it")
     try:
-        landmarks = normalization.train_histogram_standardization(
+        landmarks = normalization.train_histogram(
             list(args.paths), masks=list(args.mask) if args.mask else None, progress=True
         )
         normalization.save_landmarks(landmarks, args.output)
@@ -186,14 +195,19 @@ def cmd_landmarks(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from jmed import data
 
-    kind = "label" if args.label else "intensity"
     for path in args.paths:
         if not Path(path).is_file():
             raise CommandError(f"no such image file: {path}")
-    cache = data.VolumeCache(args.cache_dir)
-    for path in args.paths:
-        entry = cache.get_or_create(path, kind=kind)
-        print(f"{path} -> {entry}")
+    records = [{args.name: path} for path in args.paths]
+    source = data.SubjectsSource(
+        records, label_names=[args.name] if args.label else [], cache_dir=args.cache_dir
+    )
+    for i, path in enumerate(args.paths):
+        try:
+            subject = source[i]
+        except (RuntimeError, ValueError) as err:
+            raise CommandError(str(err)) from err
+        print(f"{path}: {subject[args.name].shape} cached in {args.cache_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,10 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_landmarks)
 
-    p = sub.add_parser("cache", help="decode volumes once into a loader cache folder")
+    p = sub.add_parser("cache", help="decode volumes once into a loader cache folder (no preprocessing)")
     p.add_argument("paths", nargs="+")
     p.add_argument("--cache-dir", required=True)
-    p.add_argument("--label", action="store_true")
+    p.add_argument("--name", default="image", help="image name in the loader's records (default 'image')")
+    p.add_argument("--label", action="store_true", help="the files are label maps")
     p.set_defaults(func=cmd_cache)
     return parser
 

@@ -52,13 +52,13 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jmed.image import INTENSITY, LABEL, Image
+from jmed.sampling import grid_locations
 
 __all__ = [
     "MODES",
     "PADDING_MODES",
     "GridAggregator",
     "GridSampler",
-    "grid_locations",
     "sliding_window_inference",
 ]
 
@@ -148,42 +148,6 @@ def _axis_positions(length: int, patch: int, overlap: int) -> np.ndarray:
     if positions[-1] != length - patch:
         positions.append(length - patch)
     return np.asarray(positions, dtype=np.int64)
-
-
-def grid_locations(spatial_shape: Sequence[int], patch_size: Any, overlap: Any = 0) -> np.ndarray:
-    """Start indices of a grid of windows covering a volume (static, numpy).
-
-    Along each axis the windows start at ``0, s, 2 s, ...`` with stride
-    ``s = patch - overlap``, and the last window ends at the border
-    (start ``shape - patch``), so it may overlap its neighbour by more than ``overlap``.
-
-    Args:
-        spatial_shape: ``(x, y, z)``; every axis must be at least the patch size (pad
-            first, as ``sliding_window_inference`` and ``GridSampler`` do).
-        patch_size: an integer or 3 integers >= 1.
-        overlap: an integer or 3 integers, ``0 <= overlap < patch_size``.
-
-    Returns:
-        ``(n, 3)`` int64 array of window starts, sorted lexicographically, unique.
-
-    Raises:
-        ValueError: bad patch size or overlap, or a volume smaller than the patch.
-
-    Examples:
-        >>> grid_locations((5, 4, 4), 4, 2).tolist()
-        [[0, 0, 0], [1, 0, 0]]
-        >>> grid_locations((8, 4, 4), (4, 4, 4), (1, 0, 0))[:, 0].tolist()
-        [0, 3, 4]
-    """
-    patch, over = _parse_grid(patch_size, overlap)
-    shape = tuple(int(s) for s in spatial_shape)
-    if len(shape) != 3:
-        raise ValueError(f"spatial_shape must have 3 values, got {spatial_shape!r}")
-    if any(s < p for s, p in zip(shape, patch)):
-        raise ValueError(f"spatial_shape {shape} is smaller than patch_size {patch}; pad the volume first")
-    axes = [_axis_positions(s, p, o) for s, p, o in zip(shape, patch, over)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    return np.unique(grid, axis=0)
 
 
 def _axis_weights(length: int, patch: int, positions: np.ndarray, mode: str) -> np.ndarray:

@@ -42,7 +42,7 @@ from jmed import affine as affine_lib
 from jmed.image import Image, Subject
 
 __all__ = [
-    "GridSampler",
+    "GridPatchSampler",
     "LabelSampler",
     "PatchSampler",
     "UniformSampler",
@@ -473,8 +473,10 @@ def grid_locations(
     return np.array(list(itertools.product(*per_axis)), dtype=np.int64).reshape(-1, 3)
 
 
-class GridSampler:
-    """All patches of a regular grid, for patch-wise inference.
+class GridPatchSampler:
+    """All patches of a regular grid as one patch ``Subject`` (for the loader or a jitted
+    loop). ``jmed.GridSampler`` is the TorchIO-style sampler that pairs with
+    ``jmed.GridAggregator``.
 
     Args:
         patch_size: patch shape in voxels (an int or three ints).
@@ -487,7 +489,7 @@ class GridSampler:
     Examples:
         >>> import numpy as np, jmed
         >>> s = jmed.Subject(t1=jmed.ScalarImage(np.zeros((8, 8, 6), np.float32)))
-        >>> jmed.GridSampler(4, overlap=0)(s)["t1"].shape
+        >>> jmed.GridPatchSampler(4, overlap=0)(s)["t1"].shape
         (8, 4, 4, 4, 1)
     """
 
@@ -505,4 +507,4 @@ class GridSampler:
         return extract_patches(subject, starts, self.patch_size)
 
     def __repr__(self) -> str:
-        return f"GridSampler(patch_size={self.patch_size}, overlap={self.overlap!r})"
+        return f"GridPatchSampler(patch_size={self.patch_size}, overlap={self.overlap!r})"

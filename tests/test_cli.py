@@ -18,7 +18,12 @@ def _jmed(*args, cwd=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     return subprocess.run(
-        [sys.executable, "-m", "jmed.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+        [sys.executable, "-m", "jmed.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
     )
 
 
@@ -84,3 +89,47 @@ def test_transform_never_overwrites_input(tmp_path):
     result = _jmed("transform", copy, existing, "RandomNoise")
     assert result.returncode == 1 and "overwrite" in result.stderr
     assert existing.read_bytes() == b"keep me"
+
+
+def _write(path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    seg = _write(tmp_path / "seg.nii.gz", (np.asarray(nib.load(ANAT).dataobj) > 100).astype(np.uint8), nib.load(ANAT).affine)
+    out = tmp_path / "view.png"
+    result = _jmed("plot", ANAT, "--label", seg, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = _jmed("plot", ANAT, "-o", out)
+    assert again.returncode == 1 and "exists" in again.stderr
+    missing = _jmed("plot", tmp_path / "none.nii", "-o", tmp_path / "x.png")
+    assert missing.returncode == 1 and "none.nii" in missing.stderr
+
+
+def test_landmarks_and_cache(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = [_write(tmp_path / f"im{i}.nii.gz", rng.gamma(2.0 + i, 10.0, (12, 10, 8)).astype(np.float32)) for i in range(2)]
+    out = tmp_path / "landmarks.npy"
+    result = _jmed("landmarks", *paths, "-o", out)
+    assert result.returncode == 0, result.stderr
+    landmarks = np.load(out)
+    expected = jmed.transforms.train_histogram(paths)
+    np.testing.assert_allclose(landmarks, expected, rtol=1e-6)
+    assert np.all(np.diff(landmarks) >= 0)
+    refused = _jmed("landmarks", *paths, "-o", out)
+    assert refused.returncode == 1 and "exists" in refused.stderr
+    bad_mask = _jmed("landmarks", *paths, "-o", tmp_path / "l2.npy", "--mask", paths[0])
+    assert bad_mask.returncode == 1 and "one mask per image" in bad_mask.stderr
+
+    cache = tmp_path / "cache"
+    result = _jmed("cache", *paths, "--cache-dir", cache, "--name", "t1")
+    assert result.returncode == 0, result.stderr
+    entries = [p for p in cache.iterdir() if (p / "geometry.json").exists()]
+    assert len(entries) == 2
+    cached = np.load(entries[0] / "t1.npy")
+    assert cached.shape == (12, 10, 8, 1)
+    missing = _jmed("cache", tmp_path / "none.nii.gz", "--cache-dir", cache)
+    assert missing.returncode == 1 and "none.nii.gz" in missing.stderr

@@ -8,7 +8,7 @@ from scipy import stats
 
 import jmed
 from jmed import affine as affine_lib
-from jmed.sampling import GridSampler, LabelSampler, UniformSampler, WeightedSampler, grid_locations
+from jmed.sampling import GridPatchSampler, LabelSampler, UniformSampler, WeightedSampler, grid_locations
 
 OBLIQUE = np.array(
     [
@@ -263,7 +263,7 @@ def test_grid_covers_volume(shape, patch, overlap):
 
 def test_grid_sampler_patches(key):
     subject = make_phantom((9, 8, 6), OBLIQUE)
-    sampler = GridSampler((4, 4, 3), overlap=(1, 0, 0))
+    sampler = GridPatchSampler((4, 4, 3), overlap=(1, 0, 0))
     patches = sampler(subject)
     locations = sampler.locations(subject.spatial_shape)
     np.testing.assert_array_equal(np.asarray(patches.metadata["location"]), locations)
@@ -276,6 +276,6 @@ def test_grid_errors():
     with pytest.raises(ValueError, match="overlap"):
         grid_locations((10, 10, 10), 4, 4)
     with pytest.raises(ValueError, match="overlap"):
-        GridSampler(4, overlap=-1)
+        GridPatchSampler(4, overlap=-1)
     with pytest.raises(ValueError, match="pad"):
         grid_locations((3, 10, 10), 4, 0)

@@ -11,6 +11,17 @@ from jmed.transforms.base import (
     invert,
     replay,
 )
+from jmed.transforms.intensity import (
+    RandomBiasField,
+    RandomBlur,
+    RandomBrightness,
+    RandomCoarseDropout,
+    RandomContrast,
+    RandomGamma,
+    RandomLabelsToImage,
+    RandomNoise,
+    RandomSwap,
+)
 from jmed.transforms.labels import (
     FillHoles,
     KeepLargestComponent,
@@ -21,6 +32,11 @@ from jmed.transforms.labels import (
     RemoveSmallObjects,
     SequentialLabels,
 )
+from jmed.transforms.mri import (
+    RandomGhosting,
+    RandomMotion,
+    RandomSpike,
+)
 from jmed.transforms.normalization import (
     Clamp,
     HistogramStandardization,
@@ -28,6 +44,7 @@ from jmed.transforms.normalization import (
     RescaleIntensity,
     ZNormalization,
     get_mask,
+    histogram_percentiles,
     load_landmarks,
     save_landmarks,
     train_histogram,
@@ -45,76 +62,64 @@ from jmed.transforms.preprocessing import (
     ToCanonical,
     WindowParams,
 )
+from jmed.transforms.presets import (
+    nnunet_augmentation,
+    nnunet_intensity_augmentation,
+    torchio_paper_augmentation,
+)
 
 __all__ = [
+    "Clamp",
     "Compose",
-    "IntensityTransform",
-    "Lambda",
-    "OneOf",
-    "RandomApply",
-    "SomeOf",
-    "Transform",
-    "invert",
-    "replay",
     "CopyAffine",
     "Crop",
     "CropForeground",
     "CropOrPad",
     "EnsureShapeMultiple",
-    "Pad",
-    "Reorient",
-    "Resample",
-    "Resize",
-    "ToCanonical",
-    "WindowParams",
-    "Clamp",
-    "HistogramStandardization",
-    "Mask",
-    "RescaleIntensity",
-    "ZNormalization",
-    "get_mask",
-    "load_landmarks",
-    "save_landmarks",
-    "train_histogram",
     "FillHoles",
+    "HistogramStandardization",
+    "IntensityTransform",
     "KeepLargestComponent",
     "LabelTransform",
+    "Lambda",
+    "Mask",
     "OneHot",
-    "RemapLabels",
-    "RemoveLabels",
-    "RemoveSmallObjects",
-    "SequentialLabels",
-]
-from jmed.transforms.intensity import (  # noqa: E402
-    RandomBiasField,
-    RandomBlur,
-    RandomBrightness,
-    RandomCoarseDropout,
-    RandomContrast,
-    RandomGamma,
-    RandomLabelsToImage,
-    RandomNoise,
-    RandomSwap,
-)
-
-__all__ += [
+    "OneOf",
+    "Pad",
+    "RandomApply",
     "RandomBiasField",
     "RandomBlur",
     "RandomBrightness",
     "RandomCoarseDropout",
     "RandomContrast",
     "RandomGamma",
+    "RandomGhosting",
     "RandomLabelsToImage",
+    "RandomMotion",
     "RandomNoise",
+    "RandomSpike",
     "RandomSwap",
+    "RemapLabels",
+    "RemoveLabels",
+    "RemoveSmallObjects",
+    "Reorient",
+    "Resample",
+    "RescaleIntensity",
+    "Resize",
+    "SequentialLabels",
+    "SomeOf",
+    "ToCanonical",
+    "Transform",
+    "WindowParams",
+    "ZNormalization",
+    "get_mask",
+    "histogram_percentiles",
+    "invert",
+    "load_landmarks",
+    "nnunet_augmentation",
+    "nnunet_intensity_augmentation",
+    "replay",
+    "save_landmarks",
+    "torchio_paper_augmentation",
+    "train_histogram",
 ]
-from jmed.transforms.mri import RandomGhosting, RandomMotion, RandomSpike  # noqa: E402
-
-__all__ += ["RandomGhosting", "RandomMotion", "RandomSpike"]
-from jmed.transforms.presets import (  # noqa: E402
-    nnunet_augmentation,
-    nnunet_intensity_augmentation,
-    torchio_paper_augmentation,
-)
-
-__all__ += ["nnunet_augmentation", "nnunet_intensity_augmentation", "torchio_paper_augmentation"]
