@@ -219,7 +219,7 @@ def test_fused_chain_matches_geometry_with_less_error():
         m = t.mapping(p, shape, affine)
         moved = points @ np.asarray(m.matrix)[:3, :3].T + np.asarray(m.matrix)[:3, 3]
         if m.displacement is not None:
-            field = np.asarray(m.displacement) @ np.asarray(m.displacement_matrix).T
+            field = np.asarray(m.displacement.dense()) @ np.asarray(m.displacement_matrix).T
             moved = moved + np.stack(
                 [
                     ndimage.map_coordinates(field[..., d], points.reshape(-1, 3).T, order=3, mode="nearest")
@@ -317,7 +317,7 @@ def test_elastic_inverse_is_better_than_negation():
         warnings.simplefilter("ignore")
         params = transform.sample(jax.random.key(6), subject)
     forward = transform.mapping(params, shape, affine)
-    field = np.asarray(forward.displacement) @ np.asarray(forward.displacement_matrix).T  # voxels
+    field = np.asarray(forward.displacement.dense()) @ np.asarray(forward.displacement_matrix).T  # voxels
 
     def pull(points):  # forward mapping m(x) = x + v(x) at fractional points
         flat = points.reshape(-1, 3).T

@@ -12,13 +12,22 @@ matrix products (separable), never a per-voxel 64-tap evaluation.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["bspline_weights", "bspline_weights_at", "control_spacing", "upsample", "upsample_separable"]
+__all__ = [
+    "SeparableField",
+    "bspline_weights",
+    "bspline_weights_at",
+    "control_spacing",
+    "separable_field",
+    "upsample",
+    "upsample_separable",
+]
 
 
 def _cubic_bspline(t: np.ndarray) -> np.ndarray:
@@ -81,3 +90,44 @@ def upsample_separable(control: ArrayLike, weights: tuple[ArrayLike, ArrayLike, 
     out = jnp.einsum("ia,abcd->ibcd", wx, control)
     out = jnp.einsum("jb,ibcd->ijcd", wy, out)
     return jnp.einsum("kc,ijcd->ijkd", wz, out)
+
+
+class SeparableField(NamedTuple):
+    """A dense field ``(X, Y, Z, c)`` kept as ``partial (X, Y, n, c)`` and ``weights (Z, n)``.
+
+    ``field[i, j, k] = sum_n weights[k, n] * partial[i, j, n]``. Consumers that evaluate
+    the field voxel by voxel (``jmed.ops.interpolation.resample``) fuse this last
+    contraction into their own loop, so the dense field is never written to memory.
+    """
+
+    partial: jax.Array
+    weights: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        x, y, _, c = self.partial.shape
+        return (x, y, self.weights.shape[0], c)
+
+    def component(self, d: int) -> jax.Array:
+        """Channel ``d`` of the field, ``(X, Y, Z)``, as an elementwise expression."""
+        part = self.partial[..., d]
+        total = None
+        for n in range(self.weights.shape[1]):
+            term = part[:, :, n, None] * self.weights[None, None, :, n]
+            total = term if total is None else total + term
+        return total
+
+    def dense(self) -> jax.Array:
+        return jnp.einsum("kn,ijnc->ijkc", self.weights, self.partial)
+
+    def transform_vectors(self, matrix: ArrayLike) -> SeparableField:
+        """The field of ``matrix @ v`` for each vector ``v`` (linear, so applied to ``partial``)."""
+        return self._replace(partial=self.partial @ jnp.asarray(matrix, self.partial.dtype).T)
+
+
+def separable_field(control: ArrayLike, weights: tuple[ArrayLike, ArrayLike, ArrayLike]) -> SeparableField:
+    """Like ``upsample_separable`` but leaves the last (largest) contraction lazy."""
+    wx, wy, wz = (jnp.asarray(w, jnp.float32) for w in weights)
+    out = jnp.einsum("ia,abcd->ibcd", wx, jnp.asarray(control, jnp.float32))
+    out = jnp.einsum("jb,ibcd->ijcd", wy, out)
+    return SeparableField(out, wz)

@@ -67,7 +67,8 @@ LABEL_INTERPOLATIONS = ("nearest", "partial_volume")
 class SpatialMapping(NamedTuple):
     """Output voxel ``p`` -> input voxel ``matrix @ p + displacement_matrix @ displacement[p]``.
 
-    ``displacement`` is ``None`` for affine mappings; ``displacement_matrix`` ``None``
+    ``displacement`` is ``None`` for affine mappings, else an ``(*output_shape, 3)`` array
+    or a lazily evaluated ``jmed.ops.bspline.SeparableField``; ``displacement_matrix`` ``None``
     means the identity. ``output_shape`` is static; ``output_affine`` is the affine of the
     output grid.
     """
@@ -109,6 +110,10 @@ def _with_grid(mapping: SpatialMapping, grid: OutputGrid | None) -> SpatialMappi
     )
 
 
+def _dense(field):
+    return field.dense() if isinstance(field, bspline.SeparableField) else field
+
+
 def compose_mappings(first: SpatialMapping, second: SpatialMapping) -> SpatialMapping:
     """The mapping of "``first`` then ``second``": ``p -> first(second(p))``.
 
@@ -125,7 +130,7 @@ def compose_mappings(first: SpatialMapping, second: SpatialMapping) -> SpatialMa
         return SpatialMapping(matrix, second.displacement, a1[:3, :3] @ d2, shape, affine)
     # the earlier field, evaluated (trilinear, edge) where the later mapping sends each voxel
     moved = resample(
-        first.displacement,
+        _dense(first.displacement),
         a2,
         shape,
         order=1,
@@ -137,7 +142,7 @@ def compose_mappings(first: SpatialMapping, second: SpatialMapping) -> SpatialMa
         return SpatialMapping(matrix, moved, first.displacement_matrix, shape, affine)
     d1 = jnp.eye(3) if first.displacement_matrix is None else first.displacement_matrix
     d2 = jnp.eye(3) if second.displacement_matrix is None else second.displacement_matrix
-    field = second.displacement @ (a1[:3, :3] @ d2).T + moved @ d1.T
+    field = _dense(second.displacement) @ (a1[:3, :3] @ d2).T + moved @ d1.T
     return SpatialMapping(matrix, field, None, shape, affine)
 
 
@@ -155,10 +160,11 @@ def invert_mapping(mapping: SpatialMapping, iterations: int = 12) -> SpatialMapp
         return mapping._replace(matrix=inv)
     d = jnp.eye(3) if mapping.displacement_matrix is None else mapping.displacement_matrix
     to_voxels = -(inv[:3, :3] @ d)
+    field = _dense(mapping.displacement)
     shape = mapping.output_shape
 
     def step(_, e):
-        f = resample(mapping.displacement, inv, shape, order=1, displacement=e, pad_mode="edge")
+        f = resample(field, inv, shape, order=1, displacement=e, pad_mode="edge")
         return f @ to_voxels.T
 
     e = jax.lax.fori_loop(0, iterations, step, jnp.zeros((*shape, 3), jnp.float32))
@@ -600,7 +606,8 @@ class RandomElasticDeformation(SpatialTransform):
     def mapping(self, params, shape, affine, grid=None):
         to_voxels = jnp.linalg.inv(_as_f32(affine)[:3, :3])
         if grid is None:
-            field = bspline.upsample(params, tuple(shape))
+            weights = tuple(bspline.bspline_weights(s, n) for s, n in zip(shape, self.num_control_points))
+            field = bspline.separable_field(params, weights)
             return SpatialMapping(jnp.eye(4, dtype=jnp.float32), field, to_voxels, tuple(shape), affine)
         # evaluate the spline directly at the output grid's positions (still separable)
         weights = tuple(
@@ -609,7 +616,7 @@ class RandomElasticDeformation(SpatialTransform):
             )
             for d, n in enumerate(self.num_control_points)
         )
-        field = bspline.upsample_separable(params, weights)
+        field = bspline.separable_field(params, weights)
         g = grid.matrix()
         return SpatialMapping(g, field, to_voxels, tuple(grid.shape), _as_f32(affine) @ g)
 
