@@ -11,6 +11,16 @@ from jmed.transforms.base import (
     invert,
     replay,
 )
+from jmed.transforms.spatial import (
+    RandomAffine,
+    RandomAnisotropy,
+    RandomElasticDeformation,
+    RandomFlip,
+    RandomRot90,
+    Spatial,
+    SpatialTransform,
+)
+from jmed.transforms.tta import predict_with_tta
 
 __all__ = [
     "Compose",
@@ -22,4 +32,12 @@ __all__ = [
     "Transform",
     "invert",
     "replay",
+    "RandomAffine",
+    "RandomAnisotropy",
+    "RandomElasticDeformation",
+    "RandomFlip",
+    "RandomRot90",
+    "Spatial",
+    "SpatialTransform",
+    "predict_with_tta",
 ]
