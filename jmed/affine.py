@@ -156,7 +156,8 @@ def _io_orientation(affine: np.ndarray) -> np.ndarray:
     """For each data axis, the world axis it is closest to and the sign, shape (3, 2).
 
     Takes the closest orthogonal matrix to the direction cosines (polar decomposition via
-    SVD), then assigns data axes to world axes greedily by largest absolute cosine.
+    SVD), then assigns data axes to world axes greedily by largest absolute cosine,
+    taking the most clearly aligned data axes first (stable on ties), as nibabel does.
     """
     rzs = np.asarray(affine, dtype=np.float64)[:3, :3]
     zooms = np.sqrt((rzs**2).sum(0))
@@ -166,7 +167,8 @@ def _io_orientation(affine: np.ndarray) -> np.ndarray:
     keep = s > s.max() * 3 * np.finfo(np.float64).eps
     r = u[:, keep] @ vt[keep]
     out = np.full((3, 2), np.nan)
-    for data_axis in range(3):
+    order = np.argsort(-np.max(r**2, axis=0), kind="stable")
+    for data_axis in order:
         col = r[:, data_axis]
         if np.allclose(col, 0):
             continue

@@ -40,6 +40,19 @@ def _extension(path: Path) -> str:
     return "".join(path.suffixes[-2:]) or "(none)"
 
 
+def _channel_axis(img: Any) -> int:
+    """Axis of a 4D file that holds channels/time: the last, except for MINC, whose
+    non-spatial dimension (e.g. time) usually comes first."""
+    minc_file = getattr(getattr(img, "dataobj", None), "minc_file", None)
+    if minc_file is not None and len(img.shape) == 4:
+        names = list(getattr(minc_file, "_dim_names", ()))
+        spatial = set(getattr(minc_file, "_spatial_dims", ()))
+        other = [i for i, n in enumerate(names) if n not in spatial]
+        if len(other) == 1:
+            return other[0]
+    return len(img.shape) - 1
+
+
 def _to_channels_last(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
     if len(shape) == 2:
         return (*shape, 1, 1)
@@ -61,7 +74,7 @@ def _label_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.int32)
 
 
-def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_axis: int) -> np.ndarray:
     try:
         if kind == INTENSITY:
             data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -77,7 +90,11 @@ def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...]) -> np.nd
                 raw = rounded
             data = raw.astype(_label_dtype(raw.dtype), copy=False)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as err:
-        raise ValueError(f"{path}: cannot read voxel data, file is truncated or corrupt ({err})") from err
+        raise ValueError(
+            f"{path}: cannot read voxel data (missing, truncated or corrupt file) ({err})"
+        ) from err
+    if data.ndim == 4 and channel_axis != 3:
+        data = np.moveaxis(data, channel_axis, -1)
     return data.reshape(shape)
 
 
@@ -123,11 +140,15 @@ def load(path: str | os.PathLike, kind: str = INTENSITY, *, lazy: bool = False) 
     if file_affine is None:
         raise ValueError(f"{path}: file has no affine")
     affine = affine_lib.check_affine(file_affine, name=f"affine of {path}")
-    shape = _to_channels_last(tuple(int(s) for s in img.shape), path)
+    file_shape = [int(s) for s in img.shape]
+    channel_axis = _channel_axis(img)
+    if len(file_shape) == 4:
+        file_shape.append(file_shape.pop(channel_axis))
+    shape = _to_channels_last(tuple(file_shape), path)
     dtype = np.float32 if kind == INTENSITY else _label_dtype(img.get_data_dtype())
 
     def read() -> np.ndarray:
-        return _read_data(img, path, kind, shape)
+        return _read_data(img, path, kind, shape, channel_axis)
 
     data = _LazyData(shape, dtype, read) if lazy else read()
     return Image(data, affine, kind=kind)
@@ -152,7 +173,7 @@ def _nibabel_image(image: Image, ext: str) -> Any:
             data = data.astype(np.float32 if image.kind == INTENSITY else np.int32)
         out = nib.MGHImage(data, affine)
     else:
-        out = nib.AnalyzeImage(data, affine)
+        out = nib.Spm2AnalyzeImage(data, affine)
     return out
 
 
@@ -160,8 +181,9 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
     """Write ``image`` to ``path`` atomically; returns the path written.
 
     The format follows the extension (``.nii``, ``.nii.gz``, ``.mgh``, ``.mgz``,
-    ``.hdr``/``.img``). Single-channel images are written as 3D, others as 4D. Analyze
-    stores only spacing and origin, so rotated affines cannot be written to it.
+    ``.hdr``/``.img``). Single-channel images are written as 3D, others as 4D. Analyze is
+    written in its SPM2 flavour: the affine goes to a ``.mat`` file beside the header
+    (an affine that does not survive the write raises ``ValueError``, nothing written).
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -177,13 +199,7 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
         raise IsADirectoryError(f"{path} is a directory; save() needs a file path")
     targets = [path]
     if ext in (".hdr", ".img"):
-        targets = [path.with_suffix(".hdr"), path.with_suffix(".img")]
-        a = np.asarray(image.affine)
-        if not np.allclose(a[:3, :3], np.diag(np.diag(a[:3, :3])), atol=1e-6):
-            raise ValueError(
-                f"{path}: Analyze files store only spacing and origin; this image's affine "
-                "has rotations or axis permutations; save it as .nii or .nii.gz"
-            )
+        targets = [path.with_suffix(".hdr"), path.with_suffix(".img"), path.with_suffix(".mat")]
     if not overwrite:
         for target in targets:
             if target.exists():
@@ -195,9 +211,18 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
     try:
         tmp_path = Path(tmp_dir) / ("tmp" + (".hdr" if ext in (".hdr", ".img") else ext))
         nib.save(nib_image, str(tmp_path))
+        if ext in (".hdr", ".img"):
+            written = nib.load(str(tmp_path)).affine
+            if not np.allclose(written, np.asarray(image.affine), atol=1e-4):
+                raise ValueError(
+                    f"{path}: the Analyze format cannot hold this affine:\n{np.asarray(image.affine)}\n"
+                    "save it as .nii or .nii.gz instead"
+                )
         # data file first, header last: a reader never sees a header without its data
         for target in reversed(targets):
-            os.replace(tmp_path.with_suffix(target.suffix) if len(targets) > 1 else tmp_path, target)
+            source = tmp_path.with_suffix(target.suffix) if len(targets) > 1 else tmp_path
+            if source.exists():
+                os.replace(source, target)
     finally:
         for leftover in Path(tmp_dir).iterdir():
             leftover.unlink()

@@ -1,0 +1,208 @@
+"""Separable Gaussian filtering of channels-last volumes.
+
+Array contract: ``data`` is ``(x, y, z, c)``; each channel is filtered along the three
+spatial axes; the output is floating point (integer input becomes ``float32``) and keeps
+the shape. Semantics follow ``scipy.ndimage.gaussian_filter`` per channel: the kernel
+``exp(-t**2 / (2 sigma**2))`` is truncated at radius ``int(truncate * sigma + 0.5)``
+voxels and normalised to sum 1; an axis with that radius 0 (``sigma`` 0) is left as is.
+Boundary modes use scipy's names: ``"reflect"`` (``d c b a | a b c d | d c b a``),
+``"mirror"`` (``d c b | a b c d | c b a``), ``"nearest"``, ``"wrap"`` and
+``"constant"`` (``cval`` outside).
+
+``sigma`` may be traced (under ``jit`` / ``vmap``). The kernel width then is not known
+when tracing, so each axis compiles a few static radii (2, 4, 8, 12, then one banded-matrix branch for
+anything wider, up to the bound given by ``max_sigma``, or 8 times the axis length
+without a bound) and picks the one that fits at run time with ``lax.switch``; every
+branch zeroes the taps beyond the true radius, so the result is exact for any ``sigma``
+within the bound. Under
+``vmap`` with per-sample ``sigma`` all branches run (a ``switch`` on a batched index is a
+select), so pass ``max_sigma`` to keep the branch count small.
+
+Kernel choice (measured on 2 CPU cores, 197x233x189, float32): shifting and adding
+``2r + 1`` slices is 1.3-3x faster than a banded (boundary-folded) ``n x n`` matrix
+product along each axis up to about ``r = 8``, and ~100x faster than ``lax.conv``; past
+``r = 12`` the fused sum degrades and the matrix product, whose cost does not depend on
+the radius, is used instead.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+__all__ = ["BOUNDARY_MODES", "gaussian_blur", "gaussian_kernel1d"]
+
+BOUNDARY_MODES = ("reflect", "mirror", "nearest", "wrap", "constant")
+
+# scipy mode -> jnp.pad mode
+_PAD_MODES = {
+    "reflect": "symmetric",
+    "mirror": "reflect",
+    "nearest": "edge",
+    "wrap": "wrap",
+    "constant": "constant",
+}
+# largest radius filtered by shift-and-add; wider kernels use the banded matrix product
+_MAX_SHIFT_RADIUS = 12
+_BUCKETS = (2, 4, 8, 12)
+
+
+def _scipy_radius(sigma, truncate: float):
+    return jnp.floor(truncate * sigma + 0.5).astype(jnp.int32)
+
+
+def gaussian_kernel1d(sigma: ArrayLike, radius: int, *, truncate: float = 4.0) -> jax.Array:
+    """Normalised Gaussian taps at offsets ``-radius..radius``.
+
+    Taps beyond scipy's radius ``int(truncate * sigma + 0.5)`` are zero, so a static
+    ``radius`` larger than needed gives the same filter. ``sigma`` 0 gives a unit impulse.
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    safe = jnp.where(sigma > 0, sigma, 1.0)
+    inside = jnp.abs(t) <= _scipy_radius(sigma, truncate)
+    w = jnp.where(inside, jnp.exp(-0.5 * (t / safe) ** 2), 0.0)
+    w = jnp.where(sigma > 0, w, (t == 0).astype(jnp.float32))
+    return w / jnp.sum(w)
+
+
+def _fold_index(k: np.ndarray, n: int, mode: str) -> np.ndarray:
+    """Input index used for (possibly outside) position ``k`` under ``mode``; -1 = outside."""
+    if mode == "reflect":
+        m = np.mod(k, 2 * n)
+        return np.where(m < n, m, 2 * n - 1 - m)
+    if mode == "mirror":
+        if n == 1:
+            return np.zeros_like(k)
+        m = np.mod(k, 2 * n - 2)
+        return np.where(m < n, m, 2 * n - 2 - m)
+    if mode == "nearest":
+        return np.clip(k, 0, n - 1)
+    if mode == "wrap":
+        return np.mod(k, n)
+    return np.where((k >= 0) & (k < n), k, -1)
+
+
+def _shift_add(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval) -> jax.Array:
+    n = x.shape[axis]
+    if radius < n or mode == "constant":
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (radius, radius)
+        kw = {"constant_values": cval} if mode == "constant" else {}
+        p = jnp.pad(x, pad, mode=_PAD_MODES[mode], **kw)
+    else:  # wider than the axis: fold indices explicitly
+        p = jnp.take(x, jnp.asarray(_fold_index(np.arange(-radius, n + radius), n, mode)), axis=axis)
+    out = w[radius] * x
+    for t in range(2 * radius + 1):
+        if t != radius:
+            out = out + w[t] * jax.lax.slice_in_dim(p, t, t + n, axis=axis)
+    return out
+
+
+def _banded(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval) -> jax.Array:
+    n = x.shape[axis]
+    rows = np.repeat(np.arange(n), 2 * radius + 1)
+    cols = _fold_index(np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None, :], n, mode).ravel()
+    taps = jnp.tile(w, n)
+    keep = cols >= 0
+    matrix = jnp.zeros((n, n), x.dtype).at[rows[keep], cols[keep]].add(taps[np.flatnonzero(keep)])
+    out = jnp.moveaxis(jnp.tensordot(matrix, x, axes=([1], [axis]), precision="highest"), 0, axis)
+    if mode == "constant" and not (isinstance(cval, numbers.Real) and cval == 0):
+        # weight that falls outside the volume, times cval
+        outside = jnp.zeros((n,), x.dtype).at[rows[~keep]].add(taps[np.flatnonzero(~keep)])
+        shape = [1] * x.ndim
+        shape[axis] = n
+        out = out + cval * outside.reshape(shape)
+    return out
+
+
+def _filter_static(x, sigma, radius: int, axis: int, mode: str, truncate: float, cval):
+    if radius == 0:
+        return x
+    w = gaussian_kernel1d(sigma, radius, truncate=truncate).astype(x.dtype)
+    if radius <= _MAX_SHIFT_RADIUS:
+        return _shift_add(x, w, radius, axis, mode, cval)
+    return _banded(x, w, radius, axis, mode, cval)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def gaussian_blur(
+    data: ArrayLike,
+    sigma: ArrayLike,
+    *,
+    truncate: float = 4.0,
+    mode: str = "reflect",
+    cval: float = 0.0,
+    max_sigma: ArrayLike | None = None,
+) -> jax.Array:
+    """Separable Gaussian blur of ``data`` ``(x, y, z, c)`` with ``sigma`` in voxels.
+
+    Args:
+        data: channels-last volume.
+        sigma: standard deviation in voxels, a scalar or one per spatial axis; may be
+            traced.
+        truncate: kernel half-width in standard deviations (scipy's rule).
+        mode: boundary handling, one of ``BOUNDARY_MODES`` (scipy names).
+        cval: value outside the volume for ``mode="constant"``.
+        max_sigma: static upper bound on ``sigma`` (scalar or per axis), used only when
+            ``sigma`` is traced to limit the compiled kernel widths.
+
+    Returns:
+        The blurred volume (floating dtype, same shape).
+
+    Raises:
+        ValueError: wrong ``data`` rank, unknown ``mode``, negative ``sigma`` /
+            ``truncate`` / ``max_sigma``.
+
+    Examples:
+        >>> import numpy as np, scipy.ndimage
+        >>> x = np.random.default_rng(0).random((8, 9, 10, 1)).astype(np.float32)
+        >>> y = gaussian_blur(x, (1.0, 0.5, 2.0))
+        >>> ref = scipy.ndimage.gaussian_filter(x[..., 0], (1.0, 0.5, 2.0), mode="reflect")
+        >>> bool(np.allclose(y[..., 0], ref, atol=1e-5))
+        True
+    """
+    data = jnp.asarray(data)
+    if data.ndim != 4:
+        raise ValueError(f"data must be (x, y, z, c), got shape {data.shape}")
+    if mode not in BOUNDARY_MODES:
+        raise ValueError(f"mode must be one of {BOUNDARY_MODES}, got {mode!r}")
+    if not isinstance(truncate, numbers.Real) or truncate < 0:
+        raise ValueError(f"truncate must be a number >= 0, got {truncate!r}")
+    if not jnp.issubdtype(data.dtype, jnp.floating):
+        data = data.astype(jnp.float32)
+    sigma_arr = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (3,))
+    concrete = _is_concrete(sigma_arr)
+    if concrete:
+        s = np.asarray(sigma_arr, dtype=float)
+        if np.any(s < 0) or not np.all(np.isfinite(s)):
+            raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
+    bounds = None
+    if max_sigma is not None:
+        bounds = np.broadcast_to(np.asarray(max_sigma, dtype=float), (3,))
+        if np.any(bounds < 0) or not np.all(np.isfinite(bounds)):
+            raise ValueError(f"max_sigma must be finite and >= 0, got {max_sigma!r}")
+    out = data
+    for axis in range(3):
+        n = data.shape[axis]
+        if concrete:
+            radius = int(truncate * float(s[axis]) + 0.5)
+            out = _filter_static(out, sigma_arr[axis], radius, axis, mode, truncate, cval)
+            continue
+        limit = int(truncate * bounds[axis] + 0.5) if bounds is not None else 8 * n
+        radii = [0] + [b for b in _BUCKETS if b < limit] + ([limit] if limit > 0 else [])
+        sig = sigma_arr[axis] if bounds is None else jnp.minimum(sigma_arr[axis], bounds[axis])
+        needed = jnp.minimum(_scipy_radius(sig, truncate), limit)
+        index = jnp.searchsorted(jnp.asarray(radii), needed)
+        branches = [
+            lambda x, sg, r=r, ax=axis: _filter_static(x, sg, r, ax, mode, truncate, cval) for r in radii
+        ]
+        out = jax.lax.switch(index, branches, out, sig)
+    return out

@@ -1,0 +1,179 @@
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.testing import data_path
+
+import jmed
+from jmed import affine as A
+
+ROTATED = A.from_spacing((1.5, 2.0, 2.5), origin=(-30.25, 12.5, 7.125), orientation="LPS")
+ROTATED[:3, :3] = np.array([[0.96, -0.28, 0], [0.28, 0.96, 0], [0, 0, 1.0]]) @ ROTATED[:3, :3]
+
+
+def _roundtrip(tmp_path, image, ext):
+    path = tmp_path / f"img{ext}"
+    jmed.save(image, path)
+    return jmed.load(path, kind=image.kind)
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz", ".mgh", ".mgz"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_roundtrip_float_exact(tmp_path, ext, channels):
+    data = np.random.default_rng(0).standard_normal((5, 6, 7, channels)).astype(np.float32)
+    back = _roundtrip(tmp_path, jmed.ScalarImage(data, ROTATED), ext)
+    assert back.dtype == np.float32 and back.shape == data.shape
+    np.testing.assert_array_equal(np.asarray(back.data), data)  # bitwise for float32
+    np.testing.assert_allclose(back.affine, ROTATED, atol=1e-5)
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz", ".mgz", ".hdr", ".img"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
+def test_roundtrip_labels_exact(tmp_path, ext, dtype):
+    data = np.random.default_rng(1).integers(0, 100, (5, 6, 7, 1)).astype(dtype)
+    affine = ROTATED
+    back = _roundtrip(tmp_path, jmed.LabelMap(data, affine), ext)
+    assert back.kind == "label" and np.issubdtype(back.dtype, np.integer)
+    np.testing.assert_array_equal(np.asarray(back.data), data)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, shape, orientation",
+    [
+        ("anatomical.nii", (33, 41, 25, 1), "LAS"),
+        ("example4d.nii.gz", (128, 96, 24, 2), "LAS"),
+        ("example_nifti2.nii.gz", (32, 20, 12, 2), "LAS"),
+        ("standard.nii.gz", (4, 5, 7, 1), "RAS"),
+        ("test.mgz", (3, 4, 5, 2), "SAR"),
+        ("tiny.mnc", (10, 20, 20, 1), "SAR"),
+        ("minc1_4d.mnc", (10, 20, 20, 2), "SAR"),
+    ],
+)
+def test_nibabel_shipped_files(name, shape, orientation):
+    path = os.path.join(data_path, name)
+    img = jmed.load(path)
+    ref = nib.load(path)
+    assert img.shape == shape
+    assert img.orientation == orientation
+    np.testing.assert_allclose(img.affine, ref.affine)
+    ref_data = np.asarray(ref.get_fdata(dtype=np.float32))
+    if name == "minc1_4d.mnc":
+        ref_data = np.moveaxis(ref_data, 0, -1)
+    np.testing.assert_array_equal(np.asarray(img.data), ref_data.reshape(shape))
+
+
+def test_header_without_data_file_is_a_clear_error():
+    img = jmed.load(os.path.join(data_path, "analyze.hdr"), lazy=True)  # header reads
+    assert img.spatial_shape == (91, 109, 91)
+    with pytest.raises(ValueError, match="analyze.hdr: cannot read voxel data"):
+        _ = img.data
+
+
+def test_minc2_reads_with_h5py():
+    pytest.importorskip("h5py")
+    img = jmed.load(os.path.join(data_path, "minc2_4d.mnc"))
+    assert img.shape == (10, 20, 20, 2)
+
+
+def test_scaling_applied_and_labels_keep_integers(tmp_path):
+    data = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    nii = nib.Nifti1Image(data, np.eye(4))
+    nii.header.set_slope_inter(2.0, 10.0)
+    path = tmp_path / "scaled.nii"
+    nib.save(nii, path)
+    img = jmed.load(path)
+    np.testing.assert_allclose(np.asarray(img.data)[..., 0], data * 2.0 + 10.0)
+    labels = jmed.load(path, kind="label")
+    np.testing.assert_array_equal(np.asarray(labels.data)[..., 0], data * 2 + 10)
+    assert np.issubdtype(labels.dtype, np.integer)
+
+
+def test_2d_file_becomes_single_slice(tmp_path):
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((6, 7), np.float32), np.eye(4)), path)
+    assert jmed.load(path).shape == (6, 7, 1, 1)
+
+
+def test_lazy_load_reads_header_only(tmp_path):
+    path = tmp_path / "lazy.nii.gz"
+    data = np.random.default_rng(2).standard_normal((8, 9, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, ROTATED), path)
+    img = jmed.load(path, lazy=True)
+    assert not img.is_loaded
+    assert img.spatial_shape == (8, 9, 10) and img.orientation == "LPS"
+    assert not img.is_loaded
+    np.testing.assert_array_equal(np.asarray(img.data)[..., 0], data)
+    assert img.is_loaded
+
+
+def test_save_is_atomic_and_refuses_overwrite(tmp_path):
+    path = tmp_path / "out.nii.gz"
+    first = jmed.ScalarImage(np.ones((3, 3, 3), np.float32))
+    jmed.save(first, path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        jmed.save(jmed.ScalarImage(np.zeros((3, 3, 3), np.float32)), path)
+    assert path.read_bytes() == before
+    jmed.save(jmed.ScalarImage(np.zeros((3, 3, 3), np.float32)), path, overwrite=True)
+    assert float(np.asarray(jmed.load(path).data).max()) == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]  # no temp files left
+
+
+def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
+    path = tmp_path / "keep.nii"
+    jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), path)
+    before = path.read_bytes()
+
+    def broken_save(img, filename):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        jmed.save(jmed.ScalarImage(np.zeros((3, 3, 3), np.float32)), path, overwrite=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.nii"]
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.nii"):
+        jmed.load(tmp_path / "missing.nii")
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        jmed.load(tmp_path)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(ValueError, match="unsupported extension '.txt'"):
+        jmed.load(txt)
+    # truncated .nii.gz
+    good = tmp_path / "good.nii.gz"
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4)), good
+    )
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:-2000])
+    with pytest.raises(ValueError, match="truncated.nii.gz"):
+        _ = jmed.load(truncated).data
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(b"not a nifti header at all" * 20))
+    with pytest.raises(ValueError, match="garbage.nii.gz"):
+        jmed.load(garbage)
+    five_d = tmp_path / "five.nii"
+    nib.save(nib.Nifti1Image(np.zeros((2, 3, 4, 2, 2), np.float32), np.eye(4)), five_d)
+    with pytest.raises(ValueError, match="5 dimensions"):
+        jmed.load(five_d)
+    singular = tmp_path / "singular.nii"
+    img = nib.Nifti1Image(np.zeros((2, 3, 4), np.float32), np.eye(4))
+    img.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=1)
+    nib.save(img, singular)
+    with pytest.raises(ValueError, match="singular"):
+        jmed.load(singular)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        jmed.load(good, kind="segmentation")
+    with pytest.raises(ValueError, match="cannot write extension '.mnc'"):
+        jmed.save(jmed.ScalarImage(np.zeros((2, 2, 2))), tmp_path / "x.mnc")
+    with pytest.raises(ValueError, match="non-integer"):
+        _ = jmed.load(good, kind="label").data
