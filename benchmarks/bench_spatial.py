@@ -94,6 +94,30 @@ def bench_jmed(subject, repeats, batch):
     return rows
 
 
+def bench_label_modes(labels, repeats):
+    """Label resampling alone: nearest vs partial volume with 2 and 50 classes."""
+    import jax.numpy as jnp
+
+    from jmed.ops.interpolation import resample
+    from jmed.transforms.spatial import affine_mapping
+
+    shape = labels.shape
+    params = (jnp.array([1.05, 0.95, 1.0]), jnp.array([8.0, -6.0, 10.0]), jnp.array([2.0, 0.0, -1.0]))
+    matrix = affine_mapping(*params, shape, np.eye(4)).matrix
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 50, tuple(-(-n // 8) for n in shape))
+    many = np.kron(coarse, np.ones((8, 8, 8), np.uint8))[: shape[0], : shape[1], : shape[2]]
+    maps = {"2 classes": (labels > 0).astype(np.uint8), "50 classes": many.astype(np.uint8)}
+    rows = {}
+    for name, data in maps.items():
+        data = jax.device_put(data[..., None])
+        for order in ("nearest", "partial_volume"):
+            fn = jax.jit(lambda d, m, order=order: resample(d, m, shape, order=order))
+            _, median_s = timeit(lambda i, fn=fn, data=data: jax.block_until_ready(fn(data, matrix)), repeats)
+            rows[f"{order}, {name}"] = median_s
+    return rows
+
+
 def bench_torchio(image, labels, affine, repeats):
     try:
         import torch
@@ -203,6 +227,10 @@ def main(argv=None):
         tio_rows = bench_torchio(img, lab, aff, args.repeats) if anchors else None
         monai_rows = bench_monai(img, lab, args.repeats) if anchors else None
         report(title, jm, tio_rows, monai_rows, args.batch)
+        if img is image:
+            print("\nlabel map alone (resample kernel, same rotation)")
+            for name, median_s in bench_label_modes(lab, args.repeats).items():
+                print(f"{name:28s} {median_s * 1e3:9.1f} ms")
 
 
 if __name__ == "__main__":
