@@ -356,6 +356,19 @@ def test_elastic_inverse_is_better_than_negation():
     assert np.mean(np.asarray(back.seg.data) != np.asarray(subject.seg.data)) < 0.05
 
 
+def test_spatial_inverse():
+    subject = _subject((10, 10, 8))
+    cropping = Spatial([RandomFlip()], output_shape=(6, 6, 6))
+    out, params = cropping.sample_and_apply(jax.random.key(0), subject)
+    assert not cropping.invertible
+    with pytest.raises(TypeError, match="changes the grid"):
+        cropping.inverse(out, params)
+    fused = Spatial([RandomFlip(axes=(0, 1)), RandomRot90(axes=(0, 1))])
+    out, params = jax.jit(fused.sample_and_apply)(jax.random.key(1), subject)
+    back = jax.jit(fused.inverse)(out, params)
+    np.testing.assert_array_equal(np.asarray(back.seg.data), np.asarray(subject.seg.data))
+
+
 def test_flip_and_rot90_inverse_exact():
     subject = _subject((10, 10, 8))
     for transform in (RandomFlip(axes=(0, 1, 2), flip_probability=1.0), RandomRot90(axes=(0, 1))):
@@ -455,3 +468,25 @@ def test_elastic_folding_warning():
     subject = _subject((16, 16, 16))
     with pytest.warns(RuntimeWarning, match="fold"):
         RandomElasticDeformation(num_control_points=7, max_displacement=5)(jax.random.key(0), subject)
+
+
+def test_compose_fuses_runs_of_spatial_transforms_only():
+    from jmed.transforms.base import Lambda, _fused_stages
+
+    flip, affine, elastic = RandomFlip(), RandomAffine(), RandomElasticDeformation(max_displacement=1.0)
+    scale = Lambda(lambda x: x * 2, kinds="intensity")
+    stages = _fused_stages((flip, affine, scale, elastic))
+    assert [(fused is not None, start, stop) for fused, start, stop in stages] == [
+        (True, 0, 2),
+        (False, 2, 3),
+        (False, 3, 4),
+    ]
+    only_t1 = RandomAffine(include="t1")
+    stages = _fused_stages((flip, only_t1, elastic))
+    assert [fused is None for fused, _, _ in stages] == [True, True, True]
+    # replaying the recorded params gives the same output
+    subject = _subject()
+    transform = Compose([flip, affine, scale, elastic])
+    out = jax.jit(transform)(jax.random.key(4), subject)
+    replayed = jax.jit(lambda s: jmed.transforms.replay(s, out.history))(subject)
+    np.testing.assert_allclose(np.asarray(replayed.t1.data), np.asarray(out.t1.data), rtol=1e-5, atol=1e-3)

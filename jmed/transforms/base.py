@@ -187,11 +187,17 @@ def _check_transforms(transforms: Any, name: str) -> tuple[Transform, ...]:
 
 def _fused_stages(transforms: tuple[Transform, ...]) -> list[tuple[Transform | None, int, int]]:
     """Runs ``[start, stop)`` of consecutive transforms with ``fusable = True`` and a
-    ``fuse`` classmethod (spatial transforms), as ``(fused_or_None, start, stop)``."""
+    ``fuse`` classmethod (spatial transforms) acting on the same images, as
+    ``(fused_or_None, start, stop)``."""
     stages, i = [], 0
     while i < len(transforms):
         j = i
-        while j < len(transforms) and getattr(transforms[j], "fusable", False):
+        same_images = (transforms[i].include, transforms[i].exclude)
+        while (
+            j < len(transforms)
+            and getattr(transforms[j], "fusable", False)
+            and (transforms[j].include, transforms[j].exclude) == same_images
+        ):
             j += 1
         if j - i >= 2:
             stages.append((type(transforms[i]).fuse(transforms[i:j]), i, j))

@@ -56,6 +56,7 @@ __all__ = [
     "Spatial",
     "SpatialMapping",
     "SpatialTransform",
+    "affine_mapping",
     "compose_mappings",
     "invert_mapping",
 ]
@@ -738,6 +739,16 @@ class Spatial(_FusedChain):
         self.crop = _check_choice(crop, ("center", "random"), "crop")
         self.is_random = self.is_random or crop == "random"
         self.lossless = self.lossless and output_spacing is None
+        self._changes_grid = output_shape is not None or output_spacing is not None
+        self.invertible = self.invertible and not self._changes_grid
+
+    def inverse(self, subject, params):
+        if self._changes_grid:
+            raise TypeError(
+                "Spatial with output_shape/output_spacing changes the grid: its inverse would need "
+                "the input grid; invert the children on the input instead"
+            )
+        return super().inverse(subject, params)
 
     def _grid(self, shape, affine, offset_fraction):
         spacing_in = jnp.sqrt(jnp.sum(_as_f32(affine)[:3, :3] ** 2, axis=0))
