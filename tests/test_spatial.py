@@ -464,6 +464,23 @@ def test_bad_parameters(make, match):
         make()
 
 
+def test_elastic_on_2d_image_stays_in_plane():
+    x, y = np.meshgrid(np.arange(16) - 7.5, np.arange(12) - 5.5, indexing="ij")
+    disc = (x**2 + y**2 < 20).astype(np.uint8)[..., None]
+    subject = jmed.Subject(t1=jmed.ScalarImage(disc.astype(np.float32) * 10), seg=jmed.LabelMap(disc))
+    transform = RandomElasticDeformation(
+        num_control_points=6, max_displacement=2.0, locked_borders=1, default_pad_value="edge"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = jax.jit(transform)(jax.random.key(0), subject)
+    assert out.t1.spatial_shape == (16, 12, 1)
+    assert set(np.unique(np.asarray(out.seg.data))) <= {0, 1}
+    assert not np.array_equal(np.asarray(out.t1.data), np.asarray(subject.t1.data))
+    # mid-image labels are not lost to padding (nothing moved out of the single slice)
+    assert np.asarray(out.seg.data)[7:9, 5:7].min() > 0 and np.asarray(out.t1.data)[7:9, 5:7].min() > 9
+
+
 def test_elastic_folding_warning():
     subject = _subject((16, 16, 16))
     with pytest.warns(RuntimeWarning, match="fold"):

@@ -5,7 +5,8 @@ a uniform cubic B-spline with ``n - 3`` spans: voxel ``i`` sits at spline parame
 ``u = i * (n - 3) / (size - 1)`` and its value is ``sum_j c[j] * B3(u - j + 1)``, so the
 first and last control points lie one control spacing outside the voxel centres (as in
 ITK's ``BSplineTransformInitializer``, which TorchIO's elastic deformation uses). The
-weights depend only on shapes, so they are numpy constants; the upsampling is three small
+weights depend only on shapes, so they are numpy constants (an axis of size 1 sits at
+the middle of the control grid); the upsampling is three small
 matrix products (separable), never a per-voxel 64-tap evaluation.
 """
 
@@ -37,7 +38,10 @@ def _cubic_bspline(t: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _weights(size: int, num_points: int) -> np.ndarray:
-    u = np.arange(size) * (num_points - 3) / max(size - 1, 1)
+    if size == 1:  # a flat axis (2D image) sits mid-grid: the field is constant along it
+        u = np.array([(num_points - 3) / 2])
+    else:
+        u = np.arange(size) * (num_points - 3) / (size - 1)
     j = np.arange(num_points)
     return _cubic_bspline(u[:, None] - (j[None, :] - 1)).astype(np.float32)
 
@@ -77,7 +81,10 @@ def bspline_weights_at(positions: ArrayLike, size: int, num_points: int) -> jax.
     axis of ``size`` voxels (jittable; positions may be traced). Beyond the control grid
     the weights fall to zero."""
     positions = jnp.asarray(positions, jnp.float32)
-    u = positions * ((num_points - 3) / max(size - 1, 1))
+    if size == 1:
+        u = positions + (num_points - 3) / 2
+    else:
+        u = positions * ((num_points - 3) / (size - 1))
     t = jnp.abs(u[:, None] - (jnp.arange(num_points, dtype=jnp.float32)[None, :] - 1.0))
     inner = (4.0 - 6.0 * t**2 + 3.0 * t**3) / 6.0
     outer = jnp.clip(2.0 - t, 0.0, None) ** 3 / 6.0

@@ -535,7 +535,8 @@ class RandomElasticDeformation(SpatialTransform):
     spacing (the deformation may fold); it needs a concrete affine and is skipped under
     ``jit``.
 
-    Params: ``(n0, n1, n2, 3)`` control displacements in mm. The grid stays.
+    Params: ``(n0, n1, n2, 3)`` control displacements in mm. The grid stays. On 2D
+    images (a data axis of size 1) nothing moves along that axis.
 
     Raises:
         ValueError: fewer than 4 control points, negative displacement, ``locked_borders``
@@ -606,6 +607,10 @@ class RandomElasticDeformation(SpatialTransform):
 
     def mapping(self, params, shape, affine, grid=None):
         to_voxels = jnp.linalg.inv(_as_f32(affine)[:3, :3])
+        # 2D images (an axis of size 1): no displacement out of the slice
+        flat_axes = np.array([n == 1 for n in shape])
+        if flat_axes.any():
+            to_voxels = jnp.where(flat_axes[:, None], 0.0, to_voxels)
         if grid is None:
             weights = tuple(bspline.bspline_weights(s, n) for s, n in zip(shape, self.num_control_points))
             field = bspline.separable_field(params, weights)
