@@ -5,6 +5,9 @@ from scipy import ndimage
 
 from jmed.ops.interpolation import pad_value_for, resample
 
+# one compilation per case instead of op-by-op dispatch (keeps the suite fast)
+jresample = jax.jit(resample, static_argnames=("output_shape", "order", "pad_mode"))
+
 
 def _random_matrix(rng):
     angles = rng.uniform(-0.4, 0.4, 3)
@@ -56,13 +59,13 @@ def test_matches_scipy_affine_transform(order):
 
 def test_identity_is_exact_and_edge_padding():
     data = np.random.default_rng(1).standard_normal((5, 6, 7, 2)).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(resample(data, np.eye(4), (5, 6, 7))), data)
+    np.testing.assert_array_equal(np.asarray(jresample(data, np.eye(4), (5, 6, 7))), data)
     shift = np.eye(4)
     shift[0, 3] = -2  # output voxel i reads input voxel i - 2
-    out = np.asarray(resample(data, shift, (5, 6, 7), pad_mode="edge"))
+    out = np.asarray(jresample(data, shift, (5, 6, 7), pad_mode="edge"))
     np.testing.assert_array_equal(out[:2], np.broadcast_to(data[:1], (2, 6, 7, 2)))
     np.testing.assert_array_equal(out[2:], data[:3])
-    out = np.asarray(resample(data, shift, (5, 6, 7), pad_value=-7.0))
+    out = np.asarray(jresample(data, shift, (5, 6, 7), pad_value=-7.0))
     np.testing.assert_array_equal(out[:2], -7.0)
 
 
@@ -70,7 +73,7 @@ def test_displacement_field_shifts():
     data = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4, 1)
     disp = np.zeros((6, 5, 4, 3), np.float32)
     disp[..., 1] = 1.0
-    out = np.asarray(resample(data, np.eye(4), (6, 5, 4), displacement=disp, pad_mode="edge"))
+    out = np.asarray(jresample(data, np.eye(4), (6, 5, 4), displacement=disp, pad_mode="edge"))
     np.testing.assert_array_equal(out[:, :4], data[:, 1:])
 
 
@@ -116,7 +119,7 @@ def test_partial_volume_keeps_labels_and_beats_nearest():
     truth = (np.linalg.norm(coords - centre, axis=-1) < 7.3) * 3
     errors = {}
     for order in (0, "partial_volume"):
-        out = np.asarray(resample(labels[..., None], m, (n, n, n), order=order))[..., 0]
+        out = np.asarray(jresample(labels[..., None], m, (n, n, n), order=order))[..., 0]
         assert out.dtype == np.uint8
         assert set(np.unique(out)) <= {0, 3}
         errors[order] = int((out != truth).sum())
@@ -129,21 +132,21 @@ def test_partial_volume_majority_by_weight():
     for offset, expected in ((0.3, 5), (0.7, 9)):
         m = np.eye(4)
         m[0, 3] = offset
-        out = resample(data, m, (1, 1, 1), order="partial_volume", pad_mode="edge")
+        out = jresample(data, m, (1, 1, 1), order="partial_volume", pad_mode="edge")
         assert int(out[0, 0, 0, 0]) == expected
     # three labels: the pair of equal labels outweighs the single largest weight
     data = np.array([1, 2, 1], np.int32).reshape(3, 1, 1, 1)
     m = np.eye(4)
     m[0, 0] = 0.0
     m[0, 3] = 0.45  # x = 0.45: weights 0.55 (label 1), 0.45 (label 2)
-    assert int(resample(data, m, (1, 1, 1), order="partial_volume")[0, 0, 0, 0]) == 1
+    assert int(jresample(data, m, (1, 1, 1), order="partial_volume")[0, 0, 0, 0]) == 1
 
 
 def test_partial_volume_many_classes():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 50, (9, 8, 7, 1)).astype(np.int16)
     m = _rotation_matrix(0.3, 1.1, (4, 3.5, 3))
-    out = np.asarray(resample(labels, m, (9, 8, 7), order="partial_volume", pad_value=-1))
+    out = np.asarray(jresample(labels, m, (9, 8, 7), order="partial_volume", pad_value=-1))
     assert out.dtype == np.int16
     assert set(np.unique(out)) <= set(np.unique(labels)) | {-1}
 
@@ -152,15 +155,15 @@ def test_multichannel_and_displacement_matrix():
     rng = np.random.default_rng(4)
     data = rng.standard_normal((7, 6, 5, 3)).astype(np.float32)
     m = _rotation_matrix(0.2, 1.0, (3, 2.5, 2))
-    out = np.asarray(resample(data, m, (7, 6, 5)))
+    out = np.asarray(jresample(data, m, (7, 6, 5)))
     for c in range(3):
-        single = np.asarray(resample(data[..., c : c + 1], m, (7, 6, 5)))[..., 0]
+        single = np.asarray(jresample(data[..., c : c + 1], m, (7, 6, 5)))[..., 0]
         np.testing.assert_allclose(out[..., c], single, atol=1e-6)
     # a displacement in mm with 2 mm voxels along y: 2 mm -> 1 voxel
     disp = np.zeros((7, 6, 5, 3), np.float32)
     disp[..., 1] = 2.0
     to_voxels = np.diag([1.0, 0.5, 1.0])
-    out = np.asarray(resample(data, np.eye(4), (7, 6, 5), displacement=disp, displacement_matrix=to_voxels))
+    out = np.asarray(jresample(data, np.eye(4), (7, 6, 5), displacement=disp, displacement_matrix=to_voxels))
     np.testing.assert_allclose(out[:, :5], data[:, 1:], atol=1e-6)
 
 
@@ -170,12 +173,16 @@ def test_pad_value_rules():
     data[2:4, 2:5, 2:6] += 100.0  # bright interior
     border = np.ones(data.shape[:3], bool)
     border[1:-1, 1:-1, 1:-1] = False
-    np.testing.assert_allclose(np.asarray(pad_value_for(data, "minimum")), data.reshape(-1, 2).min(0))
-    np.testing.assert_allclose(np.asarray(pad_value_for(data, "mean")), data[border].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(pad_value_for, static_argnums=1)(data, "minimum")), data.reshape(-1, 2).min(0)
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(pad_value_for, static_argnums=1)(data, "mean")), data[border].mean(0), rtol=1e-5
+    )
     np.testing.assert_allclose(np.asarray(pad_value_for(data, 3.5)), [3.5, 3.5])
     # otsu on a bimodal border: the mean of the dark mode
     data[0, :3] = 1000.0
-    otsu = np.asarray(pad_value_for(data, "otsu"))
+    otsu = np.asarray(jax.jit(pad_value_for, static_argnums=1)(data, "otsu"))
     dark = data[border & (data[..., 0] < 500)]
     np.testing.assert_allclose(otsu, dark.mean(0), rtol=1e-3)
     with pytest.raises(ValueError, match="pad value"):
@@ -185,5 +192,5 @@ def test_pad_value_rules():
 def test_gradient_wrt_data_is_finite():
     data = np.random.default_rng(6).standard_normal((5, 5, 5, 1)).astype(np.float32)
     m = _rotation_matrix(0.4, 1.2, (2, 2, 2))
-    grad = jax.grad(lambda d: resample(d, m, (5, 5, 5)).sum())(data)
+    grad = jax.jit(jax.grad(lambda d: resample(d, m, (5, 5, 5)).sum()))(data)
     assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).sum() > 0

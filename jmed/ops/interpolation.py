@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jmed.ops.bspline import SeparableField
+
 __all__ = ["INTERPOLATIONS", "PAD_MODES", "PAD_VALUE_RULES", "pad_value_for", "resample"]
 
 PAD_MODES = ("constant", "edge")
@@ -70,7 +72,11 @@ def _coordinates(matrix, output_shape, displacement, displacement_matrix) -> lis
     j = axes[1][None, :, None]
     k = axes[2][None, None, :]
     coords = [matrix[d, 0] * i + matrix[d, 1] * j + matrix[d, 2] * k + matrix[d, 3] for d in range(3)]
-    if displacement is not None:
+    if isinstance(displacement, SeparableField):
+        if displacement_matrix is not None:
+            displacement = displacement.transform_vectors(displacement_matrix)
+        coords = [c + displacement.component(d) for d, c in enumerate(coords)]
+    elif displacement is not None:
         if displacement_matrix is None:
             offsets = [displacement[..., d] for d in range(3)]
         else:
@@ -134,8 +140,9 @@ def resample(
     if matrix.shape != (4, 4):
         raise ValueError(f"matrix must have shape (4, 4), got {matrix.shape}")
     if displacement is not None:
-        displacement = jnp.asarray(displacement, jnp.float32)
-        if displacement.shape != (*output_shape, 3):
+        if not isinstance(displacement, SeparableField):
+            displacement = jnp.asarray(displacement, jnp.float32)
+        if tuple(displacement.shape) != (*output_shape, 3):
             raise ValueError(f"displacement must have shape {(*output_shape, 3)}, got {displacement.shape}")
         if displacement_matrix is not None:
             displacement_matrix = jnp.asarray(displacement_matrix, jnp.float32)

@@ -185,36 +185,95 @@ def _check_transforms(transforms: Any, name: str) -> tuple[Transform, ...]:
     return out
 
 
+def _fused_stages(transforms: tuple[Transform, ...]) -> list[tuple[Transform | None, int, int]]:
+    """Runs ``[start, stop)`` of consecutive transforms with ``fusable = True`` and a
+    ``fuse`` classmethod (spatial transforms) acting on the same images, as
+    ``(fused_or_None, start, stop)``."""
+    stages, i = [], 0
+    while i < len(transforms):
+        j = i
+        same_images = (transforms[i].include, transforms[i].exclude)
+        while (
+            j < len(transforms)
+            and getattr(transforms[j], "fusable", False)
+            and (transforms[j].include, transforms[j].exclude) == same_images
+        ):
+            j += 1
+        if j - i >= 2:
+            stages.append((type(transforms[i]).fuse(transforms[i:j]), i, j))
+            i = j
+        else:
+            stages.append((None, i, i + 1))
+            i += 1
+    return stages
+
+
 class Compose(Transform):
     """Apply transforms in order; the key is split once per child.
 
     Params are the tuple of the children's params.
+
+    Args:
+        transforms: the transforms.
+        fuse: apply each run of consecutive spatial transforms (flip, affine, elastic,
+            ...) as one mapping with one interpolation (same params, same geometry, less
+            blur and time). ``fuse=False`` resamples after every spatial transform.
     """
 
-    def __init__(self, transforms: Sequence[Transform]):
+    def __init__(self, transforms: Sequence[Transform], fuse: bool = True):
         super().__init__()
         self.transforms = _check_transforms(transforms, "Compose")
         self.is_random = any(t.is_random for t in self.transforms)
         self.invertible = all(t.invertible for t in self.transforms)
+        self.fuse = bool(fuse)
+        self._stages = _fused_stages(self.transforms) if self.fuse else None
 
     def sample_and_apply(self, key, subject):
+        keys = _split(key, len(self.transforms))
+        if self._stages is None:
+            params = []
+            for t, k in zip(self.transforms, keys):
+                subject, p = t.sample_and_apply(k, subject)
+                params.append(p)
+            return subject, tuple(params)
         params = []
-        for t, k in zip(self.transforms, _split(key, len(self.transforms))):
-            subject, p = t.sample_and_apply(k, subject)
-            params.append(p)
+        for fused, start, stop in self._stages:
+            if fused is None:
+                subject, p = self.transforms[start].sample_and_apply(keys[start], subject)
+                params.append(p)
+            else:
+                run = tuple(
+                    t.sample(k, subject) for t, k in zip(self.transforms[start:stop], keys[start:stop])
+                )
+                subject = fused.apply(subject, run)
+                params.extend(run)
         return subject, tuple(params)
 
     def sample(self, key, subject):
         return self.sample_and_apply(key, subject)[1]
 
     def apply(self, subject, params):
-        for t, p in zip(self.transforms, params):
-            subject = t.apply(subject, p)
+        if self._stages is None:
+            for t, p in zip(self.transforms, params):
+                subject = t.apply(subject, p)
+            return subject
+        for fused, start, stop in self._stages:
+            if fused is None:
+                subject = self.transforms[start].apply(subject, params[start])
+            else:
+                subject = fused.apply(subject, tuple(params[start:stop]))
         return subject
 
     def inverse(self, subject, params):
-        for t, p in reversed(list(zip(self.transforms, params))):
-            subject = t.inverse(subject, p)
+        if self._stages is None:
+            for t, p in reversed(list(zip(self.transforms, params))):
+                subject = t.inverse(subject, p)
+            return subject
+        for fused, start, stop in reversed(self._stages):
+            if fused is None:
+                subject = self.transforms[start].inverse(subject, params[start])
+            else:
+                subject = fused.inverse(subject, tuple(params[start:stop]))
         return subject
 
     def __len__(self) -> int:
