@@ -98,7 +98,11 @@ def _write(path, data, affine=None):
 
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    seg = _write(tmp_path / "seg.nii.gz", (np.asarray(nib.load(ANAT).dataobj) > 100).astype(np.uint8), nib.load(ANAT).affine)
+    seg = _write(
+        tmp_path / "seg.nii.gz",
+        (np.asarray(nib.load(ANAT).dataobj) > 100).astype(np.uint8),
+        nib.load(ANAT).affine,
+    )
     out = tmp_path / "view.png"
     result = _jmed("plot", ANAT, "--label", seg, "-o", out)
     assert result.returncode == 0, result.stderr
@@ -111,7 +115,10 @@ def test_plot_writes_png(tmp_path):
 
 def test_landmarks_and_cache(tmp_path):
     rng = np.random.default_rng(0)
-    paths = [_write(tmp_path / f"im{i}.nii.gz", rng.gamma(2.0 + i, 10.0, (12, 10, 8)).astype(np.float32)) for i in range(2)]
+    paths = [
+        _write(tmp_path / f"im{i}.nii.gz", rng.gamma(2.0 + i, 10.0, (12, 10, 8)).astype(np.float32))
+        for i in range(2)
+    ]
     out = tmp_path / "landmarks.npy"
     result = _jmed("landmarks", *paths, "-o", out)
     assert result.returncode == 0, result.stderr

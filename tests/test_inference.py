@@ -389,9 +389,10 @@ def test_public_signatures():
     positional = [p.name for p in signature.parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
     assert positional == ["predict", "image", "patch_size"]
     assert all(p.kind == p.KEYWORD_ONLY for p in signature.parameters.values() if p.name not in positional)
-    for name in ("sliding_window_inference", "grid_locations", "GridSampler", "GridAggregator"):
+    for name in ("sliding_window_inference", "GridSampler", "GridAggregator"):
         assert getattr(jmed, name) is getattr(jmed.inference, name)
         assert name in jmed.__all__ and name in jmed.inference.__all__
+    assert jmed.grid_locations is jmed.sampling.grid_locations is jmed.inference.grid_locations
 
 
 # --- sharding ----------------------------------------------------------------------------------------
