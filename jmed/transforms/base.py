@@ -211,7 +211,9 @@ def _fused_stages(transforms: tuple[Transform, ...]) -> list[tuple[Transform | N
 class Compose(Transform):
     """Apply transforms in order; the key is split once per child.
 
-    Params are the tuple of the children's params.
+    Params are the tuple of the children's params. ``inverse`` undoes the invertible
+    children in reverse order and skips the others with a warning (as TorchIO does), so a
+    pipeline of spatial and intensity steps inverts its geometry.
 
     Args:
         transforms: the transforms.
@@ -224,7 +226,7 @@ class Compose(Transform):
         super().__init__()
         self.transforms = _check_transforms(transforms, "Compose")
         self.is_random = any(t.is_random for t in self.transforms)
-        self.invertible = all(t.invertible for t in self.transforms)
+        self.invertible = any(t.invertible for t in self.transforms)
         self.fuse = bool(fuse)
         self._stages = _fused_stages(self.transforms) if self.fuse else None
 
@@ -265,15 +267,17 @@ class Compose(Transform):
         return subject
 
     def inverse(self, subject, params):
-        if self._stages is None:
-            for t, p in reversed(list(zip(self.transforms, params))):
-                subject = t.inverse(subject, p)
-            return subject
-        for fused, start, stop in reversed(self._stages):
-            if fused is None:
-                subject = self.transforms[start].inverse(subject, params[start])
+        stages = self._stages or [(None, i, i + 1) for i in range(len(self.transforms))]
+        for fused, start, stop in reversed(stages):
+            step = self.transforms[start] if fused is None else fused
+            if not step.invertible:
+                warnings.warn(
+                    f"{type(step).__name__} is not invertible; skipped when inverting", stacklevel=2
+                )
+            elif fused is None:
+                subject = step.inverse(subject, params[start])
             else:
-                subject = fused.inverse(subject, tuple(params[start:stop]))
+                subject = step.inverse(subject, tuple(params[start:stop]))
         return subject
 
     def __len__(self) -> int:
