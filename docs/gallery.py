@@ -27,6 +27,8 @@ OUTPUT = Path(__file__).resolve().parent / "gallery"
 DPI = 60
 COLOURS = 64
 VIEWS = ("axial",)
+#: pictures shown in another view (the small components sit off the central axial slice)
+OTHER_VIEWS = {"KeepLargestComponent": ("coronal",), "RemoveSmallObjects": ("coronal",)}
 PHANTOM_SEED = 0
 TRANSFORM_SEED = 1
 #: pictures that overlay the label map (the others show the intensity image alone)
@@ -34,10 +36,8 @@ LABEL_PICTURES = {
     "CropForeground",
     "RemapLabels",
     "RemoveLabels",
-    "SequentialLabels",
     "KeepLargestComponent",
     "RemoveSmallObjects",
-    "FillHoles",
     "RandomFlip",
     "RandomAffine",
     "RandomElasticDeformation",
@@ -72,10 +72,8 @@ def gallery() -> dict[str, tuple[T.Transform, int]]:
         # labels (deterministic)
         "RemapLabels": (T.RemapLabels({1: 2, 2: 1}), 1),
         "RemoveLabels": (T.RemoveLabels(3), 1),
-        "SequentialLabels": (T.SequentialLabels(), 1),
         "KeepLargestComponent": (T.KeepLargestComponent(labels=[3]), 1),
-        "RemoveSmallObjects": (T.RemoveSmallObjects(200, labels=[3]), 1),
-        "FillHoles": (T.FillHoles(), 1),
+        "RemoveSmallObjects": (T.RemoveSmallObjects(300, labels=[3]), 1),
         # spatial augmentation
         "RandomFlip": (T.RandomFlip(axes=0, flip_probability=1.0), 1),
         "RandomRot90": (T.RandomRot90(axes=(0, 1)), 1),
@@ -124,14 +122,15 @@ def main(argv=None) -> None:
         if args.names and name not in args.names:
             continue
         key = jax.random.key(TRANSFORM_SEED) if transform.is_random else None
+        views = OTHER_VIEWS.get(name, VIEWS)
         fig = plot_transform(
             key,
             transform,
             subject,
             num_samples=num_samples,
-            views=VIEWS,
+            views=views,
             overlay=None if name in LABEL_PICTURES else False,
-            figsize=(2.0 * len(VIEWS), 2.0 * (1 + num_samples)),
+            figsize=(2.0 * len(views), 2.0 * (1 + num_samples)),
             title=name,
         )
         path = OUTPUT / f"{name}.png"
