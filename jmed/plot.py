@@ -323,6 +323,8 @@ def plot_batch(
 ):
     """A grid with the central ``view`` slice of each item of a batch (e.g. patches).
 
+    Other arguments are as in ``plot_subject``; one intensity window is shared by all panels.
+
     Args:
         batch: a stacked ``Subject``/``Image`` (leading batch axis, as ``jmed.stack``
             makes) or a list of them.
@@ -331,7 +333,6 @@ def plot_batch(
         view: ``"sagittal"``, ``"coronal"`` or ``"axial"``.
         max_items: show at most this many items.
         ncols: grid columns (default: about square).
-        Others as ``plot_subject``; one intensity window is shared by all panels.
 
     Returns:
         The figure; its first ``min(len(batch), max_items)`` axes are the panels.
@@ -399,7 +400,8 @@ def plot_transform(
     The first row shows ``subject``; each further row shows ``transform(k, subject)`` for
     one of ``num_samples`` keys split from ``key`` (a deterministic transform is shown
     once). Slices go through each row's own image centre; every row uses the original
-    image's intensity window, so intensity changes are visible.
+    image's intensity window, so intensity changes are visible. Other arguments are as in
+    ``plot_subject``.
 
     Args:
         key: ``jax.random`` key (``None`` for deterministic transforms).
@@ -407,7 +409,6 @@ def plot_transform(
         subject: a ``Subject`` or an ``Image``.
         num_samples: number of random draws to show.
         image, overlay: which intensity image to show and which label map to overlay.
-        Others as ``plot_subject``.
 
     Returns:
         The figure, ``(1 + num_samples) x len(views)`` panels.
