@@ -54,7 +54,7 @@ def paper_pipeline_torchio(volume, target):
         [
             tio.RescaleIntensity(),
             tio.RandomMotion(),
-            tio.HistogramStandardization({"t1": volume.landmarks()}),
+            tio.HistogramStandardization({"t1": volume.torchio_landmarks()}),
             tio.RandomBiasField(),
             tio.ZNormalization(),
             tio.RandomNoise(),

@@ -217,7 +217,7 @@ def cases(quick: bool, volume) -> list:
         ),
         "HistogramStandardization": (
             lambda: HistogramStandardization(volume.landmarks()),
-            lambda tio: tio.HistogramStandardization({"t1": volume.landmarks()}),
+            lambda tio: tio.HistogramStandardization({"t1": volume.torchio_landmarks()}),
             None,
             True,
         ),

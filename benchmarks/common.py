@@ -80,6 +80,20 @@ class Volume:
             self._landmarks = train_histogram([self.t1[..., None]])
         return self._landmarks
 
+    def torchio_landmarks(self) -> np.ndarray:
+        """TorchIO's own landmarks for this T1 (its layout differs from jmed's), cached."""
+        if getattr(self, "_tio_landmarks", None) is None:
+            import tempfile
+
+            import nibabel as nib
+            import torchio as tio
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "t1.nii.gz"
+                nib.save(nib.Nifti1Image(self.t1, self.affine), str(path))
+                self._tio_landmarks = tio.HistogramStandardization.train([path])
+        return self._tio_landmarks
+
     def subject(self, device: bool = True):
         """A jmed Subject (t1, seg), on the default device unless ``device=False``."""
         import jax
@@ -233,7 +247,7 @@ def run_case(
             try:
                 results[library] = measure(fn, runs, budget_s=budget_s)
             except Exception as error:  # an anchor's optional dependency, or no equivalent mode
-                results[library] = f"n/a ({type(error).__name__})"
+                results[library] = f"n/a ({type(error).__name__}: {str(error)[:40]})"
     return results
 
 
