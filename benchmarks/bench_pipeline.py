@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"volume: {volume.source}, {volume.shape}; jax on {jax.devices()[0].platform}; torch threads {threads}"
     )
-    rows = [(case, run_case(case, args.runs, args.quick)) for case in cases(args.quick, volume)]
+    budget = 3.0 if args.quick else None
+    rows = [(case, run_case(case, args.runs, args.quick, budget)) for case in cases(args.quick, volume)]
     print_rows("pipelines (ms per unit)", rows)
 
 

@@ -119,63 +119,28 @@ def bench_label_modes(labels, repeats):
 
 
 def bench_torchio(image, labels, affine, repeats):
-    try:
-        import torch
-        import torchio as tio
-    except ImportError:
+    transforms = _anchor_transforms_torchio()
+    if transforms is None:
         return None
+    import torch
+    import torchio as tio
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     subject = tio.Subject(
         t1=tio.ScalarImage(tensor=torch.from_numpy(image[None]), affine=affine),
         seg=tio.LabelMap(tensor=torch.from_numpy(labels[None].astype(np.int16)), affine=affine),
     )
-    affine_t = tio.RandomAffine(**AFFINE_KW)
-    elastic_t = tio.RandomElasticDeformation(**ELASTIC_KW)
-    cases = {
-        "RandomAffine": affine_t,
-        "RandomElasticDeformation": elastic_t,
-        "fused flip+affine+elastic": tio.Compose([tio.RandomFlip(axes=(0,)), affine_t, elastic_t]),
-    }
-    rows = {}
-    for name, transform in cases.items():
-        _, median_s = timeit(lambda i, t=transform: t(subject), repeats)
-        rows[name] = median_s
-    return rows
+    return {name: timeit(lambda i, t=t: t(subject), repeats)[1] for name, t in transforms.items()}
 
 
 def bench_monai(image, labels, repeats):
-    try:
-        import torch
-        from monai.transforms import Compose as MCompose
-        from monai.transforms import Rand3DElasticd, RandAffined, RandFlipd
-    except ImportError:
+    transforms = _anchor_transforms_monai()
+    if transforms is None:
         return None
+    import torch
+
     data = {"t1": torch.from_numpy(image[None]), "seg": torch.from_numpy(labels[None].astype(np.float32))}
-    keys = ("t1", "seg")
-    modes = ("bilinear", "nearest")
-    radians = np.deg2rad(10)
-    affine_t = RandAffined(
-        keys,
-        prob=1.0,
-        rotate_range=(radians,) * 3,
-        scale_range=(0.1,) * 3,
-        translate_range=(5,) * 3,
-        mode=modes,
-    )
-    # MONAI's elastic is a Gaussian-smoothed random field, not a B-spline grid: closest settings
-    elastic_t = Rand3DElasticd(keys, sigma_range=(5, 7), magnitude_range=(50, 100), prob=1.0, mode=modes)
-    cases = {
-        "RandomAffine": affine_t,
-        "RandomElasticDeformation": elastic_t,
-        "fused flip+affine+elastic": MCompose(
-            [RandFlipd(keys, prob=0.5, spatial_axis=0), affine_t, elastic_t]
-        ),
-    }
-    rows = {}
-    for name, transform in cases.items():
-        _, median_s = timeit(lambda i, t=transform: t(data), repeats)
-        rows[name] = median_s
-    return rows
+    return {name: timeit(lambda i, t=t: t(data), repeats)[1] for name, t in transforms.items()}
 
 
 def report(title, jm, tio_rows, monai_rows, batch):
