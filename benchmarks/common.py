@@ -29,10 +29,11 @@ LIBRARIES = ("jmed", "torchio", "monai")
 
 
 def default_data_dir() -> Path | None:
-    """``$JMED_BENCH_DATA``, else ``../shared/data/mni152`` from the repository root, if present."""
+    """``$JMED_BENCH_DATA``, else ``../shared/data/mni152`` (or ``../../shared/...``) from the repository root."""
     env = os.environ.get("JMED_BENCH_DATA")
     candidates = [Path(env)] if env else []
-    candidates.append(ROOT.parent / "shared" / "data" / "mni152")
+    # ../shared from the repository root; one level further up for worktrees in a subfolder
+    candidates += [ROOT.parent / "shared" / "data" / "mni152", ROOT.parents[1] / "shared" / "data" / "mni152"]
     return next((c for c in candidates if (c / T1_NAME).exists()), None)
 
 
