@@ -197,5 +197,85 @@ def main():
                 )
 
 
+def cases(quick: bool, volume) -> list:
+    """Sliding-window rows for ``benchmarks.run`` (identity model, patch 96^3, overlap 48).
+
+    ``average`` has both anchors; ``hann`` (TorchIO only) and ``gaussian`` (MONAI only)
+    are added in the full run.
+    """
+    from benchmarks.common import Case
+
+    patch = volume.scaled(PATCH)[0]
+    overlap = patch // 2
+    modes = [("average", "average", "constant")]
+    if not quick:
+        modes += [("hann", "hann", None), ("gaussian", None, "gaussian")]
+
+    def build(mode, tio_mode, monai_mode):
+        def fns():
+            import torch
+
+            image = jmed.Image(jax.device_put(volume.t1[..., None]), volume.affine)
+            out = {
+                "jmed": lambda i: (
+                    jmed.sliding_window_inference(
+                        identity, image, patch, overlap=overlap, batch_size=BATCH, mode=mode
+                    ).data
+                )
+            }
+            tensor = torch.from_numpy(volume.t1[None].copy())
+            try:
+                import torchio as tio
+
+                if tio_mode is not None:
+                    subject = tio.Subject(t1=tio.ScalarImage(tensor=tensor, affine=volume.affine))
+
+                    def run_tio(i):
+                        sampler = tio.inference.GridSampler(subject, patch, overlap)
+                        loader = torch.utils.data.DataLoader(sampler, batch_size=BATCH)
+                        aggregator = tio.inference.GridAggregator(sampler, overlap_mode=tio_mode)
+                        with torch.no_grad():
+                            for batch in loader:
+                                aggregator.add_batch(batch["t1"][tio.DATA], batch[tio.LOCATION])
+                        return aggregator.get_output_tensor()
+
+                    out["torchio"] = run_tio
+            except ImportError:
+                pass
+            try:
+                import monai.inferers
+
+                if monai_mode is not None:
+
+                    def run_monai(i):
+                        with torch.no_grad():
+                            return monai.inferers.sliding_window_inference(
+                                tensor[None],
+                                (patch,) * 3,
+                                BATCH,
+                                identity,
+                                overlap=overlap / patch,
+                                mode=monai_mode,
+                            )
+
+                    out["monai"] = run_monai
+            except ImportError:
+                pass
+            return out
+
+        return fns
+
+    return [
+        Case(
+            "inference",
+            f"sliding window {mode}, patch {patch}^3, overlap {overlap}, batch {BATCH}",
+            build=build(mode, tio_mode, monai_mode),
+            unit="volume",
+            note="identity model; jmed compiles one program per shape",
+        )
+        for mode, tio_mode, monai_mode in modes
+    ]
+
+
 if __name__ == "__main__":
     main()

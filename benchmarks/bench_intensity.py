@@ -42,7 +42,7 @@ def load_volume(data_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 # name -> (jmed transform, torchio factory, monai factory); same parameters where they exist
-def cases():
+def transforms():
     return {
         "RandomBiasField": (
             T.RandomBiasField(coefficients=0.5, order=3),
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     header = f"{'transform':<20}{'jmed ms':>10}{'compile ms':>12}{'torchio ms':>12}{'x':>7}{'monai ms':>10}{'x':>7}"
     print(header)
     print("-" * len(header))
-    for name, (transform, tio_factory, monai_factory) in cases().items():
+    for name, (transform, tio_factory, monai_factory) in transforms().items():
         if args.only and not any(o in name for o in args.only):
             continue
         ours, compile_ms = time_jmed(transform, subject, args.runs)
@@ -168,6 +168,43 @@ def main(argv=None) -> None:
         else:
             row += f"{'-':>10}{'':>7}"
         print(row, flush=True)
+
+
+def cases(quick: bool, volume) -> list:
+    """Intensity/MRI rows for ``benchmarks.run``: jitted jmed on the T1, new key per call."""
+    from benchmarks.common import Case
+
+    def build(name):
+        def fns():
+            import torch
+
+            transform, tio_factory, monai_factory = transforms()[name]
+            subject = jmed.Subject(t1=jmed.Image(jax.device_put(volume.t1[..., None]), volume.affine))
+            fn = jax.jit(lambda key, s: transform(key, s)["t1"].data)
+            out = {"jmed": lambda i: fn(jax.random.key(i), subject)}
+            tensor = torch.from_numpy(volume.t1[None].copy())
+            try:
+                import torchio as tio
+
+                if tio_factory is not None:
+                    tio_subject = tio.Subject(t1=tio.ScalarImage(tensor=tensor, affine=volume.affine))
+                    t = tio_factory(tio)
+                    out["torchio"] = lambda i: t(tio_subject)
+            except ImportError:
+                pass
+            try:
+                import monai.transforms as mt
+
+                if monai_factory is not None:
+                    m = monai_factory(mt)
+                    out["monai"] = lambda i: m(tensor)
+            except ImportError:
+                pass
+            return out
+
+        return fns
+
+    return [Case("intensity/MRI", name, build=build(name), unit="volume") for name in transforms()]
 
 
 if __name__ == "__main__":

@@ -363,5 +363,113 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{'':26s} (queue's own memory estimate: {result['estimate_bytes'] / 2**20:.0f} MiB)")
 
 
+def cases(quick: bool, volume) -> list:
+    """Patch sampling and Queue throughput rows for ``benchmarks.run``.
+
+    Queue: ``--quick`` uses 2 subjects x 1 epoch and no cache row (full: 6 x 2, plus a warm
+    decode cache). Times are ms per patch over the whole run, worker start-up included (the rate after the
+    first batch is in the note: in a short run it mostly measures draining a filled queue).
+    """
+    from benchmarks.common import Case, Timing
+
+    patch = volume.scaled(PATCH)
+
+    def sampler():
+        import jax
+
+        import jmed
+
+        subject = volume.subject()
+        jit_sampler = jax.jit(jmed.LabelSampler(patch, "seg", PROBABILITIES), static_argnums=2)
+        out = {"jmed": lambda i: jit_sampler(jax.random.key(i), subject, SAMPLES_PER_VOLUME)}
+        try:
+            import torchio as tio
+
+            tio_subject = volume.torchio_subject()
+            tio_sampler = tio.LabelSampler(patch, "seg", PROBABILITIES)
+            out["torchio"] = lambda i: list(tio_sampler(tio_subject, num_patches=SAMPLES_PER_VOLUME))
+        except ImportError:
+            pass
+        try:
+            from monai.transforms import RandCropByLabelClassesd
+
+            crop = RandCropByLabelClassesd(
+                keys=["t1", "seg"],
+                label_key="seg",
+                spatial_size=patch,
+                ratios=[1, 1, 1],
+                num_classes=3,
+                num_samples=SAMPLES_PER_VOLUME,
+            )
+            crop.set_random_state(0)
+            data = {"t1": volume.t1[None], "seg": volume.seg[None]}
+            out["monai"] = lambda i: crop(data)
+        except ImportError:
+            pass
+        return out
+
+    subjects, epochs = (2, 1) if quick else (6, 2)
+
+    def queue(runs: int) -> dict:
+        if min(volume.shape) < PATCH:
+            return {"jmed": "skipped (volume smaller than the patch)"}
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            import nibabel as nib
+
+            records = []
+            for i in range(subjects):
+                t1_path, seg_path = folder / f"t1_{i}.nii.gz", folder / f"seg_{i}.nii.gz"
+                nib.save(nib.Nifti1Image(volume.t1 * (1 + 0.01 * i), volume.affine), str(t1_path))
+                nib.save(nib.Nifti1Image(volume.seg, volume.affine), str(seg_path))
+                records.append({"t1": str(t1_path), "seg": str(seg_path)})
+            records_file = folder / "records.json"
+            records_file.write_text(json.dumps(records))
+            spawned = {
+                "torchio": _spawn("torchio", records_file, epochs),
+                "jmed": _spawn("jmed", records_file, epochs),
+            }
+            if not quick:
+                cache = str(folder / "cache")
+                _spawn("jmed", records_file, 1, cache)
+                warm = _spawn("jmed", records_file, epochs, cache)
+                if warm is not None:
+                    spawned["jmed"]["note_cache"] = (
+                        f"warm decode cache: {warm['patches_per_s']:.1f} patches/s"
+                    )
+        for library, result in spawned.items():
+            if result is None:
+                results[library] = "failed"
+                continue
+            note = (
+                f"{result['patches_per_s']:.1f} patches/s steady, {result['overall_patches_per_s']:.1f} overall, "
+                f"peak {result['peak_bytes'] / 2**20:.0f} MiB"
+            )
+            if "note_cache" in result:
+                note += "; " + result["note_cache"]
+            results[library] = Timing(
+                1e3 / max(result["overall_patches_per_s"], 1e-9), 1, 1e3 * result["first_batch_s"], None, note
+            )
+        return results
+
+    return [
+        Case(
+            "sampling",
+            f"LabelSampler, {SAMPLES_PER_VOLUME} patches of {'x'.join(map(str, patch))}",
+            build=sampler,
+            unit=f"{SAMPLES_PER_VOLUME} patches",
+        ),
+        Case(
+            "loading",
+            f"Queue, {subjects} subjects x {epochs} epochs, {NUM_WORKERS} workers",
+            measure=queue,
+            unit="patch (whole run incl. start-up)",
+            note=f"{PATCH}^3 label-balanced patches, {SAMPLES_PER_VOLUME}/volume, batch {BATCH_SIZE}, "
+            "one subprocess per loader; first-batch time in JSON",
+        ),
+    ]
+
+
 if __name__ == "__main__":
     main()

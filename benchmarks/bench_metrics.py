@@ -105,5 +105,65 @@ def main(argv=None):
         print(f"{name:<6} {lib:<7} {compile_text} {median:10.4f} {ratio:7.2f}x  {values}")
 
 
+def cases(quick: bool, volume) -> list:
+    """Metric rows for ``benchmarks.run``: target = the label map, prediction = it shifted."""
+    from benchmarks.common import Case
+
+    target = volume.seg.astype(np.int32)
+    prediction = np.roll(target, (2, 0, 1), axis=(0, 1, 2))
+    spacing = (1.0, 1.0, 1.0)
+
+    def build(name):
+        def fns():
+            pred_j, tgt_j = jax.device_put(prediction), jax.device_put(target)
+            ours = {
+                "dice": lambda: metrics.dice_score(pred_j, tgt_j, num_classes=3, include_background=False),
+                "hd95": lambda: metrics.hausdorff_distance(pred_j, tgt_j, spacing=spacing, num_classes=3),
+                "assd": lambda: metrics.average_surface_distance(
+                    pred_j, tgt_j, spacing=spacing, num_classes=3
+                ),
+            }[name]
+            out = {"jmed": lambda i: ours()}
+            try:
+                import torch
+                from monai.metrics import (
+                    compute_average_surface_distance,
+                    compute_dice,
+                    compute_hausdorff_distance,
+                )
+
+                def onehot(x):
+                    return torch.nn.functional.one_hot(torch.from_numpy(x).long(), 3).permute(3, 0, 1, 2)[
+                        None
+                    ]
+
+                p_t, t_t = onehot(prediction), onehot(target)
+                theirs = {
+                    "dice": lambda: compute_dice(p_t, t_t, include_background=False),
+                    "hd95": lambda: compute_hausdorff_distance(p_t, t_t, percentile=95, spacing=spacing),
+                    "assd": lambda: compute_average_surface_distance(
+                        p_t, t_t, symmetric=True, spacing=spacing
+                    ),
+                }[name]
+                out["monai"] = lambda i: theirs()
+            except ImportError:
+                pass
+            return out
+
+        return fns
+
+    names = ("dice",) if quick else ("dice", "hd95", "assd")  # surface distances take ~30 s under --quick
+    return [
+        Case(
+            "metrics",
+            f"{name} (3 classes)",
+            build=build(name),
+            unit="volume",
+            note="prediction = target shifted",
+        )
+        for name in names
+    ]
+
+
 if __name__ == "__main__":
     main()

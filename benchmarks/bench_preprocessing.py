@@ -179,5 +179,115 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:32s} {median * 1e3:8.1f} {first * 1e3:8.0f} {jit_ms:>8s} " + " ".join(cells))
 
 
+def cases(quick: bool, volume) -> list:
+    """Preprocessing rows for ``benchmarks.run``: jitted jmed where jittable, else eager."""
+    from benchmarks.common import Case
+
+    target = volume.scaled((160, 192, 160))
+    spec = {
+        "ToCanonical": (
+            lambda: ToCanonical(),
+            lambda tio: tio.ToCanonical(),
+            lambda mt: mt.Orientation(axcodes="RAS"),
+            False,
+        ),
+        "Resample(1.5 mm)": (
+            lambda: Resample(1.5),
+            lambda tio: tio.Resample(1.5),
+            lambda mt: mt.Spacing(pixdim=1.5, mode="bilinear"),
+            False,
+        ),
+        f"CropOrPad{target}": (
+            lambda: CropOrPad(target),
+            lambda tio: tio.CropOrPad(target),
+            lambda mt: mt.ResizeWithPadOrCrop(target),
+            True,
+        ),
+        "RescaleIntensity(0.5, 99.5 %)": (
+            lambda: RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5)),
+            lambda tio: tio.RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5)),
+            lambda mt: mt.ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True),
+            True,
+        ),
+        "ZNormalization": (
+            lambda: ZNormalization(),
+            lambda tio: tio.ZNormalization(),
+            lambda mt: mt.NormalizeIntensity(),
+            True,
+        ),
+        "HistogramStandardization": (
+            lambda: HistogramStandardization(volume.landmarks()),
+            lambda tio: tio.HistogramStandardization({"t1": volume.torchio_landmarks()}),
+            None,
+            True,
+        ),
+    }
+
+    def build(name, make_jmed, make_tio, make_monai, jittable):
+        def fns():
+            import torch
+
+            t1 = jmed.ScalarImage(jnp.asarray(volume.t1), volume.affine)
+            transform = make_jmed()
+            if jittable:
+                fn = jax.jit(lambda im: transform(im))
+                out = {"jmed": lambda i: fn(t1)}
+            else:
+                out = {"jmed": lambda i: transform(t1)}
+            tensor = torch.from_numpy(volume.t1[None].copy())
+            try:
+                import torchio as tio
+
+                subject = tio.Subject(t1=tio.ScalarImage(tensor=tensor, affine=volume.affine))
+                t = make_tio(tio)
+                out["torchio"] = lambda i: t(subject)
+            except ImportError:
+                pass
+            try:
+                import monai.transforms as mt
+                from monai.data import MetaTensor
+
+                if make_monai is not None:
+                    meta = MetaTensor(tensor, affine=torch.as_tensor(volume.affine))
+                    m = make_monai(mt)
+                    out["monai"] = lambda i: m(meta)
+            except ImportError:
+                pass
+            return out
+
+        return Case(
+            "preprocessing", name, build=fns, note="" if jittable else "eager (shape from header values)"
+        )
+
+    rows = [build(name, *value) for name, value in spec.items()]
+
+    def keep_largest():
+        import torch
+
+        labels = jmed.LabelMap((volume.seg > 0).astype(np.uint8), volume.affine)
+        transform = KeepLargestComponent()
+        out = {"jmed": lambda i: transform(labels)}
+        tensor = torch.from_numpy((volume.seg[None] > 0).astype(np.uint8))
+        try:
+            import torchio as tio
+
+            label = tio.LabelMap(tensor=tensor, affine=volume.affine)
+            t = tio.KeepLargestComponent()
+            out["torchio"] = lambda i: t(label)
+        except ImportError:
+            pass
+        try:
+            import monai.transforms as mt
+
+            m = mt.KeepLargestConnectedComponent(applied_labels=1, connectivity=1)
+            out["monai"] = lambda i: m(tensor)
+        except ImportError:
+            pass
+        return out
+
+    rows.append(Case("preprocessing", "KeepLargestComponent", build=keep_largest, note="eager, label map"))
+    return rows
+
+
 if __name__ == "__main__":
     main()

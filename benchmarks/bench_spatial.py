@@ -119,63 +119,28 @@ def bench_label_modes(labels, repeats):
 
 
 def bench_torchio(image, labels, affine, repeats):
-    try:
-        import torch
-        import torchio as tio
-    except ImportError:
+    transforms = _anchor_transforms_torchio()
+    if transforms is None:
         return None
+    import torch
+    import torchio as tio
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     subject = tio.Subject(
         t1=tio.ScalarImage(tensor=torch.from_numpy(image[None]), affine=affine),
         seg=tio.LabelMap(tensor=torch.from_numpy(labels[None].astype(np.int16)), affine=affine),
     )
-    affine_t = tio.RandomAffine(**AFFINE_KW)
-    elastic_t = tio.RandomElasticDeformation(**ELASTIC_KW)
-    cases = {
-        "RandomAffine": affine_t,
-        "RandomElasticDeformation": elastic_t,
-        "fused flip+affine+elastic": tio.Compose([tio.RandomFlip(axes=(0,)), affine_t, elastic_t]),
-    }
-    rows = {}
-    for name, transform in cases.items():
-        _, median_s = timeit(lambda i, t=transform: t(subject), repeats)
-        rows[name] = median_s
-    return rows
+    return {name: timeit(lambda i, t=t: t(subject), repeats)[1] for name, t in transforms.items()}
 
 
 def bench_monai(image, labels, repeats):
-    try:
-        import torch
-        from monai.transforms import Compose as MCompose
-        from monai.transforms import Rand3DElasticd, RandAffined, RandFlipd
-    except ImportError:
+    transforms = _anchor_transforms_monai()
+    if transforms is None:
         return None
+    import torch
+
     data = {"t1": torch.from_numpy(image[None]), "seg": torch.from_numpy(labels[None].astype(np.float32))}
-    keys = ("t1", "seg")
-    modes = ("bilinear", "nearest")
-    radians = np.deg2rad(10)
-    affine_t = RandAffined(
-        keys,
-        prob=1.0,
-        rotate_range=(radians,) * 3,
-        scale_range=(0.1,) * 3,
-        translate_range=(5,) * 3,
-        mode=modes,
-    )
-    # MONAI's elastic is a Gaussian-smoothed random field, not a B-spline grid: closest settings
-    elastic_t = Rand3DElasticd(keys, sigma_range=(5, 7), magnitude_range=(50, 100), prob=1.0, mode=modes)
-    cases = {
-        "RandomAffine": affine_t,
-        "RandomElasticDeformation": elastic_t,
-        "fused flip+affine+elastic": MCompose(
-            [RandFlipd(keys, prob=0.5, spatial_axis=0), affine_t, elastic_t]
-        ),
-    }
-    rows = {}
-    for name, transform in cases.items():
-        _, median_s = timeit(lambda i, t=transform: t(data), repeats)
-        rows[name] = median_s
-    return rows
+    return {name: timeit(lambda i, t=t: t(data), repeats)[1] for name, t in transforms.items()}
 
 
 def report(title, jm, tio_rows, monai_rows, batch):
@@ -231,6 +196,114 @@ def main(argv=None):
             print("\nlabel map alone (resample kernel, same rotation)")
             for name, median_s in bench_label_modes(lab, args.repeats).items():
                 print(f"{name:28s} {median_s * 1e3:9.1f} ms")
+
+
+def cases(quick: bool, volume) -> list:
+    """Spatial rows for ``benchmarks.run``: image + label map, jitted jmed, per subject.
+
+    Under ``--quick`` TorchIO's and MONAI's elastic rows are skipped (tens of seconds a call).
+    """
+    from benchmarks.common import Case
+
+    def build(name):
+        def fns():
+            subject = volume.subject()
+            transform = jmed_cases()[name]
+            fn = jax.jit(lambda k, s: transform(k, s).without_history())
+            out = {"jmed": lambda i: fn(jax.random.key(i), subject)}
+            tio_rows = _anchor_transforms_torchio()
+            if tio_rows is not None:
+                tio_subject = volume.torchio_subject()
+                out["torchio"] = lambda i, t=tio_rows[name]: t(tio_subject)
+            monai_rows = _anchor_transforms_monai()
+            if monai_rows is not None:
+                import torch
+
+                data = {
+                    "t1": torch.from_numpy(volume.t1[None].copy()),
+                    "seg": torch.from_numpy(volume.seg[None].astype(np.float32)),
+                }
+                out["monai"] = lambda i, t=monai_rows[name]: t(data)
+            return out
+
+        return fns
+
+    elastic_note = "MONAI elastic: Gaussian-smoothed field (closest settings)"
+    rows = []
+    for name in jmed_cases():
+        slow = "Elastic" in name or "fused" in name
+        rows.append(
+            Case(
+                "spatial",
+                name,
+                build=build(name),
+                unit="subject (t1+seg)",
+                note=elastic_note if slow else "",
+                quick_skip=("torchio", "monai") if slow else (),
+            )
+        )
+
+    def batched(name, batch):
+        def fns():
+            transform = jmed_cases()[name]
+            stacked = jax.device_put(jmed.stack([volume.subject(device=False)] * batch))
+            fn = jax.jit(jax.vmap(lambda k, s: transform(k, s).without_history()))
+            return {"jmed": lambda i: fn(jax.random.split(jax.random.key(i), batch), stacked)}
+
+        return fns
+
+    batch = 2 if quick else 4
+    rows.append(
+        Case(
+            "spatial",
+            f"fused flip+affine+elastic, vmap batch {batch}",
+            build=batched("fused flip+affine+elastic", batch),
+            unit=f"batch of {batch}",
+            note="jmed only (no batched anchor)",
+        )
+    )
+    return rows
+
+
+def _anchor_transforms_torchio():
+    try:
+        import torchio as tio
+    except ImportError:
+        return None
+    affine_t = tio.RandomAffine(**AFFINE_KW)
+    elastic_t = tio.RandomElasticDeformation(**ELASTIC_KW)
+    return {
+        "RandomAffine": affine_t,
+        "RandomElasticDeformation": elastic_t,
+        "fused flip+affine+elastic": tio.Compose([tio.RandomFlip(axes=(0,)), affine_t, elastic_t]),
+    }
+
+
+def _anchor_transforms_monai():
+    try:
+        from monai.transforms import Compose as MCompose
+        from monai.transforms import Rand3DElasticd, RandAffined, RandFlipd
+    except ImportError:
+        return None
+    keys = ("t1", "seg")
+    modes = ("bilinear", "nearest")
+    radians = np.deg2rad(10)
+    affine_t = RandAffined(
+        keys,
+        prob=1.0,
+        rotate_range=(radians,) * 3,
+        scale_range=(0.1,) * 3,
+        translate_range=(5,) * 3,
+        mode=modes,
+    )
+    elastic_t = Rand3DElasticd(keys, sigma_range=(5, 7), magnitude_range=(50, 100), prob=1.0, mode=modes)
+    return {
+        "RandomAffine": affine_t,
+        "RandomElasticDeformation": elastic_t,
+        "fused flip+affine+elastic": MCompose(
+            [RandFlipd(keys, prob=0.5, spatial_axis=0), affine_t, elastic_t]
+        ),
+    }
 
 
 if __name__ == "__main__":
