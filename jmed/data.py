@@ -214,7 +214,8 @@ class SubjectsSource:
             is stored uncompressed and read memory-mapped; the key covers the files'
             content and ``repr(preprocessing)``, so a changed file or configuration
             misses. Transforms must have a faithful ``repr`` (the default one lists
-            their attributes).
+            their attributes). If an entry cannot be written (full disk, no write
+            permission) a warning is logged and the subject is used uncached.
         skip_errors: if True a subject that fails to load is logged and skipped
             (``source[i]`` returns ``None``); by default the error is raised, naming
             the subject and the file.
@@ -309,9 +310,16 @@ class SubjectsSource:
         images = {name: io.load(path, kind=kind) for name, (path, kind) in kinds.items()}
         subject = self._preprocess(Subject(images, metadata=metadata))
         if self.cache_dir is not None:
-            cache.write(entry, {name: subject[name] for name in subject})
-            images = cache.read(entry)
-            subject = subject.replace(images)
+            try:
+                cache.write(entry, {name: subject[name] for name in subject})
+            except OSError as err:
+                # the cache only saves time: a full or read-only disk must not stop training
+                logger.warning(
+                    "cannot write cache entry %s (%s); using subject %d uncached", entry, err, index
+                )
+            else:
+                images = cache.read(entry)
+                subject = subject.replace(images)
         return subject
 
     def _preprocess(self, subject: Subject) -> Subject:
