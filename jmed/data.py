@@ -189,8 +189,18 @@ class _Cache:
             try:
                 os.rename(tmp, entry)
             except OSError:
-                if not (entry / "geometry.json").exists():  # not a concurrent writer's entry
+                if (entry / "geometry.json").exists():  # a concurrent writer's complete entry
+                    return
+                if not entry.is_dir():
                     raise
+                # an incomplete entry (no geometry.json) is never read; replace it, or
+                # every later run would fail to store this subject
+                shutil.rmtree(entry, ignore_errors=True)
+                try:
+                    os.rename(tmp, entry)
+                except OSError:
+                    if not (entry / "geometry.json").exists():
+                        raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
