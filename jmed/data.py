@@ -921,6 +921,8 @@ def augment_and_sample(
         holds ``location`` ``(b * n, 6)`` and the batch's numeric metadata repeated per
         patch.
     """
+    if not isinstance(sampler, PatchSampler):
+        raise TypeError(f"sampler must be a jmed patch sampler, got {sampler!r}")
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     keys = jax.random.split(key, batch_size)
 
