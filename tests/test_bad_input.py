@@ -365,3 +365,20 @@ def test_cli_bad_input_exits_with_a_message(argv, pattern):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert __import__("re").search(pattern, proc.stderr), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv,pattern", CLI_CASES, ids=["info", "transform"])
+def test_cli_bad_input_in_process(argv, pattern, capsys):
+    import jmed.cli
+
+    assert jmed.cli.main(argv) != 0
+    assert __import__("re").search(pattern, capsys.readouterr().err)
+
+
+def test_cli_unknown_argument_is_a_usage_error(capsys):
+    import jmed.cli
+
+    with pytest.raises(SystemExit) as info:
+        jmed.cli.main(["info", "--no-such-flag", "x.nii.gz"])
+    assert info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
