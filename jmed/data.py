@@ -189,8 +189,18 @@ class _Cache:
             try:
                 os.rename(tmp, entry)
             except OSError:
-                if not (entry / "geometry.json").exists():  # not a concurrent writer's entry
+                if (entry / "geometry.json").exists():  # a concurrent writer's complete entry
+                    return
+                if not entry.is_dir():
                     raise
+                # an incomplete entry (no geometry.json) is never read; replace it, or
+                # every later run would fail to store this subject
+                shutil.rmtree(entry, ignore_errors=True)
+                try:
+                    os.rename(tmp, entry)
+                except OSError:
+                    if not (entry / "geometry.json").exists():
+                        raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -214,7 +224,8 @@ class SubjectsSource:
             is stored uncompressed and read memory-mapped; the key covers the files'
             content and ``repr(preprocessing)``, so a changed file or configuration
             misses. Transforms must have a faithful ``repr`` (the default one lists
-            their attributes).
+            their attributes). If an entry cannot be written (full disk, no write
+            permission) a warning is logged and the subject is used uncached.
         skip_errors: if True a subject that fails to load is logged and skipped
             (``source[i]`` returns ``None``); by default the error is raised, naming
             the subject and the file.
@@ -309,9 +320,16 @@ class SubjectsSource:
         images = {name: io.load(path, kind=kind) for name, (path, kind) in kinds.items()}
         subject = self._preprocess(Subject(images, metadata=metadata))
         if self.cache_dir is not None:
-            cache.write(entry, {name: subject[name] for name in subject})
-            images = cache.read(entry)
-            subject = subject.replace(images)
+            try:
+                cache.write(entry, {name: subject[name] for name in subject})
+            except OSError as err:
+                # the cache only saves time: a full or read-only disk must not stop training
+                logger.warning(
+                    "cannot write cache entry %s (%s); using subject %d uncached", entry, err, index
+                )
+            else:
+                images = cache.read(entry)
+                subject = subject.replace(images)
         return subject
 
     def _preprocess(self, subject: Subject) -> Subject:
@@ -903,6 +921,8 @@ def augment_and_sample(
         holds ``location`` ``(b * n, 6)`` and the batch's numeric metadata repeated per
         patch.
     """
+    if not isinstance(sampler, PatchSampler):
+        raise TypeError(f"sampler must be a jmed patch sampler, got {sampler!r}")
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     keys = jax.random.split(key, batch_size)
 

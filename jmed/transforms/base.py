@@ -18,7 +18,7 @@ Transforms apply by image kind (``kinds``: intensity transforms skip label maps)
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -56,9 +56,10 @@ def _check_names(value: Any, name: str) -> tuple[str, ...] | None:
         return None
     if isinstance(value, str):
         return (value,)
-    if not all(isinstance(v, str) for v in value):
+    values = tuple(value) if isinstance(value, Iterable) else None
+    if values is None or not all(isinstance(v, str) for v in values):
         raise TypeError(f"{name} must be an image name or a sequence of names, got {value!r}")
-    return tuple(value)
+    return values
 
 
 class Transform:
@@ -458,6 +459,9 @@ def replay(subject: Subject | Image, history: Sequence[tuple[Transform, Params]]
     """
     target, single = _as_subject(subject)
     steps = tuple(history)
+    for i, step in enumerate(steps):
+        if not (isinstance(step, (tuple, list)) and len(step) == 2 and isinstance(step[0], Transform)):
+            raise TypeError(f"history[{i}] must be a (transform, params) pair, got {step!r}")
     for t, p in steps:
         target = t.apply(target, p)
     if single:

@@ -115,12 +115,19 @@ def _dense(field):
     return field.dense() if isinstance(field, bspline.SeparableField) else field
 
 
+def _check_mapping(value: Any, name: str) -> None:
+    if not isinstance(value, SpatialMapping):
+        raise TypeError(f"{name} must be a SpatialMapping, got {type(value).__name__}")
+
+
 def compose_mappings(first: SpatialMapping, second: SpatialMapping) -> SpatialMapping:
     """The mapping of "``first`` then ``second``": ``p -> first(second(p))``.
 
     ``second`` maps its output grid to ``first``'s output grid; the result maps
     ``second``'s output grid to ``first``'s input grid (see module doc for fields).
     """
+    _check_mapping(first, "first")
+    _check_mapping(second, "second")
     a1, a2 = first.matrix, second.matrix
     matrix = a1 @ a2
     shape, affine = second.output_shape, second.output_affine
@@ -156,6 +163,7 @@ def invert_mapping(mapping: SpatialMapping, iterations: int = 12) -> SpatialMapp
     ``RandomElasticDeformation`` warns about otherwise); the error is that of trilinear
     sampling of the field plus the iteration residual.
     """
+    _check_mapping(mapping, "mapping")
     inv = jnp.linalg.inv(mapping.matrix)
     if mapping.displacement is None:
         return mapping._replace(matrix=inv)
@@ -418,6 +426,7 @@ def affine_mapping(scales, degrees, translation, shape, affine, center: str = "i
     ``in(B (y - c - t) + c)`` with ``B = S^-1 R^T``; in voxels
     ``p_in = p + L^-1 (B - I) L p + L^-1 ((B - I)(o - c) - B t)`` where ``affine = [L o]``.
     """
+    _check_choice(center, ("image", "origin"), "center")
     a = _as_f32(affine)
     lin, origin = a[:3, :3], a[:3, 3]
     scales = jnp.asarray(scales, jnp.float32)

@@ -1,0 +1,163 @@
+"""API conventions checked by introspection (STYLE.md "Signatures", "Docstrings").
+
+Every name in the public ``__all__`` lists imports; every public callable has a
+docstring; random transforms are called ``transform(key, data)`` and sample parameters
+with ``sample(key, subject)``; transform constructors take optional arguments by keyword
+only, except the known exceptions listed below (TorchIO-compatible leading parameters),
+which may shrink but not grow.
+"""
+
+import importlib
+import inspect
+
+import jax
+import pytest
+
+import jmed
+import jmed.transforms as T
+
+MODULES = [
+    "jmed",
+    "jmed.affine",
+    "jmed.cli",
+    "jmed.data",
+    "jmed.datasets",
+    "jmed.formats",
+    "jmed.image",
+    "jmed.inference",
+    "jmed.io",
+    "jmed.metrics",
+    "jmed.plot",
+    "jmed.sampling",
+    "jmed.transforms",
+]
+
+# constructors whose optional parameters may still be passed positionally; existing
+# users (and TorchIO habits, e.g. ``RandomAffine(0.1, 10)``) rely on some of them
+POSITIONAL_OPTIONAL_ALLOWED = {
+    "Compose": {"fuse"},
+    "OneOf": {"probabilities"},
+    "RandomAffine": {
+        "scales",
+        "degrees",
+        "translation",
+        "isotropic",
+        "center",
+        "default_pad_value",
+        "image_interpolation",
+        "label_interpolation",
+    },
+    "RandomAnisotropy": {"axes", "downsampling"},
+    "RandomApply": {"p"},
+    "RandomBiasField": {"coefficients", "order"},
+    "RandomBlur": {"std"},
+    "RandomBrightness": {"multiplier"},
+    "RandomCoarseDropout": {"num_holes", "hole_size"},
+    "RandomContrast": {"contrast"},
+    "RandomElasticDeformation": {
+        "num_control_points",
+        "max_displacement",
+        "locked_borders",
+        "image_interpolation",
+        "label_interpolation",
+    },
+    "RandomFlip": {"axes", "flip_probability"},
+    "RandomGamma": {"log_gamma"},
+    "RandomGhosting": {"num_ghosts", "axes", "intensity", "restore"},
+    "RandomMotion": {"degrees", "translation", "num_transforms"},
+    "RandomNoise": {"mean", "std"},
+    "RandomRot90": {"axes"},
+    "RandomSpike": {"num_spikes", "intensity"},
+    "RandomSwap": {"patch_size", "num_iterations"},
+    "SomeOf": {"num_transforms"},
+    "Spatial": {"transforms"},
+}
+
+
+def public_names():
+    for module_name in MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            yield module_name, name
+
+
+def transform_classes():
+    return {
+        name: getattr(T, name)
+        for name in T.__all__
+        if isinstance(getattr(T, name), type) and issubclass(getattr(T, name), T.Transform)
+    }
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_all_is_importable(module_name):
+    module = importlib.import_module(module_name)
+    assert len(set(module.__all__)) == len(module.__all__), "duplicates in __all__"
+    for name in module.__all__:
+        assert hasattr(module, name), f"{module_name}.__all__ names {name!r}, which is not defined"
+    namespace = {}
+    exec(f"from {module_name} import *", namespace)  # noqa: S102
+    assert set(module.__all__) <= set(namespace)
+
+
+def test_every_public_callable_has_a_docstring():
+    missing = []
+    for module_name, name in public_names():
+        obj = getattr(importlib.import_module(module_name), name)
+        if inspect.ismodule(obj):
+            assert inspect.getdoc(obj), f"module {module_name}.{name} has no docstring"
+        elif callable(obj) and not inspect.getdoc(obj):
+            missing.append(f"{module_name}.{name}")
+    assert not missing, f"public callables without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(transform_classes()))
+def test_transform_call_and_sample_are_key_first(name):
+    cls = transform_classes()[name]
+    call = list(inspect.signature(cls.__call__).parameters)
+    assert call[:3] == ["self", "key", "data"], f"{name}.__call__{call}"
+    sample = list(inspect.signature(cls.sample).parameters)
+    assert sample[:3] == ["self", "key", "subject"], f"{name}.sample{sample}"
+    apply = list(inspect.signature(cls.apply).parameters)
+    assert apply[:3] == ["self", "subject", "params"], f"{name}.apply{apply}"
+
+
+def test_random_transforms_use_the_key():
+    subject = jmed.Subject(t1=jmed.ScalarImage(jax.numpy.arange(64.0).reshape(4, 4, 4)))
+    out_a = T.RandomNoise(std=1.0)(jax.random.key(0), subject)
+    out_b = T.RandomNoise(std=1.0)(jax.random.key(1), subject)
+    assert not bool((out_a["t1"].data == out_b["t1"].data).all())
+
+
+def positional_optional(obj):
+    sig = inspect.signature(obj)
+    return {
+        p.name
+        for p in sig.parameters.values()
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty
+    }
+
+
+@pytest.mark.parametrize("name", sorted(transform_classes()))
+def test_transform_optional_arguments_are_keyword_only(name):
+    found = positional_optional(transform_classes()[name])
+    allowed = POSITIONAL_OPTIONAL_ALLOWED.get(name, set())
+    assert found <= allowed, f"{name}: optional arguments {sorted(found - allowed)} must be keyword-only"
+
+
+def test_positional_exceptions_list_is_current():
+    classes = transform_classes()
+    for name, allowed in POSITIONAL_OPTIONAL_ALLOWED.items():
+        assert name in classes, f"{name} is not a public transform"
+        assert allowed <= {p for p in inspect.signature(classes[name]).parameters}, name
+
+
+def test_random_functions_take_key_first():
+    assert list(inspect.signature(jmed.augment_and_sample).parameters)[0] == "key"
+    assert list(inspect.signature(T.predict_with_tta).parameters)[0] == "key"
+    for sampler in (jmed.UniformSampler, jmed.WeightedSampler, jmed.LabelSampler):
+        for method in ("__call__", "starts"):
+            params = list(inspect.signature(getattr(sampler, method)).parameters)
+            assert params[:3] == ["self", "key", "subject"], f"{sampler.__name__}.{method}{params}"
+    # the grid sampler is deterministic: no key
+    assert list(inspect.signature(jmed.GridPatchSampler.__call__).parameters)[:2] == ["self", "subject"]
