@@ -507,7 +507,7 @@ def test_bad_types():
         sliding_window_inference(identity, np.zeros((5, 5, 5, 1)), 4)
     with pytest.raises(TypeError, match="accumulation_dtype must be a floating dtype"):
         sliding_window_inference(identity, random_image((5, 5, 5)), 4, accumulation_dtype=jnp.int32)
-    with pytest.raises(ValueError, match="spatial_shape .* is smaller than patch_size"):
+    with pytest.raises(ValueError, match=r"patch_size \(4, 4, 4\) is larger than the volume \(3, 5, 5\)"):
         grid_locations((3, 5, 5), 4)
 
 
