@@ -32,44 +32,9 @@ MODULES = [
     "jmed.transforms",
 ]
 
-# constructors whose optional parameters may still be passed positionally; existing
-# users (and TorchIO habits, e.g. ``RandomAffine(0.1, 10)``) rely on some of them
+# constructors whose optional parameters may still be passed positionally: only the
+# primary argument of a container transform
 POSITIONAL_OPTIONAL_ALLOWED = {
-    "Compose": {"fuse"},
-    "OneOf": {"probabilities"},
-    "RandomAffine": {
-        "scales",
-        "degrees",
-        "translation",
-        "isotropic",
-        "center",
-        "default_pad_value",
-        "image_interpolation",
-        "label_interpolation",
-    },
-    "RandomAnisotropy": {"axes", "downsampling"},
-    "RandomApply": {"p"},
-    "RandomBiasField": {"coefficients", "order"},
-    "RandomBlur": {"std"},
-    "RandomBrightness": {"multiplier"},
-    "RandomCoarseDropout": {"num_holes", "hole_size"},
-    "RandomContrast": {"contrast"},
-    "RandomElasticDeformation": {
-        "num_control_points",
-        "max_displacement",
-        "locked_borders",
-        "image_interpolation",
-        "label_interpolation",
-    },
-    "RandomFlip": {"axes", "flip_probability"},
-    "RandomGamma": {"log_gamma"},
-    "RandomGhosting": {"num_ghosts", "axes", "intensity", "restore"},
-    "RandomMotion": {"degrees", "translation", "num_transforms"},
-    "RandomNoise": {"mean", "std"},
-    "RandomRot90": {"axes"},
-    "RandomSpike": {"num_spikes", "intensity"},
-    "RandomSwap": {"patch_size", "num_iterations"},
-    "SomeOf": {"num_transforms"},
     "Spatial": {"transforms"},
 }
 

@@ -223,7 +223,7 @@ class Compose(Transform):
             blur and time). ``fuse=False`` resamples after every spatial transform.
     """
 
-    def __init__(self, transforms: Sequence[Transform], fuse: bool = True):
+    def __init__(self, transforms: Sequence[Transform], *, fuse: bool = True):
         super().__init__()
         self.transforms = _check_transforms(transforms, "Compose")
         self.is_random = any(t.is_random for t in self.transforms)
@@ -316,6 +316,7 @@ class OneOf(Transform):
     def __init__(
         self,
         transforms: Sequence[Transform] | Mapping[Transform, float],
+        *,
         probabilities: Sequence[float] | None = None,
     ):
         super().__init__()
@@ -351,7 +352,7 @@ class RandomApply(Transform):
 
     is_random = True
 
-    def __init__(self, transform: Transform, p: float = 0.5):
+    def __init__(self, transform: Transform, *, p: float = 0.5):
         super().__init__()
         if not isinstance(transform, Transform):
             raise TypeError(f"transform must be a jmed transform, got {type(transform).__name__}")
@@ -385,7 +386,9 @@ class SomeOf(Transform):
 
     is_random = True
 
-    def __init__(self, transforms: Sequence[Transform], num_transforms: int | tuple[int, int] | None = None):
+    def __init__(
+        self, transforms: Sequence[Transform], *, num_transforms: int | tuple[int, int] | None = None
+    ):
         super().__init__()
         self.transforms = _check_transforms(transforms, "SomeOf")
         n = len(self.transforms)

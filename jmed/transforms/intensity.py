@@ -147,7 +147,7 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform):
 
     is_random = True
 
-    def __init__(self, mean=0.0, std=(0.0, 0.25), *, rician: bool = False, include=None, exclude=None):
+    def __init__(self, *, mean=0.0, std=(0.0, 0.25), rician: bool = False, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         self.mean = _params.parse_range(mean, "mean")
         self.std = _std_range(std, "std")
@@ -197,8 +197,8 @@ class RandomBlur(IntensityTransform):
 
     def __init__(
         self,
-        std=(0.0, 2.0),
         *,
+        std=(0.0, 2.0),
         truncate: float = 4.0,
         mode: str = "reflect",
         units: str = "mm",
@@ -267,8 +267,8 @@ class RandomGamma(IntensityTransform):
 
     def __init__(
         self,
-        log_gamma=(-0.3, 0.3),
         *,
+        log_gamma=(-0.3, 0.3),
         gamma: tuple[float, float] | None = None,
         invert: bool = False,
         retain_stats: bool = False,
@@ -327,7 +327,7 @@ class RandomBrightness(IntensityTransform):
 
     is_random = True
 
-    def __init__(self, multiplier=(0.75, 1.25), *, include=None, exclude=None):
+    def __init__(self, *, multiplier=(0.75, 1.25), include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         self.multiplier = _params.parse_range(multiplier, "multiplier", centre=1.0, min_value=0.0)
 
@@ -352,7 +352,7 @@ class RandomContrast(IntensityTransform):
 
     is_random = True
 
-    def __init__(self, contrast=(0.75, 1.25), *, preserve_range: bool = True, include=None, exclude=None):
+    def __init__(self, *, contrast=(0.75, 1.25), preserve_range: bool = True, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         self.contrast = _params.parse_range(contrast, "contrast", centre=1.0, min_value=0.0)
         self.preserve_range = bool(preserve_range)
@@ -416,7 +416,7 @@ class RandomBiasField(IntensityTransform):
     is_random = True
     invertible = True
 
-    def __init__(self, coefficients=0.5, order: int = 3, *, include=None, exclude=None):
+    def __init__(self, *, coefficients=0.5, order: int = 3, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         self.coefficients = _params.parse_range(coefficients, "coefficients")
         self.order = _params.as_positive_int(order, "order", minimum=0)
@@ -476,7 +476,7 @@ class RandomSwap(IntensityTransform):
 
     is_random = True
 
-    def __init__(self, patch_size=15, num_iterations: int = 100, *, include=None, exclude=None):
+    def __init__(self, *, patch_size=15, num_iterations: int = 100, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         self.patch_size = _as_size3(patch_size, "patch_size")
         self.num_iterations = _params.as_positive_int(num_iterations, "num_iterations", minimum=0)
@@ -530,7 +530,7 @@ class RandomCoarseDropout(IntensityTransform):
     is_random = True
 
     def __init__(
-        self, num_holes: int = 1, hole_size=8, *, fill_value: float = 0.0, include=None, exclude=None
+        self, *, num_holes: int = 1, hole_size=8, fill_value: float = 0.0, include=None, exclude=None
     ):
         super().__init__(include=include, exclude=exclude)
         self.num_holes = _params.as_positive_int(num_holes, "num_holes", minimum=0)

@@ -140,10 +140,10 @@ class RandomMotion(IntensityTransform):
 
     def __init__(
         self,
+        *,
         degrees=10.0,
         translation=10.0,
         num_transforms: int = 2,
-        *,
         phase_encoding_axis: int = 2,
         magnitude: bool = True,
         pad_mode: str = "edge",
@@ -222,11 +222,11 @@ class RandomGhosting(IntensityTransform):
 
     def __init__(
         self,
+        *,
         num_ghosts=(4, 10),
         axes=(0, 1, 2),
         intensity=(0.5, 1.0),
         restore=None,
-        *,
         include=None,
         exclude=None,
     ):
@@ -293,7 +293,7 @@ class RandomSpike(IntensityTransform):
 
     is_random = True
 
-    def __init__(self, num_spikes=1, intensity=(1.0, 3.0), *, include=None, exclude=None):
+    def __init__(self, *, num_spikes=1, intensity=(1.0, 3.0), include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         self.num_spikes = _count_range(num_spikes, "num_spikes")
         self.intensity = _params.parse_range(intensity, "intensity")

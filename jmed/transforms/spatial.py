@@ -338,7 +338,7 @@ class RandomFlip(SpatialTransform):
     is_random = True
     lossless = True
 
-    def __init__(self, axes=0, flip_probability: float = 0.5, *, include=None, exclude=None):
+    def __init__(self, *, axes=0, flip_probability: float = 0.5, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         self.axes = _parse_flip_axes(axes)
         self.flip_probability = _params.check_probability(flip_probability, "flip_probability")
@@ -373,7 +373,7 @@ class RandomRot90(SpatialTransform):
     is_random = True
     lossless = True
 
-    def __init__(self, axes: tuple[int, int] = (0, 1), *, include=None, exclude=None):
+    def __init__(self, *, axes: tuple[int, int] = (0, 1), include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         axes = tuple(axes) if not isinstance(axes, numbers.Integral) else (axes,)
         if (
@@ -470,6 +470,7 @@ class RandomAffine(SpatialTransform):
 
     def __init__(
         self,
+        *,
         scales=0.1,
         degrees=10,
         translation=0,
@@ -478,7 +479,6 @@ class RandomAffine(SpatialTransform):
         default_pad_value="minimum",
         image_interpolation: str = "linear",
         label_interpolation: str = "nearest",
-        *,
         default_pad_label: int = 0,
         include=None,
         exclude=None,
@@ -556,12 +556,12 @@ class RandomElasticDeformation(SpatialTransform):
 
     def __init__(
         self,
+        *,
         num_control_points=7,
         max_displacement=7.5,
         locked_borders: int = 2,
         image_interpolation: str = "linear",
         label_interpolation: str = "nearest",
-        *,
         default_pad_value="minimum",
         default_pad_label: int = 0,
         include=None,
@@ -831,7 +831,7 @@ class RandomAnisotropy(Transform):
 
     is_random = True
 
-    def __init__(self, axes=(0, 1, 2), downsampling=(1.5, 5), *, include=None, exclude=None):
+    def __init__(self, *, axes=(0, 1, 2), downsampling=(1.5, 5), include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
         self.axes = _params.as_axes(axes, "axes")
         self.downsampling = _params.parse_range(downsampling, "downsampling", min_value=1.0)
