@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="mni152 (default when nilearn is installed) or synthetic phantoms",
     )
-    parser.add_argument("--epochs", type=_positive(int), default=4)
-    parser.add_argument("--steps-per-epoch", type=_positive(int), default=25)
+    parser.add_argument("--epochs", type=_positive(int), default=3)
+    parser.add_argument("--steps-per-epoch", type=_positive(int), default=20)
     parser.add_argument(
         "--patch-size",
         type=_positive(int),
@@ -110,6 +110,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    start_time = time.perf_counter()
+    output = args.output if args.output is not None else Path(tempfile.mkdtemp(prefix="jmed_brain_"))
+    output.mkdir(parents=True, exist_ok=True)
+    prediction_path = output / "prediction.nii.gz"
+    overlay_path = output / "prediction.png"
+    for path in (prediction_path, overlay_path):
+        if path.exists() and not args.overwrite:
+            raise SystemExit(f"error: {path} exists; pass --overwrite or choose another --output")
+
     if args.devices is not None:
         # must happen before jax is imported; ignored by GPU/TPU backends
         flags = os.environ.get("XLA_FLAGS", "")
@@ -126,15 +135,6 @@ def main(argv=None) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from unet import UNet3D
-
-    start_time = time.perf_counter()
-    output = args.output if args.output is not None else Path(tempfile.mkdtemp(prefix="jmed_brain_"))
-    output.mkdir(parents=True, exist_ok=True)
-    prediction_path = output / "prediction.nii.gz"
-    overlay_path = output / "prediction.png"
-    for path in (prediction_path, overlay_path):
-        if path.exists() and not args.overwrite:
-            raise SystemExit(f"error: {path} exists; pass --overwrite or choose another --output")
 
     # --- data: subjects as NIfTI records ----------------------------------------------------
     if args.data is None:

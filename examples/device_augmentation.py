@@ -81,7 +81,9 @@ def main(argv=None) -> dict:
         s = jmed.datasets.phantom(
             args.seed * 1000 + i, shape=shape, spacing=(2.0,) * 3, num_classes=num_classes
         )
-        subjects.append(T.RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5))(None, s))
+        subjects.append(
+            T.RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5))(None, s).without_history()
+        )
     volumes = jax.device_put(jmed.stack(subjects))
 
     augmentation = T.Compose(

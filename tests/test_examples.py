@@ -36,8 +36,11 @@ def _run(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedP
 def test_brain_segmentation_quick(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    result = _run("brain_segmentation.py", "--quick", "--data", "synthetic", "--output", str(out))
+    result = _run(
+        "brain_segmentation.py", "--quick", "--data", "synthetic", "--devices", "2", "--output", str(out)
+    )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 cpu device(s) for inference" in result.stdout  # --devices reached the mesh
     # Dice per class printed every epoch, finite
     dice = re.findall(r"Dice (GM|WM) ([-\d.naife]+)", result.stdout)
     assert {name for name, _ in dice} == {"GM", "WM"}, result.stdout
