@@ -77,7 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=_positive(int), default=8, help="U-Net base features")
     parser.add_argument("--learning-rate", type=_positive(float), default=3e-3)
     parser.add_argument(
-        "--num-workers", type=int, default=0, help="loader worker processes (0: load in the main process)"
+        "--num-workers",
+        type=int,
+        default=1,
+        help="loader worker processes (0: load in the main process; 1 measured faster on 2 cores; "
+        "batches are the same for any number)",
     )
     parser.add_argument(
         "--devices",
@@ -104,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.patch_size = min(args.patch_size, 16)
         args.batch_size = min(args.batch_size, 2)
         args.width = min(args.width, 4)
+        args.num_workers = 0  # no worker start-up for a few steps
         args.data = args.data or "synthetic"
     return args
 
