@@ -157,8 +157,8 @@ def main(argv=None) -> dict:
         record = {}
         for image_name in ("t1", "seg"):
             path = data_dir / f"{name}_{image_name}.nii.gz"
-            if not path.exists() or args.overwrite:
-                jmed.save(subject[image_name], path, overwrite=True)
+            # the inputs are regenerated on every run (another --seed makes other phantoms)
+            jmed.save(subject[image_name], path, overwrite=True)
             record[image_name] = str(path)
         return record
 
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
 
     def preprocessing(crop):
         steps = [*canonical, *([crop] if crop is not None else []), rescale]
-        # the volume must hold a patch and, for inference, a multiple of 4
+        # U-Net input sides must be multiples of 4 (two poolings)
         steps.append(T.EnsureShapeMultiple(4, method="pad"))
         return T.Compose(steps)
 
@@ -230,6 +230,11 @@ def main(argv=None) -> dict:
     )
     validation = jmed.SubjectsSource([val_record], label_names="seg", preprocessing=val_pre)[0]
     val_t1, val_seg = validation["t1"], validation["seg"]
+    if min(val_t1.spatial_shape) < patch:
+        raise SystemExit(
+            f"error: --patch-size {patch} is larger than the preprocessed volume {val_t1.spatial_shape}; "
+            "choose a smaller patch"
+        )
     val_labels = jnp.asarray(val_seg.data[..., 0])
     frequencies = np.bincount(np.asarray(val_labels).ravel(), minlength=NUM_CLASSES) / val_labels.size
 
