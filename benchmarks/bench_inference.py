@@ -213,7 +213,10 @@ def cases(quick: bool, volume) -> list:
 
     def build(mode, tio_mode, monai_mode):
         def fns():
-            import torch
+            try:
+                import torch
+            except ImportError:  # no anchors installed: jmed alone
+                torch = None
 
             image = jmed.Image(jax.device_put(volume.t1[..., None]), volume.affine)
             out = {
@@ -223,6 +226,8 @@ def cases(quick: bool, volume) -> list:
                     ).data
                 )
             }
+            if torch is None:
+                return out
             tensor = torch.from_numpy(volume.t1[None].copy())
             try:
                 import torchio as tio

@@ -176,12 +176,17 @@ def cases(quick: bool, volume) -> list:
 
     def build(name):
         def fns():
-            import torch
+            try:
+                import torch
+            except ImportError:  # no anchors installed: jmed alone
+                torch = None
 
             transform, tio_factory, monai_factory = transforms()[name]
             subject = jmed.Subject(t1=jmed.Image(jax.device_put(volume.t1[..., None]), volume.affine))
             fn = jax.jit(lambda key, s: transform(key, s)["t1"].data)
             out = {"jmed": lambda i: fn(jax.random.key(i), subject)}
+            if torch is None:
+                return out
             tensor = torch.from_numpy(volume.t1[None].copy())
             try:
                 import torchio as tio

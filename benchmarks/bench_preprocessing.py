@@ -225,8 +225,6 @@ def cases(quick: bool, volume) -> list:
 
     def build(name, make_jmed, make_tio, make_monai, jittable):
         def fns():
-            import torch
-
             t1 = jmed.ScalarImage(jnp.asarray(volume.t1), volume.affine)
             transform = make_jmed()
             if jittable:
@@ -234,6 +232,10 @@ def cases(quick: bool, volume) -> list:
                 out = {"jmed": lambda i: fn(t1)}
             else:
                 out = {"jmed": lambda i: transform(t1)}
+            try:
+                import torch
+            except ImportError:  # no anchors installed: jmed alone
+                return out
             tensor = torch.from_numpy(volume.t1[None].copy())
             try:
                 import torchio as tio
@@ -262,11 +264,16 @@ def cases(quick: bool, volume) -> list:
     rows = [build(name, *value) for name, value in spec.items()]
 
     def keep_largest():
-        import torch
+        try:
+            import torch
+        except ImportError:  # no anchors installed: jmed alone
+            torch = None
 
         labels = jmed.LabelMap((volume.seg > 0).astype(np.uint8), volume.affine)
         transform = KeepLargestComponent()
         out = {"jmed": lambda i: transform(labels)}
+        if torch is None:
+            return out
         tensor = torch.from_numpy((volume.seg[None] > 0).astype(np.uint8))
         try:
             import torchio as tio
