@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [
     "group",
@@ -79,3 +81,19 @@ def test_runner_writes_json_and_markdown(tmp_path):
     assert len(cells) == len(COLUMNS)
     assert cells[:2] == ["preprocessing", "ZNormalization"]
     assert float(cells[3]) >= 0
+
+
+def test_update_readme_replaces_only_the_marked_table(tmp_path):
+    from benchmarks.run import README_END, README_START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nintro\n\n{README_START}\nold table\n{README_END}\n\n## after\n")
+    update_readme(readme, "| a | b |\n|---|---|\n| 1 | 2 |\n")
+    text = readme.read_text()
+    assert "old table" not in text and "| 1 | 2 |" in text
+    assert text.startswith("# title\n\nintro\n\n") and text.endswith("\n\n## after\n")
+    bare = tmp_path / "BARE.md"
+    bare.write_text("no markers")
+    with pytest.raises(ValueError, match="no benchmark markers"):
+        update_readme(bare, "x")
+    assert bare.read_text() == "no markers"
