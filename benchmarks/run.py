@@ -257,6 +257,8 @@ def update_readme(path: Path, table: str) -> None:
         raise ValueError(f"{path}: no benchmark markers ({README_START!r} ... {README_END!r})")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
+    # the README gives its own heading: keep the table's description and rows only
+    table = "\n".join(line for line in table.strip().splitlines() if not line.startswith("# "))
     new = f"{head}{README_START}\n{table.strip()}\n{README_END}{tail}"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(new)
