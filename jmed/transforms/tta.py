@@ -42,7 +42,9 @@ def predict_with_tta(
     Args:
         key: JAX key; copy ``i`` uses ``jax.random.fold_in(key, i)``.
         predictor: maps an augmented ``Subject`` to a prediction on its grid: an
-            ``Image`` or an array ``(x, y, z, c)`` (e.g. class probabilities).
+            ``Image`` or an array ``(x, y, z, c)`` (e.g. class probabilities). It is
+            called under ``jax.vmap`` over the copies, so it must be vmappable (a JAX
+            model call is).
         subject: the input subject.
         transform: an invertible transform (e.g. ``Compose([RandomFlip(), RandomAffine()])``).
         num_augmentations: number of augmented copies (>= 1).
@@ -68,9 +70,9 @@ def predict_with_tta(
         image_name = names[0]
     if image_name not in subject:
         raise ValueError(f"image_name {image_name!r} is not in the subject; images: {list(subject)}")
-    predictions = []
-    for i in range(num_augmentations):
-        params = transform.sample(jax.random.fold_in(key, i), subject)
+
+    def one(k):
+        params = transform.sample(k, subject)
         augmented = transform.apply(subject, params)
         prediction = predictor(augmented)
         if not isinstance(prediction, Image):
@@ -81,8 +83,11 @@ def predict_with_tta(
             back = transform.inverse(Subject({image_name: prediction}), params)[image_name]
         except KeyError:
             back = transform.inverse(augmented.replace({image_name: prediction}), params)[image_name]
-        predictions.append(jnp.asarray(back.data, jnp.float32))
-    stacked = jnp.stack(predictions)
+        return jnp.asarray(back.data, jnp.float32)
+
+    # one vmapped program over the copies (the predictor must be vmappable, as a model is)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_augmentations))
+    stacked = jax.vmap(one)(keys)
     reference = subject[image_name]
     mean = Image(jnp.mean(stacked, axis=0), reference.affine, kind=INTENSITY)
     variance = Image(jnp.var(stacked, axis=0), reference.affine, kind=INTENSITY)
