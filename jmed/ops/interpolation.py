@@ -287,7 +287,11 @@ def pad_value_for(data: ArrayLike, rule: str | float) -> jax.Array:
     if rule not in PAD_VALUE_RULES:
         raise ValueError(f"pad value must be a number or one of {PAD_VALUE_RULES}, got {rule!r}")
     if rule == "minimum":
-        return jnp.min(data.reshape(-1, channels), axis=0).astype(jnp.float32)
+        # -max(-x) == min(x) exactly. Written so because XLA:CPU (jaxlib 0.10) fuses a
+        # min-reduction together with the elementwise work of the resampling that uses
+        # it, splitting the gather loop into materialised pieces: 100 ms instead of 40 ms
+        # for a linear resampling of a 197x233x189 volume; a max-reduction stays apart.
+        return -jnp.max(-data.reshape(-1, channels), axis=0).astype(jnp.float32)
     border = _border_values(data).astype(jnp.float32)
     if rule == "mean":
         return jnp.mean(border, axis=0)
