@@ -11,7 +11,8 @@ instead. The same setting speeds up NumPy and PyTorch code running in the proces
 The price is memory: up to ``threshold`` bytes of freed memory may stay with the process
 instead of going back to the system. The setting is process-wide and is never applied
 on import; call it once at start-up (each worker process that runs transforms needs its
-own call). The environment variables ``MALLOC_MMAP_THRESHOLD_`` and
+own call; the workers of jmed's loaders make it themselves when the process that built
+the loader had made it). The environment variables ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` have the same effect when set before Python starts.
 """
 
@@ -22,13 +23,15 @@ import ctypes.util
 import logging
 import sys
 
-__all__ = ["tune_host_allocator"]
+__all__ = ["applied_threshold", "tune_host_allocator"]
 
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MAX_THRESHOLD = 2**31 - 1  # mallopt takes a C int
+# the threshold applied in this process (None: glibc's defaults)
+_applied: int | None = None
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -76,4 +79,11 @@ def tune_host_allocator(threshold: int = 2**30) -> bool:
     for option, name in ((_M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"), (_M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD")):
         if libc.mallopt(ctypes.c_int(option), ctypes.c_int(threshold)) != 1:
             raise RuntimeError(f"glibc mallopt refused {name}={threshold}")
+    global _applied
+    _applied = threshold
     return True
+
+
+def applied_threshold() -> int | None:
+    """The threshold :func:`tune_host_allocator` applied in this process, else None."""
+    return _applied

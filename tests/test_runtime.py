@@ -49,3 +49,24 @@ def test_large_blocks_come_from_the_heap_after_tuning():
 def test_bad_threshold(bad):
     with pytest.raises(ValueError, match="threshold"):
         jmed.tune_host_allocator(bad)
+
+
+@glibc_only
+def test_loader_workers_follow_the_building_process(monkeypatch, tmp_path):
+    import pickle
+
+    from jmed import data, runtime
+
+    subject = jmed.datasets.phantom(0, shape=(8, 8, 8))
+    path = tmp_path / "t1.nii.gz"
+    jmed.save(subject["t1"], path)
+    source = data.SubjectsSource([{"t1": str(path)}])
+    monkeypatch.setattr(runtime, "_applied", None)
+    assert data._Load(source).allocator_threshold is None
+    assert jmed.tune_host_allocator(2**28) is True
+    load = pickle.loads(pickle.dumps(data._Load(source)))  # as a spawned worker gets it
+    monkeypatch.setattr(runtime, "_applied", None)  # a fresh worker process
+    calls = []
+    monkeypatch.setattr(runtime, "tune_host_allocator", lambda threshold: calls.append(threshold))
+    assert load.map((0, 0))[1]["t1"].spatial_shape == (8, 8, 8)
+    assert calls == [2**28]
