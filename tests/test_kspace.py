@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pytest
 
 from jmed.ops import kspace
 
@@ -45,3 +46,24 @@ def test_splice_lines_equals_full_3d_splice():
         ref = np.fft.ifftn(combined, axes=(0, 1, 2))
         out = kspace.splice_lines(vols.astype(np.float32), source, axis)
         np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_splice_lines_from_a_list_of_multichannel_volumes():
+    rng = np.random.default_rng(2)
+    vols = rng.standard_normal((3, 5, 4, 6, 2))
+    for axis in range(3):
+        n = vols.shape[axis + 1]
+        source = rng.integers(0, 3, n)
+        view = [1, 1, 1, 1]
+        view[axis] = n
+        masks = [(source == t).reshape(view) for t in range(3)]
+        spectra = [np.fft.fftn(v, axes=(0, 1, 2)) for v in vols]
+        ref = np.fft.ifftn(sum(m * s for m, s in zip(masks, spectra)), axes=(0, 1, 2))
+        out = jax.jit(kspace.splice_lines, static_argnums=2)(list(vols.astype(np.float32)), source, axis)
+        assert out.shape == vols.shape[1:] and out.dtype == np.complex64
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_splice_lines_rejects_complex_volumes():
+    with pytest.raises(TypeError, match="volumes"):
+        kspace.splice_lines(np.ones((2, 3, 3, 3, 1), np.complex64), np.zeros(3, int), 0)

@@ -118,6 +118,9 @@ class RandomMotion(IntensityTransform):
     copy of the image, and nothing else changes: along the readout and the other axis
     no mixing happens beyond what the motion itself does.
 
+    Cost: one trilinear resampling per motion, then real 1D FFTs along the
+    phase-encoding axis only (see ``jmed.ops.kspace.splice_lines``).
+
     Args:
         degrees: rotation range in degrees per world axis: ``d`` -> ``U(-d, d)``,
             ``(a, b)`` -> ``U(a, b)``, or 3 / 6 values per axis.
@@ -188,7 +191,7 @@ class RandomMotion(IntensityTransform):
             resample(x, rigid_voxel_matrix(image.affine, shape, d, t), shape, order=1, pad_mode=self.pad_mode)
             for d, t in zip(params["degrees"], params["translation"])
         ]
-        volumes = jnp.stack([x] + [m.astype(x.dtype) for m in moved])
+        volumes = [x] + [m.astype(x.dtype) for m in moved]
         source = self.line_sources(params["times"], shape[self.phase_encoding_axis])
         spliced = kspace.splice_lines(volumes, source, self.phase_encoding_axis)
         out = jnp.abs(spliced) if self.magnitude else jnp.real(spliced)
