@@ -67,3 +67,25 @@ def test_splice_lines_from_a_list_of_multichannel_volumes():
 def test_splice_lines_rejects_complex_volumes():
     with pytest.raises(TypeError, match="volumes"):
         kspace.splice_lines(np.ones((2, 3, 3, 3, 1), np.complex64), np.zeros(3, int), 0)
+
+
+def test_attenuate_planes_equals_scaling_kspace_planes():
+    rng = np.random.default_rng(3)
+    for shape in [(6, 5, 7, 1), (5, 8, 4, 2)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        for axis in range(3):
+            n = shape[axis]
+            freqs = np.array([0, 1, -2, n // 2, 7 * n + 1])  # the last one is 1 again: weight 0
+            weights = np.array([0.25, 0.5, 1.0, 0.75, 0.0])
+            factor = np.ones(n)
+            for f, w in zip(freqs, weights):
+                factor[f % n] -= w
+                if (-f) % n != f % n:
+                    factor[-f % n] -= w
+            view = [1, 1, 1, 1]
+            view[axis] = n
+            spec = np.fft.fftn(x.astype(np.float64), axes=(0, 1, 2)) * factor.reshape(view)
+            ref = np.real(np.fft.ifftn(spec, axes=(0, 1, 2)))
+            out = jax.jit(kspace.attenuate_planes, static_argnums=3)(x, freqs, weights, axis)
+            assert out.shape == x.shape and out.dtype == np.float32
+            np.testing.assert_allclose(out, ref, atol=1e-5)

@@ -116,6 +116,34 @@ def test_ghosting_spectrum_has_the_expected_period(axis, ghosts, restore):
     assert np.any(expected_1d != 1)
 
 
+def _numpy_ghosting(x, ghosts, axis, s, restore):
+    n = x.shape[axis]
+    f = np.abs(np.rint(np.fft.fftfreq(n) * n).astype(int))
+    keep = f <= (0 if restore is None else np.floor(restore * n / 2))
+    comb = (ghosts > 0) & (f % max(ghosts, 1) == 0) & ~keep
+    view = [1, 1, 1]
+    view[axis] = n
+    return np.real(np.fft.ifftn(np.fft.fftn(x) * (1 - s * comb).reshape(view)))
+
+
+@pytest.mark.parametrize("restore", [None, 0.3])
+def test_ghosting_matches_fft_reference_for_sampled_and_given_counts(restore, key):
+    x = np.random.default_rng(4).standard_normal((20, 18, 15)).astype(np.float32)
+    subject = jmed.Subject(t1=jmed.ScalarImage(x))
+    t = RandomGhosting(num_ghosts=(3, 5), restore=restore)
+    apply = jax.jit(lambda p: t.apply(subject, p)["t1"].data[..., 0])
+    cases = [t.sample(k, subject) for k in jax.random.split(key, 4)]
+    # counts below the sampled range (1, 2) and 0 take the general path
+    cases += [
+        {"num_ghosts": jnp.int32(g), "axis": jnp.int32(a), "intensity": jnp.float32(0.6)}
+        for g, a in [(1, 0), (2, 1), (0, 2)]
+    ]
+    for p in cases:
+        ghosts, axis, s = int(p["num_ghosts"]), int(p["axis"]), float(p["intensity"])
+        ref = _numpy_ghosting(x.astype(np.float64), ghosts, axis, s, restore)
+        np.testing.assert_allclose(apply(p), ref, atol=1e-4)
+
+
 def test_ghosting_image_space_period():
     # a single bright voxel: ghosts appear at shifts of N / n along the axis
     data = np.zeros((12, 6, 6, 1), np.float32)

@@ -5,6 +5,8 @@ act on intensity images only. k-space conventions are those of ``jmed.ops.kspace
 (unnormalised FFT over the three spatial axes, integer frequencies ``fftfreq(n) * n``).
 Ghosting and spikes keep images real (their k-space changes are Hermitian-symmetric),
 so they use real FFTs or none at all; motion returns the magnitude of a complex image.
+Changes that only involve one axis (motion's line splicing, ghosting's comb) are computed
+along that axis only.
 Outputs are floating point and not clipped.
 
 Examples:
@@ -208,7 +210,9 @@ class RandomGhosting(IntensityTransform):
     of ``n`` copies of the image shifted by multiples of ``N / n`` voxels: ``n`` ghosts at
     spacing ``N / n``. The comb is symmetric about frequency 0 (unlike TorchIO's, which
     starts at the edge of the shifted spectrum and keeps the real part), so the output
-    is real and real FFTs suffice.
+    is real. Only the ``~N / (2 n)`` attenuated plane pairs are computed, by projecting
+    the lines along the axis on their cosines and sines
+    (``jmed.ops.kspace.attenuate_planes``), without FFTs.
 
     Args:
         num_ghosts: ``n``: ``d`` -> integer ``U{0..d}``, ``(a, b)`` -> ``U{a..b}``;
@@ -251,27 +255,40 @@ class RandomGhosting(IntensityTransform):
             "intensity": _uniform(k_s, *self.intensity),
         }
 
-    def _plane_factor(self, n: int, params, half: bool) -> jax.Array:
-        f = np.abs(kspace.frequencies(n))
-        if half:
-            f = f[: n // 2 + 1]
-        restored = f <= (0 if self.restore is None else np.floor(self.restore * n / 2))
+    def _attenuate(self, x, axis: int, params) -> jax.Array:
+        """Attenuate the comb planes along one (static) axis."""
+        n = x.shape[axis]
+        limit = 0 if self.restore is None else int(np.floor(self.restore * n / 2))
         ghosts = params["num_ghosts"]
-        comb = (jnp.mod(jnp.asarray(f), jnp.maximum(ghosts, 1)) == 0) & (ghosts > 0) & ~restored
-        return 1.0 - params["intensity"] * comb.astype(jnp.float32)
+
+        def comb(count):  # comb frequencies 0 < f = g k <= n // 2 for k <= count
+            def attenuate(x):
+                freqs = jnp.maximum(ghosts, 1) * jnp.arange(1, count + 1, dtype=jnp.int32)
+                active = (ghosts > 0) & (freqs <= n // 2) & (freqs > limit)
+                weights = jnp.where(active, params["intensity"], 0.0)
+                return kspace.attenuate_planes(x, freqs, weights, axis)
+
+            return attenuate
+
+        # sampled counts are >= the lowest one, which bounds the number of planes; counts
+        # given by hand below it take the general path (every frequency a candidate)
+        low = max(self.num_ghosts[0], 1)
+        if n // 2 == 0:
+            return x
+        if low == 1 or (n // 2) // low == 0:
+            return comb(n // 2)(x)
+        return jax.lax.cond(ghosts >= low, comb((n // 2) // low), comb(n // 2), x)
 
     def apply_image(self, image, params):
         x = _float(image.data)
-        shape = image.spatial_shape
-        factor = 1.0
-        for axis, n in enumerate(shape):
-            if axis not in self.axes:
-                continue
-            along = self._plane_factor(n, params, half=axis == 2)
-            view = [1, 1, 1, 1]
-            view[axis] = along.shape[0]
-            factor = jnp.where(params["axis"] == axis, along.reshape(view), factor)
-        out = kspace.irfft3(kspace.rfft3(x) * factor, shape)
+        if len(self.axes) == 1:
+            out = jnp.where(params["axis"] == self.axes[0], self._attenuate(x, self.axes[0], params), x)
+            return image.replace(data=out.astype(x.dtype))
+        branches = [lambda x, p, axis=axis: self._attenuate(x, axis, p) for axis in self.axes]
+        branches.append(lambda x, p: x)  # an axis that is not a candidate: unchanged
+        match = params["axis"] == jnp.asarray(self.axes, jnp.int32)
+        index = jnp.where(jnp.any(match), jnp.argmax(match), len(self.axes))
+        out = jax.lax.switch(index, branches, x, params)
         return image.replace(data=out.astype(x.dtype))
 
 
