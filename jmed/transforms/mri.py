@@ -299,8 +299,9 @@ class RandomSpike(IntensityTransform):
     Each spike adds ``r * max|k-space|`` at a random frequency (positions uniform over
     k-space). As in TorchIO the output is the real part of the inverse transform, so in
     the spectrum of the result the spike shows as ``r * max / 2`` at ``f`` and at ``-f``.
-    No FFT is needed to apply it (see ``jmed.ops.kspace.add_spikes``); one forward real
-    FFT gives the maximum.
+    No FFT is needed to apply it (see ``jmed.ops.kspace.add_spikes``); the maximum is
+    the sum of the image when it is non-negative, else the peak of one forward real FFT
+    (``jmed.ops.kspace.peak_magnitude``).
 
     Args:
         num_spikes: ``d`` -> integer ``U{0..d}``, ``(a, b)`` -> ``U{a..b}``. The params
@@ -338,7 +339,7 @@ class RandomSpike(IntensityTransform):
         x = _float(image.data)
         if params["positions"].shape[0] == 0:
             return image.replace(data=x)
-        peak = jnp.max(jnp.abs(kspace.rfft3(x)))
+        peak = kspace.peak_magnitude(x)
         amplitudes = jnp.where(params["active"], params["intensity"] * peak, 0.0)
         freqs = self.spike_frequencies(params["positions"], image.spatial_shape)
         return image.replace(data=kspace.add_spikes(x, freqs, amplitudes).astype(x.dtype))
