@@ -79,25 +79,30 @@ def add_spikes(data: ArrayLike, freqs: ArrayLike, amplitudes: ArrayLike) -> jax.
     freqs = jnp.asarray(freqs, jnp.int32)
     amplitudes = jnp.asarray(amplitudes).astype(jnp.complex64)
     shape = data.shape[:3]
-    factors = []
+    cos, sin = [], []
     for axis, n in enumerate(shape):
-        v = jnp.arange(n, dtype=jnp.int32)
-        # exact integer phase modulo n keeps float32 accuracy for any frequency
-        turns = jnp.mod(freqs[:, axis : axis + 1] * v[None, :], n).astype(jnp.float32) / n
-        factors.append(jnp.exp(2j * jnp.pi * turns.astype(jnp.complex64)))
-    # Re(a fx fy fz) = Re(p) Re(fz) - Im(p) Im(fz) with p = a fx fy a small (S, x, y) plane:
-    # real arithmetic in one fused pass over the volume
-    plane = (amplitudes[:, None, None] * factors[0][:, :, None] * factors[1][:, None, :]) / float(
-        np.prod(shape)
-    )
-    real, imag = jnp.real(plane), jnp.imag(plane)
-    z_real, z_imag = jnp.real(factors[2]), jnp.imag(factors[2])
+        # exp(2 pi i f v / n) for v = 0 .. n - 1 is n times the inverse FFT of a one-hot row.
+        # Computed so, the table is built once: XLA does not fuse FFTs into their users,
+        # while sines and cosines would be fused into the pass below and recomputed for
+        # every voxel.
+        onehot = jnp.arange(n) == jnp.mod(freqs[:, axis : axis + 1], n)
+        table = jnp.fft.ifft(onehot.astype(jnp.complex64), axis=-1) * n
+        cos.append(jnp.real(table))
+        sin.append(jnp.imag(table))
+    # Re(a fx fy fz) = Re(p) Re(fz) - Im(p) Im(fz) with p = a fx fy a small (S, x, y) plane,
+    # in real arithmetic; the volume is touched by one fused elementwise pass
+    a_re = jnp.real(amplitudes)[:, None] / float(np.prod(shape))
+    a_im = jnp.imag(amplitudes)[:, None] / float(np.prod(shape))
+    ax_re = a_re * cos[0] - a_im * sin[0]  # (S, x)
+    ax_im = a_re * sin[0] + a_im * cos[0]
+    real = ax_re[:, :, None] * cos[1][:, None, :] - ax_im[:, :, None] * sin[1][:, None, :]  # (S, x, y)
+    imag = ax_re[:, :, None] * sin[1][:, None, :] + ax_im[:, :, None] * cos[1][:, None, :]
     if freqs.shape[0] <= _LOOP_SPIKES:
         wave = jnp.zeros(shape, jnp.float32)
         for s in range(freqs.shape[0]):
-            wave = wave + real[s][:, :, None] * z_real[s] - imag[s][:, :, None] * z_imag[s]
-    else:
-        wave = jnp.einsum("sxy,sz->xyz", jnp.concatenate([real, -imag]), jnp.concatenate([z_real, z_imag]))
+            wave = wave + real[s][:, :, None] * cos[2][s] - imag[s][:, :, None] * sin[2][s]
+    else:  # many spikes: a matrix product over the 2 S terms
+        wave = jnp.einsum("sxy,sz->xyz", jnp.concatenate([real, -imag]), jnp.concatenate([cos[2], sin[2]]))
     return data + wave.astype(data.dtype)[..., None]
 
 
