@@ -172,7 +172,9 @@ def splice_lines(volumes, source: ArrayLike, axis: int) -> jax.Array:
     ``conj(C[-g]) = R_{s(-g)}[g]``. Its Hermitian part ``(C[g] + conj(C[-g])) / 2`` is
     the half spectrum of the real part of the result, and ``-i`` times its
     anti-Hermitian part ``(C[g] - conj(C[-g])) / 2`` that of the imaginary part: two
-    inverse real FFTs, no complex volume transform.
+    inverse real FFTs, no complex volume transform. Only the ``T - 1`` differences
+    ``v_t - v_0`` are transformed (``C = F(v_0) + sum_t M_t F(v_t - v_0)``), and ``v_0``
+    is added back in image space.
     """
     if isinstance(volumes, (list, tuple)):
         volumes = [jnp.asarray(v) for v in volumes]
@@ -182,19 +184,19 @@ def splice_lines(volumes, source: ArrayLike, axis: int) -> jax.Array:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"volumes must be real floating point, got {dtype}")
     n = volumes[0].shape[axis]
-    inverse = None
-    spectra = []
-    for v in volumes:
-        lines, inverse = _lines_last(v.astype(dtype), axis)
-        spectra.append(jnp.fft.rfft(lines, axis=-1))
+    base, inverse = _lines_last(volumes[0].astype(dtype), axis)
+    # only the differences to volume 0 are transformed: C = F(v_0) + sum_t M_t F(v_t - v_0)
+    spectra = [jnp.fft.rfft(_lines_last(v.astype(dtype), axis)[0] - base, axis=-1) for v in volumes[1:]]
     source = jnp.asarray(source, jnp.int32)
     half = n // 2 + 1
     ahead = source[:half]  # s(g) for g = 0 .. n // 2
     behind = source[(-np.arange(half)) % n]  # s(-g)
-    a = b = spectra[0]
-    for t in range(1, len(spectra)):
-        a = jnp.where(ahead == t, spectra[t], a)
-        b = jnp.where(behind == t, spectra[t], b)
-    real = jnp.fft.irfft((a + b) * 0.5, n=n, axis=-1)
+    if not spectra:
+        return jax.lax.complex(volumes[0].astype(dtype), jnp.zeros_like(volumes[0], dtype))
+    a = b = jnp.zeros_like(spectra[0])
+    for t, spectrum in enumerate(spectra, start=1):
+        a = jnp.where(ahead == t, spectrum, a)
+        b = jnp.where(behind == t, spectrum, b)
+    real = base + jnp.fft.irfft((a + b) * 0.5, n=n, axis=-1)
     imag = jnp.fft.irfft((a - b) * (-0.5j), n=n, axis=-1)
     return jnp.transpose(jax.lax.complex(real, imag), inverse)
