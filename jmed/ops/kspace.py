@@ -130,8 +130,9 @@ def attenuate_planes(data: ArrayLike, freqs: ArrayLike, weights: ArrayLike, axis
     Args:
         data: ``(x, y, z, c)`` real volume.
         freqs: ``(K,)`` integer frequencies; ``f`` and ``-f`` denote the same pair of
-            planes, and no pair may be listed twice (except with weight 0).
-        weights: ``(K,)`` real attenuations (0 leaves the planes unchanged, 1 removes them).
+            planes (a pair listed twice gets the sum of its weights).
+        weights: ``(K,)`` real attenuations (0 leaves the planes unchanged, 1 removes them,
+            negative values amplify them).
         axis: spatial axis (0, 1 or 2).
     """
     data = jnp.asarray(data)

@@ -210,9 +210,11 @@ class RandomGhosting(IntensityTransform):
     of ``n`` copies of the image shifted by multiples of ``N / n`` voxels: ``n`` ghosts at
     spacing ``N / n``. The comb is symmetric about frequency 0 (unlike TorchIO's, which
     starts at the edge of the shifted spectrum and keeps the real part), so the output
-    is real. Only the ``~N / (2 n)`` attenuated plane pairs are computed, by projecting
-    the lines along the axis on their cosines and sines
-    (``jmed.ops.kspace.attenuate_planes``), without FFTs.
+    is real. No FFT is needed: the attenuated planes (``~N / (2 n)`` pairs; room for
+    ``N / 4`` is kept so that any count shares one program) are projected out of the
+    lines along the axis with their cosines and sines
+    (``jmed.ops.kspace.attenuate_planes``); for ``n == 1`` the complement, the restored
+    planes, is used instead.
 
     Args:
         num_ghosts: ``n``: ``d`` -> integer ``U{0..d}``, ``(a, b)`` -> ``U{a..b}``;
@@ -259,36 +261,31 @@ class RandomGhosting(IntensityTransform):
         """Attenuate the comb planes along one (static) axis."""
         n = x.shape[axis]
         limit = 0 if self.restore is None else int(np.floor(self.restore * n / 2))
-        ghosts = params["num_ghosts"]
-
-        def comb(count):  # comb frequencies 0 < f = g k <= n // 2 for k <= count
-            def attenuate(x):
-                freqs = jnp.maximum(ghosts, 1) * jnp.arange(1, count + 1, dtype=jnp.int32)
-                active = (ghosts > 0) & (freqs <= n // 2) & (freqs > limit)
-                weights = jnp.where(active, params["intensity"], 0.0)
-                return kspace.attenuate_planes(x, freqs, weights, axis)
-
-            return attenuate
-
-        # sampled counts are >= the lowest one, which bounds the number of planes; counts
-        # given by hand below it take the general path (every frequency a candidate)
-        low = max(self.num_ghosts[0], 1)
-        if n // 2 == 0:
-            return x
-        if low == 1 or (n // 2) // low == 0:
-            return comb(n // 2)(x)
-        return jax.lax.cond(ghosts >= low, comb((n // 2) // low), comb(n // 2), x)
+        ghosts, intensity = params["num_ghosts"], params["intensity"]
+        # n_g >= 2: at most (N // 2) // 2 comb planes 0 < f = n_g k <= N // 2 (the first list);
+        # n_g == 1: every plane but the restored ones, i.e. (1 - s) x plus s times the
+        # restored planes |f| <= limit (added back through negative weights, second list).
+        # One call for both: no branch, so vmap computes nothing twice.
+        comb = jnp.maximum(ghosts, 1) * jnp.arange(1, max((n // 2) // 2, 1) + 1, dtype=jnp.int32)
+        active = (ghosts > 1) & (comb <= n // 2) & (comb > limit)
+        every = ghosts == 1
+        freqs = jnp.concatenate([comb, jnp.arange(limit + 1, dtype=jnp.int32)])
+        weights = jnp.concatenate(
+            [jnp.where(active, intensity, 0.0), jnp.full((limit + 1,), jnp.where(every, -intensity, 0.0))]
+        )
+        out = kspace.attenuate_planes(x, freqs, weights, axis)
+        return out - jnp.where(every, intensity, 0.0).astype(out.dtype) * x
 
     def apply_image(self, image, params):
         x = _float(image.data)
         if len(self.axes) == 1:
             out = jnp.where(params["axis"] == self.axes[0], self._attenuate(x, self.axes[0], params), x)
             return image.replace(data=out.astype(x.dtype))
-        branches = [lambda x, p, axis=axis: self._attenuate(x, axis, p) for axis in self.axes]
-        branches.append(lambda x, p: x)  # an axis that is not a candidate: unchanged
+        branches = [lambda x, axis=axis: self._attenuate(x, axis, params) for axis in self.axes]
+        branches.append(lambda x: x)  # an axis that is not a candidate: unchanged
         match = params["axis"] == jnp.asarray(self.axes, jnp.int32)
         index = jnp.where(jnp.any(match), jnp.argmax(match), len(self.axes))
-        out = jax.lax.switch(index, branches, x, params)
+        out = jax.lax.switch(index, branches, x)
         return image.replace(data=out.astype(x.dtype))
 
 
