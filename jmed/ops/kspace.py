@@ -65,8 +65,9 @@ def add_spikes(data: ArrayLike, freqs: ArrayLike, amplitudes: ArrayLike) -> jax.
 
     Equivalent to ``real(ifftn(fftn(data) + spikes))`` with a spike of (real or complex)
     amplitude ``a`` at integer frequency ``f`` per row, computed in image space without
-    FFTs: ``data + Re(a * exp(2 pi i f . v / N)) / prod(N)`` summed over spikes (voxel
-    ``v``), in one pass over the volume. In the spectrum of the result each spike
+    transforming the volume: ``data + Re(a * exp(2 pi i f . v / N)) / prod(N)`` summed
+    over spikes (voxel ``v``), in one pass over the volume (the per-axis phase tables
+    come from 1D inverse FFTs of one-hot rows). In the spectrum of the result each spike
     appears as ``a / 2`` at ``f`` and ``conj(a) / 2`` at ``-f`` (the Hermitian pair that
     keeps the image real; both at the same place when ``f == -f``).
 
