@@ -65,6 +65,7 @@ CASES = [
     ("load", lambda: jmed.load("/nonexistent/x.nii.gz", kind="mask"), ValueError, r"kind"),
     ("save", lambda: jmed.save(img(), "/tmp/out.txt"), ValueError, r"out\.txt"),
     ("save", lambda: jmed.save(np.zeros((2, 2, 2)), "/tmp/out.nii.gz"), TypeError, r"Image"),
+    ("tune_host_allocator", lambda: jmed.tune_host_allocator(-1), ValueError, r"threshold.*-1"),
     # --- samplers -------------------------------------------------------------------------
     ("PatchSampler", lambda: jmed.PatchSampler(0), ValueError, r"patch_size"),
     ("UniformSampler", lambda: jmed.UniformSampler((4, 4)), ValueError, r"patch_size"),
