@@ -9,14 +9,21 @@ so ``q = 0`` is the minimum and ``q = 100`` the maximum. Only two order statisti
 percentile are needed, never a full sort (a sort of 10^7 voxels takes over a second with
 XLA on CPU):
 
-* concrete arrays (eager, in the loader) use ``numpy.partition`` (introselect, O(n));
-* traced arrays (under ``jit``) use an exact radix selection on the float32 bit
+* on the host (concrete arrays, in the loader) and in programs compiled for CPU (under
+  ``jit``, through a callback that reads the buffers in place): an exact two-stage
+  selection in numpy. A strided sample, sorted, brackets each wanted rank; one pass
+  counts the values below and inside the bracket, and only the values inside (a few
+  percent) are gathered and partitioned. Ties are settled from the counts (a background
+  of zeros is never gathered); a bracket the counts show to miss its rank falls back to
+  ``numpy.partition`` over all values (introselect, O(n)).
+* programs compiled for accelerators use an exact radix selection on the float32 bit
   patterns: a 65536-bin histogram of the upper 16 bits finds the bin of each wanted rank,
   and a second histogram of the lower 16 bits, restricted to those bins, finds the exact
-  value. Two passes over the data, no sort, exact for every float32 value.
+  value. Two passes over the data, no sort, exact for every float32 value (XLA:CPU runs
+  these scatter-based histograms serially, hence the callback there).
 
-NaNs are not supported (they count as larger than +inf in the traced path; numpy returns
-NaN).
+NaNs are not supported: with NaNs in the selection the result is unspecified (numpy
+returns NaN).
 """
 
 from __future__ import annotations
@@ -30,9 +37,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+try:
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # a jax without it: the radix selection on every platform
+    _buffer_callback = None
+
 __all__ = ["check_percentiles", "order_statistics", "percentile"]
 
 _BINS = 1 << 16
+# host selection: sample size of the two-stage selection, and below how many values
+# (in multiples of it) a plain introselect is used instead
+_SAMPLE_SIZE = 1 << 16
+_DIRECT_FACTOR = 8
 
 
 def check_percentiles(q: float | Sequence[float], name: str = "percentiles") -> np.ndarray:
@@ -56,20 +72,156 @@ def _lerp(a, b, t):
     return np.where(a == b, a, out)
 
 
-def _percentile_host(x: np.ndarray, q: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    values = np.asarray(x).reshape(-1)
-    if mask is not None:
-        values = values[np.asarray(mask).reshape(-1).astype(bool)]
+def _ravel(x: np.ndarray) -> np.ndarray:
+    # memory order: no copy for C- or Fortran-ordered volumes (the order does not matter)
+    return np.ravel(x, order="K")
+
+
+def _select(values: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """``np.sort(values)[ranks]`` by introselect (``ranks`` in ``[0, values.size - 1]``)."""
+    return np.partition(values, np.unique(ranks))[ranks]
+
+
+class _Masks:
+    """``values < t`` / ``values <= t`` as boolean arrays and counts; the last few are kept
+    (neighbouring brackets often share a tied end)."""
+
+    def __init__(self, values: np.ndarray, keep: int = 4):
+        self.values = values
+        self.keep = keep
+        self.masks: dict = {}
+        self.counts: dict = {}
+
+    def mask(self, op, threshold) -> np.ndarray:
+        key = (op, threshold)
+        if key not in self.masks:
+            if len(self.masks) >= self.keep:
+                del self.masks[next(iter(self.masks))]
+            self.masks[key] = op(self.values, threshold)
+        return self.masks[key]
+
+    def count(self, op, threshold) -> int:
+        key = (op, threshold)
+        if key not in self.counts:
+            self.counts[key] = int(np.count_nonzero(self.mask(op, threshold)))
+        return self.counts[key]
+
+
+def _order_statistics_host(
+    values: np.ndarray, ranks: np.ndarray, *, sample_size: int = _SAMPLE_SIZE, margin: int | None = None
+) -> np.ndarray:
+    """``np.sort(values)[ranks]`` for a 1D array, exact, in a few passes over ``values``.
+
+    Two stages: a strided sample of ``sample_size`` values, sorted, gives for each wanted
+    rank a bracket ``[lo, hi]`` of values that holds it with a wide margin (both ends are
+    sample values). One pass counts the values below ``lo`` and up to ``hi``; when these
+    counts prove that the rank lies inside, only the values in the bracket (about
+    ``5 / sqrt(sample_size)`` of the data) are gathered and partitioned. Ties are handled
+    from the counts alone: a bracket with ``lo == hi`` gathers nothing, and a bracket
+    holding too many values (a large tied block at one of its ends, e.g. the zeros of a
+    background) is split into its tied ends and its open interior. A rank the counts do
+    not place inside its bracket (an unlucky sample) falls back to selection over all
+    values, so the result is exact in every case; only the time varies. ``margin`` (in
+    sample positions) overrides the default width of the brackets.
+    """
     n = values.size
-    if n == 0:
+    ranks = np.asarray(ranks, np.int64)
+    if n <= _DIRECT_FACTOR * sample_size:
+        return _select(values, ranks)
+    stride = n // sample_size
+    sample = np.sort(values[stride // 2 :: stride])
+    s = sample.size
+    # strided sample positions of a rank deviate from r * s / n by about sqrt(s) / 2 at
+    # most (binomial standard deviation): keep five of those on each side
+    if margin is None:
+        margin = int(2.5 * math.sqrt(s)) + 4
+    wanted = np.unique(ranks)
+    position = wanted * (s / n)
+    first = np.floor(position).astype(np.int64) - margin
+    last = np.ceil(position).astype(np.int64) + margin
+    # groups of consecutive ranks whose brackets overlap (in values): one bracket each;
+    # brackets that only share an end (a tied value) stay apart and share its counts
+    groups = []
+    for r, a, b in zip(wanted.tolist(), first.tolist(), last.tolist()):
+        lo = None if a < 0 else sample[a]
+        hi = None if b >= s else sample[b]
+        previous = groups[-1] if groups else None
+        if previous is not None and (lo is None or previous[2] is None or lo < previous[2]):
+            previous[0].append(r)
+            previous[2] = hi
+            previous[4] = b
+        else:
+            groups.append([[r], lo, hi, a, b])
+    masks = _Masks(values)
+    found = {}
+    missed = []
+    for group_ranks, lo, hi, a, b in groups:
+        rs = np.asarray(group_ranks, np.int64)
+        n_lt_lo = 0 if lo is None else masks.count(np.less, lo)
+        n_le_hi = n if hi is None else masks.count(np.less_equal, hi)
+        if rs[0] < n_lt_lo or rs[-1] >= n_le_hi:
+            missed += group_ranks
+            continue
+        if lo is not None and hi is not None and lo == hi:
+            found.update(dict.fromkeys(group_ranks, lo))
+            continue
+        # a bracket holds about (b - a) * stride values; far more means a large tied block
+        if n_le_hi - n_lt_lo <= 4 * (min(b, s) - max(a, 0) + 1) * stride:
+            inside = _gather(values, masks, (np.less, lo), (np.less_equal, hi))
+            found.update(zip(group_ranks, _select(inside, rs - n_lt_lo)))
+            continue
+        # too many values in the bracket: its tied ends are counted, not gathered
+        n_le_lo = 0 if lo is None else masks.count(np.less_equal, lo)
+        n_lt_hi = n if hi is None else masks.count(np.less, hi)
+        low_tie = rs < n_le_lo
+        high_tie = rs >= n_lt_hi
+        found.update(dict.fromkeys(rs[low_tie].tolist(), lo))
+        found.update(dict.fromkeys(rs[high_tie].tolist(), hi))
+        interior = rs[~low_tie & ~high_tie]
+        if interior.size:
+            inside = _gather(values, masks, (np.less_equal, lo), (np.less, hi))
+            found.update(zip(interior.tolist(), _select(inside, interior - n_le_lo)))
+    if missed:
+        found.update(zip(missed, _select(values, np.asarray(missed, np.int64))))
+    out = np.empty(ranks.shape, values.dtype)
+    for i, r in enumerate(ranks.tolist()):
+        out[i] = found[r]
+    return out
+
+
+def _gather(values: np.ndarray, masks: _Masks, below: tuple, upto: tuple) -> np.ndarray:
+    """The values in ``upto`` and not in ``below`` (``(op, threshold)``, threshold ``None``:
+    no bound); ``below`` selects a subset of ``upto``."""
+    if below[1] is None and upto[1] is None:
+        return values
+    if below[1] is None:
+        keep = masks.mask(*upto)
+    elif upto[1] is None:
+        keep = ~masks.mask(*below)
+    else:
+        keep = masks.mask(*upto) ^ masks.mask(*below)
+    return np.compress(keep, values)
+
+
+def _percentile_host(x: np.ndarray, q: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    x = np.asarray(x)
+    if mask is None:
+        values = _ravel(x)
+    else:
+        values = x[np.asarray(mask).astype(bool, copy=False)]
+    if values.size == 0:
         raise ValueError("cannot compute percentiles of an empty selection (the mask selects no voxel)")
+    return _percentile_values(values, q)
+
+
+def _percentile_values(values: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Percentiles (float64) of a non-empty 1D array."""
+    n = values.size
     h = (n - 1) * (q / 100.0)
     lo = np.floor(h).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
-    part = np.partition(values, np.unique(np.concatenate([lo, hi])))
-    a = part[lo].astype(np.float64)
-    b = part[hi].astype(np.float64)
-    return _lerp(a, b, h - lo)
+    stats = _order_statistics_host(values, np.concatenate([lo, hi])).astype(np.float64)
+    return _lerp(stats[: q.size], stats[q.size :], h - lo)
 
 
 # --- traced path -------------------------------------------------------------------------
@@ -186,7 +338,7 @@ def _position(m: jax.Array, fraction: float) -> tuple[jax.Array, jax.Array]:
     return whole + carry.astype(jnp.int32), frac - carry
 
 
-def _percentile_traced(x, q: np.ndarray, mask) -> jax.Array:
+def _percentile_radix(x, q: np.ndarray, mask) -> jax.Array:
     if mask is None:
         n = jnp.int32(np.size(x))
     else:
@@ -201,6 +353,40 @@ def _percentile_traced(x, q: np.ndarray, mask) -> jax.Array:
     diff = b - a
     out = jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
     return jnp.where(a == b, a, out)
+
+
+def _percentile_callback(x, q: np.ndarray, mask) -> jax.Array:
+    """The host selection called from the compiled program: on CPU the buffers are host
+    memory, read in place (no copy), and numpy's selection and counting passes are far
+    faster than XLA:CPU's scatter-based histograms."""
+
+    def host(ctx, out, values, *selection):
+        values = np.asarray(values)
+        values = _ravel(values) if not selection else values[np.asarray(selection[0])]
+        result = np.asarray(out)
+        if values.size == 0:
+            result[...] = 0  # empty selection: documented as 0 under jit
+        else:
+            result[...] = _percentile_values(values, q)
+
+    args = (x,) if mask is None else (x, mask.astype(bool))
+    out_type = jax.ShapeDtypeStruct((q.size,), jnp.float32)
+    return _buffer_callback(host, out_type, vmap_method="sequential")(*args)
+
+
+def _percentile_traced(x: jax.Array, q: np.ndarray, mask) -> jax.Array:
+    # the percentiles carry no gradient (as a selection of values by their bit patterns)
+    x = jax.lax.stop_gradient(x)
+    if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype in (jnp.float32, jnp.float64)):
+        x = x.astype(jnp.float32)
+    if _buffer_callback is None:
+        return _percentile_radix(x, q, mask)
+    return jax.lax.platform_dependent(
+        x,
+        mask,
+        cpu=lambda x, mask: _percentile_callback(x, q, mask),
+        default=lambda x, mask: _percentile_radix(x, q, mask),
+    )
 
 
 def percentile(x: ArrayLike, q: float | Sequence[float], *, mask: ArrayLike | None = None):
