@@ -49,6 +49,7 @@ _BINS = 1 << 16
 # (in multiples of it) a plain introselect is used instead
 _SAMPLE_SIZE = 1 << 16
 _DIRECT_FACTOR = 8
+_MARGIN = 1.75
 
 
 def check_percentiles(q: float | Sequence[float], name: str = "percentiles") -> np.ndarray:
@@ -77,9 +78,28 @@ def _ravel(x: np.ndarray) -> np.ndarray:
     return np.ravel(x, order="K")
 
 
+_SIGNED = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+
+
+def _int_keys(values: np.ndarray) -> np.ndarray:
+    """Float32/64 bit patterns as signed integers in the order of the values (an
+    involution); other dtypes unchanged. Sorting integers is also faster than sorting
+    floats in the threads XLA runs callbacks on (several times, with many ties)."""
+    signed = _SIGNED.get(values.dtype)
+    if signed is None:
+        return values
+    bits = values.view(signed)
+    return bits ^ ((bits >> (bits.itemsize * 8 - 1)) & np.iinfo(signed).max)
+
+
+def _from_int_keys(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return keys if keys.dtype == dtype else _int_keys(keys.view(dtype)).view(dtype)
+
+
 def _select(values: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """``np.sort(values)[ranks]`` by introselect (``ranks`` in ``[0, values.size - 1]``)."""
-    return np.partition(values, np.unique(ranks))[ranks]
+    keys = _int_keys(values)
+    return _from_int_keys(np.partition(keys, np.unique(ranks))[ranks], values.dtype)
 
 
 class _Masks:
@@ -108,34 +128,54 @@ class _Masks:
 
 
 def _order_statistics_host(
-    values: np.ndarray, ranks: np.ndarray, *, sample_size: int = _SAMPLE_SIZE, margin: int | None = None
+    values: np.ndarray, ranks: np.ndarray, *, sample_size: int | None = None, margin: int | None = None
 ) -> np.ndarray:
     """``np.sort(values)[ranks]`` for a 1D array, exact, in a few passes over ``values``.
 
     Two stages: a strided sample of ``sample_size`` values, sorted, gives for each wanted
-    rank a bracket ``[lo, hi]`` of values that holds it with a wide margin (both ends are
+    rank a bracket ``[lo, hi]`` of values that holds it with a margin (both ends are
     sample values). One pass counts the values below ``lo`` and up to ``hi``; when these
     counts prove that the rank lies inside, only the values in the bracket (about
-    ``5 / sqrt(sample_size)`` of the data) are gathered and partitioned. Ties are handled
-    from the counts alone: a bracket with ``lo == hi`` gathers nothing, and a bracket
-    holding too many values (a large tied block at one of its ends, e.g. the zeros of a
-    background) is split into its tied ends and its open interior. A rank the counts do
-    not place inside its bracket (an unlucky sample) falls back to selection over all
-    values, so the result is exact in every case; only the time varies. ``margin`` (in
-    sample positions) overrides the default width of the brackets.
+    ``3.5 / sqrt(sample_size)`` of the data) are gathered and partitioned. Ties are
+    handled from the counts alone: a bracket with ``lo == hi`` gathers nothing, and a
+    bracket holding too many values (a large tied block at one of its ends, e.g. the zeros
+    of a background) is split into its tied ends and its open interior. A rank the counts
+    do not place inside its bracket (an unlucky sample) gets a four times wider bracket,
+    then selection over all values, so the result is exact in every case; only the time
+    varies. ``margin`` (in sample positions) overrides the default width of the brackets.
     """
     n = values.size
     ranks = np.asarray(ranks, np.int64)
+    sample_size = _SAMPLE_SIZE if sample_size is None else sample_size
     if n <= _DIRECT_FACTOR * sample_size:
         return _select(values, ranks)
     stride = n // sample_size
-    sample = np.sort(values[stride // 2 :: stride])
-    s = sample.size
-    # strided sample positions of a rank deviate from r * s / n by about sqrt(s) / 2 at
-    # most (binomial standard deviation): keep five of those on each side
+    sample = _from_int_keys(np.sort(_int_keys(values[stride // 2 :: stride])), values.dtype)
     if margin is None:
-        margin = int(2.5 * math.sqrt(s)) + 4
-    wanted = np.unique(ranks)
+        # the sample position of a rank deviates from r * s / n by a binomial standard
+        # deviation of at most sqrt(s) / 2 (less for a stratified sample of a smooth
+        # image): 3.5 of those on each side
+        margin = int(_MARGIN * math.sqrt(sample.size)) + 4
+    masks = _Masks(values)
+    found: dict = {}
+    pending = np.unique(ranks)
+    for width in (margin, 4 * margin):
+        pending = _bracket_select(values, sample, stride, pending, width, masks, found)
+        if not pending.size:
+            break
+    if pending.size:
+        found.update(zip(pending.tolist(), _select(values, pending)))
+    out = np.empty(ranks.shape, values.dtype)
+    for i, r in enumerate(ranks.tolist()):
+        out[i] = found[r]
+    return out
+
+
+def _bracket_select(values, sample, stride: int, wanted: np.ndarray, margin: int, masks, found: dict):
+    """One round of the two-stage selection (see ``_order_statistics_host``): fills
+    ``found`` (rank -> value) and returns the ranks whose bracket missed them."""
+    n = values.size
+    s = sample.size
     position = wanted * (s / n)
     first = np.floor(position).astype(np.int64) - margin
     last = np.ceil(position).astype(np.int64) + margin
@@ -152,8 +192,6 @@ def _order_statistics_host(
             previous[4] = b
         else:
             groups.append([[r], lo, hi, a, b])
-    masks = _Masks(values)
-    found = {}
     missed = []
     for group_ranks, lo, hi, a, b in groups:
         rs = np.asarray(group_ranks, np.int64)
@@ -181,12 +219,7 @@ def _order_statistics_host(
         if interior.size:
             inside = _gather(values, masks, (np.less_equal, lo), (np.less, hi))
             found.update(zip(interior.tolist(), _select(inside, interior - n_le_lo)))
-    if missed:
-        found.update(zip(missed, _select(values, np.asarray(missed, np.int64))))
-    out = np.empty(ranks.shape, values.dtype)
-    for i, r in enumerate(ranks.tolist()):
-        out[i] = found[r]
-    return out
+    return np.asarray(missed, np.int64)
 
 
 def _gather(values: np.ndarray, masks: _Masks, below: tuple, upto: tuple) -> np.ndarray:
