@@ -45,10 +45,10 @@ except ImportError:  # a jax without it: the radix selection on every platform
 __all__ = ["check_percentiles", "order_statistics", "percentile"]
 
 _BINS = 1 << 16
-# host selection: sample size of the two-stage selection, and below how many values
-# (in multiples of it) a plain introselect is used instead
+# host selection: below this many values a plain introselect; above, the two-stage
+# selection with a sample of n / 16 values, at most _SAMPLE_SIZE
+_DIRECT_SIZE = 1 << 15
 _SAMPLE_SIZE = 1 << 16
-_DIRECT_FACTOR = 8
 _MARGIN = 1.75
 
 
@@ -146,8 +146,11 @@ def _order_statistics_host(
     """
     n = values.size
     ranks = np.asarray(ranks, np.int64)
-    sample_size = _SAMPLE_SIZE if sample_size is None else sample_size
-    if n <= _DIRECT_FACTOR * sample_size:
+    if sample_size is None:
+        if n < _DIRECT_SIZE:
+            return _select(values, ranks)
+        sample_size = min(_SAMPLE_SIZE, n // 16)
+    elif n <= 2 * sample_size:
         return _select(values, ranks)
     stride = n // sample_size
     sample = _from_int_keys(np.sort(_int_keys(values[stride // 2 :: stride])), values.dtype)
