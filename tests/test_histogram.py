@@ -116,8 +116,10 @@ def _adversarial(n, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_host_order_statistics_exact_on_adversarial_inputs(dtype):
-    # a tiny sample forces the two-stage path (brackets, tied ends, misses) on small arrays
+def test_host_order_statistics_exact_on_adversarial_inputs(dtype, monkeypatch):
+    # a tiny sample forces the two-stage path (brackets, tied ends, misses) on small
+    # arrays, and small chunks the sweeps over several chunks
+    monkeypatch.setattr(histogram, "_CHUNK", 97)
     for n in (1, 2, 3, 5, 700, 4099):
         for x in _adversarial(n, dtype):
             x = np.asarray(x, dtype)[:n]
@@ -143,7 +145,9 @@ def test_host_order_statistics_exact_on_adversarial_inputs(dtype):
 )
 def test_host_order_statistics_property(x, qs, sample_size, margin):
     ranks = _ranks_of(x.size, qs)
-    out = histogram._order_statistics_host(x, ranks, sample_size=sample_size, margin=margin)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(histogram, "_CHUNK", 61)
+        out = histogram._order_statistics_host(x, ranks, sample_size=sample_size, margin=margin)
     np.testing.assert_array_equal(out, np.sort(x)[ranks])
 
 

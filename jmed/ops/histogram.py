@@ -11,9 +11,9 @@ XLA on CPU):
 
 * on the host (concrete arrays, in the loader) and in programs compiled for CPU (under
   ``jit``, through a callback that reads the buffers in place): an exact two-stage
-  selection in numpy. A strided sample, sorted, brackets each wanted rank; one pass
-  counts the values below and inside the bracket, and only the values inside (a few
-  percent) are gathered and partitioned. Ties are settled from the counts (a background
+  selection in numpy. A strided sample, sorted, brackets each wanted rank; one sweep
+  counts the values below and inside every bracket, a second gathers only the values
+  inside them (a few percent) for a partition. Ties are settled from the counts (a background
   of zeros is never gathered); a bracket the counts show to miss its rank falls back to
   ``numpy.partition`` over all values (introselect, O(n)).
 * programs compiled for accelerators use an exact radix selection on the float32 bit
@@ -49,6 +49,7 @@ _BINS = 1 << 16
 # selection with a sample of n / 16 values, at most _SAMPLE_SIZE
 _DIRECT_SIZE = 1 << 15
 _SAMPLE_SIZE = 1 << 16
+_CHUNK = 1 << 17
 _MARGIN = 1.75
 
 
@@ -112,29 +113,51 @@ def _select(values: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     return _from_int_keys(np.partition(keys, np.unique(ranks))[ranks], values.dtype)
 
 
-class _Masks:
-    """``values < t`` / ``values <= t`` as boolean arrays and counts; the last few are kept
-    (neighbouring brackets often share a tied end)."""
+def _chunks(values: np.ndarray):
+    # cache-sized pieces: a comparison over a chunk runs from cache, into a reused buffer
+    for start in range(0, values.size, _CHUNK):
+        yield values[start : start + _CHUNK]
 
-    def __init__(self, values: np.ndarray, keep: int = 4):
-        self.values = values
-        self.keep = keep
-        self.masks: dict = {}
-        self.counts: dict = {}
 
-    def mask(self, op, threshold) -> np.ndarray:
-        key = (op, threshold)
-        if key not in self.masks:
-            if len(self.masks) >= self.keep:
-                del self.masks[next(iter(self.masks))]
-            self.masks[key] = op(self.values, threshold)
-        return self.masks[key]
+def _count(values: np.ndarray, thresholds: list, counts: dict) -> None:
+    """Add to ``counts`` the number of values with ``op(value, threshold)`` for each
+    ``(op, threshold)`` not counted yet: one sweep over the values for all of them."""
+    todo = list(dict.fromkeys(t for t in thresholds if t not in counts))
+    if not todo:
+        return
+    totals = [0] * len(todo)
+    buffer = np.empty(min(_CHUNK, values.size), bool)
+    for chunk in _chunks(values):
+        b = buffer[: chunk.size]
+        for i, (op, threshold) in enumerate(todo):
+            op(chunk, threshold, out=b)
+            totals[i] += int(np.count_nonzero(b))
+    counts.update(zip(todo, totals))
 
-    def count(self, op, threshold) -> int:
-        key = (op, threshold)
-        if key not in self.counts:
-            self.counts[key] = int(np.count_nonzero(self.mask(op, threshold)))
-        return self.counts[key]
+
+def _gather(values: np.ndarray, brackets: list) -> list:
+    """For each ``(below, upto)`` (``(op, threshold)``; threshold ``None``: no bound;
+    ``below`` selects a subset of ``upto``): the values in ``upto`` and not in ``below``.
+    One sweep over the values for all brackets."""
+    pieces = [[] for _ in brackets]
+    first = np.empty(min(_CHUNK, values.size), bool)
+    second = np.empty_like(first)
+    for chunk in _chunks(values):
+        low, keep = first[: chunk.size], second[: chunk.size]
+        for piece, ((below_op, lo), (upto_op, hi)) in zip(pieces, brackets):
+            if lo is None and hi is None:
+                piece.append(chunk)
+                continue
+            if lo is not None:
+                below_op(chunk, lo, out=low)
+            if hi is None:
+                np.logical_not(low, out=keep)
+            else:
+                upto_op(chunk, hi, out=keep)
+                if lo is not None:
+                    np.logical_xor(keep, low, out=keep)
+            piece.append(np.compress(keep, chunk))
+    return [np.concatenate(piece) for piece in pieces]
 
 
 def _order_statistics_host(
@@ -144,9 +167,10 @@ def _order_statistics_host(
 
     Two stages: a strided sample of ``sample_size`` values, sorted, gives for each wanted
     rank a bracket ``[lo, hi]`` of values that holds it with a margin (both ends are
-    sample values). One pass counts the values below ``lo`` and up to ``hi``; when these
-    counts prove that the rank lies inside, only the values in the bracket (about
-    ``3.5 / sqrt(sample_size)`` of the data) are gathered and partitioned. Ties are
+    sample values). One sweep counts the values below ``lo`` and up to ``hi`` (of every
+    bracket, a cache-sized chunk at a time); when these counts prove that the rank lies
+    inside, only the values in the bracket (about ``3.5 / sqrt(sample_size)`` of the
+    data) are gathered, in a second sweep, and partitioned. Ties are
     handled from the counts alone: a bracket with ``lo == hi`` gathers nothing, and a
     bracket holding too many values (a large tied block at one of its ends, e.g. the zeros
     of a background) is split into its tied ends and its open interior. A rank the counts
@@ -169,11 +193,11 @@ def _order_statistics_host(
         # deviation of at most sqrt(s) / 2 (less for a stratified sample of a smooth
         # image): 3.5 of those on each side
         margin = int(_MARGIN * math.sqrt(sample.size)) + 4
-    masks = _Masks(values)
+    counts: dict = {}
     found: dict = {}
     pending = np.unique(ranks)
     for width in (margin, 4 * margin):
-        pending = _bracket_select(values, sample, stride, pending, width, masks, found)
+        pending = _bracket_select(values, sample, stride, pending, width, counts, found)
         if not pending.size:
             break
     if pending.size:
@@ -184,9 +208,10 @@ def _order_statistics_host(
     return out
 
 
-def _bracket_select(values, sample, stride: int, wanted: np.ndarray, margin: int, masks, found: dict):
+def _bracket_select(values, sample, stride: int, wanted: np.ndarray, margin: int, counts: dict, found: dict):
     """One round of the two-stage selection (see ``_order_statistics_host``): fills
-    ``found`` (rank -> value) and returns the ranks whose bracket missed them."""
+    ``found`` (rank -> value) and returns the ranks whose bracket missed them. ``counts``
+    caches the counts of ``(op, threshold)`` across rounds."""
     n = values.size
     s = sample.size
     position = wanted * (s / n)
@@ -205,48 +230,57 @@ def _bracket_select(values, sample, stride: int, wanted: np.ndarray, margin: int
             previous[4] = b
         else:
             groups.append([[r], lo, hi, a, b])
+
+    def below(op, threshold, default):
+        return default if threshold is None else counts[(op, threshold)]
+
+    _count(
+        values,
+        [
+            (op, t)
+            for _, lo, hi, _, _ in groups
+            for op, t in ((np.less, lo), (np.less_equal, hi))
+            if t is not None
+        ],
+        counts,
+    )
     missed = []
+    requests = []  # (ranks, rank of the first gathered value, below, up to)
+    split = []
     for group_ranks, lo, hi, a, b in groups:
         rs = np.asarray(group_ranks, np.int64)
-        n_lt_lo = 0 if lo is None else masks.count(np.less, lo)
-        n_le_hi = n if hi is None else masks.count(np.less_equal, hi)
+        n_lt_lo = below(np.less, lo, 0)
+        n_le_hi = below(np.less_equal, hi, n)
         if rs[0] < n_lt_lo or rs[-1] >= n_le_hi:
             missed += group_ranks
-            continue
-        if lo is not None and hi is not None and lo == hi:
+        elif lo is not None and hi is not None and lo == hi:
             found.update(dict.fromkeys(group_ranks, lo))
-            continue
-        # a bracket holds about (b - a) * stride values; far more means a large tied block
-        if n_le_hi - n_lt_lo <= 4 * (min(b, s) - max(a, 0) + 1) * stride:
-            inside = _gather(values, masks, (np.less, lo), (np.less_equal, hi))
-            found.update(zip(group_ranks, _select(inside, rs - n_lt_lo)))
-            continue
-        # too many values in the bracket: its tied ends are counted, not gathered
-        n_le_lo = 0 if lo is None else masks.count(np.less_equal, lo)
-        n_lt_hi = n if hi is None else masks.count(np.less, hi)
+        elif n_le_hi - n_lt_lo <= 4 * (min(b, s) - max(a, 0) + 1) * stride:
+            # about (b - a) * stride values, as expected: gather them
+            requests.append((rs, n_lt_lo, (np.less, lo), (np.less_equal, hi)))
+        else:
+            # far more values than expected (a large tied block at an end): the tied
+            # ends are counted, only the open interior is gathered
+            split.append((rs, lo, hi))
+    _count(
+        values,
+        [(op, t) for _, lo, hi in split for op, t in ((np.less_equal, lo), (np.less, hi)) if t is not None],
+        counts,
+    )
+    for rs, lo, hi in split:
+        n_le_lo = below(np.less_equal, lo, 0)
+        n_lt_hi = below(np.less, hi, n)
         low_tie = rs < n_le_lo
         high_tie = rs >= n_lt_hi
         found.update(dict.fromkeys(rs[low_tie].tolist(), lo))
         found.update(dict.fromkeys(rs[high_tie].tolist(), hi))
         interior = rs[~low_tie & ~high_tie]
         if interior.size:
-            inside = _gather(values, masks, (np.less_equal, lo), (np.less, hi))
-            found.update(zip(interior.tolist(), _select(inside, interior - n_le_lo)))
+            requests.append((interior, n_le_lo, (np.less_equal, lo), (np.less, hi)))
+    gathered = _gather(values, [(lower, upper) for _, _, lower, upper in requests])
+    for (rs, offset, _, _), inside in zip(requests, gathered):
+        found.update(zip(rs.tolist(), _select(inside, rs - offset)))
     return np.asarray(missed, np.int64)
-
-
-def _gather(values: np.ndarray, masks: _Masks, below: tuple, upto: tuple) -> np.ndarray:
-    """The values in ``upto`` and not in ``below`` (``(op, threshold)``, threshold ``None``:
-    no bound); ``below`` selects a subset of ``upto``."""
-    if below[1] is None and upto[1] is None:
-        return values
-    if below[1] is None:
-        keep = masks.mask(*upto)
-    elif upto[1] is None:
-        keep = ~masks.mask(*below)
-    else:
-        keep = masks.mask(*upto) ^ masks.mask(*below)
-    return np.compress(keep, values)
 
 
 def _percentile_host(x: np.ndarray, q: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
