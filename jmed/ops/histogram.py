@@ -49,7 +49,7 @@ _BINS = 1 << 16
 # selection with a sample of n / 16 values, at most _SAMPLE_SIZE
 _DIRECT_SIZE = 1 << 15
 _SAMPLE_SIZE = 1 << 16
-_CHUNK = 1 << 17
+_CHUNK = 1 << 18
 _MARGIN = 1.75
 
 
