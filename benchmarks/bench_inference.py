@@ -200,16 +200,16 @@ def main():
 def cases(quick: bool, volume) -> list:
     """Sliding-window rows for ``benchmarks.run`` (identity model, patch 96^3, overlap 48).
 
-    ``average`` has both anchors; ``hann`` (TorchIO only) and ``gaussian`` (MONAI only)
-    are added in the full run.
+    ``average`` has both anchors, ``hann`` TorchIO only (its target: <= 30 ms on the
+    MNI-size volume); ``gaussian`` (MONAI only) is added in the full run.
     """
     from benchmarks.common import Case
 
     patch = volume.scaled(PATCH)[0]
     overlap = patch // 2
-    modes = [("average", "average", "constant")]
+    modes = [("average", "average", "constant"), ("hann", "hann", None)]
     if not quick:
-        modes += [("hann", "hann", None), ("gaussian", None, "gaussian")]
+        modes += [("gaussian", None, "gaussian")]
 
     def build(mode, tio_mode, monai_mode):
         def fns():

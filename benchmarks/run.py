@@ -16,6 +16,11 @@ anchor time / jmed time (> 1: jmed is faster).
 197x233x189 volume is used. ``--only`` keeps cases whose group or name contains one of
 the given strings (case-insensitive). ``--quick``: 3 runs instead of 7, slow anchors
 skipped or timed once (the table says which), smaller configurations where stated.
+
+The process starts with ``jmed.tune_host_allocator()`` (glibc serves large blocks from
+the heap instead of fresh page mappings; see ``jmed/runtime.py``). It applies to every
+library in the process, TorchIO and MONAI included; ``--system-allocator`` leaves
+glibc's defaults, under which every new 35 MB volume costs 10-15 ms of page faults.
 """
 
 from __future__ import annotations
@@ -143,6 +148,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"- jmed device: {meta['jax_device']} x {meta['jax_device_count']}; TorchIO/MONAI on CPU with "
         f"torch.set_num_threads({meta['torch_threads']})",
         f"- volume: {meta['volume']}",
+        f"- host allocator: {meta.get('allocator', 'glibc defaults')}",
         f"- median of {meta['runs']} runs after a first call; jmed's compile time = first call - median; "
         "ratios = anchor / jmed (> 1: jmed faster)",
         f"- {versions}",
@@ -189,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=None, help="timed runs per case (default 7, --quick 3)")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default 'full' or 'quick')")
     parser.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (no jmed.tune_host_allocator())",
+    )
+    parser.add_argument(
         "--update-readme",
         type=Path,
         nargs="?",
@@ -199,12 +210,20 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     runs = args.runs or (3 if args.quick else 7)
     started = time.perf_counter()
+    allocator = "glibc defaults"
+    if not args.system_allocator:
+        import jmed
+
+        if jmed.tune_host_allocator():
+            allocator = "jmed.tune_host_allocator() (large blocks from the heap; applies to all libraries)"
 
     torch_threads = set_torch_threads()
     data_dir = args.data if args.data is not None else default_data_dir()
     volume = load_volume(data_dir, tuple(args.synthetic_shape) if args.synthetic_shape else None)
     meta = machine_description(torch_threads)
-    meta.update(quick=args.quick, runs=runs, volume=f"{volume.source}, shape {volume.shape}")
+    meta.update(
+        quick=args.quick, runs=runs, allocator=allocator, volume=f"{volume.source}, shape {volume.shape}"
+    )
     print(
         f"{meta['date']}: {meta['cpu']}, {meta['cores_available']} cores, load {meta['load_average']}; "
         f"jmed on {meta['jax_device']}; torch threads {torch_threads}; volume {meta['volume']}",

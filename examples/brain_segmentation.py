@@ -138,6 +138,7 @@ def main(argv=None) -> dict:
     import jmed
     import jmed.transforms as T  # noqa: N812
 
+    jmed.tune_host_allocator()  # large volumes from the heap, not fresh page mappings (glibc)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from unet import UNet3D
 

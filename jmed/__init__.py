@@ -38,6 +38,7 @@ from jmed.io import (
     load,
     save,
 )
+from jmed.runtime import tune_host_allocator
 from jmed.sampling import (
     GridPatchSampler,
     LabelSampler,
@@ -81,6 +82,7 @@ __all__ = [
     "affine",
     "augment_and_sample",
     "extract_patches",
+    "tune_host_allocator",
     "grid_locations",
     "load",
     "ops",

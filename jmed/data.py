@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmed import io
+from jmed import io, runtime
 from jmed.image import INTENSITY, LABEL, Image, Subject
 from jmed.sampling import PatchSampler
 
@@ -407,8 +407,12 @@ class _Load(grain.transforms.Map):
 
     def __init__(self, source: SubjectsSource):
         self.source = source
+        # workers follow the allocator setting of the process that built the loader
+        self.allocator_threshold = runtime.applied_threshold()
 
     def map(self, tagged):
+        if self.allocator_threshold is not None and runtime.applied_threshold() is None:
+            runtime.tune_host_allocator(self.allocator_threshold)
         _, index = tagged
         subject = self.source[index]
         return None if subject is None else (tagged, subject)

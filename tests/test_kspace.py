@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pytest
 
 from jmed.ops import kspace
 
@@ -30,6 +31,20 @@ def test_add_spikes_equals_real_part_of_kspace_addition():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def test_add_spikes_many_complex_spikes():
+    # more spikes than the unrolled loop handles: the matrix-product path
+    rng = np.random.default_rng(5)
+    x = _volume()
+    freqs = rng.integers(-9, 9, (20, 3))
+    amps = rng.standard_normal(20) + 1j * rng.standard_normal(20)
+    spec = np.fft.fftn(x.astype(np.float64), axes=(0, 1, 2))
+    for f, a in zip(freqs, amps):
+        spec[tuple(int(v) % n for v, n in zip(f, x.shape[:3]))] += 50 * a
+    ref = np.real(np.fft.ifftn(spec, axes=(0, 1, 2)))
+    out = jax.jit(kspace.add_spikes)(x, freqs, 50 * amps)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
 def test_splice_lines_equals_full_3d_splice():
     rng = np.random.default_rng(1)
     vols = rng.standard_normal((3, 5, 4, 6, 1))
@@ -45,3 +60,57 @@ def test_splice_lines_equals_full_3d_splice():
         ref = np.fft.ifftn(combined, axes=(0, 1, 2))
         out = kspace.splice_lines(vols.astype(np.float32), source, axis)
         np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_splice_lines_from_a_list_of_multichannel_volumes():
+    rng = np.random.default_rng(2)
+    vols = rng.standard_normal((3, 5, 4, 6, 2))
+    for axis in range(3):
+        n = vols.shape[axis + 1]
+        source = rng.integers(0, 3, n)
+        view = [1, 1, 1, 1]
+        view[axis] = n
+        masks = [(source == t).reshape(view) for t in range(3)]
+        spectra = [np.fft.fftn(v, axes=(0, 1, 2)) for v in vols]
+        ref = np.fft.ifftn(sum(m * s for m, s in zip(masks, spectra)), axes=(0, 1, 2))
+        out = jax.jit(kspace.splice_lines, static_argnums=2)(list(vols.astype(np.float32)), source, axis)
+        assert out.shape == vols.shape[1:] and out.dtype == np.complex64
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_splice_lines_rejects_complex_volumes():
+    with pytest.raises(TypeError, match="volumes"):
+        kspace.splice_lines(np.ones((2, 3, 3, 3, 1), np.complex64), np.zeros(3, int), 0)
+
+
+def test_attenuate_planes_equals_scaling_kspace_planes():
+    rng = np.random.default_rng(3)
+    for shape in [(6, 5, 7, 1), (5, 8, 4, 2)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        for axis in range(3):
+            n = shape[axis]
+            freqs = np.array([0, 1, -2, n // 2, 7 * n + 1])  # the last one is 1 again: weight 0
+            weights = np.array([0.25, 0.5, 1.0, 0.75, 0.0])
+            factor = np.ones(n)
+            for f, w in zip(freqs, weights):
+                factor[f % n] -= w
+                if (-f) % n != f % n:
+                    factor[-f % n] -= w
+            view = [1, 1, 1, 1]
+            view[axis] = n
+            spec = np.fft.fftn(x.astype(np.float64), axes=(0, 1, 2)) * factor.reshape(view)
+            ref = np.real(np.fft.ifftn(spec, axes=(0, 1, 2)))
+            out = jax.jit(kspace.attenuate_planes, static_argnums=3)(x, freqs, weights, axis)
+            assert out.shape == x.shape and out.dtype == np.float32
+            np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_peak_magnitude_for_non_negative_and_signed_volumes():
+    x = np.abs(_volume((6, 5, 7, 2), seed=6))
+    x[..., 1] *= 3
+    for volume in (x, x - 1.5):
+        ref = np.abs(np.fft.fftn(volume.astype(np.float64), axes=(0, 1, 2))).max()
+        np.testing.assert_allclose(jax.jit(kspace.peak_magnitude)(volume), ref, rtol=1e-5)
+    # signed volume whose peak is not at frequency 0
+    wave = np.cos(2 * np.pi * np.arange(6) / 6)[:, None, None, None] * np.ones((6, 5, 7, 1))
+    np.testing.assert_allclose(kspace.peak_magnitude(wave.astype(np.float32)), 6 * 5 * 7 / 2, rtol=1e-5)

@@ -116,6 +116,34 @@ def test_ghosting_spectrum_has_the_expected_period(axis, ghosts, restore):
     assert np.any(expected_1d != 1)
 
 
+def _numpy_ghosting(x, ghosts, axis, s, restore):
+    n = x.shape[axis]
+    f = np.abs(np.rint(np.fft.fftfreq(n) * n).astype(int))
+    keep = f <= (0 if restore is None else np.floor(restore * n / 2))
+    comb = (ghosts > 0) & (f % max(ghosts, 1) == 0) & ~keep
+    view = [1, 1, 1]
+    view[axis] = n
+    return np.real(np.fft.ifftn(np.fft.fftn(x) * (1 - s * comb).reshape(view)))
+
+
+@pytest.mark.parametrize("restore", [None, 0.3])
+def test_ghosting_matches_fft_reference_for_sampled_and_given_counts(restore, key):
+    x = np.random.default_rng(4).standard_normal((20, 18, 15)).astype(np.float32)
+    subject = jmed.Subject(t1=jmed.ScalarImage(x))
+    t = RandomGhosting(num_ghosts=(3, 5), restore=restore)
+    apply = jax.jit(lambda p: t.apply(subject, p)["t1"].data[..., 0])
+    cases = [t.sample(k, subject) for k in jax.random.split(key, 4)]
+    # counts below the sampled range (1, 2) and 0 take the general path
+    cases += [
+        {"num_ghosts": jnp.int32(g), "axis": jnp.int32(a), "intensity": jnp.float32(0.6)}
+        for g, a in [(1, 0), (2, 1), (0, 2)]
+    ]
+    for p in cases:
+        ghosts, axis, s = int(p["num_ghosts"]), int(p["axis"]), float(p["intensity"])
+        ref = _numpy_ghosting(x.astype(np.float64), ghosts, axis, s, restore)
+        np.testing.assert_allclose(apply(p), ref, atol=1e-4)
+
+
 def test_ghosting_image_space_period():
     # a single bright voxel: ghosts appear at shifts of N / n along the axis
     data = np.zeros((12, 6, 6, 1), np.float32)
@@ -141,7 +169,7 @@ def test_motion_line_sources_follow_the_documented_convention(key):
     np.testing.assert_array_equal(source, [1, 2, 2, 0, 0, 0, 0, 0, 3, 3])
 
 
-def _numpy_motion(x, affine, params, t):
+def _numpy_motion(x, affine, params, t, part=np.abs):
     vols = [x]
     for d, tr in zip(np.asarray(params["degrees"]), np.asarray(params["translation"])):
         m = np.asarray(rigid_voxel_matrix(affine, x.shape, d, tr), np.float64)
@@ -157,7 +185,7 @@ def _numpy_motion(x, affine, params, t):
         index = [slice(None)] * 3
         index[t.phase_encoding_axis] = position
         out[tuple(index)] = spectra[order.index(segment[position])][tuple(index)]
-    return np.abs(np.fft.ifftn(np.fft.ifftshift(out)))
+    return part(np.fft.ifftn(np.fft.ifftshift(out)))
 
 
 @pytest.mark.parametrize("axis", [0, 2])
@@ -170,6 +198,17 @@ def test_motion_matches_full_kspace_reference(axis, key):
     ref = _numpy_motion(x, AFFINE, params, t)
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(x).max())
     assert np.abs(out - x).max() > 1.0
+
+
+def test_motion_real_part_matches_reference_along_axis_1(key):
+    subject = _phantom(positive=False)
+    t = RandomMotion(degrees=8, translation=4, num_transforms=3, phase_encoding_axis=1, magnitude=False)
+    params = t.sample(key, subject)
+    x = np.asarray(subject["t1"].data[..., 0], np.float64)
+    out = np.asarray(jax.jit(t.apply)(subject, params)["t1"].data[..., 0])
+    ref = _numpy_motion(x, AFFINE, params, t, part=np.real)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(x).max())
+    assert np.abs(out - x).max() > 0.1 * np.abs(x).max()
 
 
 def test_motion_real_part_option_keeps_sign(key):

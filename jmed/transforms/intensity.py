@@ -42,6 +42,7 @@ import numpy as np
 
 from jmed import affine as affine_lib
 from jmed.image import INTENSITY, LABEL, Image, Subject
+from jmed.ops import noise as noise_ops
 from jmed.ops.filters import gaussian_blur
 from jmed.transforms import _params
 from jmed.transforms.base import IntensityTransform, Transform
@@ -139,6 +140,9 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform):
         rician: if True, ``sqrt((x + n1)**2 + n2**2)`` with ``n1, n2 ~ N(μ, σ)``
             (magnitude of complex Gaussian noise; non-negative output), else ``x + n1``.
 
+    The noise values come from ``jmed.ops.noise.normal`` (a keyed counter hash, about
+    10x cheaper on CPU than ``jax.random.normal``).
+
     Params: ``{"mean", "std", "seed"}``; each selected image gets independent noise.
 
     Raises:
@@ -163,10 +167,10 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform):
 
     def _apply_data(self, x, params, key):
         if not self.rician:
-            return x + (jax.random.normal(key, x.shape, x.dtype) * params["std"] + params["mean"])
+            return x + (noise_ops.normal(key, x.shape, x.dtype) * params["std"] + params["mean"])
         k1, k2 = jax.random.split(key)
-        n1 = jax.random.normal(k1, x.shape, x.dtype) * params["std"] + params["mean"]
-        n2 = jax.random.normal(k2, x.shape, x.dtype) * params["std"] + params["mean"]
+        n1 = noise_ops.normal(k1, x.shape, x.dtype) * params["std"] + params["mean"]
+        n2 = noise_ops.normal(k2, x.shape, x.dtype) * params["std"] + params["mean"]
         return jnp.sqrt((x + n1) ** 2 + n2**2)
 
 
@@ -236,9 +240,13 @@ class RandomBlur(IntensityTransform):
 
 # -- gamma -----------------------------------------------------------------------------
 def _safe_power(base: jax.Array, exponent: jax.Array) -> jax.Array:
-    """``base ** exponent`` for ``base >= 0`` with a finite gradient at 0."""
+    """``base ** exponent`` for ``base >= 0`` with a finite gradient at 0.
+
+    Computed as ``exp(exponent * log(base))``: XLA's general ``pow`` (which handles
+    negative bases and integer exponents) is about 4x slower on CPU.
+    """
     positive = base > 0
-    return jnp.where(positive, jnp.where(positive, base, 1.0) ** exponent, 0.0)
+    return jnp.where(positive, jnp.exp(exponent * jnp.log(jnp.where(positive, base, 1.0))), 0.0)
 
 
 def _channel_stats(x: jax.Array):
@@ -651,7 +659,7 @@ class RandomLabelsToImage(Transform):
     def apply(self, subject, params):
         label = subject[self.label_key]
         count = self._count(label)
-        noise = jax.random.normal(_key_from_seed(params["seed"]), (*label.spatial_shape, 1), jnp.float32)
+        noise = noise_ops.normal(_key_from_seed(params["seed"]), (*label.spatial_shape, 1))
         if label.num_channels == 1:
             index = jnp.clip(label.data.astype(jnp.int32), 0, count - 1)
             values = params["mean"][index] + params["std"][index] * noise

@@ -5,6 +5,8 @@ act on intensity images only. k-space conventions are those of ``jmed.ops.kspace
 (unnormalised FFT over the three spatial axes, integer frequencies ``fftfreq(n) * n``).
 Ghosting and spikes keep images real (their k-space changes are Hermitian-symmetric),
 so they use real FFTs or none at all; motion returns the magnitude of a complex image.
+Changes that only involve one axis (motion's line splicing, ghosting's comb) are computed
+along that axis only.
 Outputs are floating point and not clipped.
 
 Examples:
@@ -118,6 +120,9 @@ class RandomMotion(IntensityTransform):
     copy of the image, and nothing else changes: along the readout and the other axis
     no mixing happens beyond what the motion itself does.
 
+    Cost: one trilinear resampling per motion, then real 1D FFTs along the
+    phase-encoding axis only (see ``jmed.ops.kspace.splice_lines``).
+
     Args:
         degrees: rotation range in degrees per world axis: ``d`` -> ``U(-d, d)``,
             ``(a, b)`` -> ``U(a, b)``, or 3 / 6 values per axis.
@@ -188,7 +193,7 @@ class RandomMotion(IntensityTransform):
             resample(x, rigid_voxel_matrix(image.affine, shape, d, t), shape, order=1, pad_mode=self.pad_mode)
             for d, t in zip(params["degrees"], params["translation"])
         ]
-        volumes = jnp.stack([x] + [m.astype(x.dtype) for m in moved])
+        volumes = [x] + [m.astype(x.dtype) for m in moved]
         source = self.line_sources(params["times"], shape[self.phase_encoding_axis])
         spliced = kspace.splice_lines(volumes, source, self.phase_encoding_axis)
         out = jnp.abs(spliced) if self.magnitude else jnp.real(spliced)
@@ -205,7 +210,11 @@ class RandomGhosting(IntensityTransform):
     of ``n`` copies of the image shifted by multiples of ``N / n`` voxels: ``n`` ghosts at
     spacing ``N / n``. The comb is symmetric about frequency 0 (unlike TorchIO's, which
     starts at the edge of the shifted spectrum and keeps the real part), so the output
-    is real and real FFTs suffice.
+    is real. No FFT is needed: the attenuated planes (``~N / (2 n)`` pairs; room for
+    ``N / 4`` is kept so that any count shares one program) are projected out of the
+    lines along the axis with their cosines and sines
+    (``jmed.ops.kspace.attenuate_planes``); for ``n == 1`` the complement, the restored
+    planes, is used instead.
 
     Args:
         num_ghosts: ``n``: ``d`` -> integer ``U{0..d}``, ``(a, b)`` -> ``U{a..b}``;
@@ -248,27 +257,35 @@ class RandomGhosting(IntensityTransform):
             "intensity": _uniform(k_s, *self.intensity),
         }
 
-    def _plane_factor(self, n: int, params, half: bool) -> jax.Array:
-        f = np.abs(kspace.frequencies(n))
-        if half:
-            f = f[: n // 2 + 1]
-        restored = f <= (0 if self.restore is None else np.floor(self.restore * n / 2))
-        ghosts = params["num_ghosts"]
-        comb = (jnp.mod(jnp.asarray(f), jnp.maximum(ghosts, 1)) == 0) & (ghosts > 0) & ~restored
-        return 1.0 - params["intensity"] * comb.astype(jnp.float32)
+    def _attenuate(self, x, axis: int, params) -> jax.Array:
+        """Attenuate the comb planes along one (static) axis."""
+        n = x.shape[axis]
+        limit = 0 if self.restore is None else int(np.floor(self.restore * n / 2))
+        ghosts, intensity = params["num_ghosts"], params["intensity"]
+        # n_g >= 2: at most (N // 2) // 2 comb planes 0 < f = n_g k <= N // 2 (the first list);
+        # n_g == 1: every plane but the restored ones, i.e. (1 - s) x plus s times the
+        # restored planes |f| <= limit (added back through negative weights, second list).
+        # One call for both: no branch, so vmap computes nothing twice.
+        comb = jnp.maximum(ghosts, 1) * jnp.arange(1, max((n // 2) // 2, 1) + 1, dtype=jnp.int32)
+        active = (ghosts > 1) & (comb <= n // 2) & (comb > limit)
+        every = ghosts == 1
+        freqs = jnp.concatenate([comb, jnp.arange(limit + 1, dtype=jnp.int32)])
+        weights = jnp.concatenate(
+            [jnp.where(active, intensity, 0.0), jnp.full((limit + 1,), jnp.where(every, -intensity, 0.0))]
+        )
+        out = kspace.attenuate_planes(x, freqs, weights, axis)
+        return out - jnp.where(every, intensity, 0.0).astype(out.dtype) * x
 
     def apply_image(self, image, params):
         x = _float(image.data)
-        shape = image.spatial_shape
-        factor = 1.0
-        for axis, n in enumerate(shape):
-            if axis not in self.axes:
-                continue
-            along = self._plane_factor(n, params, half=axis == 2)
-            view = [1, 1, 1, 1]
-            view[axis] = along.shape[0]
-            factor = jnp.where(params["axis"] == axis, along.reshape(view), factor)
-        out = kspace.irfft3(kspace.rfft3(x) * factor, shape)
+        if len(self.axes) == 1:
+            out = jnp.where(params["axis"] == self.axes[0], self._attenuate(x, self.axes[0], params), x)
+            return image.replace(data=out.astype(x.dtype))
+        branches = [lambda x, axis=axis: self._attenuate(x, axis, params) for axis in self.axes]
+        branches.append(lambda x: x)  # an axis that is not a candidate: unchanged
+        match = params["axis"] == jnp.asarray(self.axes, jnp.int32)
+        index = jnp.where(jnp.any(match), jnp.argmax(match), len(self.axes))
+        out = jax.lax.switch(index, branches, x)
         return image.replace(data=out.astype(x.dtype))
 
 
@@ -279,8 +296,9 @@ class RandomSpike(IntensityTransform):
     Each spike adds ``r * max|k-space|`` at a random frequency (positions uniform over
     k-space). As in TorchIO the output is the real part of the inverse transform, so in
     the spectrum of the result the spike shows as ``r * max / 2`` at ``f`` and at ``-f``.
-    No FFT is needed to apply it (see ``jmed.ops.kspace.add_spikes``); one forward real
-    FFT gives the maximum.
+    No FFT is needed to apply it (see ``jmed.ops.kspace.add_spikes``); the maximum is
+    the sum of the image when it is non-negative, else the peak of one forward real FFT
+    (``jmed.ops.kspace.peak_magnitude``).
 
     Args:
         num_spikes: ``d`` -> integer ``U{0..d}``, ``(a, b)`` -> ``U{a..b}``. The params
@@ -318,7 +336,7 @@ class RandomSpike(IntensityTransform):
         x = _float(image.data)
         if params["positions"].shape[0] == 0:
             return image.replace(data=x)
-        peak = jnp.max(jnp.abs(kspace.rfft3(x)))
+        peak = kspace.peak_magnitude(x)
         amplitudes = jnp.where(params["active"], params["intensity"] * peak, 0.0)
         freqs = self.spike_frequencies(params["positions"], image.spatial_shape)
         return image.replace(data=kspace.add_spikes(x, freqs, amplitudes).astype(x.dtype))
