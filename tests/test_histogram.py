@@ -1,6 +1,9 @@
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from jmed.ops import histogram
 
@@ -79,3 +82,133 @@ def test_percentile_bad_input():
             histogram.percentile(x, bad)
     with pytest.raises(ValueError, match="empty"):
         histogram.percentile(x, 50, mask=np.zeros(10, bool))
+
+
+# --- the host selection (eager, and under jit on CPU) -----------------------------------
+
+
+def _ranks_of(n, qs):
+    h = (n - 1) * np.asarray(qs, float) / 100
+    lo = np.floor(h).astype(np.int64)
+    return np.concatenate([lo, np.minimum(lo + 1, n - 1), [0, n - 1]])
+
+
+def _adversarial(n, dtype):
+    """Inputs that stress the two-stage selection: ties at or across bracket ends,
+    samples that miss (periodic data at the sample stride), extremes."""
+    rng = np.random.default_rng(n)
+    finfo = np.finfo(dtype)
+    yield np.full(n, 3.25)  # all equal
+    yield np.where(np.arange(n) % 2 == 0, -1.0, 2.0)  # two values
+    yield np.where(rng.random(n) < 0.78, 0.0, rng.gamma(2.0, 30.0, n))  # a background of zeros
+    yield np.round(rng.normal(0, 3, n))  # ties everywhere
+    yield np.sort(rng.normal(size=n))[::-1]
+    yield np.tile([5.0, -5.0, 0.0, 0.0], n)[:n]  # periodic
+    yield np.where(np.arange(n) % 64 == 32, 1.0, rng.normal(10, 1, n))  # aliasing the sample
+    extreme = rng.choice(
+        [finfo.max, -finfo.max, np.inf, -np.inf, finfo.tiny, -finfo.smallest_subnormal, 0.0], n
+    )
+    yield extreme
+    values = rng.normal(size=n)
+    values[: n // 3] = -np.inf
+    values[-n // 3 :] = np.inf
+    yield values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_order_statistics_exact_on_adversarial_inputs(dtype, monkeypatch):
+    # a tiny sample forces the two-stage path (brackets, tied ends, misses) on small
+    # arrays, and small chunks the sweeps over several chunks
+    monkeypatch.setattr(histogram, "_CHUNK", 97)
+    for n in (1, 2, 3, 5, 700, 4099):
+        for x in _adversarial(n, dtype):
+            x = np.asarray(x, dtype)[:n]
+            ranks = _ranks_of(x.size, [0, 0.5, 1, 10, 33.3, 50, 77.9, 78, 78.1, 90, 99, 99.5, 100])
+            for sample_size, margin in ((8, None), (64, None), (64, 1), (256, 3)):
+                out = histogram._order_statistics_host(x, ranks, sample_size=sample_size, margin=margin)
+                assert out.dtype == x.dtype
+                np.testing.assert_array_equal(out, np.sort(x)[ranks])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=hnp.arrays(
+        st.sampled_from([np.float32, np.float64]),
+        st.integers(1, 400),
+        elements=st.one_of(
+            st.sampled_from([0.0, 1.0, -1.0, 2.5]), st.floats(-1e6, 1e6, width=32, allow_subnormal=True)
+        ),
+    ),
+    qs=st.lists(st.floats(0, 100), min_size=1, max_size=12),
+    sample_size=st.sampled_from([2, 5, 16]),
+    margin=st.sampled_from([None, 0, 1, 2]),
+)
+def test_host_order_statistics_property(x, qs, sample_size, margin):
+    ranks = _ranks_of(x.size, qs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(histogram, "_CHUNK", 61)
+        out = histogram._order_statistics_host(x, ranks, sample_size=sample_size, margin=margin)
+    np.testing.assert_array_equal(out, np.sort(x)[ranks])
+
+
+def test_percentile_large_volume_two_stage_equals_numpy():
+    # big enough for the default sample (the path real volumes take): background, ties
+    rng = np.random.default_rng(3)
+    n = 300_007
+    x = np.where(rng.random(n) < 0.7, 0.0, np.round(rng.gamma(2.0, 40.0, n))).astype(np.float32)
+    x[rng.integers(0, n, 50)] = rng.normal(1e4, 1e3, 50)  # a few outliers
+    qs = [0.5, 1, 10, 50, 69.9, 70, 80, 99, 99.5, 100]
+    np.testing.assert_array_equal(histogram.percentile(x, qs), np.percentile(x.astype(np.float64), qs))
+    smooth = rng.normal(size=n).astype(np.float32)
+    np.testing.assert_array_equal(
+        histogram.percentile(smooth, qs), np.percentile(smooth.astype(np.float64), qs)
+    )
+
+
+def test_percentile_fortran_order_and_masks():
+    rng = np.random.default_rng(4)
+    x = np.asfortranarray(rng.normal(size=(6, 7, 8)))
+    mask = rng.random((6, 7, 8)) < 0.3
+    expected = np.percentile(x[mask], [5, 60])
+    for layout in (np.ascontiguousarray, np.asfortranarray):  # same and mixed memory orders
+        for m in (mask, layout(mask)):
+            np.testing.assert_allclose(histogram.percentile(layout(x), [5, 60], mask=m), expected)
+    one = np.zeros_like(mask)
+    one[2, 3, 4] = True
+    assert histogram.percentile(x, [0, 50, 100], mask=one).tolist() == [x[2, 3, 4]] * 3
+
+
+def test_traced_percentile_edge_cases():
+    qs = [0, 0.5, 50, 99.5, 100]
+    f = jax.jit(lambda a, m: histogram.percentile(a, qs, mask=m))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=257).astype(np.float32)
+    one = np.zeros(257, bool)
+    one[100] = True
+    np.testing.assert_array_equal(f(x, one), [x[100]] * 5)
+    np.testing.assert_array_equal(f(np.full(257, 2.5, np.float32), np.ones(257, bool)), [2.5] * 5)
+    two = np.where(np.arange(257) < 200, 1.0, 7.0).astype(np.float32)
+    np.testing.assert_allclose(f(two, np.ones(257, bool)), np.percentile(two, qs), rtol=1e-6)
+    np.testing.assert_array_equal(f(x, np.zeros(257, bool)), [0.0] * 5)  # empty: 0, not NaN
+    ints = np.arange(257, dtype=np.int32)[::-1]
+    np.testing.assert_allclose(jax.jit(lambda a: histogram.percentile(a, qs))(ints), np.percentile(ints, qs))
+    # the same program under vmap (one selection per item)
+    batch = rng.normal(size=(3, 257)).astype(np.float32)
+    out = jax.jit(jax.vmap(lambda a: histogram.percentile(a, qs, mask=one | (a > 0))))(batch)
+    expected = [np.percentile(b[one | (b > 0)], qs) for b in batch]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    # no gradient flows through the selected values (as for a sort-free selection)
+    grad = jax.grad(lambda a: histogram.percentile(a, 50) + a.sum())(x)
+    np.testing.assert_array_equal(grad, np.ones_like(x))
+
+
+def test_radix_percentile_equals_numpy():
+    # the selection compiled for accelerators (CPU programs call the host selection)
+    f = jax.jit(lambda a, m: histogram._percentile_radix(a, np.asarray(QS, float), m))
+    for x, mask in _cases():
+        values = np.zeros(3000, np.float32)
+        values[: x.size] = x
+        selection = np.zeros(3000, bool)
+        selection[: x.size] = mask
+        expected = np.percentile(x[mask].astype(np.float64), QS)
+        np.testing.assert_allclose(f(values, selection), expected, rtol=1e-6, atol=1e-6 * np.abs(x).max())

@@ -254,3 +254,8 @@ def test_piecewise_linear_map_with_tied_percentiles():
     expected = fp[segment] + (x - xp[segment]) * slope
     np.testing.assert_allclose(_piecewise_linear(x, xp, fp), expected, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(expected, [-20.0, 5.0, 10.0, 25.0, 40.0, 45.0, 55.0])
+    # ties at both ends: jumps there, flat beyond (slope of a zero-width end segment is 0)
+    xp = np.array([2.0, 2.0, 4.0, 4.0], np.float32)
+    fp = np.array([0.0, 10.0, 30.0, 50.0], np.float32)
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32)
+    np.testing.assert_allclose(_piecewise_linear(x, xp, fp), [0.0, 0.0, 20.0, 30.0, 50.0], atol=1e-6)

@@ -9,14 +9,21 @@ so ``q = 0`` is the minimum and ``q = 100`` the maximum. Only two order statisti
 percentile are needed, never a full sort (a sort of 10^7 voxels takes over a second with
 XLA on CPU):
 
-* concrete arrays (eager, in the loader) use ``numpy.partition`` (introselect, O(n));
-* traced arrays (under ``jit``) use an exact radix selection on the float32 bit
+* on the host (concrete arrays, in the loader) and in programs compiled for CPU (under
+  ``jit``, through a callback that reads the buffers in place): an exact two-stage
+  selection in numpy. A strided sample, sorted, brackets each wanted rank; one sweep
+  counts the values below and inside every bracket, a second gathers only the values
+  inside them (a few percent) for a partition. Ties are settled from the counts (a background
+  of zeros is never gathered); a bracket the counts show to miss its rank falls back to
+  ``numpy.partition`` over all values (introselect, O(n)).
+* programs compiled for accelerators use an exact radix selection on the float32 bit
   patterns: a 65536-bin histogram of the upper 16 bits finds the bin of each wanted rank,
   and a second histogram of the lower 16 bits, restricted to those bins, finds the exact
-  value. Two passes over the data, no sort, exact for every float32 value.
+  value. Two passes over the data, no sort, exact for every float32 value (XLA:CPU runs
+  these scatter-based histograms serially, hence the callback there).
 
-NaNs are not supported (they count as larger than +inf in the traced path; numpy returns
-NaN).
+NaNs are not supported: with NaNs in the selection the result is unspecified (numpy
+returns NaN).
 """
 
 from __future__ import annotations
@@ -30,9 +37,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+try:
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # a jax without it: the radix selection on every platform
+    _buffer_callback = None
+
 __all__ = ["check_percentiles", "order_statistics", "percentile"]
 
 _BINS = 1 << 16
+# host selection: below this many values a plain introselect; above, the two-stage
+# selection with a sample of n / 16 values, at most _SAMPLE_SIZE
+_DIRECT_SIZE = 1 << 15
+_SAMPLE_SIZE = 1 << 16
+_CHUNK = 1 << 18
+_MARGIN = 1.75
 
 
 def check_percentiles(q: float | Sequence[float], name: str = "percentiles") -> np.ndarray:
@@ -56,20 +74,234 @@ def _lerp(a, b, t):
     return np.where(a == b, a, out)
 
 
-def _percentile_host(x: np.ndarray, q: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    values = np.asarray(x).reshape(-1)
-    if mask is not None:
-        values = values[np.asarray(mask).reshape(-1).astype(bool)]
+def _ravel(x: np.ndarray) -> np.ndarray:
+    # memory order: no copy for C- or Fortran-ordered volumes (the order does not matter)
+    return np.ravel(x, order="K")
+
+
+_SIGNED = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+
+
+def _int_keys(values: np.ndarray) -> np.ndarray:
+    """Float32/64 bit patterns as signed integers in the order of the values (an
+    involution); other dtypes unchanged. Sorting integers is also faster than sorting
+    floats in the threads XLA runs callbacks on (several times, with many ties)."""
+    signed = _SIGNED.get(values.dtype)
+    if signed is None:
+        return values
+    bits = values.view(signed)
+    return bits ^ ((bits >> (bits.itemsize * 8 - 1)) & np.iinfo(signed).max)
+
+
+def _from_int_keys(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return keys if keys.dtype == dtype else _int_keys(keys.view(dtype)).view(dtype)
+
+
+def _masked(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``x[mask]`` (same shapes; the order does not matter): a compress over the memory
+    order when both share it (boolean indexing is several times slower for scattered
+    masks)."""
+    for a, m in ((x, mask), (x.T, mask.T)):
+        if a.flags.c_contiguous and m.flags.c_contiguous:
+            return np.compress(m.reshape(-1), a.reshape(-1))
+    return x[mask]
+
+
+def _select(values: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """``np.sort(values)[ranks]`` by introselect (``ranks`` in ``[0, values.size - 1]``)."""
+    keys = _int_keys(values)
+    return _from_int_keys(np.partition(keys, np.unique(ranks))[ranks], values.dtype)
+
+
+def _chunks(values: np.ndarray):
+    # cache-sized pieces: a comparison over a chunk runs from cache, into a reused buffer
+    for start in range(0, values.size, _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def _count(values: np.ndarray, thresholds: list, counts: dict) -> None:
+    """Add to ``counts`` the number of values with ``op(value, threshold)`` for each
+    ``(op, threshold)`` not counted yet: one sweep over the values for all of them."""
+    todo = list(dict.fromkeys(t for t in thresholds if t not in counts))
+    if not todo:
+        return
+    totals = [0] * len(todo)
+    buffer = np.empty(min(_CHUNK, values.size), bool)
+    for chunk in _chunks(values):
+        b = buffer[: chunk.size]
+        for i, (op, threshold) in enumerate(todo):
+            op(chunk, threshold, out=b)
+            totals[i] += int(np.count_nonzero(b))
+    counts.update(zip(todo, totals))
+
+
+def _gather(values: np.ndarray, brackets: list) -> list:
+    """For each ``(below, upto)`` (``(op, threshold)``; threshold ``None``: no bound;
+    ``below`` selects a subset of ``upto``): the values in ``upto`` and not in ``below``.
+    One sweep over the values for all brackets."""
+    pieces = [[] for _ in brackets]
+    first = np.empty(min(_CHUNK, values.size), bool)
+    second = np.empty_like(first)
+    for chunk in _chunks(values):
+        low, keep = first[: chunk.size], second[: chunk.size]
+        for piece, ((below_op, lo), (upto_op, hi)) in zip(pieces, brackets):
+            if lo is None and hi is None:
+                piece.append(chunk)
+                continue
+            if lo is not None:
+                below_op(chunk, lo, out=low)
+            if hi is None:
+                np.logical_not(low, out=keep)
+            else:
+                upto_op(chunk, hi, out=keep)
+                if lo is not None:
+                    np.logical_xor(keep, low, out=keep)
+            piece.append(np.compress(keep, chunk))
+    return [np.concatenate(piece) for piece in pieces]
+
+
+def _order_statistics_host(
+    values: np.ndarray, ranks: np.ndarray, *, sample_size: int | None = None, margin: int | None = None
+) -> np.ndarray:
+    """``np.sort(values)[ranks]`` for a 1D array, exact, in a few passes over ``values``.
+
+    Two stages: a strided sample of ``sample_size`` values, sorted, gives for each wanted
+    rank a bracket ``[lo, hi]`` of values that holds it with a margin (both ends are
+    sample values). One sweep counts the values below ``lo`` and up to ``hi`` (of every
+    bracket, a cache-sized chunk at a time); when these counts prove that the rank lies
+    inside, only the values in the bracket (about ``3.5 / sqrt(sample_size)`` of the
+    data) are gathered, in a second sweep, and partitioned. Ties are
+    handled from the counts alone: a bracket with ``lo == hi`` gathers nothing, and a
+    bracket holding too many values (a large tied block at one of its ends, e.g. the zeros
+    of a background) is split into its tied ends and its open interior. A rank the counts
+    do not place inside its bracket (an unlucky sample) gets a four times wider bracket,
+    then selection over all values, so the result is exact in every case; only the time
+    varies. ``margin`` (in sample positions) overrides the default width of the brackets.
+    """
     n = values.size
-    if n == 0:
+    ranks = np.asarray(ranks, np.int64)
+    if sample_size is None:
+        if n < _DIRECT_SIZE:
+            return _select(values, ranks)
+        sample_size = min(_SAMPLE_SIZE, n // 16)
+    elif n <= 2 * sample_size:
+        return _select(values, ranks)
+    stride = n // sample_size
+    sample = _from_int_keys(np.sort(_int_keys(values[stride // 2 :: stride])), values.dtype)
+    if margin is None:
+        # the sample position of a rank deviates from r * s / n by a binomial standard
+        # deviation of at most sqrt(s) / 2 (less for a stratified sample of a smooth
+        # image): 3.5 of those on each side
+        margin = int(_MARGIN * math.sqrt(sample.size)) + 4
+    counts: dict = {}
+    found: dict = {}
+    pending = np.unique(ranks)
+    for width in (margin, 4 * margin):
+        pending = _bracket_select(values, sample, stride, pending, width, counts, found)
+        if not pending.size:
+            break
+    if pending.size:
+        found.update(zip(pending.tolist(), _select(values, pending)))
+    out = np.empty(ranks.shape, values.dtype)
+    for i, r in enumerate(ranks.tolist()):
+        out[i] = found[r]
+    return out
+
+
+def _bracket_select(values, sample, stride: int, wanted: np.ndarray, margin: int, counts: dict, found: dict):
+    """One round of the two-stage selection (see ``_order_statistics_host``): fills
+    ``found`` (rank -> value) and returns the ranks whose bracket missed them. ``counts``
+    caches the counts of ``(op, threshold)`` across rounds."""
+    n = values.size
+    s = sample.size
+    position = wanted * (s / n)
+    first = np.floor(position).astype(np.int64) - margin
+    last = np.ceil(position).astype(np.int64) + margin
+    # groups of consecutive ranks whose brackets overlap (in values): one bracket each;
+    # brackets that only share an end (a tied value) stay apart and share its counts
+    groups = []
+    for r, a, b in zip(wanted.tolist(), first.tolist(), last.tolist()):
+        lo = None if a < 0 else sample[a]
+        hi = None if b >= s else sample[b]
+        previous = groups[-1] if groups else None
+        if previous is not None and (lo is None or previous[2] is None or lo < previous[2]):
+            previous[0].append(r)
+            previous[2] = hi
+            previous[4] = b
+        else:
+            groups.append([[r], lo, hi, a, b])
+
+    def below(op, threshold, default):
+        return default if threshold is None else counts[(op, threshold)]
+
+    _count(
+        values,
+        [
+            (op, t)
+            for _, lo, hi, _, _ in groups
+            for op, t in ((np.less, lo), (np.less_equal, hi))
+            if t is not None
+        ],
+        counts,
+    )
+    missed = []
+    requests = []  # (ranks, rank of the first gathered value, below, up to)
+    split = []
+    for group_ranks, lo, hi, a, b in groups:
+        rs = np.asarray(group_ranks, np.int64)
+        n_lt_lo = below(np.less, lo, 0)
+        n_le_hi = below(np.less_equal, hi, n)
+        if rs[0] < n_lt_lo or rs[-1] >= n_le_hi:
+            missed += group_ranks
+        elif lo is not None and hi is not None and lo == hi:
+            found.update(dict.fromkeys(group_ranks, lo))
+        elif n_le_hi - n_lt_lo <= 4 * (min(b, s) - max(a, 0) + 1) * stride:
+            # about (b - a) * stride values, as expected: gather them
+            requests.append((rs, n_lt_lo, (np.less, lo), (np.less_equal, hi)))
+        else:
+            # far more values than expected (a large tied block at an end): the tied
+            # ends are counted, only the open interior is gathered
+            split.append((rs, lo, hi))
+    _count(
+        values,
+        [(op, t) for _, lo, hi in split for op, t in ((np.less_equal, lo), (np.less, hi)) if t is not None],
+        counts,
+    )
+    for rs, lo, hi in split:
+        n_le_lo = below(np.less_equal, lo, 0)
+        n_lt_hi = below(np.less, hi, n)
+        low_tie = rs < n_le_lo
+        high_tie = rs >= n_lt_hi
+        found.update(dict.fromkeys(rs[low_tie].tolist(), lo))
+        found.update(dict.fromkeys(rs[high_tie].tolist(), hi))
+        interior = rs[~low_tie & ~high_tie]
+        if interior.size:
+            requests.append((interior, n_le_lo, (np.less_equal, lo), (np.less, hi)))
+    gathered = _gather(values, [(lower, upper) for _, _, lower, upper in requests])
+    for (rs, offset, _, _), inside in zip(requests, gathered):
+        found.update(zip(rs.tolist(), _select(inside, rs - offset)))
+    return np.asarray(missed, np.int64)
+
+
+def _percentile_host(x: np.ndarray, q: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    x = np.asarray(x)
+    if mask is None:
+        values = _ravel(x)
+    else:
+        values = _masked(x, np.asarray(mask).astype(bool, copy=False))
+    if values.size == 0:
         raise ValueError("cannot compute percentiles of an empty selection (the mask selects no voxel)")
+    return _percentile_values(values, q)
+
+
+def _percentile_values(values: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Percentiles (float64) of a non-empty 1D array."""
+    n = values.size
     h = (n - 1) * (q / 100.0)
     lo = np.floor(h).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
-    part = np.partition(values, np.unique(np.concatenate([lo, hi])))
-    a = part[lo].astype(np.float64)
-    b = part[hi].astype(np.float64)
-    return _lerp(a, b, h - lo)
+    stats = _order_statistics_host(values, np.concatenate([lo, hi])).astype(np.float64)
+    return _lerp(stats[: q.size], stats[q.size :], h - lo)
 
 
 # --- traced path -------------------------------------------------------------------------
@@ -186,7 +418,7 @@ def _position(m: jax.Array, fraction: float) -> tuple[jax.Array, jax.Array]:
     return whole + carry.astype(jnp.int32), frac - carry
 
 
-def _percentile_traced(x, q: np.ndarray, mask) -> jax.Array:
+def _percentile_radix(x, q: np.ndarray, mask) -> jax.Array:
     if mask is None:
         n = jnp.int32(np.size(x))
     else:
@@ -201,6 +433,40 @@ def _percentile_traced(x, q: np.ndarray, mask) -> jax.Array:
     diff = b - a
     out = jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
     return jnp.where(a == b, a, out)
+
+
+def _percentile_callback(x, q: np.ndarray, mask) -> jax.Array:
+    """The host selection called from the compiled program: on CPU the buffers are host
+    memory, read in place (no copy), and numpy's selection and counting passes are far
+    faster than XLA:CPU's scatter-based histograms."""
+
+    def host(ctx, out, values, *selection):
+        values = np.asarray(values)
+        values = _ravel(values) if not selection else _masked(values, np.asarray(selection[0]))
+        result = np.asarray(out)
+        if values.size == 0:
+            result[...] = 0  # empty selection: documented as 0 under jit
+        else:
+            result[...] = _percentile_values(values, q)
+
+    args = (x,) if mask is None else (x, mask.astype(bool))
+    out_type = jax.ShapeDtypeStruct((q.size,), jnp.float32)
+    return _buffer_callback(host, out_type, vmap_method="sequential")(*args)
+
+
+def _percentile_traced(x: jax.Array, q: np.ndarray, mask) -> jax.Array:
+    # the percentiles carry no gradient (as a selection of values by their bit patterns)
+    x = jax.lax.stop_gradient(x)
+    if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype in (jnp.float32, jnp.float64)):
+        x = x.astype(jnp.float32)
+    if _buffer_callback is None:
+        return _percentile_radix(x, q, mask)
+    return jax.lax.platform_dependent(
+        x,
+        mask,
+        cpu=lambda x, mask: _percentile_callback(x, q, mask),
+        default=lambda x, mask: _percentile_radix(x, q, mask),
+    )
 
 
 def percentile(x: ArrayLike, q: float | Sequence[float], *, mask: ArrayLike | None = None):

@@ -494,19 +494,18 @@ def _piecewise_linear(data, xp, fp):
 
     Beyond the first and last points the end segments are extended. A segment of zero
     width (tied percentiles) is a jump at that point (values equal to it take the lower
-    side). Written as a sum of ramps and steps, elementwise, so XLA fuses it into one
-    pass without gathers.
+    side). Written as a chain of selects (each knot passed replaces the line), elementwise,
+    so XLA fuses it into one pass without gathers.
     """
     x = data.astype(jnp.float32)
     width = xp[1:] - xp[:-1]
-    safe = jnp.where(width > 0, width, 1.0)
-    slope = jnp.where(width > 0, (fp[1:] - fp[:-1]) / safe, 0.0)
-    jump = jnp.where(width > 0, 0.0, fp[1:] - fp[:-1])
+    slope = jnp.where(width > 0, (fp[1:] - fp[:-1]) / jnp.where(width > 0, width, 1.0), 0.0)
     out = fp[0] + slope[0] * (x - xp[0])
-    for k in range(1, xp.shape[0] - 1):
-        out = out + (slope[k] - slope[k - 1]) * jnp.maximum(x - xp[k], 0.0)
-    for k in range(xp.shape[0] - 1):
-        out = out + jump[k] * (x > xp[k])
+    last = xp.shape[0] - 1
+    for k in range(1, last + 1):
+        # past knot k: the segment that starts there (past the last knot: the last
+        # segment's line, restarted at the last knot so that a final tie still jumps)
+        out = jnp.where(x > xp[k], fp[k] + slope[min(k, last - 1)] * (x - xp[k]), out)
     return out
 
 
