@@ -453,3 +453,22 @@ def test_resample_partial_volume_labels(phantom):
     out = Resample(2.0, label_interpolation="partial_volume")(phantom)
     assert out.seg.dtype == phantom.seg.dtype
     assert set(np.unique(np.asarray(out.seg.data))) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_resample_to_the_same_grid_equals_the_kernel(dtype, monkeypatch):
+    # the same-grid shortcut returns what the interpolation kernel returns, bit for bit
+    from jmed.transforms import preprocessing
+
+    kernel = preprocessing._resample_jit
+    rng = np.random.default_rng(0)
+    affine = affine_lib.from_spacing((1.0, 1.0, 1.0), origin=(-5.0, 3.0, 2.0))
+    t1 = jmed.ScalarImage((rng.random((9, 8, 7)) * 100).astype(dtype), affine)
+    seg = jmed.LabelMap(rng.integers(0, 3, (9, 8, 7)).astype(np.uint8), affine)
+    monkeypatch.setattr(preprocessing, "_resample_jit", None)  # the shortcut must not call it
+    out = Resample(1.0)(jmed.Subject(t1=t1, seg=seg))
+    for name, source, order in (("t1", t1, 1), ("seg", seg, 0)):
+        expected = kernel(source.data, np.eye(4), output_shape=(9, 8, 7), order=order, pad_value=0.0)
+        assert out[name].data.dtype == expected.dtype
+        np.testing.assert_array_equal(np.asarray(out[name].data), np.asarray(expected))
+        np.testing.assert_array_equal(out[name].affine, affine)
