@@ -142,7 +142,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# jmed benchmarks{' (--quick)' if meta['quick'] else ''}",
         "",
-        f"- date: {meta['date']}",
+        f"- suite: {'quick (--quick)' if meta['quick'] else 'full'}; date: {meta['date']}",
         f"- machine: {meta['cpu']}, {meta['cores_available']} cores available, "
         f"load average {meta['load_average']} at the start (shared machine: timings are noisy)",
         f"- jmed device: {meta['jax_device']} x {meta['jax_device_count']}; TorchIO/MONAI on CPU with "

@@ -72,7 +72,7 @@ def test_runner_writes_json_and_markdown(tmp_path):
     table = (tmp_path / "smoke.md").read_text().splitlines()
     assert table[0].startswith("# jmed benchmarks (--quick)")
     assert any(line.startswith("- machine:") for line in table)
-    assert any(line.startswith("- date:") for line in table)
+    assert any(line.startswith("- suite: quick (--quick); date:") for line in table)
     header = next(i for i, line in enumerate(table) if line.startswith("| group"))
     assert [c.strip() for c in table[header].strip("|").split("|")] == COLUMNS
     body = [line for line in table[header + 2 :] if line.startswith("|")]
