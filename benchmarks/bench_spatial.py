@@ -205,23 +205,28 @@ def cases(quick: bool, volume) -> list:
     """
     from benchmarks.common import Case
 
-    def build(name):
+    def build(name, shape=None, anchors=True):
         def fns():
-            subject = volume.subject()
+            from benchmarks.common import load_volume
+
+            vol = volume if shape is None else load_volume(None, shape)
+            subject = vol.subject()
             transform = jmed_cases()[name]
             fn = jax.jit(lambda k, s: transform(k, s).without_history())
             out = {"jmed": lambda i: fn(jax.random.key(i), subject)}
+            if not anchors:
+                return out
             tio_rows = _anchor_transforms_torchio()
             if tio_rows is not None:
-                tio_subject = volume.torchio_subject()
+                tio_subject = vol.torchio_subject()
                 out["torchio"] = lambda i, t=tio_rows[name]: t(tio_subject)
             monai_rows = _anchor_transforms_monai()
             if monai_rows is not None:
                 import torch
 
                 data = {
-                    "t1": torch.from_numpy(volume.t1[None].copy()),
-                    "seg": torch.from_numpy(volume.seg[None].astype(np.float32)),
+                    "t1": torch.from_numpy(vol.t1[None].copy()),
+                    "seg": torch.from_numpy(vol.seg[None].astype(np.float32)),
                 }
                 out["monai"] = lambda i, t=monai_rows[name]: t(data)
             return out
@@ -242,6 +247,18 @@ def cases(quick: bool, volume) -> list:
                 quick_skip=("torchio", "monai") if slow else (),
             )
         )
+
+    if not quick:  # a larger volume (synthetic 256^3); elastic anchors take minutes there
+        for name, anchors in (("RandomAffine", True), ("fused flip+affine+elastic", False)):
+            rows.append(
+                Case(
+                    "spatial",
+                    f"{name}, 256^3",
+                    build=build(name, (256, 256, 256), anchors),
+                    unit="subject (t1+seg)",
+                    note="synthetic 256^3" + ("" if anchors else "; jmed only"),
+                )
+            )
 
     def batched(name, batch):
         def fns():
