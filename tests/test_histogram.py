@@ -33,15 +33,21 @@ def test_percentile_equals_numpy_linear(x, mask):
     np.testing.assert_allclose(histogram.percentile(x, QS, mask=mask), expected_masked, rtol=1e-6)
 
 
+def _padded(x, mask):
+    """``x`` and ``mask`` in arrays of one size (3000), the padding left out by the mask."""
+    values = np.zeros(3000, np.float32)
+    values[: x.size] = x
+    selection = np.zeros(3000, bool)
+    selection[: x.size] = mask
+    return values, selection
+
+
 def test_traced_percentile_equals_numpy():
     # one shape for every case, so each jitted function compiles once
     masked = jax.jit(lambda a, m: histogram.percentile(a, QS, mask=m))
     full = jax.jit(lambda a: histogram.percentile(a, QS))
     for x, mask in _cases():
-        values = np.zeros(3000, np.float32)
-        values[: x.size] = x
-        selection = np.zeros(3000, bool)
-        selection[: x.size] = mask
+        values, selection = _padded(x, mask)
         expected = np.percentile(x[mask].astype(np.float64), QS)
         np.testing.assert_allclose(
             masked(values, selection), expected, rtol=1e-6, atol=1e-6 * np.abs(x).max()
@@ -206,9 +212,6 @@ def test_radix_percentile_equals_numpy():
     # the selection compiled for accelerators (CPU programs call the host selection)
     f = jax.jit(lambda a, m: histogram._percentile_radix(a, np.asarray(QS, float), m))
     for x, mask in _cases():
-        values = np.zeros(3000, np.float32)
-        values[: x.size] = x
-        selection = np.zeros(3000, bool)
-        selection[: x.size] = mask
+        values, selection = _padded(x, mask)
         expected = np.percentile(x[mask].astype(np.float64), QS)
         np.testing.assert_allclose(f(values, selection), expected, rtol=1e-6, atol=1e-6 * np.abs(x).max())

@@ -45,9 +45,12 @@ def test_add_spikes_many_complex_spikes():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_splice_lines_equals_full_3d_splice():
-    rng = np.random.default_rng(1)
-    vols = rng.standard_normal((3, 5, 4, 6, 1))
+@pytest.mark.parametrize(("channels", "as_list"), [(1, False), (2, True)])
+def test_splice_lines_equals_full_3d_splice(channels, as_list):
+    # each k-space line (along the axis) taken from the volume ``source`` names
+    rng = np.random.default_rng(channels)
+    vols = rng.standard_normal((3, 5, 4, 6, channels))
+    splice = jax.jit(kspace.splice_lines, static_argnums=2) if as_list else kspace.splice_lines
     for axis in range(3):
         n = vols.shape[axis + 1]
         source = rng.integers(0, 3, n)
@@ -58,22 +61,8 @@ def test_splice_lines_equals_full_3d_splice():
             pick[axis] = k
             combined[tuple(pick)] = spectra[source[k]][tuple(pick)]
         ref = np.fft.ifftn(combined, axes=(0, 1, 2))
-        out = kspace.splice_lines(vols.astype(np.float32), source, axis)
-        np.testing.assert_allclose(out, ref, atol=1e-5)
-
-
-def test_splice_lines_from_a_list_of_multichannel_volumes():
-    rng = np.random.default_rng(2)
-    vols = rng.standard_normal((3, 5, 4, 6, 2))
-    for axis in range(3):
-        n = vols.shape[axis + 1]
-        source = rng.integers(0, 3, n)
-        view = [1, 1, 1, 1]
-        view[axis] = n
-        masks = [(source == t).reshape(view) for t in range(3)]
-        spectra = [np.fft.fftn(v, axes=(0, 1, 2)) for v in vols]
-        ref = np.fft.ifftn(sum(m * s for m, s in zip(masks, spectra)), axes=(0, 1, 2))
-        out = jax.jit(kspace.splice_lines, static_argnums=2)(list(vols.astype(np.float32)), source, axis)
+        volumes = vols.astype(np.float32)
+        out = splice(list(volumes) if as_list else volumes, source, axis)
         assert out.shape == vols.shape[1:] and out.dtype == np.complex64
         np.testing.assert_allclose(out, ref, atol=1e-5)
 
