@@ -10,26 +10,28 @@ Boundary modes use scipy's names: ``"reflect"`` (``d c b a | a b c d | d c b a``
 ``"constant"`` (``cval`` outside).
 
 ``sigma`` may be traced (under ``jit`` / ``vmap``). The kernel width then is not known
-when tracing, so each axis compiles an identity and a filter as wide as the bound given
-by ``max_sigma`` requires, and picks one at run time with ``lax.switch``. Beyond a
-radius of 12 voxels (and without a bound: up to 8 times the axis length) a shift-and-add
-filter of radius 4 (sigma up to 1 voxel at ``truncate=4``) is a third choice. (A
-two-way switch runs about 1.5x faster than a three-way one on CPU.) Every variant zeroes
-the taps beyond scipy's radius for the actual ``sigma``, so the result is exact for any
-``sigma`` within the bound. Under
-``vmap`` with per-sample ``sigma`` all variants run (a ``switch`` on a batched index
-is a select).
+when tracing. Each axis runs a sequence of two-way ``lax.switch`` es, one per compiled
+width (radius 4, 12 and 24 below the bound given by ``max_sigma``, then the bound
+itself; without a bound 8 times the axis length), each either the identity or that
+filter: exactly one of them filters, the one whose width covers scipy's radius for the
+actual ``sigma``. Beyond radius 24 the filter is a loop over the taps that radius needs
+(a run-time trip count, one folded gather per tap). Every variant zeroes the taps beyond
+scipy's radius, so the result is exact for any ``sigma`` within the bound. Under
+``vmap`` with per-sample ``sigma`` all variants run (a ``switch`` on a batched index is
+a select).
 
-Kernel choice (measured on a shared, loaded 2-core CPU, 197x233x189 float32, so only
-roughly): per axis, shifting and adding ``2r + 1`` slices took 56-154 ms at ``r = 4``
-against 79-227 ms for a banded (boundary-folded) ``n x n`` matrix product, and was
-faster on 2 of 3 axes at ``r = 8``; at ``r = 16`` the fused sum degraded (2.5 s for
-three axes against 0.3 s). ``lax.conv`` is about 100x slower on CPU. Hence shift-and-add
-up to ``r = 12`` and the matrix product, whose cost does not depend on ``r``, beyond.
-Within shift-and-add the padded copy is materialised (fused into the taps, the padding
-is re-evaluated per tap: 45 ms instead of 13 ms per axis at ``r = 4``) and mirrored
-taps are added before weighting. Three traced-``sigma`` axes at ``r = 4`` take about
-35 ms of CPU time.
+Measured on 2 CPU cores, 197x233x189 float32, traced sigma without a bound (e.g.
+``RandomBlur`` in mm on an image whose affine is traced): 21 ms at sigma 1, 35-40 ms at
+sigma 2-3, 63 ms at sigma 5 voxels. Where the time went before: an n-way switch runs
+the filter fusions 2-3x slower than a two-way one with an identity branch, a banded
+``n x n`` matrix product branch slows every other branch down even when not taken
+(150 ms), fusing the padding into the taps re-evaluates it per tap (45 ms instead of
+13 ms per axis at ``r = 4``), and without run-time branches XLA fuses the three axes
+into one loop that recomputes the earlier axes (60 ms). So the padded copy is
+materialised, mirrored taps are added before weighting, and each axis stays behind its
+branches. ``lax.conv`` is about 100x slower on CPU. With a concrete ``sigma`` (eager,
+one compiled program per axis) shift-and-add runs up to ``r = 24`` and a banded matrix
+product, whose cost does not depend on ``r``, beyond.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ _PAD_MODES = {
     "constant": "constant",
 }
 # largest radius filtered by shift-and-add; wider kernels use the banded matrix product
-_MAX_SHIFT_RADIUS = 12
-_BUCKETS = (4,)
+_MAX_SHIFT_RADIUS = 24
+# kernel radii compiled for a traced sigma (then the bound, by a loop beyond 12)
+_BUCKETS = (4, 12, 24)
 
 
 def _scipy_radius(sigma, truncate: float):
@@ -78,21 +81,24 @@ def gaussian_kernel1d(sigma: ArrayLike, radius: int, *, truncate: float = 4.0) -
     return w / jnp.sum(w)
 
 
-def _fold_index(k: np.ndarray, n: int, mode: str) -> np.ndarray:
-    """Input index used for (possibly outside) position ``k`` under ``mode``; -1 = outside."""
+def _fold_index(k, n: int, mode: str, xp=np):
+    """Input index used for (possibly outside) position ``k`` under ``mode``; -1 = outside.
+
+    ``xp`` is ``numpy`` (static indices) or ``jax.numpy`` (indices computed at run time).
+    """
     if mode == "reflect":
-        m = np.mod(k, 2 * n)
-        return np.where(m < n, m, 2 * n - 1 - m)
+        m = xp.mod(k, 2 * n)
+        return xp.where(m < n, m, 2 * n - 1 - m)
     if mode == "mirror":
         if n == 1:
-            return np.zeros_like(k)
-        m = np.mod(k, 2 * n - 2)
-        return np.where(m < n, m, 2 * n - 2 - m)
+            return xp.zeros_like(k)
+        m = xp.mod(k, 2 * n - 2)
+        return xp.where(m < n, m, 2 * n - 2 - m)
     if mode == "nearest":
-        return np.clip(k, 0, n - 1)
+        return xp.clip(k, 0, n - 1)
     if mode == "wrap":
-        return np.mod(k, n)
-    return np.where((k >= 0) & (k < n), k, -1)
+        return xp.mod(k, n)
+    return xp.where((k >= 0) & (k < n), k, -1)
 
 
 def _shift_add(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval) -> jax.Array:
@@ -143,6 +149,26 @@ def _filter_static(x, sigma, radius: int, axis: int, mode: str, truncate: float,
     if radius <= _MAX_SHIFT_RADIUS:
         return _shift_add(x, w, radius, axis, mode, cval)
     return _banded(x, w, radius, axis, mode, cval)
+
+
+def _tap_loop(x, sigma, limit: int, axis: int, mode: str, truncate: float, cval):
+    """The filter of radius up to ``limit`` as a loop over the taps scipy's radius for
+    ``sigma`` needs (a run-time trip count): one folded gather along ``axis`` per tap."""
+    n = x.shape[axis]
+    radius = jnp.minimum(_scipy_radius(sigma, truncate), limit)
+    w = gaussian_kernel1d(sigma, limit, truncate=truncate).astype(x.dtype)
+    positions = jnp.arange(n)
+
+    def body(t, acc):
+        index = _fold_index(positions + t, n, mode, xp=jnp)
+        values = jnp.take(x, jnp.maximum(index, 0), axis=axis)
+        if mode == "constant":
+            shape = [1] * x.ndim
+            shape[axis] = n
+            values = jnp.where((index >= 0).reshape(shape), values, jnp.asarray(cval, x.dtype))
+        return acc + w[t + limit] * values
+
+    return jax.lax.fori_loop(-radius, radius + 1, body, jnp.zeros_like(x))
 
 
 def _is_concrete(x) -> bool:
@@ -213,16 +239,24 @@ def gaussian_blur(
             out = _filter_static(out, sigma_arr[axis], radius, axis, mode, float(truncate), float(cval))
             continue
         limit = int(truncate * bounds[axis] + 0.5) if bounds is not None else 8 * n
-        # a two-way switch (identity or one filter) where one width covers the bound:
-        # XLA:CPU runs it about 1.5x faster than a three-way one
-        buckets = [] if limit <= _MAX_SHIFT_RADIUS else [b for b in _BUCKETS if b < limit]
-        radii = [0, *buckets] + ([limit] if limit > 0 else [])
         sig = sigma_arr[axis] if bounds is None else jnp.minimum(sigma_arr[axis], bounds[axis])
         needed = jnp.minimum(_scipy_radius(sig, truncate), limit)
-        index = jnp.searchsorted(jnp.asarray(radii), needed)
-        branches = [
-            lambda x, sg, r=r, ax=axis: _filter_static(x, sg, r, ax, mode, float(truncate), float(cval))
-            for r in radii
-        ]
-        out = jax.lax.switch(index, branches, out, sig)
+        low = 0
+        for radius in [b for b in _BUCKETS if b < limit] + ([limit] if limit > 0 else []):
+            if radius <= _MAX_SHIFT_RADIUS:
+                wide = functools.partial(
+                    _filter_static,
+                    radius=radius,
+                    axis=axis,
+                    mode=mode,
+                    truncate=float(truncate),
+                    cval=float(cval),
+                )
+            else:
+                wide = functools.partial(
+                    _tap_loop, limit=radius, axis=axis, mode=mode, truncate=float(truncate), cval=float(cval)
+                )
+            use = ((needed > low) & (needed <= radius)).astype(jnp.int32)
+            out = jax.lax.switch(use, [lambda x, sg: x, wide], out, sig)
+            low = radius
     return out
