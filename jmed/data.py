@@ -593,6 +593,20 @@ class _Loader:
     def _read_options(self) -> grain.ReadOptions:
         return grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.worker_buffer_size)
 
+    def _worker_stream(self, transform: grain.transforms.Map) -> grain.IterDataset:
+        """Subjects of this process's shard, loaded and mapped by ``transform`` in the workers."""
+        ds = _subject_stream(
+            self.source,
+            self.indices,
+            shuffle=self.shuffle_subjects,
+            seed=self.seed,
+            num_epochs=self.num_epochs,
+        )
+        return self._prefetch(ds.map(transform).to_iter_dataset(self._read_options(), allow_nones=True))
+
+    def _batched(self, it: grain.IterDataset) -> grain.IterDataset:
+        return it.batch(self.batch_size, drop_remainder=self.drop_last, batch_fn=_CollateTo(self.as_jax))
+
     def _prefetch(self, ds: grain.IterDataset) -> grain.IterDataset:
         if self.num_workers == 0:
             return ds
@@ -746,21 +760,14 @@ class Queue(_Loader):
     @property
     def dataset(self) -> grain.IterDataset:
         """The grain pipeline (an ``IterDataset`` of batches)."""
-        ds = _subject_stream(
-            self.source,
-            self.indices,
-            shuffle=self.shuffle_subjects,
-            seed=self.seed,
-            num_epochs=self.num_epochs,
+        it = self._worker_stream(
+            _AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed)
         )
-        ds = ds.map(_AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed))
-        it = ds.to_iter_dataset(self._read_options(), allow_nones=True)
-        it = self._prefetch(it)
         # flatten and shuffle in the main process, so the order is the same for any worker count
         it = grain.experimental.FlatMapIterDataset(it, _SplitPatches(self.samples_per_volume))
         if self.shuffle_patches and self.max_length > 1:
             it = grain.experimental.WindowShuffleIterDataset(it, window_size=self.max_length, seed=self.seed)
-        return it.batch(self.batch_size, drop_remainder=self.drop_last, batch_fn=_CollateTo(self.as_jax))
+        return self._batched(it)
 
     @property
     def num_patches_per_epoch(self) -> int:
@@ -877,18 +884,8 @@ class VolumeLoader(_Loader):
 
     @property
     def dataset(self) -> grain.IterDataset:
-        ds = _subject_stream(
-            self.source,
-            self.indices,
-            shuffle=self.shuffle_subjects,
-            seed=self.seed,
-            num_epochs=self.num_epochs,
-        )
-        ds = ds.map(_ToElement())
-        it = ds.to_iter_dataset(self._read_options(), allow_nones=True)
-        it = self._prefetch(it)
-        it = grain.experimental.FlatMapIterDataset(it, _DropNones())
-        return it.batch(self.batch_size, drop_remainder=self.drop_last, batch_fn=_CollateTo(self.as_jax))
+        it = self._worker_stream(_ToElement())
+        return self._batched(grain.experimental.FlatMapIterDataset(it, _DropNones()))
 
     def __repr__(self) -> str:
         return (
