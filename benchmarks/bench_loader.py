@@ -149,15 +149,7 @@ def _run_torchio(records: list[dict], epochs: int) -> dict:
             for batch in loader:
                 yield batch["t1"][tio.DATA].shape[0]
 
-    with _PeakMemory() as memory:
-        first, rate, overall, total = _time_batches(batches())
-    return {
-        "first_batch_s": first,
-        "patches_per_s": rate,
-        "overall_patches_per_s": overall,
-        "patches": total,
-        "peak_bytes": memory.peak,
-    }
+    return _measure(batches())
 
 
 def _run_jmed(records: list[dict], epochs: int, cache_dir: str | None) -> dict:
@@ -182,15 +174,19 @@ def _run_jmed(records: list[dict], epochs: int, cache_dir: str | None) -> dict:
             for batch in it:
                 yield batch["t1"].data.shape[0]
 
+    return {**_measure(batches()), "estimate_bytes": queue.get_max_memory()}
+
+
+def _measure(batches) -> dict:
+    """Time ``batches`` (an iterator of batch sizes) and record the peak memory meanwhile."""
     with _PeakMemory() as memory:
-        first, rate, overall, total = _time_batches(batches())
+        first, rate, overall, total = _time_batches(batches)
     return {
         "first_batch_s": first,
         "patches_per_s": rate,
         "overall_patches_per_s": overall,
         "patches": total,
         "peak_bytes": memory.peak,
-        "estimate_bytes": queue.get_max_memory(),
     }
 
 

@@ -84,7 +84,9 @@ class Transform:
         self.include = _check_names(include, "include")
         self.exclude = _check_names(exclude, "exclude")
         if self.include and self.exclude:
-            raise ValueError("give include or exclude, not both")
+            raise ValueError(
+                f"give include or exclude, not both; got include={self.include!r}, exclude={self.exclude!r}"
+            )
 
     # -- protocol ----------------------------------------------------------------------
     def __call__(self, key: Any, data: Any = None, /) -> Any:
@@ -322,7 +324,10 @@ class OneOf(Transform):
         super().__init__()
         if isinstance(transforms, Mapping):
             if probabilities is not None:
-                raise ValueError("give weights either in the mapping or in probabilities, not both")
+                raise ValueError(
+                    "give weights either in the mapping or in probabilities, not both; "
+                    f"got a mapping and probabilities={probabilities!r}"
+                )
             transforms, probabilities = list(transforms), list(transforms.values())
         self.transforms = _check_transforms(transforms, "OneOf")
         self.probabilities = _weights(probabilities, len(self.transforms), "probabilities")
