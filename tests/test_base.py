@@ -145,7 +145,10 @@ def test_history_replay_and_invert(phantom):
 def test_invert_skips_non_invertible_with_warning(phantom):
     out = Lambda(lambda x: x * 2)(phantom)
     with pytest.warns(UserWarning, match="Lambda is not invertible"):
-        invert(out)
+        restored = invert(out)
+    # skipped, not undone: the data stays doubled
+    np.testing.assert_array_equal(np.asarray(restored["t1"].data), np.asarray(out["t1"].data))
+    np.testing.assert_array_equal(np.asarray(out["t1"].data), 2 * np.asarray(phantom["t1"].data))
 
 
 def test_deterministic_transforms_need_no_key():

@@ -74,8 +74,12 @@ def test_header_without_data_file_is_a_clear_error():
 
 def test_minc2_reads_with_h5py():
     pytest.importorskip("h5py")
-    img = jmed.load(os.path.join(data_path, "minc2_4d.mnc"))
+    path = os.path.join(data_path, "minc2_4d.mnc")
+    img = jmed.load(path)
     assert img.shape == (10, 20, 20, 2)
+    reference = nib.load(path)  # time first in the file: jmed moves it to the channels
+    np.testing.assert_allclose(np.asarray(img.data), np.moveaxis(np.asarray(reference.dataobj), 0, -1))
+    np.testing.assert_allclose(img.affine, reference.affine)
 
 
 def test_scaling_applied_and_labels_keep_integers(tmp_path):
@@ -93,8 +97,12 @@ def test_scaling_applied_and_labels_keep_integers(tmp_path):
 
 def test_2d_file_becomes_single_slice(tmp_path):
     path = tmp_path / "slice.nii.gz"
-    nib.save(nib.Nifti1Image(np.ones((6, 7), np.float32), np.eye(4)), path)
-    assert jmed.load(path).shape == (6, 7, 1, 1)
+    data = np.arange(42, dtype=np.float32).reshape(6, 7)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0])), path)
+    image = jmed.load(path)
+    assert image.shape == (6, 7, 1, 1)
+    np.testing.assert_array_equal(np.asarray(image.data)[..., 0, 0], data)
+    np.testing.assert_array_equal(image.affine, np.diag([2.0, 3.0, 4.0, 1.0]))
 
 
 def test_lazy_load_reads_header_only(tmp_path):
