@@ -26,6 +26,14 @@ import numpy as np
 from jmed import affine as affine_lib
 from jmed.image import INTENSITY, KINDS, Image, _LazyData
 
+try:  # ISA-L inflates gzip about twice as fast as zlib; same format and checks
+    from isal import isal_zlib as _inflate
+
+    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate.error)
+except ImportError:  # pragma: no cover - isal is a dependency, but optional at run time
+    _inflate = zlib
+    _INFLATE_ERRORS = (zlib.error,)
+
 __all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "load", "save"]
 
 WRITE_EXTENSIONS = (".nii", ".nii.gz", ".mgh", ".mgz", ".hdr", ".img")
@@ -74,8 +82,41 @@ def _label_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.int32)
 
 
+def _gunzip(raw: bytes) -> bytes:
+    """Inflate a whole gzip file (every member, as ``gzip.decompress`` does) in one call
+    per member, checking each member's CRC and length."""
+    parts = []
+    while True:
+        inflater = _inflate.decompressobj(31)
+        parts.append(inflater.decompress(raw))
+        if not inflater.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        raw = inflater.unused_data
+        if not raw.strip(b"\0"):  # gzip allows trailing zero padding
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _in_memory(img: Any) -> Any:
+    """A gzipped single-file NIfTI image re-read from its inflated bytes.
+
+    nibabel inflates ``.nii.gz`` through ``gzip.GzipFile`` in small chunks with a separate
+    CRC pass; inflating the whole file at once takes about a third of that time.
+    Other images are returned as they are.
+    """
+    if type(img) not in (nib.Nifti1Image, nib.Nifti2Image):
+        return img
+    filename = img.file_map["image"].filename
+    if filename is None or not str(filename).lower().endswith(".gz"):
+        return img
+    with open(filename, "rb") as f:
+        raw = f.read()
+    return type(img).from_bytes(_gunzip(raw))
+
+
 def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_axis: int) -> np.ndarray:
     try:
+        img = _in_memory(img)
         if kind == INTENSITY:
             data = np.asarray(img.get_fdata(dtype=np.float32))
         else:
@@ -89,7 +130,7 @@ def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_
                     )
                 raw = rounded
             data = raw.astype(_label_dtype(raw.dtype), copy=False)
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as err:
+    except (EOFError, OSError, gzip.BadGzipFile, *_INFLATE_ERRORS) as err:
         raise ValueError(
             f"{path}: cannot read voxel data (missing, truncated or corrupt file) ({err})"
         ) from err

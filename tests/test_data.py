@@ -16,6 +16,7 @@ from absl import flags
 
 import jmed
 import jmed.data
+from jmed.data import _to_device_layout
 from jmed.sampling import LabelSampler, UniformSampler
 from jmed.transforms import IntensityTransform
 
@@ -176,6 +177,44 @@ def test_queue_patches_match_preprocessed_volumes(records):
         counts = np.bincount(seen[epoch * 15 : (epoch + 1) * 15], minlength=NUM_SUBJECTS)
         assert counts.tolist() == [3] * NUM_SUBJECTS or epoch == 0
     np.testing.assert_array_equal(np.bincount(seen, minlength=NUM_SUBJECTS), [6] * NUM_SUBJECTS)
+
+
+def test_queue_hands_fortran_ordered_volumes_to_jit_transposed(records):
+    # without preprocessing, NIfTI voxels stay in the file's (Fortran) order
+    data = jmed.SubjectsSource(records, label_names="seg")[1]["t1"].data
+    assert data.flags.f_contiguous and not data.flags.c_contiguous
+    handed, transposed = _to_device_layout(data)
+    assert transposed and handed.shape == data.shape[::-1] and np.shares_memory(handed, data)
+    c_order = np.ascontiguousarray(data)
+    handed, transposed = _to_device_layout(c_order)
+    assert not transposed and handed is c_order
+    # the same batches as from C-ordered in-memory subjects, with an augmentation too
+    in_memory = [
+        jmed.Subject(
+            t1=jmed.ScalarImage(
+                np.ascontiguousarray(nib.load(r["t1"]).get_fdata(dtype=np.float32)), _affine(i)
+            ),
+            seg=jmed.LabelMap(np.ascontiguousarray(np.asanyarray(nib.load(r["seg"]).dataobj)), _affine(i)),
+        )
+        for i, r in enumerate(records)
+    ]
+    for augmentation in (None, NOISE):
+        from_files = _collect(iter(_queue(records, preprocessing=None, augmentation=augmentation)))
+        from_memory = _collect(iter(_queue(in_memory, preprocessing=None, augmentation=augmentation)))
+        assert len(from_files) == len(from_memory) == 4
+        for a, b in zip(from_files, from_memory):
+            for name in ("t1", "seg"):
+                np.testing.assert_array_equal(a[name].data, b[name].data)
+                np.testing.assert_array_equal(a[name].affine, b[name].affine)
+            np.testing.assert_array_equal(a.metadata["location"], b.metadata["location"])
+    # and the patches are the file's voxels
+    volumes = [nib.load(r["t1"]).get_fdata(dtype=np.float32) for r in records]
+    for batch in from_files[:2]:
+        for j, index in enumerate(batch.metadata["subject_index"]):
+            x0, y0, z0, x1, y1, z1 = batch.metadata["location"][j]
+            expected = volumes[index][x0:x1, y0:y1, z0:z1]
+            np.testing.assert_array_less(expected - 1e-6, batch["t1"].data[j][..., 0])  # noise in [0, 1)
+            np.testing.assert_array_less(batch["t1"].data[j][..., 0], expected + 1)
 
 
 def test_queue_per_epoch_counts_without_window_shuffle(records):

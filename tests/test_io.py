@@ -147,6 +147,51 @@ def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.nii"]
 
 
+def _gzip_members(path, raw, cut):
+    """``raw`` written as two gzip members split at ``cut``, then zero padding."""
+    path.write_bytes(gzip.compress(raw[:cut]) + gzip.compress(raw[cut:]) + b"\0" * 16)
+
+
+def test_gzipped_nifti_matches_nibabel_scaled_multimember_and_padded(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.integers(-500, 500, (9, 8, 7), dtype=np.int16)
+    img = nib.Nifti1Image(data, ROTATED)
+    img.header.set_slope_inter(0.5, -3.0)
+    plain = tmp_path / "scaled.nii"
+    nib.save(img, plain)
+    single = tmp_path / "scaled.nii.gz"
+    nib.save(img, single)
+    multi = tmp_path / "multi.nii.gz"
+    _gzip_members(multi, plain.read_bytes(), 200)  # splits the header
+    expected = nib.load(plain).get_fdata(dtype=np.float32)
+    np.testing.assert_array_equal(expected, data * np.float32(0.5) - np.float32(3.0))
+    for path in (single, multi):
+        loaded = jmed.load(path)
+        assert loaded.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(loaded.data)[..., 0], expected)
+        np.testing.assert_allclose(loaded.affine, ROTATED, atol=1e-5)
+    labels = rng.integers(0, 4, (9, 8, 7), dtype=np.uint8)
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), plain)
+    _gzip_members(multi, plain.read_bytes(), 1000)  # splits the voxels
+    label = jmed.load(multi, kind="label")
+    assert label.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(label.data)[..., 0], labels)
+
+
+def test_gzipped_nifti2_and_corrupt_checksum(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    path = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti2Image(data, np.eye(4)), path)
+    np.testing.assert_array_equal(np.asarray(jmed.load(path).data)[..., 0], data)
+    # flip a byte of the CRC-32 in the gzip trailer: the data inflate but must not be used
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF
+    bad = tmp_path / "badcrc.nii.gz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="badcrc.nii.gz"):
+        _ = jmed.load(bad).data
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.nii"):
         jmed.load(tmp_path / "missing.nii")
