@@ -14,6 +14,7 @@ overwrite an existing file unless ``overwrite=True``.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import tempfile
 import zlib
@@ -22,6 +23,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.volumeutils import apply_read_scaling
 
 from jmed import affine as affine_lib
 from jmed.image import INTENSITY, KINDS, Image, _LazyData
@@ -82,45 +84,95 @@ def _label_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.int32)
 
 
-def _gunzip(raw: bytes) -> bytes:
-    """Inflate a whole gzip file (every member, as ``gzip.decompress`` does) in one call
-    per member, checking each member's CRC and length."""
-    parts = []
-    while True:
-        inflater = _inflate.decompressobj(31)
-        parts.append(inflater.decompress(raw))
-        if not inflater.eof:
-            raise EOFError("compressed file ended before the end-of-stream marker was reached")
-        raw = inflater.unused_data
-        if not raw.strip(b"\0"):  # gzip allows trailing zero padding
-            break
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+# XLA:CPU uses a host buffer in place when it is aligned to 64 bytes, and copies it otherwise
+_ALIGNMENT = 64
+_INFLATE_CHUNK = 1 << 20
 
 
-def _in_memory(img: Any) -> Any:
-    """A gzipped single-file NIfTI image re-read from its inflated bytes.
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer of ``nbytes`` starting on a 64-byte boundary."""
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ALIGNMENT
+    return raw[start : start + nbytes]
 
-    nibabel inflates ``.nii.gz`` through ``gzip.GzipFile`` in small chunks with a separate
-    CRC pass; inflating the whole file at once takes about a third of that time.
-    Other images are returned as they are.
+
+def _inflate_range(filename: str, offset: int, nbytes: int) -> np.ndarray:
+    """Bytes ``[offset, offset + nbytes)`` of the inflated gzip file, in aligned memory.
+
+    Inflates in one pass (every member, checking each member's CRC and length, trailing
+    zero padding allowed, as ``gzip`` does), copying each 1 MiB piece while it is still
+    in cache.
     """
-    if type(img) not in (nib.Nifti1Image, nib.Nifti2Image):
-        return img
-    filename = img.file_map["image"].filename
-    if filename is None or not str(filename).lower().endswith(".gz"):
-        return img
     with open(filename, "rb") as f:
-        raw = f.read()
-    return type(img).from_bytes(_gunzip(raw))
+        pending = f.read()
+    out = _aligned_empty(nbytes)
+    end = offset + nbytes
+    position = 0  # in the inflated stream
+    inflater = _inflate.decompressobj(31)
+    while True:
+        piece = inflater.decompress(pending, _INFLATE_CHUNK)
+        pending = inflater.unconsumed_tail
+        lo, hi = max(position, offset), min(position + len(piece), end)
+        if hi > lo:
+            out[lo - offset : hi - offset] = np.frombuffer(piece, np.uint8, hi - lo, lo - position)
+        position += len(piece)
+        if inflater.eof:
+            rest = inflater.unused_data
+            if not rest.strip(b"\0"):
+                break
+            inflater, pending = _inflate.decompressobj(31), rest
+        elif not piece and not pending:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+    if position < end:
+        raise EOFError(
+            f"file holds {max(position - offset, 0)} bytes of voxel data, the header says {nbytes}"
+        )
+    return out
+
+
+def _scaled(proxy: Any, unscaled: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """``unscaled`` voxels with the header's slope and intercept applied, cast to ``dtype``,
+    exactly as ``np.asarray(proxy, dtype)`` computes them for nibabel's ``ArrayProxy``."""
+    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
+    use = slope.dtype if dtype is None else dtype
+    if np.can_cast(slope, use):
+        slope = slope.astype(use)
+    if np.can_cast(inter, use):
+        inter = inter.astype(use)
+    scaled = apply_read_scaling(unscaled, slope, inter)
+    if dtype is not None:
+        scaled = scaled.astype(np.promote_types(scaled.dtype, dtype), copy=False).astype(dtype, copy=False)
+    return scaled
+
+
+def _voxels(img: Any, dtype: np.dtype | None) -> np.ndarray:
+    """The image's voxels, scaled, as ``np.asarray(img.dataobj, dtype)``.
+
+    A gzipped single-file NIfTI is inflated in one pass (nibabel inflates through
+    ``gzip.GzipFile`` in small chunks with a separate CRC pass: about 3x slower) straight
+    into 64-byte aligned memory, so unscaled voxels reach ``jit`` without another copy.
+    """
+    proxy = img.dataobj
+    filename = img.file_map["image"].filename if "image" in img.file_map else None
+    if (
+        type(img) in (nib.Nifti1Image, nib.Nifti2Image)
+        and isinstance(proxy, nib.arrayproxy.ArrayProxy)
+        and filename is not None
+        and str(filename).lower().endswith(".gz")
+    ):
+        shape, voxel_type = tuple(proxy.shape), np.dtype(proxy.dtype)
+        raw = _inflate_range(str(filename), int(proxy.offset), math.prod(shape) * voxel_type.itemsize)
+        unscaled = raw.view(voxel_type).reshape(shape, order=proxy.order)
+        return _scaled(proxy, unscaled, dtype)
+    return np.asanyarray(proxy, dtype=dtype)
 
 
 def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_axis: int) -> np.ndarray:
     try:
-        img = _in_memory(img)
         if kind == INTENSITY:
-            data = np.asarray(img.get_fdata(dtype=np.float32))
+            data = np.asarray(_voxels(img, np.dtype(np.float32)))
         else:
-            raw = np.asanyarray(img.dataobj)
+            raw = _voxels(img, None)
             if not np.issubdtype(raw.dtype, np.integer):
                 rounded = np.rint(raw)
                 if not np.allclose(raw, rounded, atol=1e-3):
