@@ -190,6 +190,23 @@ def test_gzipped_nifti2_and_corrupt_checksum(tmp_path):
     bad.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="badcrc.nii.gz"):
         _ = jmed.load(bad).data
+    # a well-formed gzip stream that holds fewer voxels than the header declares
+    plain = tmp_path / "two.nii"
+    nib.save(nib.Nifti2Image(data, np.eye(4)), plain)
+    short = tmp_path / "short.nii.gz"
+    short.write_bytes(gzip.compress(plain.read_bytes()[:-40]))
+    with pytest.raises(ValueError, match=r"short.nii.gz.*holds 440 bytes of voxel data, the header says 480"):
+        _ = jmed.load(short).data
+
+
+def test_gzipped_voxels_are_aligned_for_jax(tmp_path):
+    # XLA:CPU uses 64-byte aligned host buffers in place; unaligned ones are copied
+    path = tmp_path / "aligned.nii.gz"
+    for dtype in (np.float32, np.uint8, np.int16):
+        nib.save(nib.Nifti1Image(np.ones((7, 5, 3), dtype), np.eye(4)), path)
+        for kind in ("intensity", "label"):
+            data = jmed.load(path, kind=kind).data
+            assert data.ctypes.data % 64 == 0 or data.dtype != dtype, (dtype, kind)
 
 
 def test_bad_files(tmp_path):
