@@ -445,9 +445,14 @@ def _to_device_layout(data: Any) -> tuple[Any, bool]:
     return (data.T if transposed else data), transposed
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _augment_and_sample_one(augmentation, sampler, num_patches, layout, key, data, affines):
-    """``layout``: ``(name, kind, transposed)`` per image (see ``_to_device_layout``)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _augment_and_sample_one(augmentation, sampler, num_patches, layout, seed, epoch, index, data, affines):
+    """``layout``: ``(name, kind, transposed)`` per image (see ``_to_device_layout``).
+
+    The key is derived inside the program: eager key operations would each compile a
+    small program in every worker at start-up.
+    """
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), index)
     subject = Subject(
         {
             name: Image.tree_unflatten(
@@ -484,7 +489,6 @@ class _AugmentAndSample(grain.transforms.Map):
         if item is None:
             return None
         (epoch, index), subject = item
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), epoch), index)
         # metadata stays out of jit (strings would recompile); compiled once per
         # (augmentation, sampler, num_patches, layout, volume shape) and process
         layout, data, affines = [], {}, {}
@@ -493,7 +497,15 @@ class _AugmentAndSample(grain.transforms.Map):
             affines[name] = image.affine
             layout.append((name, image.kind, transposed))
         data, affine, location = _augment_and_sample_one(
-            self.augmentation, self.sampler, self.num_patches, tuple(layout), key, data, affines
+            self.augmentation,
+            self.sampler,
+            self.num_patches,
+            tuple(layout),
+            self.seed,
+            np.uint32(epoch),
+            np.uint32(index),
+            data,
+            affines,
         )
         return {
             "data": {n: np.asarray(v) for n, v in data.items()},
@@ -649,32 +661,31 @@ class _Loader:
         )
 
     def __iter__(self) -> LoaderIterator:
-        """A fresh iterator from the start; supports ``get_state`` / ``set_state``."""
+        """A fresh iterator from the start; its workers start now. Supports ``get_state`` /
+        ``set_state`` (restore right after creating it: work already under way is dropped)."""
         return LoaderIterator(iter(self.dataset))
 
 
 class LoaderIterator:
     """Iterator over batches: grain's iterator, closed (workers stopped) when exhausted.
 
-    ``get_state()`` returns a small JSON-compatible dict; ``set_state(state)`` on a fresh
+    Workers start when the iterator is created, so their start-up overlaps with whatever
+    the caller does before asking for the first batch. ``get_state()`` returns a small JSON-compatible dict; ``set_state(state)`` on a fresh
     iterator of an identically configured loader continues exactly from that point.
     Call ``close()`` (or use it as a context manager) to stop workers early.
     """
 
     def __init__(self, iterator: grain.DatasetIterator):
         self._iterator = iterator
-        self._started = False
+        # start every worker now, as PyTorch's DataLoader does, so that their start-up
+        # (imports, compilation) overlaps with the caller's; grain alone would start each
+        # worker only once the previous one has delivered its first element
+        self._iterator.start_prefetch()
 
     def __iter__(self) -> LoaderIterator:
         return self
 
     def __next__(self) -> Subject:
-        if not self._started:
-            # start every worker now (after any set_state): grain starts each worker only
-            # when the previous one has delivered its first element, which puts their
-            # start-up (imports, compilation) one after the other
-            self._iterator.start_prefetch()
-            self._started = True
         try:
             return next(self._iterator)
         except StopIteration:
