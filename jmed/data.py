@@ -670,9 +670,10 @@ class LoaderIterator:
     """Iterator over batches: grain's iterator, closed (workers stopped) when exhausted.
 
     Workers start when the iterator is created, so their start-up overlaps with whatever
-    the caller does before asking for the first batch. ``get_state()`` returns a small JSON-compatible dict; ``set_state(state)`` on a fresh
-    iterator of an identically configured loader continues exactly from that point.
-    Call ``close()`` (or use it as a context manager) to stop workers early.
+    the caller does before asking for the first batch. ``get_state()`` returns a small
+    JSON-compatible dict; ``set_state(state)`` on a fresh iterator of an identically
+    configured loader continues exactly from that point. Call ``close()`` (or use it as a
+    context manager) to stop workers early.
     """
 
     def __init__(self, iterator: grain.DatasetIterator):
