@@ -217,6 +217,22 @@ def test_queue_hands_fortran_ordered_volumes_to_jit_transposed(records):
             np.testing.assert_array_less(batch["t1"].data[j][..., 0], expected + 1)
 
 
+def test_queue_patch_keys_follow_the_documented_formula(records):
+    # subject i of epoch e: key fold_in(fold_in(key(seed), e), i), split into
+    # (augmentation, sampler) keys
+    queue = _queue(records, num_epochs=2, batch_size=3, shuffle_patches=False, augmentation=None)
+    source = jmed.SubjectsSource(records, label_names="seg", preprocessing=Scale(2.0))
+    batches = _collect(iter(queue))
+    indices = np.concatenate([b.metadata["subject_index"] for b in batches])
+    locations = np.concatenate([b.metadata["location"] for b in batches])
+    for position in (0, 4, 7):  # epochs 0 and 1
+        epoch, index = divmod(position, NUM_SUBJECTS)
+        index = int(indices[3 * position])
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), epoch), index)
+        starts = SAMPLER.starts(jax.random.split(key)[1], source[index], 3)
+        np.testing.assert_array_equal(locations[3 * position : 3 * position + 3, :3], starts)
+
+
 def test_queue_per_epoch_counts_without_window_shuffle(records):
     queue = _queue(records, num_epochs=2, batch_size=3, shuffle_patches=False)
     batches = _collect(iter(queue))
