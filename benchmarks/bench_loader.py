@@ -490,7 +490,8 @@ def cases(quick: bool, volume) -> list:
             measure=queue,
             unit="patch (steady: last 3/4 of the batches)",
             note=f"{PATCH}^3 label-balanced patches, {SAMPLES_PER_VOLUME}/volume, batch {BATCH_SIZE}, "
-            "one subprocess per loader",
+            "one subprocess per loader"
+            + ("; quick: too short for a steady state (the rate is a filled queue drained)" if quick else ""),
         ),
     ]
 
