@@ -42,6 +42,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jmed.ops.histogram import count_true
+
 __all__ = [
     "average_surface_distance",
     "cross_entropy",
@@ -140,6 +142,17 @@ def _hard_one_hot(prediction: ArrayLike, num_classes: int | None, name: str) -> 
     return jax.nn.one_hot(jnp.argmax(prediction, -1), prediction.shape[-1], dtype=jnp.bool_)
 
 
+def _one_hot_pair(prediction, target, num_classes):
+    """Boolean one-hot maps ``(..., x, y, z, C)`` of a hard prediction and its target."""
+    pred = _hard_one_hot(prediction, num_classes, "prediction")
+    tgt = one_hot(target, pred.shape[-1], dtype=jnp.bool_)
+    if tgt.shape != pred.shape:
+        raise ValueError(
+            f"prediction {pred.shape[:-1]} and target {tgt.shape[:-1]} must have the same spatial shape"
+        )
+    return pred, tgt
+
+
 @functools.partial(jax.jit, static_argnums=2)
 def _overlap_counts(prediction, target, num_classes):
     """Per-class ``|P ∩ T|``, ``|P|`` and ``|T|`` over the spatial axes (float32 ``(..., C)``).
@@ -147,13 +160,8 @@ def _overlap_counts(prediction, target, num_classes):
     One compiled variadic reduction reads each voxel once; sums over materialised one-hot
     maps (one per quantity) take 40-70x longer on CPU.
     """
-    pred = _hard_one_hot(prediction, num_classes, "prediction")
-    tgt = one_hot(target, pred.shape[-1], dtype=jnp.bool_)
-    if tgt.shape != pred.shape:
-        raise ValueError(f"prediction {pred.shape[:-1]} and target {tgt.shape[:-1]} shapes differ")
-    terms = [(pred & tgt).astype(jnp.int32), pred.astype(jnp.int32), tgt.astype(jnp.int32)]
-    axes = tuple(a % pred.ndim for a in _SPATIAL)
-    sums = jax.lax.reduce(terms, [jnp.int32(0)] * 3, lambda a, b: [x + y for x, y in zip(a, b)], axes)
+    pred, tgt = _one_hot_pair(prediction, target, num_classes)
+    sums = count_true([pred & tgt, pred, tgt], axes=tuple(a % pred.ndim for a in _SPATIAL))
     return tuple(x.astype(jnp.float32) for x in sums)
 
 
@@ -525,10 +533,7 @@ def surface_distances(
 
 
 def _class_masks(prediction, target, num_classes, include_background):
-    pred = _hard_one_hot(prediction, num_classes, "prediction")
-    tgt = one_hot(target, pred.shape[-1], dtype=jnp.bool_)
-    if tgt.shape != pred.shape:
-        raise ValueError(f"prediction {pred.shape[:-1]} and target {tgt.shape[:-1]} shapes differ")
+    pred, tgt = _one_hot_pair(prediction, target, num_classes)
     pred = _drop_background(pred, include_background)
     tgt = _drop_background(tgt, include_background)
     # classes to the front, so the last three axes are spatial

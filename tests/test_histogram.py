@@ -215,3 +215,19 @@ def test_radix_percentile_equals_numpy():
         values, selection = _padded(x, mask)
         expected = np.percentile(x[mask].astype(np.float64), QS)
         np.testing.assert_allclose(f(values, selection), expected, rtol=1e-6, atol=1e-6 * np.abs(x).max())
+
+
+def test_count_true_matches_numpy_in_one_pass_under_jit_and_vmap():
+    labels = np.random.default_rng(5).integers(0, 4, (3, 7, 6, 5))
+    masks = [labels == c for c in range(4)]
+    expected = [m.sum(axis=(1, 3)) for m in masks]
+    for counts in (
+        histogram.count_true(masks, axes=(1, 3)),
+        jax.jit(lambda ms: histogram.count_true(ms, axes=(1, 3)))(masks),
+    ):
+        assert [c.dtype for c in counts] == [np.int32] * 4
+        for c, e in zip(counts, expected):
+            np.testing.assert_array_equal(c, e)
+    per_item = jax.vmap(lambda ms: histogram.count_true(ms, axes=(0, 2)))(masks)
+    for c, e in zip(per_item, expected):
+        np.testing.assert_array_equal(c, e)

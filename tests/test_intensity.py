@@ -156,7 +156,9 @@ def test_gamma_nnunet_sampling_range(key):
     gammas = np.array([float(t.sample(k, None)["gamma"]) for k in jax.random.split(key, 32)])
     assert gammas.min() >= 0.7 and gammas.max() <= 1.5
     assert 4 < (gammas < 1).sum() < 28
-    logs = np.array([float(RandomGamma(log_gamma=0.3).sample(k, None)["gamma"]) for k in jax.random.split(key, 6)])
+    logs = np.array(
+        [float(RandomGamma(log_gamma=0.3).sample(k, None)["gamma"]) for k in jax.random.split(key, 6)]
+    )
     assert np.all((np.log(logs) >= -0.3 - 1e-6) & (np.log(logs) <= 0.3 + 1e-6))
 
 

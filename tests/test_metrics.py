@@ -59,6 +59,17 @@ def test_dice_jit():
     target = _random_labels(1, (8, 8, 8), 3)
     fn = functools.partial(metrics.dice_score, num_classes=3)
     np.testing.assert_allclose(jax.jit(fn)(labels, target), fn(labels, target))
+    # vmap over a batch gives each item's Dice
+    batch = np.stack([labels, target]), np.stack([target, labels])
+    per_item = jax.vmap(fn)(*batch)
+    np.testing.assert_allclose(per_item[0], fn(labels, target))
+    np.testing.assert_allclose(per_item[1], fn(target, labels))
+    with pytest.raises(
+        ValueError, match=r"\(8, 8, 8\) and target \(8, 8, 7\) must have the same spatial shape"
+    ):
+        fn(labels, target[:, :, :7])
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+        metrics.dice_score(labels, target, num_classes=0)
 
 
 def test_soft_dice_and_loss_numpy_reference():

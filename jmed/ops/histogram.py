@@ -42,7 +42,7 @@ try:
 except ImportError:  # a jax without it: the radix selection on every platform
     _buffer_callback = None
 
-__all__ = ["check_percentiles", "order_statistics", "percentile"]
+__all__ = ["check_percentiles", "count_true", "order_statistics", "percentile"]
 
 _BINS = 1 << 16
 # host selection: below this many values a plain introselect; above, the two-stage
@@ -504,3 +504,21 @@ def percentile(x: ArrayLike, q: float | Sequence[float], *, mask: ArrayLike | No
     else:
         out = _percentile_host(np.asarray(x), qa, mask)
     return out[0] if scalar else out
+
+
+def count_true(masks: Sequence[ArrayLike], axes: Sequence[int]) -> list[jax.Array]:
+    """Counts of ``True`` in each of several same-shaped boolean ``masks`` over ``axes``.
+
+    One variadic reduction: a single pass over the voxels, where one reduction per mask
+    reads them once per mask and runs about 10x slower on XLA:CPU. Jittable and
+    vmappable; returns int32 arrays with ``axes`` removed.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> labels = jnp.array([[0, 1, 1], [2, 1, 0]])
+        >>> [c.tolist() for c in count_true([labels == 1, labels == 0], axes=(1,))]
+        [[2, 1], [1, 1]]
+    """
+    terms = [jnp.asarray(m).astype(jnp.int32) for m in masks]
+    zeros = [jnp.int32(0)] * len(terms)
+    return list(jax.lax.reduce(terms, zeros, lambda a, b: [x + y for x, y in zip(a, b)], tuple(axes)))
