@@ -200,7 +200,7 @@ def main():
 def cases(quick: bool, volume) -> list:
     """Sliding-window rows for ``benchmarks.run`` (identity model, patch 96^3, overlap 48).
 
-    ``average`` has both anchors, ``hann`` TorchIO only (its target: <= 30 ms on the
+    ``average`` has both anchors, ``hann`` TorchIO only (jmed's target: <= 30 ms on the
     MNI-size volume); ``gaussian`` (MONAI only) is added in the full run.
     """
     from benchmarks.common import Case

@@ -268,8 +268,7 @@ def _sampler_times(data_dir: Path | None, repeats: int) -> list[tuple[str, float
 
 def _child(args) -> None:
     if args.tune_allocator:
-        sys.path.insert(0, str(ROOT))
-        from jmed import runtime
+        from jmed import runtime  # importable: _spawn puts the repository on PYTHONPATH
 
         runtime.tune_host_allocator(args.tune_allocator)
     records = json.loads(Path(args.records).read_text())
@@ -313,13 +312,16 @@ def main(argv: list[str] | None = None) -> None:
         ROOT.parent.parent / "shared" / "data" / "mni152",
     ]
     default_data = next((c for c in candidates if c.exists()), candidates[0])
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import add_allocator_option, apply_allocator
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=default_data if default_data.exists() else None)
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-loaders", action="store_true")
-    parser.add_argument("--system-allocator", action="store_true", help="keep glibc's malloc thresholds")
+    add_allocator_option(parser)
     parser.add_argument("--tune-allocator", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["torchio", "jmed"], help=argparse.SUPPRESS)
     parser.add_argument("--records", help=argparse.SUPPRESS)
@@ -328,11 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         _child(args)
         return
-    sys.path.insert(0, str(ROOT))
-    from jmed import runtime
-
-    if not args.system_allocator:
-        runtime.tune_host_allocator()
+    print(f"host allocator: {apply_allocator(args.system_allocator)}")
     print(f"data: {args.data or 'synthetic 197x233x189'}; cpu cores: {os.cpu_count()}")
     print(f"\n16 label-balanced {PATCH}^3 patches from one volume (median of {args.repeats}):")
     rows = _sampler_times(args.data, args.repeats)

@@ -10,6 +10,7 @@ Run with ``taskset -c 0,1 python benchmarks/bench_spatial.py`` to use 2 CPU core
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 import warnings
@@ -205,11 +206,15 @@ def cases(quick: bool, volume) -> list:
     """
     from benchmarks.common import Case
 
+    @functools.lru_cache(maxsize=1)
+    def synthetic(shape):  # built once for all the rows of that shape
+        from benchmarks.common import load_volume
+
+        return load_volume(None, shape)
+
     def build(name, shape=None, anchors=True):
         def fns():
-            from benchmarks.common import load_volume
-
-            vol = volume if shape is None else load_volume(None, shape)
+            vol = volume if shape is None else synthetic(shape)
             subject = vol.subject()
             transform = jmed_cases()[name]
             fn = jax.jit(lambda k, s: transform(k, s).without_history())

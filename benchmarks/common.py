@@ -54,6 +54,24 @@ def set_torch_threads() -> int | None:
     return torch.get_num_threads()
 
 
+def add_allocator_option(parser) -> None:
+    parser.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (no jmed.tune_host_allocator())",
+    )
+
+
+def apply_allocator(system_allocator: bool) -> str:
+    """``jmed.tune_host_allocator()`` unless ``system_allocator``; the setting in words."""
+    if not system_allocator:
+        import jmed
+
+        if jmed.tune_host_allocator():
+            return "jmed.tune_host_allocator() (large blocks from the heap; applies to all libraries)"
+    return "glibc defaults"
+
+
 @dataclass
 class Volume:
     """The benchmark subject: a T1 (x, y, z) float32, a 3-class label map and the affine."""

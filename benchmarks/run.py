@@ -40,6 +40,8 @@ from benchmarks.common import (
     LIBRARIES,
     Case,
     Timing,
+    add_allocator_option,
+    apply_allocator,
     default_data_dir,
     load_volume,
     num_cores,
@@ -194,11 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--synthetic-shape", type=int, nargs=3, help="use a synthetic volume of this shape")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per case (default 7, --quick 3)")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default 'full' or 'quick')")
-    parser.add_argument(
-        "--system-allocator",
-        action="store_true",
-        help="keep glibc's default malloc thresholds (no jmed.tune_host_allocator())",
-    )
+    add_allocator_option(parser)
     parser.add_argument(
         "--update-readme",
         type=Path,
@@ -210,12 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     runs = args.runs or (3 if args.quick else 7)
     started = time.perf_counter()
-    allocator = "glibc defaults"
-    if not args.system_allocator:
-        import jmed
-
-        if jmed.tune_host_allocator():
-            allocator = "jmed.tune_host_allocator() (large blocks from the heap; applies to all libraries)"
+    allocator = apply_allocator(args.system_allocator)
 
     torch_threads = set_torch_threads()
     data_dir = args.data if args.data is not None else default_data_dir()

@@ -78,7 +78,11 @@ def tune_host_allocator(threshold: int = 2**30) -> bool:
         return False
     for option, name in ((_M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"), (_M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD")):
         if libc.mallopt(ctypes.c_int(option), ctypes.c_int(threshold)) != 1:
-            raise RuntimeError(f"glibc mallopt refused {name}={threshold}")
+            done = "" if name == "M_MMAP_THRESHOLD" else " (M_MMAP_THRESHOLD is already set)"
+            raise RuntimeError(
+                f"glibc mallopt refused {name}={threshold}{done}; this glibc caps the threshold "
+                "lower: try a smaller one"
+            )
     global _applied
     _applied = threshold
     return True

@@ -455,18 +455,34 @@ def test_resample_partial_volume_labels(phantom):
     assert set(np.unique(np.asarray(out.seg.data))) <= {0, 1, 2}
 
 
+def _oblique_affine():
+    affine = affine_lib.from_spacing((0.9375, 1.2, 2.5), origin=(-30.3, 12.7, 7.1), orientation="LPS")
+    affine[:3, :3] = np.array([[0.96, -0.28, 0], [0.28, 0.96, 0], [0, 0, 1.0]]) @ affine[:3, :3]
+    # solve(A, A) is not exactly the identity here: the shortcut must allow for rounding
+    assert not np.array_equal(np.linalg.solve(affine, affine), np.eye(4))
+    return affine
+
+
+@pytest.mark.parametrize("oblique", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.int16])
-def test_resample_to_the_same_grid_equals_the_kernel(dtype, monkeypatch):
+def test_resample_to_the_same_grid_equals_the_kernel(dtype, oblique, monkeypatch):
     # the same-grid shortcut returns what the interpolation kernel returns, bit for bit
     from jmed.transforms import preprocessing
 
     kernel = preprocessing._resample_jit
     rng = np.random.default_rng(0)
-    affine = affine_lib.from_spacing((1.0, 1.0, 1.0), origin=(-5.0, 3.0, 2.0))
+    if oblique:
+        affine = _oblique_affine()
+    else:
+        affine = affine_lib.from_spacing((1.0, 1.0, 1.0), origin=(-5.0, 3.0, 2.0))
     t1 = jmed.ScalarImage((rng.random((9, 8, 7)) * 100).astype(dtype), affine)
     seg = jmed.LabelMap(rng.integers(0, 3, (9, 8, 7)).astype(np.uint8), affine)
     monkeypatch.setattr(preprocessing, "_resample_jit", None)  # the shortcut must not call it
-    out = Resample(1.0)(jmed.Subject(t1=t1, seg=seg))
+    subject = jmed.Subject(t1=t1, seg=seg)
+    out = Resample(((9, 8, 7), affine))(subject)
+    if not oblique:  # the spacing route reaches the same grid
+        for name in ("t1", "seg"):
+            np.testing.assert_array_equal(Resample(1.0)(subject)[name].data, out[name].data)
     for name, source, order in (("t1", t1, 1), ("seg", seg, 0)):
         expected = kernel(source.data, np.eye(4), output_shape=(9, 8, 7), order=order, pad_value=0.0)
         assert out[name].data.dtype == expected.dtype

@@ -339,7 +339,7 @@ def order_statistics(x: ArrayLike, ranks: ArrayLike, *, mask: ArrayLike | None =
     """The ``ranks``-th smallest (0-based) of the (masked) values of ``x``. Jittable, exact.
 
     Values are compared as float32. ``ranks`` (1D, int) may be traced; ranks outside
-    ``[0, n - 1]`` are clipped. With an empty selection the result is meaningless (0).
+    ``[0, n - 1]`` are clipped. With an empty selection the result is unspecified (NaN).
     Meant for a few ranks: the second pass holds a 65536-bin histogram per rank.
     """
     keys = _to_key(jnp.asarray(x).reshape(-1))
@@ -432,7 +432,8 @@ def _percentile_radix(x, q: np.ndarray, mask) -> jax.Array:
     a, b = stats[: q.size], stats[q.size :]
     diff = b - a
     out = jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
-    return jnp.where(a == b, a, out)
+    # an empty selection gives 0, as the host selection does (its order statistics are NaN)
+    return jnp.where(n > 0, jnp.where(a == b, a, out), 0.0)
 
 
 def _percentile_callback(x, q: np.ndarray, mask) -> jax.Array:

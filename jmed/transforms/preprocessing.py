@@ -52,6 +52,10 @@ __all__ = [
     "WindowParams",
 ]
 
+# a voxel-to-voxel matrix this close to the identity samples the input voxels themselves:
+# 1e-9 is far below float32's resolution of voxel coordinates (6e-5 at 1000)
+_SAME_GRID_ATOL = 1e-9
+
 INTERPOLATIONS = {"nearest": 0, "linear": 1, "partial_volume": "partial_volume"}
 
 # One compiled kernel per (input shape, output shape, order, padding): eager calls with
@@ -318,10 +322,11 @@ class Resample(Transform):
         if (
             isinstance(matrix, np.ndarray)
             and shape == image.spatial_shape
-            and np.array_equal(matrix, np.eye(4))
+            and np.allclose(matrix, np.eye(4), rtol=0, atol=_SAME_GRID_ATOL)
         ):
-            # the same grid: every output voxel samples its input voxel exactly, and the
-            # kernel would return the data unchanged (linear output is floating point)
+            # the same grid (up to the rounding of the solve): every output voxel samples
+            # its input voxel, and the kernel would return the data unchanged (linear
+            # output is floating point)
             data = jnp.asarray(data)
             if order != 0 and order != "partial_volume" and not jnp.issubdtype(data.dtype, jnp.floating):
                 data = data.astype(jnp.float32)
