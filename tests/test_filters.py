@@ -54,17 +54,18 @@ def test_traced_sigma_without_bound_handles_wide_kernels():
 
 @pytest.mark.parametrize("mode", BOUNDARY_MODES)
 def test_traced_wide_kernels_match_scipy_in_every_mode(mode):
-    # radii 14 and 20 (beyond the compiled widths: the run-time tap loop), 3 and 0
+    # radii 14 (the widest compiled width, 24), 30 and 41 (beyond it: the run-time tap
+    # loop), 4 and 0
     x = _volume()
     f = jax.jit(lambda v, s: gaussian_blur(v, s, mode=mode, cval=0.7))
-    for sigma in [(3.5, 5.0, 0.8), (0.0, 3.4, 5.1)]:
+    for sigma in [(3.5, 7.5, 0.8), (0.0, 3.4, 10.2)]:
         expected = _scipy(x, sigma, mode=mode, cval=0.7)
         np.testing.assert_allclose(f(x, jnp.asarray(sigma)), expected, atol=1e-5)
 
 
 def test_vmap_per_sample_wide_sigma():
     x = _volume((8, 7, 6, 1))
-    sigmas = jnp.asarray([[4.0, 0.5, 1.0], [0.2, 3.6, 0.0]])
+    sigmas = jnp.asarray([[8.0, 0.5, 1.0], [0.2, 3.6, 0.0]])  # radius 32: the tap loop
     out = jax.jit(jax.vmap(lambda s: gaussian_blur(x, s)))(sigmas)
     for i in range(2):
         np.testing.assert_allclose(out[i], _scipy(x, np.asarray(sigmas[i])), atol=1e-5)

@@ -67,6 +67,25 @@ def test_splice_lines_equals_full_3d_splice(channels, as_list):
         np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def test_splice_lines_of_one_volume_is_that_volume():
+    x = np.random.default_rng(4).standard_normal((5, 4, 6, 2)).astype(np.float32)
+    out = kspace.splice_lines(x[None], np.zeros(4, int), 1)
+    assert out.dtype == np.complex64
+    np.testing.assert_array_equal(out, x + 0j)
+
+
+def test_attenuate_planes_rejects_bad_arguments():
+    x = np.ones((4, 5, 6, 1), np.float32)
+    with pytest.raises(
+        ValueError, match=r"freqs and weights must be 1D of the same length, got shapes \(2,\) and \(1,\)"
+    ):
+        kspace.attenuate_planes(x, [1, 2], [0.5], 0)
+    with pytest.raises(ValueError, match="axis must be 0, 1 or 2 \\(a spatial axis\\), got 3"):
+        kspace.attenuate_planes(x, [1], [0.5], 3)
+    with pytest.raises(ValueError, match=r"data must be \(x, y, z, c\), got shape \(4, 5, 6\)"):
+        kspace.attenuate_planes(x[..., 0], [1], [0.5], 0)
+
+
 def test_splice_lines_rejects_complex_volumes():
     with pytest.raises(TypeError, match="volumes"):
         kspace.splice_lines(np.ones((2, 3, 3, 3, 1), np.complex64), np.zeros(3, int), 0)

@@ -58,7 +58,7 @@ _PAD_MODES = {
 }
 # largest radius filtered by shift-and-add; wider kernels use the banded matrix product
 _MAX_SHIFT_RADIUS = 24
-# kernel radii compiled for a traced sigma (then the bound, by a loop beyond 12)
+# kernel radii compiled for a traced sigma (wider ones: a run-time loop over the taps)
 _BUCKETS = (4, 12, 24)
 
 
