@@ -68,15 +68,28 @@ class Image:
         affine: 4x4 voxel-to-world matrix (mm, RAS+). Defaults to the identity (1 mm
             voxels, origin at 0).
         kind: ``"intensity"`` or ``"label"``.
+        extent: optional number of valid voxels per spatial axis, ``(3,)`` int32 (may be
+            a traced value). Voxels at indices ``>= extent`` are padding that
+            padding-aware transforms and samplers ignore: a volume padded to a shared
+            *bucket* shape gives the same result there as the unpadded volume, with one
+            compiled program for every volume of that bucket (see ``jmed.buckets``).
+            ``None`` (the default): every voxel is valid.
 
     Raises:
         ValueError: wrong data rank, unknown kind, or a bad affine (wrong shape,
-            non-finite, singular).
+            non-finite, singular), or an extent that is not 3 values within the shape.
     """
 
-    __slots__ = ("_data", "affine", "kind")
+    __slots__ = ("_data", "affine", "extent", "kind")
 
-    def __init__(self, data: ArrayLike, affine: ArrayLike | None = None, *, kind: str = INTENSITY):
+    def __init__(
+        self,
+        data: ArrayLike,
+        affine: ArrayLike | None = None,
+        *,
+        kind: str = INTENSITY,
+        extent: ArrayLike | None = None,
+    ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if not isinstance(data, _LazyData):
@@ -95,16 +108,18 @@ class Image:
             raise ValueError(f"affine must have shape (4, 4), got {tuple(affine.shape)}")
         self._data = data
         self.affine = affine
+        self.extent = _check_extent(extent, tuple(data.shape[-4:-1]))
         self.kind = kind
 
     # -- pytree ------------------------------------------------------------------------
     def tree_flatten(self):
-        return (self.data, self.affine), self.kind
+        return (self.data, self.affine, self.extent), self.kind
 
     @classmethod
     def tree_unflatten(cls, kind, children):
         obj = object.__new__(cls)
-        obj._data, obj.affine = children
+        obj._data, obj.affine = children[0], children[1]
+        obj.extent = children[2] if len(children) > 2 else None
         obj.kind = kind
         return obj
 
@@ -128,6 +143,11 @@ class Image:
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
         return tuple(self._data.shape[-4:-1])
+
+    @property
+    def valid_shape(self) -> Any:
+        """Valid voxels per spatial axis: ``extent`` if set, else ``spatial_shape``."""
+        return self.spatial_shape if self.extent is None else self.extent
 
     @property
     def num_channels(self) -> int:
@@ -163,10 +183,11 @@ class Image:
 
     # -- helpers -----------------------------------------------------------------------
     def replace(self, **changes) -> Image:
-        """A copy with ``data``, ``affine`` and/or ``kind`` replaced (no validation)."""
+        """A copy with ``data``, ``affine``, ``kind`` and/or ``extent`` replaced (no validation)."""
         obj = object.__new__(type(self))
         obj._data = changes.pop("data", self._data)
         obj.affine = changes.pop("affine", self.affine)
+        obj.extent = changes.pop("extent", self.extent)
         obj.kind = changes.pop("kind", self.kind)
         if changes:
             raise TypeError(f"replace() got unexpected fields {sorted(changes)}")
@@ -186,7 +207,30 @@ class Image:
                 pass
         shape = getattr(self._data, "shape", None)
         dtype = getattr(self._data, "dtype", None)
-        return f"{type(self).__name__}(kind={self.kind!r}, shape={shape}, dtype={dtype}{geo})"
+        extent = ""
+        if self.extent is not None and _is_concrete(self.extent):
+            extent = f", extent={tuple(int(v) for v in np.asarray(self.extent))}"
+        return f"{type(self).__name__}(kind={self.kind!r}, shape={shape}, dtype={dtype}{extent}{geo})"
+
+
+def _check_extent(extent: Any, spatial_shape: tuple[int, ...]) -> Any:
+    if extent is None:
+        return None
+    if not _is_concrete(extent):
+        if tuple(extent.shape) != (3,):
+            raise ValueError(f"extent must have shape (3,), got {tuple(extent.shape)}")
+        return extent
+    values = np.asarray(extent)
+    if (
+        values.shape != (3,)
+        or not np.issubdtype(values.dtype, np.integer)
+        or np.any(values < 1)
+        or np.any(values > np.asarray(spatial_shape))
+    ):
+        raise ValueError(
+            f"extent must be 3 integers in [1, spatial shape {tuple(spatial_shape)}], got {extent!r}"
+        )
+    return values.astype(np.int32)
 
 
 def _with_channel(data: ArrayLike, name: str) -> Any:
@@ -332,6 +376,14 @@ class Subject(Mapping):
             detail = ", ".join(f"{n}: {im.spatial_shape}" for n, im in self._images.items())
             raise ValueError(f"images in subject have different spatial shapes ({detail})")
         return shapes.pop()
+
+    @property
+    def extent(self) -> Any:
+        """Valid voxels per axis shared by the images (see ``Image``); ``None`` if unpadded."""
+        for image in self._images.values():
+            if image.extent is not None:
+                return image.extent
+        return None
 
     def check_consistent(self, tolerance: float = AFFINE_TOLERANCE) -> None:
         """Check that all images share spatial shape and (within ``tolerance``) affine.

@@ -76,12 +76,19 @@ def upsample(control: ArrayLike, output_shape: tuple[int, int, int]) -> jax.Arra
     return upsample_separable(control, weights)
 
 
-def bspline_weights_at(positions: ArrayLike, size: int, num_points: int) -> jax.Array:
+def bspline_weights_at(
+    positions: ArrayLike, size: int, num_points: int, *, extent: ArrayLike | None = None
+) -> jax.Array:
     """Weights ``(len(positions), num_points)`` at fractional voxel ``positions`` of an
     axis of ``size`` voxels (jittable; positions may be traced). Beyond the control grid
-    the weights fall to zero."""
+    the weights fall to zero. ``extent`` (possibly traced) replaces ``size`` as the
+    number of voxels the grid spans, for an axis padded beyond its valid voxels."""
     positions = jnp.asarray(positions, jnp.float32)
-    if size == 1:
+    if extent is not None:
+        n = jnp.asarray(extent, jnp.float32)
+        span = jnp.where(n > 1, (num_points - 3) / jnp.maximum(n - 1.0, 1.0), 0.0)
+        u = positions * span + jnp.where(n > 1, 0.0, (num_points - 3) / 2)
+    elif size == 1:
         u = positions + (num_points - 3) / 2
     else:
         u = positions * ((num_points - 3) / (size - 1))

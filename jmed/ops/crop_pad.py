@@ -32,6 +32,7 @@ __all__ = [
     "crop",
     "crop_or_pad_bounds",
     "pad",
+    "valid_mask",
     "window",
 ]
 
@@ -205,3 +206,22 @@ def crop_or_pad_bounds(shape: Sequence[int], target_shape: Sequence[int]) -> np.
     """
     diff = np.asarray(shape, int) - np.asarray(target_shape, int)
     return np.where(diff >= 0, -((-diff) // 2), diff // 2)
+
+
+def valid_mask(spatial_shape: Sequence[int], extent: ArrayLike) -> jax.Array:
+    """Boolean ``(x, y, z, 1)`` mask of the voxels at indices below ``extent`` ``(3,)``
+    (jittable; ``extent`` may be traced): the valid part of a volume padded at the high
+    end of each axis.
+
+    Examples:
+        >>> int(valid_mask((4, 3, 2), [2, 3, 1]).sum())
+        6
+    """
+    extent = jnp.asarray(extent, jnp.int32)
+    mask = None
+    for axis, n in enumerate(spatial_shape):
+        shape = [1, 1, 1, 1]
+        shape[axis] = int(n)
+        inside = (jnp.arange(int(n), dtype=jnp.int32) < extent[axis]).reshape(shape)
+        mask = inside if mask is None else mask & inside
+    return mask

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jmed.ops.bspline import SeparableField
+from jmed.ops.crop_pad import valid_mask
 
 __all__ = ["INTERPOLATIONS", "PAD_MODES", "PAD_VALUE_RULES", "pad_value_for", "resample"]
 
@@ -111,6 +112,7 @@ def resample(
     pad_mode: str = "constant",
     pad_value: ArrayLike = 0.0,
     displacement_matrix: ArrayLike | None = None,
+    extent: ArrayLike | None = None,
 ) -> jax.Array:
     """Resample ``data`` ``(x, y, z, c)`` on an output grid of ``output_shape``.
 
@@ -127,6 +129,9 @@ def resample(
             see ``pad_value_for`` for TorchIO's rules.
         displacement_matrix: optional 3x3 matrix mapping ``displacement`` vectors to input
             voxels (e.g. the inverse of the input's 3x3 affine for a field in mm).
+        extent: optional ``(3,)`` int number of valid input voxels per axis (may be
+            traced): input voxels at indices ``>= extent`` are padding and count as
+            outside the input, so the result equals resampling ``data[:ex, :ey, :ez]``.
 
     Returns:
         Array of shape ``(*output_shape, c)``.
@@ -161,15 +166,22 @@ def resample(
     flat = data.reshape(-1) if channels == 1 else data.reshape(-1, channels)
     strides = (in_shape[1] * in_shape[2], in_shape[2], 1)
     coords = _coordinates(matrix, output_shape, displacement, displacement_matrix)
+    if extent is None:
+        last = [n - 1 for n in in_shape]
+    else:
+        extent = jnp.asarray(extent, jnp.int32)
+        if extent.shape != (3,):
+            raise ValueError(f"extent must have shape (3,), got {extent.shape}")
+        last = [extent[d] - 1 for d in range(3)]
     if pad_mode == "edge":
-        coords = [jnp.clip(c, 0.0, n - 1.0) for c, n in zip(coords, in_shape)]
+        coords = [jnp.clip(c, 0.0, jnp.asarray(n, jnp.float32)) for c, n in zip(coords, last)]
 
     def locate(idx):
         inside = True
         flat_index = 0
         for d in range(3):
-            inside = inside & (idx[d] >= 0) & (idx[d] <= in_shape[d] - 1)
-            flat_index = flat_index + jnp.clip(idx[d], 0, in_shape[d] - 1) * strides[d]
+            inside = inside & (idx[d] >= 0) & (idx[d] <= last[d])
+            flat_index = flat_index + jnp.clip(idx[d], 0, last[d]) * strides[d]
         return flat_index, inside
 
     def pad_as(dtype):
@@ -246,12 +258,41 @@ def _border_values(data: jax.Array) -> jax.Array:
     return jnp.concatenate([f.reshape(-1, c) for f in faces])
 
 
-def _otsu_threshold(values: jax.Array, bins: int = 256) -> jax.Array:
-    """Otsu's threshold of 1D ``values`` from a ``bins``-bin histogram (jittable)."""
-    lo, hi = jnp.min(values), jnp.max(values)
+def _border_values_within(data: jax.Array, extent: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Voxels on the 6 faces of ``data[:ex, :ey, :ez]`` as ``(n, c)`` values and ``(n,)``
+    weights (1 for a border voxel of the valid region, counted once; 0 otherwise)."""
+    c = data.shape[-1]
+    ext = jnp.asarray(extent, jnp.int32)
+    ranges = [jnp.arange(n, dtype=jnp.int32) for n in data.shape[:3]]
+    valid = [r < e for r, e in zip(ranges, (ext[0], ext[1], ext[2]))]
+    inner = [v & (r > 0) & (r < e - 1) for v, r, e in zip(valid, ranges, (ext[0], ext[1], ext[2]))]
+    values, weights = [], []
+    for axis in range(3):
+        # the faces at 0 and ext - 1 along ``axis``; earlier axes' faces already hold the
+        # edges, so the other axes run over inner voxels of earlier axes only
+        others = [inner[a] if a < axis else valid[a] for a in range(3) if a != axis]
+        mask2d = others[0][:, None] & others[1][None, :]
+        for index, keep in ((0, True), (ext[axis] - 1, ext[axis] > 1)):
+            face = jax.lax.dynamic_index_in_dim(data, index, axis=axis, keepdims=False)
+            values.append(face.reshape(-1, c))
+            weights.append((mask2d & keep).reshape(-1))
+    return jnp.concatenate(values), jnp.concatenate(weights).astype(jnp.float32)
+
+
+def _otsu_threshold(values: jax.Array, bins: int = 256, weights: jax.Array | None = None) -> jax.Array:
+    """Otsu's threshold of 1D ``values`` (optionally weighted 0/1) from a ``bins``-bin
+    histogram (jittable)."""
+    if weights is None:
+        lo, hi = jnp.min(values), jnp.max(values)
+        counts = 1.0
+    else:
+        keep = weights > 0
+        lo = jnp.min(jnp.where(keep, values, jnp.inf))
+        hi = jnp.max(jnp.where(keep, values, -jnp.inf))
+        counts = weights
     width = jnp.where(hi > lo, (hi - lo) / bins, 1.0)
     index = jnp.clip(((values - lo) / width).astype(jnp.int32), 0, bins - 1)
-    hist = jnp.zeros(bins, jnp.float32).at[index].add(1.0)
+    hist = jnp.zeros(bins, jnp.float32).at[index].add(counts)
     centres = lo + (jnp.arange(bins, dtype=jnp.float32) + 0.5) * width
     w0 = jnp.cumsum(hist)
     w1 = w0[-1] - w0
@@ -262,7 +303,7 @@ def _otsu_threshold(values: jax.Array, bins: int = 256) -> jax.Array:
     return lo + (jnp.argmax(between) + 1.0) * width
 
 
-def pad_value_for(data: ArrayLike, rule: str | float) -> jax.Array:
+def pad_value_for(data: ArrayLike, rule: str | float, extent: ArrayLike | None = None) -> jax.Array:
     """Per-channel padding value ``(c,)`` for ``data`` ``(x, y, z, c)`` (jittable).
 
     Args:
@@ -271,6 +312,8 @@ def pad_value_for(data: ArrayLike, rule: str | float) -> jax.Array:
             border voxels) or ``"otsu"`` (mean of the border voxels below the Otsu
             threshold of the border voxels, i.e. the background), as TorchIO's
             ``default_pad_value``.
+        extent: optional valid voxels per axis (see ``resample``): the rule reads
+            ``data[:ex, :ey, :ez]`` only.
 
     Raises:
         ValueError: unknown rule.
@@ -281,17 +324,32 @@ def pad_value_for(data: ArrayLike, rule: str | float) -> jax.Array:
         return jnp.full((channels,), rule, jnp.result_type(data.dtype, jnp.float32))
     if rule not in PAD_VALUE_RULES:
         raise ValueError(f"pad value must be a number or one of {PAD_VALUE_RULES}, got {rule!r}")
-    if rule == "minimum":
-        return _kept_apart(jnp.min(data.reshape(-1, channels), axis=0).astype(jnp.float32))
-    border = _border_values(data).astype(jnp.float32)
+    if extent is None:
+        if rule == "minimum":
+            return _kept_apart(jnp.min(data.reshape(-1, channels), axis=0).astype(jnp.float32))
+        border, weights = _border_values(data).astype(jnp.float32), None
+    else:
+        if rule == "minimum":
+            mask = valid_mask(data.shape[:3], extent)
+            inside = jnp.where(mask, data.astype(jnp.float32), jnp.inf)
+            return _kept_apart(jnp.min(inside.reshape(-1, channels), axis=0))
+        border, weights = _border_values_within(data, extent)
+        border = border.astype(jnp.float32)
     if rule == "mean":
-        return _kept_apart(jnp.mean(border, axis=0))
+        if weights is None:
+            return _kept_apart(jnp.mean(border, axis=0))
+        return _kept_apart((weights @ border) / jnp.maximum(jnp.sum(weights), 1.0))
 
     def background_mean(values):
-        threshold = _otsu_threshold(values)
-        below = values < threshold
+        w = jnp.ones(values.shape, jnp.float32) if weights is None else weights
+        threshold = _otsu_threshold(values, weights=weights)
+        below = (values < threshold) & (w > 0)
         mean_below = jnp.sum(jnp.where(below, values, 0.0)) / jnp.maximum(jnp.sum(below), 1)
-        return jnp.where(jnp.any(below), mean_below, jnp.mean(values))
+        if weights is None:
+            mean_all = jnp.mean(values)
+        else:
+            mean_all = jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+        return jnp.where(jnp.any(below), mean_below, mean_all)
 
     return _kept_apart(jax.vmap(background_mean, in_axes=1)(border))
 

@@ -42,12 +42,22 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+def _flat_index(shape: tuple[int, ...], extent: jax.Array | None = None) -> jax.Array:
     index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
+    if extent is None:
+        stride = 1
+        for axis in reversed(range(len(shape))):
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+            stride *= shape[axis]
+        return index
+    # the flat index within the leading ``len(extent)`` axes of sizes ``extent`` (a volume
+    # padded beyond them): the valid voxels get the values of the unpadded volume
+    sizes = [jnp.asarray(extent[a], jnp.uint32) for a in range(extent.shape[0])]
+    sizes += [np.uint32(n) for n in shape[extent.shape[0] :]]
+    stride = np.uint32(1)
     for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
-        stride *= shape[axis]
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * stride
+        stride = stride * sizes[axis]
     return index
 
 
@@ -60,15 +70,32 @@ def _check_shape(shape) -> tuple[int, ...]:
     return shape
 
 
-def hash_bits(key: jax.Array, shape) -> jax.Array:
-    """Random ``uint32`` bits of ``shape`` from ``key`` (see the module docstring)."""
+def _check_extent(extent, shape) -> jax.Array | None:
+    if extent is None:
+        return None
+    extent = jnp.asarray(extent, jnp.int32)
+    if extent.ndim != 1 or extent.shape[0] > len(shape):
+        raise ValueError(
+            f"extent must have at most {len(shape)} values (one per leading axis), got {extent.shape}"
+        )
+    return extent
+
+
+def hash_bits(key: jax.Array, shape, *, extent=None) -> jax.Array:
+    """Random ``uint32`` bits of ``shape`` from ``key`` (see the module docstring).
+
+    ``extent`` (possibly traced) gives the valid sizes of the leading axes of an array
+    padded beyond them: its valid elements then get the bits of an unpadded array.
+    """
     shape = _check_shape(shape)
     k = jax.random.bits(key, (2,), jnp.uint32)
-    return _mix(_mix(_flat_index(shape) ^ k[0]) + k[1])
+    return _mix(_mix(_flat_index(shape, _check_extent(extent, shape)) ^ k[0]) + k[1])
 
 
-def normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+def normal(key: jax.Array, shape, dtype=jnp.float32, *, extent=None) -> jax.Array:
     """Standard normal values of ``shape`` from ``key``; computed in float32, cast to ``dtype``.
+
+    ``extent``: as for ``hash_bits``.
 
     Example:
         >>> import jax
@@ -79,6 +106,6 @@ def normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating type, got {dtype}")
-    m = (hash_bits(key, shape) >> 9).astype(jnp.float32)  # 0 .. 2**23 - 1, exact
+    m = (hash_bits(key, shape, extent=extent) >> 9).astype(jnp.float32)  # 0 .. 2**23 - 1, exact
     v = (m * 2.0 + 1.0) * np.float32(2.0**-23) - 1.0  # symmetric grid in (-1, 1), exact
     return (np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(v)).astype(dtype)

@@ -69,6 +69,11 @@ class Transform:
     (random ones), and ``apply_image`` (same rule for every selected image) or ``apply``
     (whole subject).
 
+    ``padding_aware = True`` declares that the transform respects ``Image.extent``: on a
+    volume padded to a bucket shape (``jmed.buckets``) its valid voxels come out as they
+    would from the unpadded volume (within float rounding). Compositions are
+    padding-aware when all their children are (``jmed.buckets.is_padding_aware``).
+
     Args:
         include: names of the images to transform (others pass through unchanged).
         exclude: names of images to leave unchanged.
@@ -76,6 +81,7 @@ class Transform:
 
     is_random: ClassVar[bool] = False
     invertible: ClassVar[bool] = False
+    padding_aware: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = KINDS
 
     def __init__(
@@ -225,6 +231,8 @@ class Compose(Transform):
             blur and time). ``fuse=False`` resamples after every spatial transform.
     """
 
+    padding_aware = True
+
     def __init__(self, transforms: Sequence[Transform], *, fuse: bool = True):
         super().__init__()
         self.transforms = _check_transforms(transforms, "Compose")
@@ -314,6 +322,7 @@ class OneOf(Transform):
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(
         self,
@@ -356,6 +365,7 @@ class RandomApply(Transform):
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(self, transform: Transform, *, p: float = 0.5):
         super().__init__()
@@ -390,6 +400,7 @@ class SomeOf(Transform):
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(
         self, transforms: Sequence[Transform], *, num_transforms: int | tuple[int, int] | None = None

@@ -118,7 +118,7 @@ def _key_from_seed(seed: jax.Array, index: int = 0):
 
 
 class _PerImageKeyMixin:
-    """Apply ``_apply_data(data, params, key)`` to each selected image with its own key."""
+    """Apply ``_apply_data(data, params, key, extent)`` to each selected image with its own key."""
 
     def apply(self, subject: Subject, params):
         names = self.selected(subject)
@@ -126,7 +126,7 @@ class _PerImageKeyMixin:
         for i, name in enumerate(names):
             image = subject[name]
             key = _key_from_seed(params["seed"], i)
-            out[name] = image.replace(data=self._apply_data(_float(image.data), params, key))
+            out[name] = image.replace(data=self._apply_data(_float(image.data), params, key, image.extent))
         return subject.replace(out)
 
 
@@ -150,6 +150,7 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform):
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(self, *, mean=0.0, std=(0.0, 0.25), rician: bool = False, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -165,12 +166,13 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform):
             "seed": _seed(k_noise),
         }
 
-    def _apply_data(self, x, params, key):
+    def _apply_data(self, x, params, key, extent=None):
         if not self.rician:
-            return x + (noise_ops.normal(key, x.shape, x.dtype) * params["std"] + params["mean"])
+            noise = noise_ops.normal(key, x.shape, x.dtype, extent=extent)
+            return x + (noise * params["std"] + params["mean"])
         k1, k2 = jax.random.split(key)
-        n1 = noise_ops.normal(k1, x.shape, x.dtype) * params["std"] + params["mean"]
-        n2 = noise_ops.normal(k2, x.shape, x.dtype) * params["std"] + params["mean"]
+        n1 = noise_ops.normal(k1, x.shape, x.dtype, extent=extent) * params["std"] + params["mean"]
+        n2 = noise_ops.normal(k2, x.shape, x.dtype, extent=extent) * params["std"] + params["mean"]
         return jnp.sqrt((x + n1) ** 2 + n2**2)
 
 

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jmed.image import Image, Subject
 from jmed.ops import bspline
@@ -93,6 +94,11 @@ class OutputGrid(NamedTuple):
         return m.at[:3, 3].set(jnp.asarray(self.offset, jnp.float32))
 
 
+def _valid_shape(shape, extent) -> jax.Array:
+    """Float32 ``(3,)`` valid voxels per axis: ``extent`` when given, else ``shape``."""
+    return jnp.asarray(shape if extent is None else extent, jnp.float32)
+
+
 def _as_f32(affine):
     return jnp.asarray(affine, jnp.float32)
 
@@ -120,11 +126,15 @@ def _check_mapping(value: Any, name: str) -> None:
         raise TypeError(f"{name} must be a SpatialMapping, got {type(value).__name__}")
 
 
-def compose_mappings(first: SpatialMapping, second: SpatialMapping) -> SpatialMapping:
+def compose_mappings(
+    first: SpatialMapping, second: SpatialMapping, *, extent: ArrayLike | None = None
+) -> SpatialMapping:
     """The mapping of "``first`` then ``second``": ``p -> first(second(p))``.
 
     ``second`` maps its output grid to ``first``'s output grid; the result maps
     ``second``'s output grid to ``first``'s input grid (see module doc for fields).
+    ``extent``: valid voxels of ``first``'s output grid when it is padded (see
+    ``jmed.buckets``): ``first``'s displacement field is clamped at its border there.
     """
     _check_mapping(first, "first")
     _check_mapping(second, "second")
@@ -145,6 +155,7 @@ def compose_mappings(first: SpatialMapping, second: SpatialMapping) -> SpatialMa
         displacement=second.displacement,
         displacement_matrix=second.displacement_matrix,
         pad_mode="edge",
+        extent=extent,
     )
     if second.displacement is None:
         return SpatialMapping(matrix, moved, first.displacement_matrix, shape, affine)
@@ -217,6 +228,7 @@ class SpatialTransform(Transform):
     fusable: ClassVar[bool] = True
     lossless: ClassVar[bool] = False
     invertible = True
+    padding_aware: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -238,7 +250,15 @@ class SpatialTransform(Transform):
         self.default_pad_value = _check_pad_value(default_pad_value)
         self.default_pad_label = _check_pad_label(default_pad_label)
 
-    def mapping(self, params, shape, affine, grid: OutputGrid | None = None) -> SpatialMapping:
+    def mapping(
+        self, params, shape, affine, grid: OutputGrid | None = None, *, extent: ArrayLike | None = None
+    ) -> SpatialMapping:
+        """The mapping for ``params`` on a grid of static ``shape`` and ``affine``.
+
+        ``extent`` (valid voxels per axis, possibly traced) is given for a padded volume
+        (see ``jmed.buckets``): geometry (centres, flips, elastic grids) then follows the
+        valid region, as if the volume had shape ``extent``.
+        """
         raise NotImplementedError
 
     # -- application -------------------------------------------------------------------
@@ -260,14 +280,16 @@ class SpatialTransform(Transform):
         return subject.replace(out)
 
     def _resample_data(self, image: Image, m: SpatialMapping) -> jax.Array:
-        kw = dict(displacement=m.displacement, displacement_matrix=m.displacement_matrix)
+        kw = dict(displacement=m.displacement, displacement_matrix=m.displacement_matrix, extent=image.extent)
         if image.is_label:
             order = 0 if self.lossless else self.label_interpolation
             pad_mode, pad = "constant", self.default_pad_label
         else:
             order = 0 if self.lossless else self.image_interpolation
             pad_mode = "edge" if self.default_pad_value == "edge" else "constant"
-            pad = 0.0 if pad_mode == "edge" else pad_value_for(image.data, self.default_pad_value)
+            pad = (
+                0.0 if pad_mode == "edge" else pad_value_for(image.data, self.default_pad_value, image.extent)
+            )
         return resample(
             image.data, m.matrix, m.output_shape, order=order, pad_mode=pad_mode, pad_value=pad, **kw
         )
@@ -276,13 +298,14 @@ class SpatialTransform(Transform):
         names, ref = self._reference(subject)
         if ref is None:
             return subject
-        return self._resample(subject, names, self.mapping(params, ref.spatial_shape, ref.affine))
+        mapping = self.mapping(params, ref.spatial_shape, ref.affine, extent=ref.extent)
+        return self._resample(subject, names, mapping)
 
     def inverse(self, subject, params):
         names, ref = self._reference(subject)
         if ref is None:
             return subject
-        forward = self.mapping(params, ref.spatial_shape, ref.affine)
+        forward = self.mapping(params, ref.spatial_shape, ref.affine, extent=ref.extent)
         if forward.output_shape != ref.spatial_shape:
             raise TypeError(
                 f"{type(self).__name__} changes the grid ({ref.spatial_shape} -> {forward.output_shape}); "
@@ -354,9 +377,9 @@ class RandomFlip(SpatialTransform):
             flips = flips | ((jnp.arange(3) == axis) & draw)
         return flips
 
-    def mapping(self, params, shape, affine, grid=None):
+    def mapping(self, params, shape, affine, grid=None, *, extent=None):
         sign = jnp.where(params, -1.0, 1.0)
-        offset = jnp.where(params, jnp.asarray(shape, jnp.float32) - 1.0, 0.0)
+        offset = jnp.where(params, _valid_shape(shape, extent) - 1.0, 0.0)
         return _with_grid(
             SpatialMapping(_matrix(jnp.diag(sign), offset), None, None, tuple(shape), affine), grid
         )
@@ -387,21 +410,24 @@ class RandomRot90(SpatialTransform):
     def sample(self, key, subject):
         return jax.random.randint(key, (), 0, 4)
 
-    def mapping(self, params, shape, affine, grid=None):
+    def mapping(self, params, shape, affine, grid=None, *, extent=None):
         a, b = self.axes
         if shape[a] != shape[b]:
             raise ValueError(f"RandomRot90 axes {self.axes} must have equal sizes, got shape {tuple(shape)}")
-        n = shape[a] - 1
+        # a padded volume turns within its valid region (whose two sizes must then be
+        # equal, as the sizes of an unpadded volume must be)
+        n = _valid_shape(shape, extent)[a] - 1.0
         mats = []
         for k in range(4):
-            m = np.eye(4)
+            m = jnp.eye(4, dtype=jnp.float32)
             for _ in range(k):
                 # one quarter turn: out[.., i, .., j, ..] = in[.., j, .., n - i, ..]
-                step = np.eye(4)
-                step[a, a], step[a, b], step[b, a], step[b, b], step[b, 3] = 0, 1, -1, 0, n
+                step = np.eye(4, dtype=np.float32)
+                step[a, a], step[a, b], step[b, a], step[b, b] = 0, 1, -1, 0
+                step = jnp.asarray(step).at[b, 3].set(n)
                 m = m @ step
             mats.append(m)
-        matrix = jnp.asarray(np.stack(mats), jnp.float32)[params]
+        matrix = jnp.stack(mats)[params]
         return _with_grid(SpatialMapping(matrix, None, None, tuple(shape), affine), grid)
 
 
@@ -418,11 +444,14 @@ def _rotation(degrees: jax.Array) -> jax.Array:
     return rz @ ry @ rx
 
 
-def affine_mapping(scales, degrees, translation, shape, affine, center: str = "image") -> SpatialMapping:
+def affine_mapping(
+    scales, degrees, translation, shape, affine, center: str = "image", *, extent=None
+) -> SpatialMapping:
     """Mapping of the world transform ``x -> R S (x - c) + c + t`` (content moves by it).
 
     ``R = Rz Ry Rx`` (degrees about the world axes), ``S = diag(scales)``, ``t`` in mm,
-    ``c`` the image centre (world) or the origin. The output pulls
+    ``c`` the image centre (world; of the valid region ``extent`` when given) or the
+    origin. The output pulls
     ``in(B (y - c - t) + c)`` with ``B = S^-1 R^T``; in voxels
     ``p_in = p + L^-1 (B - I) L p + L^-1 ((B - I)(o - c) - B t)`` where ``affine = [L o]``.
     """
@@ -434,7 +463,7 @@ def affine_mapping(scales, degrees, translation, shape, affine, center: str = "i
     b = rotation.T / scales[:, None]
     delta = b - jnp.eye(3)
     if center == "image":
-        c = lin @ ((jnp.asarray(shape, jnp.float32) - 1.0) / 2.0) + origin
+        c = lin @ ((_valid_shape(shape, extent) - 1.0) / 2.0) + origin
     else:
         c = jnp.zeros(3)
     lin_inv = jnp.linalg.inv(lin)
@@ -508,9 +537,15 @@ class RandomAffine(SpatialTransform):
         scales = jnp.broadcast_to(values[0, 0], (3,)) if self.isotropic else values[0]
         return {"scales": scales, "degrees": values[1], "translation": values[2]}
 
-    def mapping(self, params, shape, affine, grid=None):
+    def mapping(self, params, shape, affine, grid=None, *, extent=None):
         m = affine_mapping(
-            params["scales"], params["degrees"], params["translation"], shape, affine, self.center
+            params["scales"],
+            params["degrees"],
+            params["translation"],
+            shape,
+            affine,
+            self.center,
+            extent=extent,
         )
         return _with_grid(m, grid)
 
@@ -598,9 +633,12 @@ class RandomElasticDeformation(SpatialTransform):
         _, ref = self._reference(subject)
         if ref is None or isinstance(ref.affine, jax.core.Tracer):
             return
-        spacing_mm = bspline.control_spacing(ref.spatial_shape, self.num_control_points) * np.asarray(
-            ref.spacing, float
-        )
+        shape = ref.spatial_shape
+        if ref.extent is not None:
+            if isinstance(ref.extent, jax.core.Tracer):
+                return
+            shape = tuple(int(v) for v in np.asarray(ref.extent))
+        spacing_mm = bspline.control_spacing(shape, self.num_control_points) * np.asarray(ref.spacing, float)
         if np.any(np.asarray(self.max_displacement) > spacing_mm / 2):
             warnings.warn(
                 f"max_displacement {self.max_displacement} mm exceeds half the control-point "
@@ -614,12 +652,20 @@ class RandomElasticDeformation(SpatialTransform):
         u = jax.random.uniform(key, (*self.num_control_points, 3), minval=-1.0, maxval=1.0)
         return u * jnp.asarray(self.max_displacement, jnp.float32) * self._mask[..., None]
 
-    def mapping(self, params, shape, affine, grid=None):
+    def mapping(self, params, shape, affine, grid=None, *, extent=None):
         to_voxels = jnp.linalg.inv(_as_f32(affine)[:3, :3])
         # 2D images (an axis of size 1): no displacement out of the slice
         flat_axes = np.array([n == 1 for n in shape])
         if flat_axes.any():
             to_voxels = jnp.where(flat_axes[:, None], 0.0, to_voxels)
+        if extent is not None and grid is None:
+            # the control grid spans the valid region; its spline continues over the padding
+            weights = tuple(
+                bspline.bspline_weights_at(jnp.arange(s, dtype=jnp.float32), s, n, extent=extent[d])
+                for d, (s, n) in enumerate(zip(shape, self.num_control_points))
+            )
+            field = bspline.separable_field(params, weights)
+            return SpatialMapping(jnp.eye(4, dtype=jnp.float32), field, to_voxels, tuple(shape), affine)
         if grid is None:
             weights = tuple(bspline.bspline_weights(s, n) for s, n in zip(shape, self.num_control_points))
             field = bspline.separable_field(params, weights)
@@ -677,10 +723,11 @@ class _FusedChain(SpatialTransform):
         keys = _split(key, len(self.transforms))
         return tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
 
-    def mapping(self, params, shape, affine, grid=None):
+    def mapping(self, params, shape, affine, grid=None, *, extent=None):
         maps = []
         for i, (t, p) in enumerate(zip(self.transforms, params)):
-            m = t.mapping(p, shape, affine, grid if i == len(self.transforms) - 1 else None)
+            last = i == len(self.transforms) - 1
+            m = t.mapping(p, shape, affine, grid if last else None, extent=extent)
             shape, affine = m.output_shape, m.output_affine
             maps.append(m)
         if not maps:
@@ -689,7 +736,8 @@ class _FusedChain(SpatialTransform):
             )
         total = maps[-1]
         for m in reversed(maps[:-1]):
-            total = compose_mappings(m, total)
+            # every intermediate grid is the input grid (only the last step may change it)
+            total = compose_mappings(m, total, extent=extent)
         return total
 
 
@@ -800,7 +848,12 @@ class Spatial(_FusedChain):
         fraction = jax.random.uniform(k_crop, (3,)) if self.crop == "random" else jnp.zeros(3)
         return children, fraction
 
-    def mapping(self, params, shape, affine, grid=None):
+    def mapping(self, params, shape, affine, grid=None, *, extent=None):
+        if extent is not None:
+            raise ValueError(
+                "Spatial changes the output grid and does not take padded volumes (an extent); "
+                "use it on unpadded volumes, or RandomFlip/RandomAffine/RandomElasticDeformation"
+            )
         children, fraction = params
         own = self._grid(shape, affine, fraction)
         if grid is not None:
