@@ -40,6 +40,7 @@ from jax.typing import ArrayLike
 
 from jmed import affine as affine_lib
 from jmed.image import Image, Subject
+from jmed.ops.crop_pad import valid_mask
 from jmed.ops.histogram import count_true
 
 __all__ = [
@@ -141,9 +142,21 @@ class PatchSampler:
         # one compiled program also when called eagerly (op-by-op dispatch is slow)
         return _sample_jit(self, key, subject, num_patches)
 
-    def _valid_shape(self, subject: Subject) -> tuple[int, int, int]:
-        """Number of valid start positions per axis."""
-        return tuple(s - p + 1 for s, p in zip(subject.spatial_shape, self.patch_size))
+    def _valid_shape(self, subject: Subject) -> Any:
+        """Number of valid start positions per axis (traced for a padded subject, whose
+        patches stay inside its ``extent``)."""
+        extent = subject.extent
+        if extent is None:
+            return tuple(s - p + 1 for s, p in zip(subject.spatial_shape, self.patch_size))
+        return jnp.asarray(extent, jnp.int32) - jnp.asarray(self.patch_size, jnp.int32) + 1
+
+    def _eligible(self, subject: Subject, centres: jax.Array) -> jax.Array:
+        """``centres`` (a map cut by ``_crop_to_centres``) with the centres whose patch
+        would leave a padded subject's ``extent`` set to 0 / False; unchanged otherwise."""
+        if subject.extent is None:
+            return centres
+        mask = valid_mask(centres.shape, self._valid_shape(subject))[..., 0]
+        return jnp.where(mask, centres, jnp.zeros((), centres.dtype))
 
     def _crop_to_centres(self, volume: jax.Array) -> jax.Array:
         """The part of a ``(x, y, z)`` map whose voxels are valid patch centres; its voxel
@@ -309,12 +322,11 @@ class WeightedSampler(PatchSampler):
         return self._crop_to_centres(jnp.asarray(image.data)[..., 0]).astype(jnp.float32)
 
     def starts(self, key, subject, num_patches):
-        weights = jnp.maximum(self._weights(subject), 0.0)
-        valid = weights.shape
+        weights = self._eligible(subject, jnp.maximum(self._weights(subject), 0.0))
         u = jax.random.uniform(key, (num_patches, 5))
         flat, total = _draw_from_weights(u[:, :2], weights.reshape(-1))
-        fallback = _uniform_starts(u[:, 2:], valid)
-        return jnp.where(total > 0, _unravel(flat, valid), fallback)
+        fallback = _uniform_starts(u[:, 2:], self._valid_shape(subject))
+        return jnp.where(total > 0, _unravel(flat, weights.shape), fallback)
 
 
 class LabelSampler(PatchSampler):
@@ -397,12 +409,17 @@ class LabelSampler(PatchSampler):
         labels = data[..., 0] if data.shape[-1] == 1 else jnp.argmax(data, axis=-1)
         labels = self._crop_to_centres(labels)
         if self.label_probabilities is None:
-            return (labels > 0).astype(jnp.int32), np.array([0.0, 1.0]), np.array([0, 1])
-        values = np.array(list(self.label_probabilities), np.int64)
-        weights = np.array(list(self.label_probabilities.values()), np.float64)
-        classes = jnp.full(labels.shape, -1, jnp.int32)
-        for i, v in enumerate(values):
-            classes = jnp.where(labels == v, i, classes)
+            classes, weights, values = (labels > 0).astype(jnp.int32), np.array([0.0, 1.0]), np.array([0, 1])
+        else:
+            values = np.array(list(self.label_probabilities), np.int64)
+            weights = np.array(list(self.label_probabilities.values()), np.float64)
+            classes = jnp.full(labels.shape, -1, jnp.int32)
+            for i, v in enumerate(values):
+                classes = jnp.where(labels == v, i, classes)
+        if subject.extent is not None:
+            # centres of patches that would leave the valid region belong to no class
+            mask = valid_mask(classes.shape, self._valid_shape(subject))[..., 0]
+            classes = jnp.where(mask, classes, -1)
         return classes, weights, values
 
     def _draw(self, u, classes, class_weights):
@@ -410,7 +427,7 @@ class LabelSampler(PatchSampler):
 
     def starts(self, key, subject, num_patches):
         classes, weights, values = self._classes(subject)
-        valid = classes.shape
+        valid = self._valid_shape(subject)
         u = jax.random.uniform(key, (num_patches, 5))
         uniform = _uniform_starts(u[:, 2:], valid)
         if self.foreground_fraction is None:
