@@ -353,6 +353,9 @@ def test_values_of_different_types_or_numbers_differ():
         functools.partial(scale, factor=2.0)
     )
     assert Lambda(functools.partial(scale, factor=True)) != Lambda(functools.partial(scale, factor=1))
+    assert Lambda(functools.partial(scale, factor=np.float64(2))) != Lambda(
+        functools.partial(scale, factor=2.0)
+    )
     nan = functools.partial(scale, factor=float("nan"))
     assert Lambda(nan) == Lambda(functools.partial(scale, factor=float("nan")))
     # a child whose configuration differs makes the parents differ

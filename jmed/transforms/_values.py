@@ -118,6 +118,8 @@ class _Canonicaliser:
     def __call__(self, value: Any, path: str) -> Any:
         if value is None or isinstance(value, (str, bytes)):
             return value
+        if isinstance(value, np.generic):  # before float: np.float64 is one, but not weakly typed
+            return ("scalar", value.dtype.name, value.tobytes().hex())
         if isinstance(value, bool):
             return ("bool", value)
         if isinstance(value, int):
@@ -133,8 +135,6 @@ class _Canonicaliser:
             return key
         if isinstance(value, jax.core.Tracer):
             return self._opaque(value, path)
-        if isinstance(value, np.generic):
-            return ("scalar", value.dtype.name, value.tobytes().hex())
         if isinstance(value, (np.ndarray, jax.Array)):
             try:
                 array = np.asarray(value)
