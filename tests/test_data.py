@@ -409,6 +409,37 @@ def test_cache_refuses_a_preprocessing_without_a_stable_key(tmp_path):
     )
 
 
+def test_equal_loader_configurations_share_one_worker_program(records):
+    # the worker's jitted augment-and-sample takes augmentation and sampler as static
+    # arguments: separately built equal configurations must not compile it again
+    subject = jmed.SubjectsSource(records[:1], label_names="seg")[0]
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            names.append(str(kwargs.get("fun_name", "_augment_and_sample_one")))
+
+    def run(std):
+        augmentation = jmed.transforms.Compose(
+            [jmed.transforms.RandomFlip(axes=(0, 1)), jmed.transforms.RandomNoise(std=std)]
+        )
+        sampler = LabelSampler(4, "seg", {0: 1, 1: 1, 2: 1})
+        names.clear()
+        out = jmed.data._AugmentAndSample(augmentation, sampler, 2, seed=3).map(((0, 0), subject))
+        return out, sum("_augment_and_sample_one" in n for n in names)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first, compiled_first = run(0.1)
+        again, compiled_again = run(0.1)
+        _, compiled_other = run(0.2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert (compiled_first, compiled_again, compiled_other) == (1, 0, 1)
+    np.testing.assert_array_equal(again["data"]["t1"], first["data"]["t1"])
+    np.testing.assert_array_equal(again["location"], first["location"])
+
+
 # --- sharding ----------------------------------------------------------------------------------
 
 
