@@ -312,7 +312,9 @@ class SubjectsSource:
         metadata["subject_index"] = index
         kinds = {name: (path, self.kind_of(name)) for name, path in paths.items()}
         if self.cache_dir is not None:
-            cache = _Cache(self.cache_dir, repr(self.preprocessing))
+            from jmed.transforms import transform_key
+
+            cache = _Cache(self.cache_dir, transform_key(self.preprocessing))
             entry = cache.entry(kinds)
             images = cache.read(entry)
             if images is not None:

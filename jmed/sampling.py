@@ -42,6 +42,7 @@ from jmed import affine as affine_lib
 from jmed.image import Image, Subject
 from jmed.ops.crop_pad import valid_mask
 from jmed.ops.histogram import count_true
+from jmed.transforms import _values
 
 __all__ = [
     "GridPatchSampler",
@@ -117,11 +118,15 @@ def extract_patches(subject: Subject, starts: ArrayLike, patch_size: Sequence[in
     return Subject(images, metadata=metadata)
 
 
-class PatchSampler:
+class PatchSampler(_values.Value):
     """Base class of random patch samplers.
 
     Subclasses implement ``starts(key, subject, num_patches) -> (num_patches, 3)`` int32
     start indices; ``__call__`` extracts the patches.
+
+    Samplers are immutable values, as transforms are: attributes are set in ``__init__``
+    only, samplers of the same class with equal public attributes compare equal and hash
+    alike (so they share one compiled program), and the ``repr`` has no memory address.
 
     Args:
         patch_size: patch shape in voxels, an int (cube) or three ints.
@@ -166,7 +171,9 @@ class PatchSampler:
         return volume[lo[0] : lo[0] + valid[0], lo[1] : lo[1] + valid[1], lo[2] : lo[2] + valid[2]]
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        fields = ", ".join(
+            f"{k}={_values.display(v)}" for k, v in vars(self).items() if not k.startswith("_")
+        )
         return f"{type(self).__name__}({fields})"
 
 
@@ -488,10 +495,10 @@ def grid_locations(
     return np.array(list(itertools.product(*per_axis)), dtype=np.int64).reshape(-1, 3)
 
 
-class GridPatchSampler:
+class GridPatchSampler(_values.Value):
     """All patches of a regular grid as one patch ``Subject`` (for the loader or a jitted
     loop). ``jmed.GridSampler`` is the TorchIO-style sampler that pairs with
-    ``jmed.GridAggregator``.
+    ``jmed.GridAggregator``. An immutable value, as ``PatchSampler``.
 
     Args:
         patch_size: patch shape in voxels (an int or three ints).

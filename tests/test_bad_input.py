@@ -228,6 +228,12 @@ CASES = [
     ),
     ("invert", lambda: T.invert("subject"), TypeError, r"Subject"),
     ("replay", lambda: T.replay(subj(), [("flip", None)]), TypeError, r"history"),
+    (
+        "transform_key",
+        lambda: T.transform_key(T.Lambda(lambda x, handle=object(): x)),
+        ValueError,
+        r"Lambda\.function\.__defaults__\[0\] is a object",
+    ),
     ("load_landmarks", lambda: T.load_landmarks("/nonexistent/lm.npy"), ValueError, r"lm\.npy"),
     ("save_landmarks", lambda: T.save_landmarks([0.0, 1.0], "/tmp/lm.txt"), ValueError, r"lm\.txt|path"),
     ("train_histogram", lambda: T.train_histogram([]), ValueError, r"image"),

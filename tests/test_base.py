@@ -1,3 +1,12 @@
+import contextlib
+import functools
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,6 +14,7 @@ import pytest
 from conftest import make_phantom
 
 import jmed
+import jmed.transforms as T
 from jmed.transforms import (
     Compose,
     IntensityTransform,
@@ -15,6 +25,7 @@ from jmed.transforms import (
     Transform,
     invert,
     replay,
+    transform_key,
 )
 
 
@@ -176,3 +187,355 @@ def test_bad_configuration(phantom):
         Lambda(jnp.negative)(None, np.zeros((2, 2, 2, 1)))
     with pytest.raises(TypeError, match="not invertible"):
         Transform().inverse(phantom, None)
+
+
+# --- value semantics -------------------------------------------------------------------
+
+LANDMARKS = np.linspace(0.0, 100.0, T.histogram_percentiles().size)
+GRID = ((6, 5, 4), np.diag([1.0, 1.5, 2.0, 1.0]))
+
+
+def double(x):
+    return x * 2
+
+
+def scale(x, factor=1.0):
+    return x * factor
+
+
+def head_mask(data):
+    return data > 10
+
+
+def pipeline_with_functions():
+    """The pipeline whose ``repr`` and key a fresh process must reproduce."""
+    return Compose(
+        [
+            T.RandomFlip(axes=(0, 1)),
+            T.RandomAffine(degrees=10),
+            Lambda(double, kinds="intensity"),
+            Lambda(functools.partial(scale, factor=2.0)),
+            Lambda(lambda x: x + 1.0),
+            T.ZNormalization(masking_method=head_mask),
+            T.HistogramStandardization({"t1": LANDMARKS}),
+            RandomApply(T.RandomNoise(std=0.1), p=0.3),
+        ]
+    )
+
+
+# two different configurations of every public transform class: each factory is called
+# twice, the two results must be equal values, and unequal to the other factory's
+VALUE_CASES = {
+    "Clamp": (lambda: T.Clamp(out_min=0.0), lambda: T.Clamp(out_min=1.0)),
+    "Compose": (
+        lambda: Compose([T.RandomFlip(axes=0), T.RandomAffine(), T.RandomNoise()]),
+        lambda: Compose([T.RandomFlip(axes=0), T.RandomAffine(), T.RandomNoise()], fuse=False),
+    ),
+    "CopyAffine": (lambda: T.CopyAffine("t1"), lambda: T.CopyAffine("seg")),
+    "Crop": (lambda: T.Crop(1), lambda: T.Crop((1, 0, 0, 0, 0, 0))),
+    "CropForeground": (lambda: T.CropForeground(margin=1), lambda: T.CropForeground(margin=(1, 2, 1))),
+    "CropOrPad": (lambda: T.CropOrPad(8), lambda: T.CropOrPad(8, padding_mode="edge")),
+    "EnsureShapeMultiple": (
+        lambda: T.EnsureShapeMultiple(4),
+        lambda: T.EnsureShapeMultiple(4, method="crop"),
+    ),
+    "FillHoles": (lambda: T.FillHoles(), lambda: T.FillHoles(connectivity=26)),
+    "HistogramStandardization": (
+        lambda: T.HistogramStandardization(LANDMARKS.copy()),
+        lambda: T.HistogramStandardization(LANDMARKS * 2),
+    ),
+    "KeepLargestComponent": (lambda: T.KeepLargestComponent(), lambda: T.KeepLargestComponent(labels=[1])),
+    "Lambda": (lambda: Lambda(double), lambda: Lambda(double, kinds="intensity")),
+    "Mask": (lambda: T.Mask("seg"), lambda: T.Mask(("seg", [1, 2]))),
+    "OneHot": (lambda: T.OneHot(3), lambda: T.OneHot(3, dtype=jnp.float32)),
+    "OneOf": (
+        lambda: OneOf([T.RandomNoise(), T.RandomGamma()]),
+        lambda: OneOf([T.RandomNoise(), T.RandomGamma()], probabilities=[0.3, 0.7]),
+    ),
+    "Pad": (lambda: T.Pad(2), lambda: T.Pad(2, padding_mode="reflect")),
+    "RandomAffine": (lambda: T.RandomAffine(degrees=5), lambda: T.RandomAffine(degrees=(0, 0, 5))),
+    "RandomAnisotropy": (lambda: T.RandomAnisotropy(), lambda: T.RandomAnisotropy(axes=2)),
+    "RandomApply": (lambda: RandomApply(T.RandomNoise(), p=0.5), lambda: RandomApply(T.RandomNoise(), p=0.6)),
+    "RandomBiasField": (lambda: T.RandomBiasField(), lambda: T.RandomBiasField(order=2)),
+    "RandomBlur": (lambda: T.RandomBlur(), lambda: T.RandomBlur(units="voxels")),
+    "RandomBrightness": (lambda: T.RandomBrightness(), lambda: T.RandomBrightness(multiplier=0.1)),
+    "RandomCoarseDropout": (lambda: T.RandomCoarseDropout(), lambda: T.RandomCoarseDropout(fill_value=1.0)),
+    "RandomContrast": (lambda: T.RandomContrast(), lambda: T.RandomContrast(preserve_range=False)),
+    "RandomElasticDeformation": (
+        lambda: T.RandomElasticDeformation(),
+        lambda: T.RandomElasticDeformation(locked_borders=1),
+    ),
+    "RandomFlip": (lambda: T.RandomFlip(), lambda: T.RandomFlip(axes=1)),
+    "RandomGamma": (lambda: T.RandomGamma(), lambda: T.RandomGamma(invert=True)),
+    "RandomGhosting": (lambda: T.RandomGhosting(), lambda: T.RandomGhosting(restore=0.02)),
+    "RandomLabelsToImage": (
+        lambda: T.RandomLabelsToImage("seg"),
+        lambda: T.RandomLabelsToImage("seg", mean=[(0.0, 0.1), 0.5]),
+    ),
+    "RandomMotion": (lambda: T.RandomMotion(), lambda: T.RandomMotion(phase_encoding_axis=0)),
+    "RandomNoise": (lambda: T.RandomNoise(), lambda: T.RandomNoise(include="t1")),
+    "RandomRot90": (lambda: T.RandomRot90(), lambda: T.RandomRot90(axes=(1, 2))),
+    "RandomSpike": (lambda: T.RandomSpike(), lambda: T.RandomSpike(num_spikes=2)),
+    "RandomSwap": (lambda: T.RandomSwap(), lambda: T.RandomSwap(num_iterations=10)),
+    "RemapLabels": (lambda: T.RemapLabels({1: 2, 2: 1}), lambda: T.RemapLabels({1: 2})),
+    "RemoveLabels": (lambda: T.RemoveLabels([2]), lambda: T.RemoveLabels([2], background_label=1)),
+    "RemoveSmallObjects": (lambda: T.RemoveSmallObjects(2), lambda: T.RemoveSmallObjects(3)),
+    "Reorient": (lambda: T.Reorient("LPS"), lambda: T.Reorient("RAS")),
+    "Resample": (lambda: T.Resample(GRID), lambda: T.Resample(GRID, antialias=True)),
+    "RescaleIntensity": (lambda: T.RescaleIntensity(), lambda: T.RescaleIntensity(percentiles=(1, 99))),
+    "Resize": (lambda: T.Resize(8), lambda: T.Resize(8, image_interpolation="nearest")),
+    "SequentialLabels": (lambda: T.SequentialLabels(), lambda: T.SequentialLabels(max_label=5)),
+    "SomeOf": (
+        lambda: SomeOf([T.RandomNoise(), T.RandomGamma()]),
+        lambda: SomeOf([T.RandomNoise(), T.RandomGamma()], num_transforms=1),
+    ),
+    "Spatial": (
+        lambda: T.Spatial([T.RandomFlip(), T.RandomAffine()], output_shape=(8, 8, 8)),
+        lambda: T.Spatial([T.RandomFlip(), T.RandomAffine()], output_shape=(8, 8, 8), crop="random"),
+    ),
+    "ToCanonical": (lambda: T.ToCanonical(), lambda: T.ToCanonical(exclude="seg")),
+    "ZNormalization": (
+        lambda: T.ZNormalization(masking_method=head_mask),
+        lambda: T.ZNormalization(masking_method="seg"),
+    ),
+}
+ABSTRACT_TRANSFORMS = {"IntensityTransform", "LabelTransform", "SpatialTransform", "Transform"}
+
+
+def test_every_transform_has_a_value_case():
+    names = {n for n in T.__all__ if isinstance(getattr(T, n), type) and issubclass(getattr(T, n), Transform)}
+    assert names - ABSTRACT_TRANSFORMS == set(VALUE_CASES)
+
+
+def assert_same_value(a, b):
+    assert a is not b
+    assert a == b and not a != b
+    assert hash(a) == hash(b)
+    assert repr(a) == repr(b)
+    assert transform_key(a) == transform_key(b)
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_CASES))
+def test_equal_configurations_are_equal_values(name):
+    make_a, make_b = VALUE_CASES[name]
+    a, b = make_a(), make_b()
+    assert type(a).__name__ == name
+    assert_same_value(a, make_a())
+    assert_same_value(b, make_b())
+    assert a != b and not a == b
+    assert transform_key(a) != transform_key(b)
+    assert len({a, make_a(), b, make_b()}) == 2
+    assert "0x" not in repr(a) + repr(b)
+
+
+def test_presets_are_equal_values():
+    assert_same_value(T.nnunet_augmentation(), T.nnunet_augmentation())
+    assert_same_value(T.nnunet_intensity_augmentation(), T.nnunet_intensity_augmentation())
+    paper = functools.partial(T.torchio_paper_augmentation, landmarks=LANDMARKS, target_shape=(8, 8, 8))
+    assert_same_value(paper(), paper())
+    assert T.nnunet_augmentation() != T.nnunet_augmentation(axes=(0, 1))
+    assert paper() != paper(spacing=1.0)
+    # fused spatial runs (private, derived) are values too
+    stages = [s for s, _, _ in T.nnunet_augmentation()._stages if s is not None]
+    stages += [s for s, _, _ in paper()._stages if s is not None]
+    assert stages
+    for fused in stages:
+        assert fused == type(fused)(fused.transforms) and hash(fused) == hash(type(fused)(fused.transforms))
+
+
+def test_values_of_different_types_or_numbers_differ():
+    # same public attributes, other class: different behaviour
+    assert T.RandomBrightness() != T.RandomContrast()
+    assert T.IntensityTransform() != T.Transform() and T.Transform() == T.Transform()
+    # weakly typed Python ints and floats (and numpy scalars) trace to different programs
+    assert Lambda(functools.partial(scale, factor=2)) != Lambda(functools.partial(scale, factor=2.0))
+    assert Lambda(functools.partial(scale, factor=np.float32(2))) != Lambda(
+        functools.partial(scale, factor=2.0)
+    )
+    assert Lambda(functools.partial(scale, factor=True)) != Lambda(functools.partial(scale, factor=1))
+    assert Lambda(functools.partial(scale, factor=np.float64(2))) != Lambda(
+        functools.partial(scale, factor=2.0)
+    )
+    nan = functools.partial(scale, factor=float("nan"))
+    assert Lambda(nan) == Lambda(functools.partial(scale, factor=float("nan")))
+    # a child whose configuration differs makes the parents differ
+    assert Compose([T.RandomNoise(std=0.1)]) != Compose([T.RandomNoise(std=0.2)])
+    # list and tuple configurations are the same configuration
+    assert T.RandomAnisotropy(axes=[0, 1]) == T.RandomAnisotropy(axes=(0, 1))
+    # arrays count by value, dtype and shape
+    h = T.HistogramStandardization(LANDMARKS)
+    assert h == T.HistogramStandardization(LANDMARKS.astype(np.float64).copy())
+    assert h != T.HistogramStandardization(LANDMARKS + 1e-9)
+    assert make_lambda(np.ones(3)) != make_lambda(np.ones(3, np.float32))
+    assert make_lambda(np.ones(3)) != make_lambda(np.ones((3, 1)))
+
+
+def make_lambda(factor):
+    return Lambda(lambda x: x * factor)
+
+
+def test_functions_count_by_code_closure_and_defaults():
+    assert Lambda(lambda x: x * 2) == Lambda(lambda x: x * 2)
+    assert Lambda(lambda x: x * 2) != Lambda(lambda x: x * 3)  # constants
+    assert Lambda(lambda x: jnp.sin(x)) != Lambda(lambda x: jnp.cos(x))  # names
+    assert make_lambda(2.0) == make_lambda(2.0)
+    assert make_lambda(2.0) != make_lambda(3.0)  # closure values
+    assert make_lambda(np.ones(3)) == make_lambda(np.ones(3))
+    assert make_lambda(T.RandomNoise()) == make_lambda(T.RandomNoise())  # closures over transforms
+
+    def with_default(x, k=2.0):
+        return x * k
+
+    def with_other_default(x, k=3.0):
+        return x * k
+
+    assert Lambda(with_default) != Lambda(with_other_default)
+    assert Lambda(functools.partial(scale, factor=2.0)) == Lambda(functools.partial(scale, factor=2.0))
+    assert Lambda(functools.partial(scale, factor=2.0)) != Lambda(functools.partial(scale, factor=3.0))
+    # library functions count by their importable name
+    assert "jax.numpy.negative" in repr(Lambda(jnp.negative))
+    assert Lambda(jnp.negative) == Lambda(jnp.negative) != Lambda(np.negative)
+
+
+class Handle:
+    """A plain object: its repr shows a memory address, nothing tells its state apart."""
+
+
+def closure_over_handle():
+    handle = Handle()
+    return Lambda(lambda x: x if handle else -x)
+
+
+def test_unstable_closure_is_equal_only_to_itself_and_refused_as_a_key():
+    a, b = closure_over_handle(), closure_over_handle()
+    assert a == a and hash(a) == hash(a)
+    assert a != b
+    assert "0x" not in repr(a) and "not stable" in repr(a)
+    with pytest.raises(
+        ValueError, match=r"Lambda cannot key a cache: Lambda\.function\[closure 'handle'\] is a Handle"
+    ):
+        transform_key(a)
+    with pytest.raises(ValueError, match=r"Compose\.transforms\[1\]\.function\[closure 'handle'\]"):
+        transform_key(Compose([T.RandomNoise(), a]))
+    # the object's identity still works within the process (equality, jit)
+    assert Compose([a]) == Compose([a]) != Compose([b])
+
+
+def test_transform_key_of_functions_and_none():
+    assert transform_key(None) == "None"
+    assert transform_key(double) == transform_key(double)
+    assert transform_key(double) != transform_key(scale)
+    assert transform_key(Lambda(double)) != transform_key(Lambda(scale))
+
+
+def test_repr_and_key_are_the_same_in_a_fresh_process():
+    pipeline = pipeline_with_functions()
+    here = Path(__file__).resolve().parent
+    script = (
+        "import importlib, json, sys\n"
+        f"sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]\n"
+        f"module = importlib.import_module({__name__!r})\n"
+        "from jmed.transforms import transform_key\n"
+        "p = module.pipeline_with_functions()\n"
+        "print(json.dumps([repr(p), transform_key(p)]))\n"
+    )
+    # another hash seed: string hashes, and so set orders, differ from this process
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True, timeout=300
+    )
+    child_repr, child_key = json.loads(out.stdout.strip().splitlines()[-1])
+    assert child_repr == repr(pipeline)
+    assert child_key == transform_key(pipeline)
+    assert "0x" not in repr(pipeline)
+    assert "test_base.double #" in repr(
+        pipeline
+    ) and "test_base.pipeline_with_functions.<locals>.<lambda> #" in repr(pipeline)
+
+
+def test_values_are_immutable():
+    shift, compose, lam = Shift(2.0), Compose([Shift(), T.RandomNoise()]), Lambda(double)
+    for value, name in [(shift, "scale"), (compose, "transforms"), (compose, "_stages"), (lam, "function")]:
+        before = getattr(value, name)
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(value, name, None)
+        with pytest.raises(AttributeError, match="immutable"):
+            delattr(value, name)
+        assert getattr(value, name) is before
+    with pytest.raises(AttributeError, match="immutable"):
+        shift.new_attribute = 1
+    # subclasses set their own attributes in __init__, before and after the base's
+    assert shift.scale == 2.0 and compose.is_random and lam.kinds == ("intensity", "label")
+
+
+def test_pickled_values_are_equal_and_recompute_their_hash():
+    # pickle takes module-level functions only
+    local = pipeline_with_functions()
+    pipeline = Compose(
+        [
+            t
+            for t in local.transforms
+            if getattr(t, "function", None) is None or t.function != local[4].function
+        ]
+    )
+    assert len(pipeline) == len(local) - 1
+    hash(pipeline)
+    state = pipeline.__getstate__()
+    assert not [k for k in state if k.startswith("_value") or k == "_constructing"]
+    copy = pickle.loads(pickle.dumps(pipeline))
+    assert_same_value(copy, pipeline)
+    with pytest.raises(AttributeError, match="immutable"):
+        copy.fuse = False
+
+
+@contextlib.contextmanager
+def count_compiles(function_name):
+    """Counts XLA compilations of ``jit(function_name)`` (JAX's monitoring events)."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            names.append(str(kwargs.get("fun_name", function_name)))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    counter = []
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        counter.append(sum(function_name in n for n in names))
+
+
+def test_equal_pipelines_share_one_compiled_program(phantom):
+    @functools.partial(jax.jit, static_argnums=0)
+    def augment_values(transform, key, subject):
+        return transform(key, subject)["t1"].data
+
+    def pipeline(std):
+        return Compose(
+            [T.RandomFlip(axes=(0, 1)), Lambda(double), RandomApply(T.RandomNoise(std=std), p=0.5)]
+        )
+
+    key = jax.random.key(0)
+    with count_compiles("augment_values") as first:
+        expected = augment_values(pipeline(0.1), key, phantom)
+    with count_compiles("augment_values") as again:
+        out = augment_values(pipeline(0.1), key, phantom)
+    with count_compiles("augment_values") as other:
+        augment_values(pipeline(0.2), key, phantom)
+    assert (first[0], again[0], other[0]) == (1, 0, 1)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_history_replay_and_invert_with_values(phantom):
+    t = Compose([T.RandomFlip(axes=(0, 1, 2), flip_probability=1.0), Shift()])
+    out = t(jax.random.key(1), phantom)
+    ((recorded, params),) = out.history
+    assert recorded == t and hash(recorded) == hash(t)
+    replayed = replay(phantom, out.history)
+    np.testing.assert_array_equal(np.asarray(replayed["t1"].data), np.asarray(out["t1"].data))
+    back = invert(out)
+    np.testing.assert_allclose(np.asarray(back["t1"].data), phantom["t1"].data, atol=1e-4)
+    # equal transforms give equal pytree structures (the history is static)
+    other = Compose([T.RandomFlip(axes=(0, 1, 2), flip_probability=1.0), Shift()])(jax.random.key(2), phantom)
+    assert jax.tree.structure(out) == jax.tree.structure(other)

@@ -340,6 +340,106 @@ def test_cache_decodes_once_and_invalidates(records, tmp_path, monkeypatch):
                 assert np.all((patch >= 6.0) & (patch < 7.0))
 
 
+def halve(data):
+    return data / 2
+
+
+class _Handle:
+    """An object without a canonical form (its repr shows a memory address)."""
+
+
+def _load_cached(records, cache, preprocessing):
+    source = jmed.SubjectsSource(records, label_names="seg", preprocessing=preprocessing, cache_dir=cache)
+    return [source[i] for i in range(len(source))]
+
+
+def test_cache_hits_in_a_new_process_with_a_lambda_preprocessing(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    local = _write_subjects(folder, n=2)
+    cache = tmp_path / "cache"
+    here = Path(__file__).resolve().parent
+    # the first run, in a fresh interpreter (its function objects live at other addresses)
+    script = textwrap.dedent(
+        f"""
+        import importlib, json, sys
+        sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]
+        import jmed.transforms as T
+        module = importlib.import_module({__name__!r})
+        module._load_cached(json.loads(sys.argv[1]), sys.argv[2],
+                            T.Compose([T.Lambda(module.halve, kinds="intensity"), T.Clamp(out_max=50.0)]))
+        """
+    )
+    plain = json.dumps([{k: str(v) for k, v in r.items() if k in ("t1", "seg")} for r in local])
+    env = {**os.environ, "PYTHONHASHSEED": "4321", "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", script, plain, str(cache)], check=True, env=env, timeout=300)
+    assert len([p for p in cache.iterdir() if p.name != "files"]) == 2
+    loads = []
+    real_load = jmed.io.load
+    monkeypatch.setattr(jmed.io, "load", lambda path, **kw: loads.append(path) or real_load(path, **kw))
+    records = [{k: str(v) for k, v in r.items() if k in ("t1", "seg")} for r in local]
+    preprocessing = jmed.transforms.Compose(
+        [jmed.transforms.Lambda(halve, kinds="intensity"), jmed.transforms.Clamp(out_max=50.0)]
+    )
+    cached = _load_cached(records, cache, preprocessing)
+    assert loads == []  # every subject read from the entries the other process wrote
+    for record, subject in zip(records, cached):
+        t1 = np.asarray(nib.load(record["t1"]).dataobj, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(subject["t1"].data)[..., 0], np.minimum(t1 / 2, 50.0), rtol=1e-6
+        )
+    # another function body is another entry
+    _load_cached(records, cache, jmed.transforms.Lambda(lambda x: x / 3, kinds="intensity"))
+    assert len(loads) == 4
+
+
+def test_cache_refuses_a_preprocessing_without_a_stable_key(tmp_path):
+    local = _write_subjects(tmp_path, n=1)
+    handle = _Handle()
+    preprocessing = jmed.transforms.Lambda(lambda x: x * 2 if handle else x)
+    with pytest.raises(
+        RuntimeError, match=r"Lambda cannot key a cache: Lambda\.function\[closure 'handle'\]"
+    ):
+        _load_cached(local, tmp_path / "cache", preprocessing)
+    assert not (tmp_path / "cache").exists()
+    # without a cache the same preprocessing runs
+    source = jmed.SubjectsSource(local, label_names="seg", preprocessing=preprocessing)
+    np.testing.assert_allclose(
+        np.asarray(source[0]["t1"].data)[..., 0], 2 * np.asarray(nib.load(local[0]["t1"]).dataobj), rtol=1e-6
+    )
+
+
+def test_equal_loader_configurations_share_one_worker_program(records):
+    # the worker's jitted augment-and-sample takes augmentation and sampler as static
+    # arguments: separately built equal configurations must not compile it again
+    subject = jmed.SubjectsSource(records[:1], label_names="seg")[0]
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            names.append(str(kwargs.get("fun_name", "_augment_and_sample_one")))
+
+    def run(std):
+        augmentation = jmed.transforms.Compose(
+            [jmed.transforms.RandomFlip(axes=(0, 1)), jmed.transforms.RandomNoise(std=std)]
+        )
+        sampler = LabelSampler(4, "seg", {0: 1, 1: 1, 2: 1})
+        names.clear()
+        out = jmed.data._AugmentAndSample(augmentation, sampler, 2, seed=3).map(((0, 0), subject))
+        return out, sum("_augment_and_sample_one" in n for n in names)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first, compiled_first = run(0.1)
+        again, compiled_again = run(0.1)
+        _, compiled_other = run(0.2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert (compiled_first, compiled_again, compiled_other) == (1, 0, 1)
+    np.testing.assert_array_equal(again["data"]["t1"], first["data"]["t1"])
+    np.testing.assert_array_equal(again["location"], first["location"])
+
+
 # --- sharding ----------------------------------------------------------------------------------
 
 

@@ -1,4 +1,6 @@
+import contextlib
 import math
+import pickle
 
 import jax
 import numpy as np
@@ -9,6 +11,7 @@ from scipy import stats
 import jmed
 from jmed import affine as affine_lib
 from jmed.sampling import GridPatchSampler, LabelSampler, UniformSampler, WeightedSampler, grid_locations
+from jmed.transforms import transform_key
 
 OBLIQUE = np.array(
     [
@@ -279,3 +282,72 @@ def test_grid_errors():
         GridPatchSampler(4, overlap=-1)
     with pytest.raises(ValueError, match="pad"):
         grid_locations((3, 10, 10), 4, 0)
+
+
+# --- samplers are values ------------------------------------------------------------------
+
+SAMPLER_CASES = [
+    (lambda: UniformSampler(4), lambda: UniformSampler((4, 4, 5))),
+    (lambda: WeightedSampler(4, "t1"), lambda: WeightedSampler(4, "seg")),
+    (lambda: LabelSampler(4, "seg", {0: 1, 1: 2}), lambda: LabelSampler(4, "seg", {1: 2, 0: 1})),
+    (lambda: LabelSampler(4, foreground_fraction=0.5), lambda: LabelSampler(4, foreground_fraction=0.25)),
+    (lambda: GridPatchSampler(4, overlap=(1, 1, 1)), lambda: GridPatchSampler(4, overlap=(1, 1, 2))),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SAMPLER_CASES)))
+def test_equal_samplers_are_equal_values(case):
+    make_a, make_b = SAMPLER_CASES[case]
+    a, a2, b = make_a(), make_a(), make_b()
+    assert a is not a2 and a == a2 and hash(a) == hash(a2) and repr(a) == repr(a2)
+    assert transform_key(a) == transform_key(a2) != transform_key(b)
+    assert a != b and len({a, a2, b}) == 2
+    assert "0x" not in repr(a)
+    assert pickle.loads(pickle.dumps(a)) == a
+    # the same numbers as a list or a tuple are the same configuration
+    assert GridPatchSampler(4, overlap=[1, 1, 1]) == GridPatchSampler(4, overlap=(1, 1, 1))
+    assert UniformSampler(4) == UniformSampler((4, 4, 4)) != UniformSampler(5)
+
+
+def test_samplers_are_immutable():
+    sampler = LabelSampler(4, "seg", {0: 1, 1: 2})
+    for name in ("patch_size", "label_probabilities", "new"):
+        with pytest.raises(AttributeError, match="LabelSampler is immutable"):
+            setattr(sampler, name, None)
+    with pytest.raises(AttributeError, match="immutable"):
+        del sampler.label_name
+    with pytest.raises(AttributeError, match="GridPatchSampler is immutable"):
+        GridPatchSampler(4).overlap = 1
+    assert sampler.patch_size == (4, 4, 4) and sampler.label_probabilities == {0: 1.0, 1: 2.0}
+
+
+@contextlib.contextmanager
+def _count_compiles(function_name):
+    """Counts XLA compilations of ``jit(function_name)`` (JAX's monitoring events)."""
+    names, counter = [], []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            names.append(str(kwargs.get("fun_name", function_name)))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        counter.append(sum(function_name in n for n in names))
+
+
+def test_equal_samplers_share_one_compiled_program():
+    subject = make_phantom((12, 10, 9))
+    key = jax.random.key(3)
+    with _count_compiles("_sample_jit") as first:
+        expected = LabelSampler(4, "seg", {0: 1, 1: 2, 2: 3})(key, subject, 3)
+    with _count_compiles("_sample_jit") as again:
+        out = LabelSampler(4, "seg", {0: 1, 1: 2, 2: 3})(key, subject, 3)
+    with _count_compiles("_sample_jit") as other:
+        LabelSampler(4, "seg", {0: 1, 1: 2, 2: 4})(key, subject, 3)
+    assert (first[0], again[0], other[0]) == (1, 0, 1)
+    np.testing.assert_array_equal(
+        np.asarray(out.metadata["location"]), np.asarray(expected.metadata["location"])
+    )

@@ -10,6 +10,7 @@ from jmed.transforms.base import (
     Transform,
     invert,
     replay,
+    transform_key,
 )
 from jmed.transforms.intensity import (
     RandomBiasField,
@@ -152,4 +153,5 @@ __all__ = [
     "save_landmarks",
     "torchio_paper_augmentation",
     "train_histogram",
+    "transform_key",
 ]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmed.image import INTENSITY, KINDS, LABEL, Image, Subject
-from jmed.transforms import _params
+from jmed.transforms import _params, _values
 
 __all__ = [
     "Compose",
@@ -38,6 +38,7 @@ __all__ = [
     "Transform",
     "invert",
     "replay",
+    "transform_key",
 ]
 
 Params = Any
@@ -62,7 +63,7 @@ def _check_names(value: Any, name: str) -> tuple[str, ...] | None:
     return values
 
 
-class Transform:
+class Transform(_values.Value):
     """Base class of all transforms.
 
     Subclasses set ``is_random`` / ``invertible`` / ``kinds`` and implement ``sample``
@@ -73,6 +74,14 @@ class Transform:
     volume padded to a bucket shape (``jmed.buckets``) its valid voxels come out as they
     would from the unpadded volume (within float rounding). Compositions are
     padding-aware when all their children are (``jmed.buckets.is_padding_aware``).
+
+    Transforms are immutable values: attributes are set in ``__init__`` only (setting one
+    later raises ``AttributeError``), and two transforms of the same class whose public
+    attributes (names not starting with ``_``) are equal compare equal and hash alike,
+    so equal configurations share compiled programs (``jax.jit`` static arguments) and
+    cache entries. The ``repr`` is the same in every process (functions show their
+    qualified name and a digest of their code). Subclasses keep everything that changes
+    behaviour in public attributes; private ones hold what is derived from them.
 
     Args:
         include: names of the images to transform (others pass through unchanged).
@@ -142,7 +151,7 @@ class Transform:
 
     def __repr__(self) -> str:
         fields = {k: v for k, v in vars(self).items() if not k.startswith("_") and v is not None}
-        inner = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        inner = ", ".join(f"{k}={_values.display(v)}" for k, v in fields.items())
         return f"{type(self).__name__}({inner})"
 
 
@@ -468,6 +477,29 @@ class Lambda(Transform):
 
     def apply_image(self, image, params):
         return image.replace(data=self.function(image.data))
+
+
+def transform_key(transform: Any) -> str:
+    """Text that identifies ``transform``'s configuration in every process and run.
+
+    Built from the type and the canonical form of the public attributes (see
+    ``Transform``): arrays enter by a digest of their bytes, functions by their module,
+    qualified name and a digest of their code, closure, defaults and the module globals
+    they read. Equal transforms have equal keys; a changed function body or closure value
+    changes the key. Used to key caches that outlive a process (the decoded-volume cache
+    of ``jmed.SubjectsSource``). Also takes a plain function or ``None``.
+
+    Raises:
+        ValueError: part of the configuration has no identity that holds across processes
+            (a closure over an object of an arbitrary class, a traced value); the message
+            names the transform and the part.
+
+    Examples:
+        >>> import jmed.transforms as T
+        >>> transform_key(T.Clamp(out_min=0.0)) == transform_key(T.Clamp(out_min=0.0))
+        True
+    """
+    return _values.stable_key(transform)
 
 
 def replay(subject: Subject | Image, history: Sequence[tuple[Transform, Params]]) -> Subject | Image:

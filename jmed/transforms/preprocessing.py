@@ -285,7 +285,8 @@ class Resample(Transform):
                 from jmed.io import load
 
                 ref = load(self._name, lazy=True)
-                self._grid = (ref.spatial_shape, ref.affine)
+                # a private memo of the file's header: the public target stays the path
+                self.__dict__["_grid"] = (ref.spatial_shape, ref.affine)
                 return self._grid
             raise ValueError(
                 f"target {self._name!r} is neither an image of the subject ({list(subject)}) "
