@@ -2,7 +2,9 @@
 
 Image + 3-class label map, MNI-size volume (197x233x189, from ``--data`` when present,
 else synthetic) and a 256^3 volume. Reports compile time and the median of ``--repeats``
-runs after warm-up (ms), the ratio to jmed, and the vmapped batch throughput.
+runs after warm-up (ms), the ratio to jmed, and the vmapped batch throughput. Two rows of
+``benchmarks.run`` time RandomAffine on the T1 alone, kept as host numpy data, read by
+``jmed.load`` and taken from nibabel's ``get_fdata()`` (float64, Fortran order).
 
 Run with ``taskset -c 0,1 python benchmarks/bench_spatial.py`` to use 2 CPU cores.
 """
@@ -273,6 +275,43 @@ def cases(quick: bool, volume) -> list:
             return {"jmed": lambda i: fn(jax.random.split(jax.random.key(i), batch), stacked)}
 
         return fns
+
+    def from_file(source):
+        """RandomAffine on the T1 alone, a numpy-backed Image made from the NIfTI file by
+        ``jmed.load`` or from nibabel's ``get_fdata()`` (float64, Fortran order)."""
+
+        def fns():
+            import tempfile
+
+            import nibabel as nib
+
+            from benchmarks.common import T1_NAME
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = volume.folder / T1_NAME if volume.folder is not None else Path(tmp) / "t1.nii.gz"
+                if volume.folder is None:
+                    nib.save(nib.Nifti1Image(volume.t1, volume.affine), path)
+                if source == "jmed.load":
+                    image = jmed.load(path)
+                else:
+                    nifti = nib.load(path)
+                    image = jmed.ScalarImage(nifti.get_fdata(), nifti.affine)
+            transform = RandomAffine(**AFFINE_KW)
+            fn = jax.jit(lambda k, im: transform(k, im))
+            return {"jmed": lambda i: fn(jax.random.key(i), image)}
+
+        return fns
+
+    for source, label in (("jmed.load", "jmed.load"), ("nibabel", "nibabel array (get_fdata)")):
+        rows.append(
+            Case(
+                "spatial",
+                f"RandomAffine, image from {label}",
+                build=from_file(source),
+                unit="image (t1)",
+                note="jmed only; host numpy data handed to jit on each call (no device_put)",
+            )
+        )
 
     batch = 2 if quick else 4
     rows.append(

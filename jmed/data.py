@@ -319,7 +319,8 @@ class SubjectsSource:
             images = cache.read(entry)
             if images is not None:
                 return Subject(images, metadata=metadata)
-        images = {name: io.load(path, kind=kind) for name, (path, kind) in kinds.items()}
+        # in the file's order (see _preprocess): cheaper than C order for one jitted call
+        images = {name: io._load(path, kind, file_order=True) for name, (path, kind) in kinds.items()}
         subject = self._preprocess(Subject(images, metadata=metadata))
         if self.cache_dir is not None:
             try:

@@ -49,7 +49,7 @@ def _finish(data: np.ndarray, affine: np.ndarray, kind: str, path: Path) -> Imag
             data = rounded
         data = data.astype(_label_dtype(data.dtype), copy=False)
     affine = affine_lib.check_affine(affine, name=f"affine of {path}")
-    return Image(np.ascontiguousarray(data), affine, kind=kind)
+    return Image(data, affine, kind=kind)  # the constructor makes it C-ordered and aligned
 
 
 # --- NRRD ----------------------------------------------------------------------------------------

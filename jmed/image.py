@@ -13,6 +13,7 @@ leaf (``data`` ``(b, x, y, z, c)``, ``affine`` ``(b, 4, 4)``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -49,6 +50,48 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+# XLA:CPU uses a host buffer in place when it is C-contiguous, 64-byte aligned and of the
+# dtype it computes with; any other numpy array is copied (and cast) on every call to a
+# jitted function, which for a Fortran-ordered MNI-size volume costs more than most
+# transforms themselves
+_ALIGNMENT = 64
+# what JAX narrows 64-bit numpy values to while jax_enable_x64 is off
+_NARROWED = {
+    np.dtype(np.float64): np.dtype(np.float32),
+    np.dtype(np.int64): np.dtype(np.int32),
+    np.dtype(np.uint64): np.dtype(np.uint32),
+    np.dtype(np.complex128): np.dtype(np.complex64),
+}
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-ordered array whose data start on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _host_layout(data: Any) -> Any:
+    """Numpy ``data`` as JAX uses it without a copy: C order, 64-byte aligned, and 64-bit
+    types narrowed to 32 bits as JAX does while ``jax_enable_x64`` is off (values rounded
+    or wrapped exactly as JAX would on every call). One copy at most; an array already in
+    that layout is returned as is. Anything but a numpy array (JAX arrays, tracers) is
+    returned unchanged.
+    """
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "biufc":
+        return data
+    dtype = data.dtype
+    if not jax.config.jax_enable_x64:
+        dtype = _NARROWED.get(dtype, dtype)
+    if dtype == data.dtype and data.flags.c_contiguous and data.ctypes.data % _ALIGNMENT == 0:
+        return data
+    out = _aligned_empty(data.shape, dtype)
+    np.copyto(out, data, casting="unsafe")
+    return out
+
+
 class _LazyData:
     """Voxel data read on first access (keeps the header available without reading)."""
 
@@ -75,6 +118,15 @@ class Image:
             compiled program for every volume of that bucket (see ``jmed.buckets``).
             ``None`` (the default): every voxel is valid.
 
+    Numpy ``data`` is stored in the layout that jitted functions use without copying it:
+    C order, 64-byte aligned, and, while ``jax_enable_x64`` is off, 64-bit types narrowed
+    to 32 bits as JAX itself narrows them (``float64`` rounded to ``float32``, ``int64``
+    and ``uint64`` wrapped to ``int32`` and ``uint32``). A Fortran-ordered array (what
+    nibabel's ``get_fdata()`` and ``dataobj`` give) or a strided view is copied once
+    here instead of on every transform call; an array already in that layout is kept,
+    not copied. Other dtypes are kept (``uint8`` stays ``uint8``; ``jmed.load`` returns
+    intensities as ``float32``). JAX arrays and traced values are stored as given.
+
     Raises:
         ValueError: wrong data rank, unknown kind, or a bad affine (wrong shape,
             non-finite, singular), or an extent that is not 3 values within the shape.
@@ -100,6 +152,7 @@ class Image:
                     f"data must have 4 dimensions (x, y, z, c), got shape {tuple(data.shape)}; "
                     "use ScalarImage/LabelMap to add a channel axis to 3D data"
                 )
+            data = _host_layout(data)
         if affine is None:
             affine = np.eye(4)
         elif _is_concrete(affine):
@@ -246,12 +299,14 @@ def _with_channel(data: ArrayLike, name: str) -> Any:
 
 
 def ScalarImage(data: ArrayLike, affine: ArrayLike | None = None) -> Image:
-    """An intensity ``Image``; 3D data gets a channel axis."""
+    """An intensity ``Image``; 3D data gets a channel axis (numpy data laid out as
+    ``Image`` describes: C order, aligned, ``float64`` as ``float32`` unless x64 is on)."""
     return Image(_with_channel(data, "ScalarImage"), affine, kind=INTENSITY)
 
 
 def LabelMap(data: ArrayLike, affine: ArrayLike | None = None) -> Image:
-    """A label-map ``Image`` (integer labels); 3D data gets a channel axis."""
+    """A label-map ``Image`` (integer labels); 3D data gets a channel axis (numpy data
+    laid out as ``Image`` describes: C order, aligned, integer values kept)."""
     return Image(_with_channel(data, "LabelMap"), affine, kind=LABEL)
 
 

@@ -4,7 +4,9 @@ Formats: NIfTI-1/2 (``.nii``, ``.nii.gz``), MGH (``.mgh``, ``.mgz``), Analyze
 (``.hdr``/``.img``) read and write; MINC-1/2 (``.mnc``) read only. 4D files become
 channels; 2D files become ``(x, y, 1, c)``. Intensity images are read as float32 with the
 header's ``scl_slope``/``scl_inter`` applied; label maps keep their integer values (and
-their integer dtype; 64-bit integers become int32).
+their integer dtype; 64-bit integers become int32). Voxels are returned in C order and
+64-byte aligned (the files' Fortran order is converted once, while reading), so jitted
+transforms use them without a copy.
 
 ``save`` writes a temporary file beside the target and renames it into place, so a crash
 never leaves a half-written file and never destroys an existing one; it refuses to
@@ -26,7 +28,7 @@ import numpy as np
 from nibabel.volumeutils import apply_read_scaling
 
 from jmed import affine as affine_lib
-from jmed.image import INTENSITY, KINDS, Image, _LazyData
+from jmed.image import INTENSITY, KINDS, Image, _aligned_empty, _host_layout, _LazyData
 
 try:  # ISA-L inflates gzip about twice as fast as zlib; same format and checks
     from isal import isal_zlib as _inflate
@@ -84,16 +86,7 @@ def _label_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.int32)
 
 
-# XLA:CPU uses a host buffer in place when it is aligned to 64 bytes, and copies it otherwise
-_ALIGNMENT = 64
 _INFLATE_CHUNK = 1 << 20
-
-
-def _aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 buffer of ``nbytes`` starting on a 64-byte boundary."""
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % _ALIGNMENT
-    return raw[start : start + nbytes]
 
 
 def _inflate_range(filename: str, offset: int, nbytes: int) -> np.ndarray:
@@ -105,7 +98,7 @@ def _inflate_range(filename: str, offset: int, nbytes: int) -> np.ndarray:
     """
     with open(filename, "rb") as f:
         pending = f.read()
-    out = _aligned_empty(nbytes)
+    out = _aligned_empty((nbytes,), np.uint8)
     end = offset + nbytes
     position = 0  # in the inflated stream
     inflater = _inflate.decompressobj(31)
@@ -167,7 +160,9 @@ def _voxels(img: Any, dtype: np.dtype | None) -> np.ndarray:
     return np.asanyarray(proxy, dtype=dtype)
 
 
-def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_axis: int) -> np.ndarray:
+def _read_data(
+    img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_axis: int, file_order: bool
+) -> np.ndarray:
     try:
         if kind == INTENSITY:
             data = np.asarray(_voxels(img, np.dtype(np.float32)))
@@ -188,11 +183,12 @@ def _read_data(img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_
         ) from err
     if data.ndim == 4 and channel_axis != 3:
         data = np.moveaxis(data, channel_axis, -1)
-    return data.reshape(shape)
+    data = data.reshape(shape)
+    return data if file_order else _host_layout(data)
 
 
 def load(path: str | os.PathLike, kind: str = INTENSITY, *, lazy: bool = False) -> Image:
-    """Read an image file into an ``Image``.
+    """Read an image file into an ``Image`` (voxels in C order, see the module docstring).
 
     Args:
         path: file to read (see the module docstring for formats).
@@ -212,6 +208,12 @@ def load(path: str | os.PathLike, kind: str = INTENSITY, *, lazy: bool = False) 
         >>> img.shape, img.orientation
         ((33, 41, 25, 1), 'LAS')
     """
+    return _load(path, kind, lazy=lazy, file_order=False)
+
+
+def _load(path: str | os.PathLike, kind: str, *, lazy: bool = False, file_order: bool) -> Image:
+    """``load``; with ``file_order``, voxels stay in the file's order (Fortran for NIfTI),
+    for a caller that hands them to ``jit`` once, transposed (see ``jmed.data``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
@@ -241,10 +243,12 @@ def load(path: str | os.PathLike, kind: str = INTENSITY, *, lazy: bool = False) 
     dtype = np.float32 if kind == INTENSITY else _label_dtype(img.get_data_dtype())
 
     def read() -> np.ndarray:
-        return _read_data(img, path, kind, shape, channel_axis)
+        return _read_data(img, path, kind, shape, channel_axis, file_order)
 
-    data = _LazyData(shape, dtype, read) if lazy else read()
-    return Image(data, affine, kind=kind)
+    image = Image(_LazyData(shape, dtype, read), affine, kind=kind)
+    if not lazy:
+        image.data  # noqa: B018 - reads now, stored as read (no layout change for file_order)
+    return image
 
 
 def _nibabel_image(image: Image, ext: str) -> Any:

@@ -304,9 +304,9 @@ def test_cache_decodes_once_and_invalidates(records, tmp_path, monkeypatch):
     local = _write_subjects(folder, n=2)
     cache = tmp_path / "cache"
     loads, hashes = [], []
-    real_load, real_hash = jmed.io.load, jmed.data._hash_file
+    real_load, real_hash = jmed.io._load, jmed.data._hash_file
     monkeypatch.setattr(
-        jmed.io, "load", lambda path, **kw: loads.append(Path(path).name) or real_load(path, **kw)
+        jmed.io, "_load", lambda path, *a, **kw: loads.append(Path(path).name) or real_load(path, *a, **kw)
     )
     monkeypatch.setattr(jmed.data, "_hash_file", lambda path: hashes.append(path.name) or real_hash(path))
 

@@ -1,5 +1,6 @@
 import jax
 import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -101,3 +102,97 @@ def test_orientation_under_jit_is_a_clear_error():
     img = jmed.ScalarImage(np.zeros((2, 2, 2)))
     with pytest.raises(TypeError, match="concrete affine"):
         jax.jit(lambda im: jnp.zeros(()) + len(im.orientation))(img)
+
+
+def _aligned_float32(shape, offset=0):
+    """A C-ordered float32 array starting ``offset`` bytes past a 64-byte boundary."""
+    raw = np.zeros(int(np.prod(shape)) * 4 + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    return raw[start : start + int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
+
+
+def _jax_layout(data):
+    return data.flags.c_contiguous and data.ctypes.data % 64 == 0
+
+
+def test_nibabel_arrays_are_stored_in_jax_layout_once(tmp_path):
+    # what nibabel hands over: get_fdata() is float64 in Fortran order, dataobj the
+    # stored integers in Fortran order; values off the float32 grid show the rounding
+    rng = np.random.default_rng(0)
+    nifti = nib.Nifti1Image(rng.uniform(-30, 30, (5, 6, 7)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    nifti.set_data_dtype(np.int16)  # nibabel picks scl_slope/scl_inter to fit int16
+    path = tmp_path / "t1.nii.gz"
+    nib.save(nifti, path)
+    loaded = nib.load(path)
+    fdata = loaded.get_fdata()
+    raw = loaded.dataobj.get_unscaled()
+    stored = np.array(raw)
+    assert fdata.dtype == np.float64 and fdata.flags.f_contiguous and not fdata.flags.c_contiguous
+    assert raw.dtype == np.int16 and raw.flags.f_contiguous and not raw.flags.c_contiguous
+    assert not np.array_equal(fdata, fdata.astype(np.float32))
+
+    image = jmed.ScalarImage(fdata, loaded.affine)
+    assert image.dtype == np.float32 and image.shape == (5, 6, 7, 1) and _jax_layout(image.data)
+    np.testing.assert_array_equal(image.data[..., 0], fdata.astype(np.float32))
+    # the same values JAX gives the float64 array on every call (it narrows to float32)
+    np.testing.assert_array_equal(image.data, np.asarray(jax.device_put(fdata[..., None])))
+    np.testing.assert_array_equal(image.affine, loaded.affine)
+
+    labels = jmed.LabelMap(raw, loaded.affine)
+    assert labels.dtype == np.int16 and _jax_layout(labels.data)
+    np.testing.assert_array_equal(labels.data[..., 0], stored)
+    wide = jmed.LabelMap(np.asfortranarray(stored.astype(np.int64)))
+    assert wide.dtype == np.int32 and _jax_layout(wide.data)
+    np.testing.assert_array_equal(wide.data[..., 0], stored)
+    small = jmed.LabelMap(np.asfortranarray(stored.astype(np.uint8) % 4))
+    assert small.dtype == np.uint8 and _jax_layout(small.data)
+    np.testing.assert_array_equal(small.data[..., 0], stored.astype(np.uint8) % 4)
+
+    # a strided view of a larger volume, channels last (x, y, z, c)
+    volume = rng.standard_normal((8, 9, 10, 2)).astype(np.float32)
+    view = volume[1:6, ::2, 2:9]
+    assert not view.flags.c_contiguous
+    sliced = jmed.Image(view)
+    assert (
+        sliced.dtype == np.float32 and _jax_layout(sliced.data) and not np.shares_memory(sliced.data, volume)
+    )
+    np.testing.assert_array_equal(sliced.data, view)
+
+
+def test_arrays_already_in_jax_layout_are_not_copied():
+    data = _aligned_float32((4, 5, 6))
+    data[...] = np.arange(120).reshape(4, 5, 6)
+    image = jmed.ScalarImage(data)
+    assert np.shares_memory(image.data, data)
+    assert jmed.Image(image.data).data is image.data
+    labels = np.zeros((4, 5, 6, 1), np.uint8)
+    if _jax_layout(labels):  # numpy's allocator may or may not align to 64 bytes
+        assert jmed.LabelMap(labels).data is labels
+    # C order but off the 64-byte grid: copied once, into aligned memory
+    shifted = _aligned_float32((4, 5, 6), offset=16)
+    shifted[...] = data
+    moved = jmed.ScalarImage(shifted)
+    assert _jax_layout(moved.data) and not np.shares_memory(moved.data, shifted)
+    np.testing.assert_array_equal(moved.data[..., 0], data)
+
+
+def test_jax_arrays_traced_and_lazy_data_are_kept():
+    data = jnp.arange(24.0).reshape(2, 3, 4, 1)
+    assert jmed.Image(data).data is data
+    out = jax.jit(lambda d: jmed.ScalarImage(d).data * 2)(np.asfortranarray(np.ones((2, 3, 4))))
+    np.testing.assert_array_equal(out, np.full((2, 3, 4, 1), 2.0))
+    values = np.arange(60, dtype=np.float64).reshape(3, 4, 5)
+    restored = jmed.unstack(jmed.stack([jmed.ScalarImage(values)] * 2))
+    np.testing.assert_array_equal(restored[1].data[..., 0], values)
+
+
+def test_float64_is_kept_when_jax_computes_in_64_bits():
+    values = np.asfortranarray(np.random.default_rng(1).standard_normal((3, 4, 5)))
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        image = jmed.ScalarImage(values)
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    assert image.dtype == np.float64 and _jax_layout(image.data)
+    np.testing.assert_array_equal(image.data[..., 0], values)

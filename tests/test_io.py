@@ -201,14 +201,31 @@ def test_gzipped_nifti2_and_corrupt_checksum(tmp_path):
 
 @pytest.mark.parametrize("dtype, kind", [(np.float32, "intensity"), (np.uint8, "label"), (np.int16, "label")])
 def test_gzipped_voxels_are_aligned_for_jax(tmp_path, dtype, kind):
-    # voxels read as stored (no conversion) are the inflated buffer itself, 64-byte
-    # aligned: XLA:CPU uses such host buffers in place and copies unaligned ones
+    # voxels read as stored (no conversion) in the file's order are the inflated buffer
+    # itself, 64-byte aligned: XLA:CPU uses such host buffers in place and copies
+    # unaligned ones; load() converts them to C order, again aligned
     path = tmp_path / "aligned.nii.gz"
     values = np.arange(7 * 5 * 3).reshape(7, 5, 3).astype(dtype)
     nib.save(nib.Nifti1Image(values, np.eye(4)), path)
-    data = jmed.load(path, kind=kind).data
-    assert data.dtype == dtype and data.ctypes.data % 64 == 0
-    np.testing.assert_array_equal(data[..., 0], values)
+    as_stored = jmed.io._load(path, kind, file_order=True).data
+    assert as_stored.dtype == dtype and as_stored.ctypes.data % 64 == 0 and as_stored.flags.f_contiguous
+    np.testing.assert_array_equal(as_stored[..., 0], values)
+    for lazy in (False, True):
+        data = jmed.load(path, kind=kind, lazy=lazy).data
+        assert data.dtype == dtype and data.ctypes.data % 64 == 0 and data.flags.c_contiguous
+        np.testing.assert_array_equal(data[..., 0], values)
+
+
+@pytest.mark.parametrize("name", ["scaled.nii", "scaled.nii.gz"])
+def test_loaded_voxels_are_c_ordered_float32_as_nibabel_reads_them(tmp_path, name):
+    rng = np.random.default_rng(3)
+    nifti = nib.Nifti1Image(rng.uniform(-5, 5, (6, 7, 8, 2)), np.eye(4))
+    nifti.set_data_dtype(np.int16)  # scaled: scl_slope and scl_inter not 1 and 0
+    nib.save(nifti, tmp_path / name)
+    expected = nib.load(tmp_path / name).get_fdata(dtype=np.float32)
+    image = jmed.load(tmp_path / name)
+    assert image.dtype == np.float32 and image.data.flags.c_contiguous and image.data.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(image.data, expected)
 
 
 def test_bad_files(tmp_path):
