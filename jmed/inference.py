@@ -3,11 +3,15 @@
 A volume too large for the model is cut into a static grid of overlapping windows
 (``patch_size``, ``overlap``), the windows are predicted in batches of static size, each
 prediction is weighted, and the weighted predictions are added into one output volume.
-The whole loop (gather -> predict -> weight -> scatter-add) for one volume is a single
-jitted XLA program (a ``lax.scan`` over batches; the last batch is filled with dummy
-windows of weight zero). Given a ``jax.sharding.Mesh``, the batches are split over the
-devices of the chosen mesh axes with ``jax.shard_map``; every device accumulates the windows it
-predicted into its own copy of the output and the copies are summed with ``psum``.
+The model's prediction of one batch of windows is its own jitted program, compiled once
+per window-batch shape and shared by all volume shapes; cutting the windows, weighting
+and adding them are small programs compiled per volume shape (the last batch is filled
+with dummy windows of weight zero). Under the caller's ``jax.jit`` the whole loop
+(gather -> predict -> weight -> scatter-add) is traced into one program instead, a
+``lax.scan`` over batches. Given a ``jax.sharding.Mesh``, the batches are split over the
+devices of the chosen mesh axes with ``jax.shard_map``; every device accumulates the
+windows it predicted into its own copy of the output and the copies are summed with
+``psum``.
 
 Array contract: image data are ``(x, y, z, c)`` (channels last); ``predict`` maps a batch
 ``(b, px, py, pz, c_in)`` to ``(b, px // f, py // f, pz // f, c_out)`` where the
@@ -850,13 +854,33 @@ def sliding_window_inference(
 
     The volume is padded if needed, cut into the static grid of ``grid_locations``,
     predicted ``batch_size`` windows at a time, weighted according to ``mode`` (see the
-    module docstring) and accumulated. Everything runs as one jitted program per
-    configuration. When ``predict`` is a plain function the compiled program is cached
-    (like ``jax.jit(predict)``, it keeps what the function closed over at its first call);
-    a callable object (a Flax NNX model) is traced on every call, because its weights may
-    have changed. For repeated calls with a model, call this function inside your own
-    ``jax.jit`` with the model rebuilt from its state (``nnx.merge``): it is traceable,
-    except with ``output_on_host=True``.
+    module docstring) and accumulated.
+
+    Compilation: the model is compiled once per window-batch shape
+    ``(batch_size, *patch_size, c_in)`` and dtype, and that program is shared by every
+    volume shape; only the cheap programs around it (pad, cut, weight and add, crop) are
+    compiled per volume shape. The model program is cached on a description of
+    ``predict`` whose arrays are arguments, not constants:
+
+    - a Flax NNX module: its graph definition (``nnx.split``); its state is an argument,
+      so new weights (after a training step, ``nnx.update``, or another module of the
+      same graph) reuse the program;
+    - a function: its code, globals and the values it closes over (and its defaults,
+      ``functools.partial`` arguments, bound ``self``). Closed-over jax arrays and NNX
+      modules are arguments; Python numbers, strings, numpy arrays and other immutable
+      values are part of the description (a new value compiles a new program); a fresh
+      ``lambda`` per call from the same source reuses the program; a rebound closure
+      variable is read afresh at every call. Globals are read when the program is first
+      traced, as with ``jax.jit``;
+    - other registered pytrees: their structure, their arrays as arguments;
+      ``jax.jit``-wrapped functions: their identity.
+
+    Anything else (an instance of an arbitrary class, or a function closing over one)
+    may change without notice, so its program is compiled for that call only.
+
+    Under a trace (inside the caller's ``jax.jit`` or ``vmap``) the whole loop is traced
+    into the caller's program instead (one ``lax.scan`` over batches), so
+    ``predict`` may close over traced values; ``output_on_host=True`` cannot be traced.
 
     Args:
         predict: jittable function from a batch ``(batch_size, px, py, pz, c_in)`` to
