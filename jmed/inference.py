@@ -550,7 +550,8 @@ def _run_eager(
     starts, valid = _schedule(plan, global_batch)
     starts = np.split(starts, len(starts) // global_batch)
     valid = np.split(valid, len(valid) // global_batch)
-    if mesh is not None:  # (numpy batches go to the default device by themselves, and faster)
+    # without a mesh the numpy batches are passed as they are: jit's own transfer is faster
+    if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         split = jax.sharding.NamedSharding(mesh, _batch_spec(axes))
         padded, arrays = jax.device_put((padded, arrays), replicated)

@@ -552,6 +552,29 @@ def test_closure_rebound_is_not_stale():
     np.testing.assert_allclose(np.asarray(second.data), 7 * image.data, rtol=1e-6)
 
 
+def test_flax_is_not_imported():
+    # Flax is optional: a model can only be an NNX module once the caller imported flax.nnx
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, numpy as np, jmed\n"
+        "image = jmed.ScalarImage(np.ones((5, 5, 5), np.float32))\n"
+        "out = jmed.sliding_window_inference(lambda x: 2 * x, image, 4, overlap=2)\n"
+        "assert float(out.data.mean()) == 2.0\n"
+        "print('flax' in sys.modules)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's jmed
+    env = {**os.environ, "PYTHONPATH": root}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_model_description_round_trip():
     # what a program is keyed on, and the arrays passed to it
     from jmed.inference import _build, _split
