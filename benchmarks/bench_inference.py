@@ -276,7 +276,7 @@ def cases(quick: bool, volume) -> list:
             f"sliding window {mode}, patch {patch}^3, overlap {overlap}, batch {BATCH}",
             build=build(mode, tio_mode, monai_mode),
             unit="volume",
-            note="identity model; jmed compiles one program per shape",
+            note="identity model; jmed compiles the model once, cut and add per volume shape",
         )
         for mode, tio_mode, monai_mode in modes
     ]

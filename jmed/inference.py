@@ -3,11 +3,15 @@
 A volume too large for the model is cut into a static grid of overlapping windows
 (``patch_size``, ``overlap``), the windows are predicted in batches of static size, each
 prediction is weighted, and the weighted predictions are added into one output volume.
-The whole loop (gather -> predict -> weight -> scatter-add) for one volume is a single
-jitted XLA program (a ``lax.scan`` over batches; the last batch is filled with dummy
-windows of weight zero). Given a ``jax.sharding.Mesh``, the batches are split over the
-devices of the chosen mesh axes with ``jax.shard_map``; every device accumulates the windows it
-predicted into its own copy of the output and the copies are summed with ``psum``.
+The model's prediction of one batch of windows is its own jitted program, compiled once
+per window-batch shape and shared by all volume shapes; cutting the windows, weighting
+and adding them are small programs compiled per volume shape (the last batch is filled
+with dummy windows of weight zero). Under the caller's ``jax.jit`` the whole loop
+(gather -> predict -> weight -> scatter-add) is traced into one program instead, a
+``lax.scan`` over batches. Given a ``jax.sharding.Mesh``, the batches are split over the
+devices of the chosen mesh axes with ``jax.shard_map``; every device accumulates the
+windows it predicted into its own copy of the output and the copies are summed with
+``psum``.
 
 Array contract: image data are ``(x, y, z, c)`` (channels last); ``predict`` maps a batch
 ``(b, px, py, pz, c_in)`` to ``(b, px // f, py // f, pz // f, c_out)`` where the
@@ -42,9 +46,10 @@ from __future__ import annotations
 
 import functools
 import numbers
+import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -337,7 +342,7 @@ def _label_dtype(num_channels: int) -> np.dtype:
     return np.dtype(np.uint8 if num_channels <= 256 else np.int32)
 
 
-# --- the jitted programs -------------------------------------------------------------------
+# --- the programs ----------------------------------------------------------------------------
 
 
 def _schedule(plan: _Plan, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -360,6 +365,10 @@ def _finish(acc, crop, final_argmax, out_channels, xp):
     return out
 
 
+def _batch_spec(axes):
+    return jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0])
+
+
 def _device_program(
     predict,
     plan,
@@ -376,7 +385,11 @@ def _device_program(
     axes,
     num_devices,
 ):
-    """``data -> output``: pad, scan over batches (split over the mesh), crop."""
+    """``data -> output`` as one program (pad, scan over batches split over the mesh, crop).
+
+    Used under a trace (inside the caller's ``jax.jit`` or ``vmap``), where everything
+    becomes one program anyway.
+    """
     acc_shape = (*plan.out_shape, 1 if label_only else out_channels)
     starts, valid = _schedule(plan, batch * num_devices)
     # (n_batches, batch, ...); with a mesh, device k takes a contiguous run of batches
@@ -397,7 +410,7 @@ def _device_program(
 
     if mesh is not None:
         spec = jax.sharding.PartitionSpec
-        batch_spec = spec(axes if len(axes) > 1 else axes[0])
+        batch_spec = _batch_spec(axes)
 
         def sharded(volume, starts, valid):
             return jax.lax.psum(local_accumulate(volume, starts, valid), axes)
@@ -427,21 +440,6 @@ def _placed(mapped, mesh, batch_spec):
     return run
 
 
-def _host_step(predict, plan, acc_dtype, argmax, mesh, axes):
-    """``(volume, starts, valid) -> (out_starts, values)`` for one (global) batch."""
-
-    def step(volume, starts, valid):
-        outputs = predict(_gather(volume, starts, plan.patch))
-        return _weigh(plan, outputs, starts, valid, acc_dtype, argmax)
-
-    if mesh is None:
-        return step
-    spec = jax.sharding.PartitionSpec
-    batch_spec = spec(axes if len(axes) > 1 else axes[0])
-    mapped = _shard_map(step, mesh=mesh, in_specs=(spec(), batch_spec, batch_spec), out_specs=batch_spec)
-    return _placed(mapped, mesh, batch_spec)
-
-
 def _varying(x, axes):
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(x, axes, to="varying")
@@ -450,27 +448,357 @@ def _varying(x, axes):
     return x  # pragma: no cover - jax without varying-manual-axes checks
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_jit(kind, predict, *config):
-    builder = _device_program if kind == "device" else _host_step
-    return jax.jit(builder(predict, *config))
+# Outside a trace the model is its own program, compiled once per window-batch shape and
+# shared by every volume; the cheap programs around it (pad, cut windows, weight and add,
+# crop) depend on the volume shape and are compiled per shape.
 
 
-def _compiled(kind, predict, config, cache: bool):
-    # Only plain functions are cached (like ``jax.jit(f)``, the program keeps what ``f``
-    # closed over at its first call). Callable objects such as Flax NNX models are
-    # mutable: a cached program would keep their old weights, so they are traced per call.
-    if cache and not isinstance(predict, types.FunctionType):
-        cache = False
-    if cache:
+class _VolumeSteps(NamedTuple):
+    zeros: Callable  # () -> accumulator
+    cut: Callable  # (padded volume, starts) -> windows
+    add: Callable  # (accumulator, outputs, starts, valid) -> accumulator (donated)
+    weigh: Callable  # (outputs, starts, valid) -> (output-space starts, weighted outputs)
+
+
+@functools.lru_cache(maxsize=32)
+def _volume_steps(plan, acc_dtype, label_only, out_channels, mesh, axes, num_devices) -> _VolumeSteps:
+    acc_shape = (*plan.out_shape, 1 if label_only else out_channels)
+
+    def cut_windows(volume, starts):
+        return _gather(volume, starts, plan.patch)
+
+    def add_windows(acc, outputs, starts, valid):
+        return _accumulate_batch(plan, acc, outputs, starts, valid, label_only)
+
+    def weigh_windows(outputs, starts, valid):
+        return _weigh(plan, outputs, starts, valid, acc_dtype, label_only)
+
+    if mesh is None:
+        return _VolumeSteps(
+            functools.partial(jnp.zeros, acc_shape, acc_dtype),
+            jax.jit(cut_windows),
+            jax.jit(add_windows, donate_argnums=0),
+            jax.jit(weigh_windows),
+        )
+    spec = jax.sharding.PartitionSpec
+    batch_spec = _batch_spec(axes)
+    # Every device adds its windows into its own block of rows of a (devices * x, y, z, c)
+    # accumulator, summed over the devices by ``_finish_program``.
+    rows = (num_devices * acc_shape[0], *acc_shape[1:])
+    split = jax.sharding.NamedSharding(mesh, batch_spec)
+
+    def mapped(fn, in_specs, **kwargs):
+        return jax.jit(_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=batch_spec), **kwargs)
+
+    return _VolumeSteps(
+        jax.jit(lambda: jnp.zeros(rows, acc_dtype), out_shardings=split),
+        mapped(cut_windows, (spec(), batch_spec)),
+        mapped(add_windows, (batch_spec,) * 4, donate_argnums=0),
+        mapped(weigh_windows, (batch_spec,) * 3),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _pad_program(widths, padding_mode, padding_value):
+    return jax.jit(functools.partial(_pad, widths=widths, padding_mode=padding_mode, value=padding_value))
+
+
+@functools.lru_cache(maxsize=32)
+def _finish_program(crop, final_argmax, out_channels, mesh, axes, acc_shape):
+    def finish(acc):
+        return _finish(acc, crop, final_argmax, out_channels, jnp)
+
+    if mesh is None:
+        # nothing cropped: the output is the accumulator itself, not a copy
+        whole = not final_argmax and all(c == (0, n) for c, n in zip(crop, acc_shape))
+        return jax.jit(finish, donate_argnums=0 if whole else ())
+    spec = jax.sharding.PartitionSpec
+
+    def total(acc):  # one block of rows per device -> their sum on every device
+        return jax.lax.psum(acc, axes)
+
+    mapped = _shard_map(total, mesh=mesh, in_specs=_batch_spec(axes), out_specs=spec())
+    return jax.jit(lambda acc: finish(mapped(acc)))
+
+
+def _run_eager(
+    predict_windows,
+    arrays,
+    data,
+    plan,
+    widths,
+    padding_mode,
+    padding_value,
+    crop,
+    final_argmax,
+    batch,
+    acc_dtype,
+    label_only,
+    out_channels,
+    mesh,
+    axes,
+    num_devices,
+    output_on_host,
+):
+    """Pad, then per batch: cut the windows, predict them, weight and add them; crop."""
+    global_batch = batch * num_devices
+    steps = _volume_steps(plan, acc_dtype, label_only, out_channels, mesh, axes, num_devices)
+    if any(w != (0, 0) for w in widths):
+        padded = _pad_program(widths, padding_mode, padding_value)(data)
+    else:  # on the device once, not at every cut
+        padded = data if isinstance(data, jax.Array) else jax.device_put(data)
+    starts, valid = _schedule(plan, global_batch)
+    starts = np.split(starts, len(starts) // global_batch)
+    valid = np.split(valid, len(valid) // global_batch)
+    # without a mesh the numpy batches are passed as they are: jit's own transfer is faster
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        split = jax.sharding.NamedSharding(mesh, _batch_spec(axes))
+        padded, arrays = jax.device_put((padded, arrays), replicated)
+        starts, valid = jax.device_put((starts, valid), split)
+
+    def predicted():
+        for s, v in zip(starts, valid):
+            yield predict_windows(arrays, steps.cut(padded, s)), s, v
+
+    if output_on_host:
+        # the next batch is dispatched before the previous one is copied to the host, so
+        # the device predicts while the host adds
+        acc = np.zeros((*plan.out_shape, 1 if label_only else out_channels), acc_dtype)
+        pending = None
+        for outputs, s, v in predicted():
+            result = steps.weigh(outputs, s, v)
+            if pending is not None:
+                _host_add(acc, *pending)
+            pending = result
+        if pending is not None:
+            _host_add(acc, *pending)
+        return _finish(acc, crop, final_argmax, out_channels, np)
+    acc = steps.zeros()
+    for outputs, s, v in predicted():
+        acc = steps.add(acc, outputs, s, v)
+    return _finish_program(crop, final_argmax, out_channels, mesh, axes, plan.out_shape)(acc)
+
+
+def _host_add(acc: np.ndarray, out_starts, values) -> None:
+    out_starts = np.asarray(out_starts)
+    values = np.asarray(values)
+    qx, qy, qz = values.shape[1:4]
+    for (x, y, z), value in zip(out_starts, values):
+        acc[x : x + qx, y : y + qy, z : z + qz] += value
+
+
+# --- the model program: one description of ``predict``, its arrays as arguments ---------------
+
+
+class _Opaque(Exception):
+    """``predict`` holds a value that can neither be described nor passed as an argument."""
+
+
+class _Same:
+    """Compares by identity; holding the object keeps its ``id`` from being reused."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return type(other) is _Same and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+# immutable values, described by their type and value
+_VALUE_TYPES = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    type,
+    types.ModuleType,
+    np.ufunc,
+    np.dtype,
+    np.generic,
+    type(Ellipsis),
+    jax.sharding.Mesh,
+    jax.sharding.PartitionSpec,
+    jax.sharding.Sharding,
+)
+# already-transformed functions (``jax.jit``, ``custom_jvp``, ...): jax fixes what they close
+# over at their own first trace, so they are described by their identity
+_TRANSFORMED_TYPES = (jax.stages.Wrapped, jax.custom_jvp, jax.custom_vjp)
+_MAX_DEPTH = 32
+
+
+def _is_nnx_module(obj) -> bool:
+    nnx = sys.modules.get("flax.nnx")  # an NNX module can only exist once Flax NNX is imported
+    module = getattr(nnx, "Module", None)
+    return isinstance(module, type) and isinstance(obj, module)
+
+
+def _split(obj, arrays: list, depth: int = 0) -> tuple:
+    """A hashable description of ``obj``; its arrays are appended to ``arrays``.
+
+    ``_build(description, iter(arrays))`` makes an equivalent object holding the given
+    arrays, so the description keys a compiled program and the arrays are its arguments:
+    jax arrays and the state of Flax NNX modules (``nnx.split``: graph definition in the
+    description, state in ``arrays``) are arguments; numpy arrays and immutable Python
+    values are described by value; functions by their code, globals and the description
+    of their closure, defaults, ``functools.partial`` arguments or bound ``self``;
+    registered pytrees by their structure and leaves. Anything else (an instance of an
+    arbitrary class, which may change without notice) raises ``_Opaque``.
+    """
+    if depth > _MAX_DEPTH:
+        raise _Opaque
+    deeper = depth + 1
+    if isinstance(obj, jax.Array):
+        arrays.append(obj)
+        return ("array",)
+    if _is_nnx_module(obj):
+        graphdef, state = sys.modules["flax.nnx"].split(obj)
+        arrays.append(state)
+        return ("nnx", graphdef)
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise _Opaque
+        return ("ndarray", obj.dtype, obj.shape, obj.tobytes())
+    if isinstance(obj, _VALUE_TYPES):
+        # 1 == 1.0 == True and 0.0 == -0.0: the type and the text tell them apart
+        text = repr(obj) if isinstance(obj, (float, complex, np.generic)) else None
+        return ("value", type(obj), obj, text)
+    if isinstance(obj, types.BuiltinFunctionType):
+        if obj.__self__ is not None and not isinstance(obj.__self__, types.ModuleType):
+            raise _Opaque  # a method bound to a (possibly mutable) object
+        return ("value", type(obj), obj, None)
+    if type(obj) in (tuple, list):
+        return (type(obj).__name__, tuple(_split(v, arrays, deeper) for v in obj))
+    if type(obj) is dict:
+        if not all(isinstance(k, _VALUE_TYPES) for k in obj):
+            raise _Opaque
+        return ("dict", tuple((_split(k, arrays), _split(v, arrays, deeper)) for k, v in obj.items()))
+    if isinstance(obj, types.FunctionType):
         try:
-            hash((predict, config))
-        except TypeError:  # unhashable configuration: compile for this call only
-            cache = False
-    if cache:
-        return _cached_jit(kind, predict, *config)
-    builder = _device_program if kind == "device" else _host_step
-    return jax.jit(builder(predict, *config))
+            cells = tuple(cell.cell_contents for cell in obj.__closure__ or ())
+        except ValueError:  # an empty cell: a variable not assigned yet
+            raise _Opaque from None
+        return (
+            "function",
+            obj.__code__,
+            _Same(obj.__globals__),
+            obj.__name__,
+            _split(obj.__defaults__ or (), arrays, deeper),
+            _split(obj.__kwdefaults__ or {}, arrays, deeper),
+            _split(cells, arrays, deeper),
+        )
+    if isinstance(obj, types.MethodType):
+        return ("method", _split(obj.__func__, arrays, deeper), _split(obj.__self__, arrays, deeper))
+    if type(obj) is functools.partial:
+        return (
+            "partial",
+            _split(obj.func, arrays, deeper),
+            _split(obj.args, arrays, deeper),
+            _split(obj.keywords, arrays, deeper),
+        )
+    if isinstance(obj, _TRANSFORMED_TYPES):
+        return ("same", _Same(obj))
+    leaves, treedef = jax.tree.flatten(obj)
+    if not (len(leaves) == 1 and leaves[0] is obj):  # a registered pytree node
+        return ("pytree", treedef, tuple(_split(leaf, arrays, deeper) for leaf in leaves))
+    cls = type(obj)
+    if cls.__eq__ is not object.__eq__ and cls.__hash__ not in (None, object.__hash__):
+        return ("value", cls, obj, None)  # a class with value semantics
+    raise _Opaque
+
+
+def _build(description: tuple, arrays: Iterator) -> Any:
+    """The object ``description`` (from ``_split``) stands for, with the given arrays."""
+    kind = description[0]
+    if kind == "array":
+        return next(arrays)
+    if kind == "nnx":
+        return sys.modules["flax.nnx"].merge(description[1], next(arrays))
+    if kind == "ndarray":
+        _, dtype, shape, data = description
+        return np.frombuffer(data, dtype).reshape(shape)
+    if kind == "value":
+        return description[2]
+    if kind == "same":
+        return description[1].obj
+    if kind == "tuple":
+        return tuple(_build(d, arrays) for d in description[1])
+    if kind == "list":
+        return [_build(d, arrays) for d in description[1]]
+    if kind == "dict":
+        return {_build(k, arrays): _build(v, arrays) for k, v in description[1]}
+    if kind == "function":
+        _, code, globals_, name, defaults, kwdefaults, cells = description
+        defaults = _build(defaults, arrays)
+        kwdefaults = _build(kwdefaults, arrays)
+        cells = tuple(types.CellType(value) for value in _build(cells, arrays))
+        function = types.FunctionType(code, globals_.obj, name, defaults or None, cells or None)
+        function.__kwdefaults__ = kwdefaults or None
+        return function
+    if kind == "method":
+        function = _build(description[1], arrays)
+        return types.MethodType(function, _build(description[2], arrays))
+    if kind == "partial":
+        function = _build(description[1], arrays)
+        args = _build(description[2], arrays)
+        return functools.partial(function, *args, **_build(description[3], arrays))
+    if kind == "pytree":
+        return jax.tree.unflatten(description[1], [_build(d, arrays) for d in description[2]])
+    raise AssertionError(f"unknown description {kind!r}")  # pragma: no cover
+
+
+def _model_program(predict_windows, mesh, axes, donate):
+    """``jax.jit`` of ``predict_windows(arrays, windows)``; windows split over ``mesh``.
+
+    With ``donate`` the windows are donated: a model whose output has the windows' shape
+    and dtype may write it in their place.
+    """
+    if mesh is not None:
+        batch_spec = _batch_spec(axes)
+        mapped = _shard_map(
+            predict_windows,
+            mesh=mesh,
+            in_specs=(jax.sharding.PartitionSpec(), batch_spec),
+            out_specs=batch_spec,
+        )
+        predict_windows = functools.wraps(predict_windows)(mapped)
+    return jax.jit(predict_windows, donate_argnums=(1,) if donate else ())
+
+
+@functools.lru_cache(maxsize=32)
+def _described_model(description, mesh, axes, donate):
+    def predict_windows(arrays, windows):
+        return _build(description, iter(arrays))(windows)
+
+    return _model_program(predict_windows, mesh, axes, donate)
+
+
+def _model(predict) -> tuple[Callable, tuple]:
+    """``(model, arrays)``: ``model(mesh, axes, donate)(arrays, windows)`` predicts a window batch.
+
+    When ``predict`` can be described (see ``_split``), the program is cached on its
+    description, so it is compiled once per window-batch shape (``jax.jit``'s cache) and
+    new arrays (weights) are new arguments. Otherwise it is compiled for this call only.
+    """
+    arrays = []
+    try:
+        description = _split(predict, arrays)
+        hash(description)
+    except (_Opaque, TypeError):
+
+        def predict_windows(arrays, windows):
+            return predict(windows)
+
+        return functools.lru_cache(maxsize=None)(functools.partial(_model_program, predict_windows)), ()
+    return functools.partial(_described_model, description), tuple(arrays)
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -527,13 +855,33 @@ def sliding_window_inference(
 
     The volume is padded if needed, cut into the static grid of ``grid_locations``,
     predicted ``batch_size`` windows at a time, weighted according to ``mode`` (see the
-    module docstring) and accumulated. Everything runs as one jitted program per
-    configuration. When ``predict`` is a plain function the compiled program is cached
-    (like ``jax.jit(predict)``, it keeps what the function closed over at its first call);
-    a callable object (a Flax NNX model) is traced on every call, because its weights may
-    have changed. For repeated calls with a model, call this function inside your own
-    ``jax.jit`` with the model rebuilt from its state (``nnx.merge``): it is traceable,
-    except with ``output_on_host=True``.
+    module docstring) and accumulated.
+
+    Compilation: the model is compiled once per window-batch shape
+    ``(batch_size, *patch_size, c_in)`` and dtype, and that program is shared by every
+    volume shape; only the cheap programs around it (pad, cut, weight and add, crop) are
+    compiled per volume shape. The model program is cached on a description of
+    ``predict`` whose arrays are arguments, not constants:
+
+    - a Flax NNX module: its graph definition (``nnx.split``); its state is an argument,
+      so new weights (after a training step, ``nnx.update``, or another module of the
+      same graph) reuse the program;
+    - a function: its code, globals and the values it closes over (and its defaults,
+      ``functools.partial`` arguments, bound ``self``). Closed-over jax arrays and NNX
+      modules are arguments; Python numbers, strings, numpy arrays and other immutable
+      values are part of the description (a new value compiles a new program); a fresh
+      ``lambda`` per call from the same source reuses the program; a rebound closure
+      variable is read afresh at every call. Globals are read when the program is first
+      traced, as with ``jax.jit``;
+    - other registered pytrees: their structure, their arrays as arguments;
+      ``jax.jit``-wrapped functions: their identity.
+
+    Anything else (an instance of an arbitrary class, or a function closing over one)
+    may change without notice, so its program is compiled for that call only.
+
+    Under a trace (inside the caller's ``jax.jit`` or ``vmap``) the whole loop is traced
+    into the caller's program instead (one ``lax.scan`` over batches), so
+    ``predict`` may close over traced values; ``output_on_host=True`` cannot be traced.
 
     Args:
         predict: jittable function from a batch ``(batch_size, px, py, pz, c_in)`` to
@@ -599,7 +947,14 @@ def sliding_window_inference(
         raise ValueError("output_on_host=True cannot run under jax.jit (it accumulates in numpy)")
     in_channels = data.shape[-1]
     probe = jax.ShapeDtypeStruct((batch, *patch, in_channels), data.dtype)
-    factor, out_channels = _check_output(jax.eval_shape(predict, probe).shape, batch, patch)
+    if traced:
+        out_shape = jax.eval_shape(predict, probe).shape
+    else:
+        model, arrays = _model(predict)
+        out = jax.eval_shape(model(None, None, False), arrays, probe)
+        out_shape = out.shape
+        donate = out.shape == probe.shape and out.dtype == probe.dtype
+    factor, out_channels = _check_output(out_shape, batch, patch)
     for name, values in (("patch_size", patch), ("overlap", over)):
         if any(v % f for v, f in zip(values, factor)):
             raise ValueError(
@@ -617,63 +972,27 @@ def sliding_window_inference(
 
     crop = tuple((w[0] // f, -(-length // f)) for w, f, length in zip(widths, factor, image.spatial_shape))
     final_argmax = argmax and not label_only
-    if output_on_host:
-        padded = _pad(jnp.asarray(data), widths, padding_mode, padding_value)
-        starts, valid = _schedule(plan, batch * num_devices)
-        step = _compiled("host", predict, (plan, acc_dtype_used, label_only, mesh, axes), cache=not traced)
-        acc = _host_accumulate(
-            step, padded, starts, valid, batch * num_devices, plan, acc_dtype_used, label_only, out_channels
-        )
-        out = _finish(acc, crop, final_argmax, out_channels, np)
+    config = (
+        plan,
+        widths,
+        padding_mode,
+        float(padding_value),
+        crop,
+        final_argmax,
+        batch,
+        acc_dtype_used,
+        label_only,
+        out_channels,
+        mesh,
+        axes,
+        num_devices,
+    )
+    if traced:  # one program, part of the caller's
+        out = jax.jit(_device_program(predict, *config))(data)
     else:
-        config = (
-            plan,
-            widths,
-            padding_mode,
-            float(padding_value),
-            crop,
-            final_argmax,
-            batch,
-            acc_dtype_used,
-            label_only,
-            out_channels,
-            mesh,
-            axes,
-            num_devices,
-        )
-        out = _compiled("device", predict, config, cache=not traced)(data)
+        out = _run_eager(model(mesh, axes, donate), arrays, data, *config, output_on_host)
     affine = _output_affine(image.affine, factor)
     return image.replace(data=out, affine=affine, kind=LABEL if argmax else INTENSITY)
-
-
-def _host_accumulate(step, volume, starts, valid, global_batch, plan, acc_dtype, label_only, out_channels):
-    """Run ``step`` batch by batch and add its results into a numpy accumulator.
-
-    The next batch is dispatched before the previous one is copied to the host, so the
-    device predicts while the host adds.
-    """
-    acc = np.zeros((*plan.out_shape, 1 if label_only else out_channels), acc_dtype)
-    pending = None
-    for begin in range(0, len(starts), global_batch):
-        result = step(
-            volume,
-            jnp.asarray(starts[begin : begin + global_batch]),
-            jnp.asarray(valid[begin : begin + global_batch]),
-        )
-        if pending is not None:
-            _host_add(acc, *pending)
-        pending = result
-    if pending is not None:
-        _host_add(acc, *pending)
-    return acc
-
-
-def _host_add(acc: np.ndarray, out_starts, values) -> None:
-    out_starts = np.asarray(out_starts)
-    values = np.asarray(values)
-    qx, qy, qz = values.shape[1:4]
-    for (x, y, z), value in zip(out_starts, values):
-        acc[x : x + qx, y : y + qy, z : z + qz] += value
 
 
 # --- TorchIO-style classes for hand-written loops ----------------------------------------------

@@ -1,5 +1,7 @@
 """Tests for jmed.inference: grid, weighting fixtures, identity, sharding, memory options."""
 
+import contextlib
+import functools
 import itertools
 
 import jax
@@ -380,6 +382,239 @@ def test_model_object_weights_are_not_stale():
     second = sliding_window_inference(model, image, 4, overlap=1)
     np.testing.assert_allclose(np.asarray(first.data), 2 * image.data, atol=1e-5)
     np.testing.assert_allclose(np.asarray(second.data), 7 * image.data, atol=1e-5)
+
+
+# --- compilation: the model is compiled once per window-batch shape ---------------------------------
+
+MODEL_PROGRAM = "predict_windows"  # the name of jmed's program that predicts a batch of windows
+
+
+@contextlib.contextmanager
+def jax_programs():
+    """Names of the functions JAX traces and lowers to XLA programs inside the block.
+
+    Read from JAX's monitoring events (a program lowered is a program compiled, or read
+    from the persistent compilation cache when one is configured).
+    """
+    seen = {"traced": [], "lowered": []}
+    events = {
+        "/jax/core/compile/jaxpr_trace_duration": "traced",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowered",
+    }
+
+    def listener(event, duration, **kwargs):
+        if event in events:
+            seen[events[event]].append(str(kwargs.get("fun_name", "")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def model_programs(seen, kind):
+    return sum(MODEL_PROGRAM in name for name in seen[kind])
+
+
+def tiny_unet(seed=0, classes=2):
+    """A U-Net-like NNX model small enough for CPU tests (a new class, so a new graph, per call)."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class TinyUNet(nnx.Module):
+        def __init__(self, rngs):
+            self.down = nnx.Conv(1, 4, (3, 3, 3), rngs=rngs)
+            self.bottom = nnx.Conv(4, 4, (3, 3, 3), rngs=rngs)
+            self.up = nnx.ConvTranspose(4, 4, (2, 2, 2), strides=(2, 2, 2), rngs=rngs)
+            self.head = nnx.Conv(8, classes, (1, 1, 1), rngs=rngs)
+
+        def __call__(self, x):
+            skip = nnx.relu(self.down(x))
+            low = nnx.relu(self.bottom(nnx.max_pool(skip, (2, 2, 2), strides=(2, 2, 2))))
+            return self.head(jnp.concatenate([self.up(low), skip], axis=-1))
+
+    return TinyUNet(nnx.Rngs(seed))
+
+
+VOLUME_SHAPES = [(9, 8, 10), (12, 8, 8), (8, 11, 9), (10, 10, 10), (13, 9, 8), (8, 8, 15)]
+BLENDING = ["hann", "gaussian", "average"]
+
+
+def test_nnx_model_compiled_once_over_volume_shapes():
+    model = tiny_unet()
+    images = [random_image(shape, seed=30 + i) for i, shape in enumerate(VOLUME_SHAPES)]
+    outputs = []
+    with jax_programs() as seen:
+        for i, image in enumerate(images):
+            mode = BLENDING[i % 3]
+            outputs.append(sliding_window_inference(model, image, 8, overlap=4, batch_size=2, mode=mode))
+    assert model_programs(seen, "traced") == 1, seen["traced"]
+    assert model_programs(seen, "lowered") == 1, seen["lowered"]
+    assert len(seen["lowered"]) > 6  # the per-volume programs are seen by the listener too
+    for i, (image, out) in enumerate(zip(images, outputs)):
+        expected = _reference(model, np.asarray(image.data), (8, 8, 8), (4, 4, 4), BLENDING[i % 3])
+        assert out.shape == (*image.spatial_shape, 2)
+        np.testing.assert_allclose(np.asarray(out.data), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_new_weights_are_used_without_recompiling():
+    nnx = pytest.importorskip("flax.nnx")
+    model = tiny_unet(seed=1)
+    image = random_image((10, 9, 8), seed=40)
+    kwargs = dict(overlap=4, batch_size=2, mode="gaussian")
+    first = sliding_window_inference(model, image, 8, **kwargs)
+    with jax_programs() as seen:
+        # a "training step": nnx.update with a new state whose head bias is 1 larger; the
+        # weights of every window sum to 1, so every output voxel grows by exactly 1
+        state = nnx.state(model)
+        state["head"]["bias"] = jax.tree.map(lambda b: b + 1.0, state["head"]["bias"])
+        nnx.update(model, state)
+        second = sliding_window_inference(model, image, 8, **kwargs)
+        # a new model object of the same graph, with other weights
+        graphdef, state = nnx.split(model)
+        other = nnx.merge(graphdef, jax.tree.map(lambda w: -0.5 * w, state))
+        third = sliding_window_inference(other, image, 8, **kwargs)
+    assert model_programs(seen, "lowered") == 0, seen["lowered"]
+    # a fresh lambda around the model (a closure over the module) per call: one new program
+    with jax_programs() as seen:
+        for _ in range(2):
+            fourth = sliding_window_inference(lambda x: jax.nn.softmax(model(x)), image, 8, **kwargs)
+    assert model_programs(seen, "lowered") == 1, seen["lowered"]
+    np.testing.assert_allclose(np.asarray(second.data), np.asarray(first.data) + 1, rtol=1e-5, atol=1e-5)
+    data = np.asarray(image.data)
+    expected = _reference(other, data, (8, 8, 8), (4, 4, 4), "gaussian")
+    np.testing.assert_allclose(np.asarray(third.data), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(third.data) - np.asarray(second.data)).max() > 0.1
+    # softmax of a blend is not a blend of softmaxes: compare with the reference of the lambda
+    expected = _reference(lambda x: jax.nn.softmax(model(x)), data, (8, 8, 8), (4, 4, 4), "gaussian")
+    np.testing.assert_allclose(np.asarray(fourth.data), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_model_sharded_and_on_host():
+    model = tiny_unet(seed=2, classes=3)
+    image = random_image((12, 9, 10), seed=41)
+    kwargs = dict(overlap=4, batch_size=2, mode="hann")
+    single = sliding_window_inference(model, image, 8, **kwargs)
+    expected = _reference(model, np.asarray(image.data), (8, 8, 8), (4, 4, 4), "hann")
+    np.testing.assert_allclose(np.asarray(single.data), expected, rtol=1e-5, atol=1e-5)
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    with jax_programs() as seen:
+        sharded = sliding_window_inference(model, image, 8, mesh=mesh, **kwargs)
+        host = sliding_window_inference(model, image, 8, mesh=mesh, output_on_host=True, **kwargs)
+    assert model_programs(seen, "lowered") == 1, seen["lowered"]  # one sharded program for both
+    np.testing.assert_allclose(np.asarray(sharded.data), np.asarray(single.data), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(host.data, np.asarray(single.data), atol=1e-6, rtol=0)
+    labels = sliding_window_inference(model, image, 8, overlap=4, batch_size=2, mode="crop", argmax=True)
+    probabilities = sliding_window_inference(model, image, 8, overlap=4, batch_size=2, mode="crop")
+    np.testing.assert_array_equal(
+        np.asarray(labels.data)[..., 0], np.argmax(np.asarray(probabilities.data), -1)
+    )
+
+
+def test_fresh_lambda_per_call_reads_its_own_closure():
+    image = random_image((7, 6, 5), seed=42)
+    with jax_programs() as seen:
+        for scale in (2.0, 3.0):  # an array closed over: one program, the array is an argument
+            weight = jnp.float32(scale)
+            out = sliding_window_inference(lambda x: weight * x, image, 4, overlap=2)  # noqa: B023
+            np.testing.assert_allclose(np.asarray(out.data), scale * image.data, rtol=1e-6)
+    assert model_programs(seen, "lowered") == 1, seen["lowered"]
+    for scale in (2.0, 3.0, 2.0):  # a Python number closed over is part of the program
+        out = sliding_window_inference(lambda x: scale * x, image, 4, overlap=2)  # noqa: B023
+        np.testing.assert_allclose(np.asarray(out.data), scale * image.data, rtol=1e-6)
+
+
+def test_closure_rebound_is_not_stale():
+    image = random_image((7, 6, 5), seed=43)
+    scale = 2.0
+
+    def predict(x):  # the same function object, its closure cell changes between calls
+        return scale * x
+
+    first = sliding_window_inference(predict, image, 4, overlap=2)
+    scale = 5.0
+    second = sliding_window_inference(predict, image, 4, overlap=2)
+    np.testing.assert_allclose(np.asarray(first.data), 2 * image.data, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(second.data), 5 * image.data, rtol=1e-6)
+
+    class Scaled:  # an object jmed cannot see into: compiled for each call
+        def __init__(self, scale):
+            self.scale = scale
+
+        def __call__(self, x):
+            return self.scale * x
+
+    holder = Scaled(2.0)
+    first = sliding_window_inference(lambda x: holder(x), image, 4, overlap=2)
+    holder.scale = 7.0
+    second = sliding_window_inference(lambda x: holder(x), image, 4, overlap=2)
+    np.testing.assert_allclose(np.asarray(first.data), 2 * image.data, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(second.data), 7 * image.data, rtol=1e-6)
+
+
+def test_flax_is_not_imported():
+    # Flax is optional: a model can only be an NNX module once the caller imported flax.nnx
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, numpy as np, jmed\n"
+        "image = jmed.ScalarImage(np.ones((5, 5, 5), np.float32))\n"
+        "out = jmed.sliding_window_inference(lambda x: 2 * x, image, 4, overlap=2)\n"
+        "assert float(out.data.mean()) == 2.0\n"
+        "print('flax' in sys.modules)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's jmed
+    env = {**os.environ, "PYTHONPATH": root}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_model_description_round_trip():
+    # what a program is keyed on, and the arrays passed to it
+    from jmed.inference import _build, _split
+
+    weight = jnp.arange(3.0)
+    table = np.array([1.0, 2.0])
+
+    def inner(x, *, bias=weight):
+        return x * table[0] + bias
+
+    def closure(*values):
+        def predict(x):
+            scale, shift, flag, zero, name, nothing, items, mapping, dtype = values
+            out = inner(x) * scale + shift * flag + zero + len(name) + (nothing is None)
+            return (out + items[0] + mapping["k"][0]).astype(dtype)
+
+        return predict
+
+    described = [
+        functools.partial(inner, bias=weight),
+        closure(2, 1.5, True, -0.0, "a", None, [weight], {"k": (weight,)}, jnp.float16),
+    ]
+    for function in described:
+        arrays = []
+        description = _split(function, arrays)
+        hash(description)
+        rebuilt = _build(description, iter(arrays))
+        assert_trees_close(rebuilt(jnp.ones(3)), function(jnp.ones(3)))
+    # equal but distinct values give distinct descriptions
+    keys = {_split(lambda x: v * x, []) for v in (1, 1.0, True, 0.0, -0.0, np.float32(1))}  # noqa: B023
+    assert len(keys) == 6
+
+    # the same code (a fresh function from the same source) with other arrays: the same
+    # description, the arrays differ
+    def make(weight):
+        return lambda x: weight * x
+
+    first, second = [], []
+    assert _split(make(weight), first) == _split(make(2 * weight), second)
+    np.testing.assert_array_equal(second[0], 2 * first[0])
 
 
 def test_public_signatures():
