@@ -433,9 +433,17 @@ def cases(quick: bool, volume=None) -> list:
     from benchmarks.common import Case, Timing
 
     config = QUICK if quick else FULL
-    results = functools.cache(lambda: run(config))
+
+    @functools.cache
+    def results() -> dict:
+        try:
+            return run(config)
+        except Exception as error:  # reported once per row, not run again for each
+            return {"error": f"failed: {type(error).__name__}: {str(error)[:120]}"}
 
     def rows(pick) -> dict:
+        if "error" in results():
+            return {"jmed": results()["error"]}
         out = {}
         for library in ("jmed", "torchio"):
             result = results()[library]
