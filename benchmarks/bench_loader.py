@@ -23,6 +23,7 @@ jitted jmed (compile time separate) next to TorchIO's ``LabelSampler`` and MONAI
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -122,22 +123,41 @@ class _PeakMemory:
             self._thread.join()
 
 
-def _time_batches(batches) -> tuple[float, float, float, int]:
-    """Time to the first batch, steady patches/s, patches/s overall, patches.
+def _time_batches(batches) -> tuple[list[float], list[int]]:
+    """Arrival time of each batch (seconds from the start) and its number of patches.
+
+    The clock starts when the first batch is asked for, so whatever the iterator does
+    before delivering it (building the loader, starting workers, compiling) counts.
+    """
+    start = time.perf_counter()
+    arrivals, sizes = [], []
+    for n in batches:
+        arrivals.append(time.perf_counter() - start)
+        sizes.append(n)
+    return arrivals, sizes
+
+
+def rates(arrivals: list[float], sizes: list[int], patches: int | None = None) -> dict:
+    """Time to the first batch, steady and whole-run patches/s of a run's batch arrivals.
 
     The steady rate is taken over the last three quarters of the batches, so that neither
     start-up nor the elements workers prepared meanwhile count. Rates end at the arrival
     of the last batch: stopping the workers afterwards is not delivery (work a loader
     does between epochs, such as TorchIO restarting its workers, is counted).
+    ``patches``: the whole-run rate up to the batch that completes this many patches
+    (a prefix of the run, e.g. its first epochs) instead of the whole run.
     """
-    start = time.perf_counter()
-    arrivals, sizes = [], []
-    for n in batches:
-        arrivals.append(time.perf_counter())
-        sizes.append(n)
     q = len(arrivals) // 4
     steady = sum(sizes[q + 1 :]) / max(arrivals[-1] - arrivals[q], 1e-9)
-    return arrivals[0] - start, steady, sum(sizes) / (arrivals[-1] - start), sum(sizes)
+    last = len(sizes) - 1
+    if patches is not None:
+        last = min(int(np.searchsorted(np.cumsum(sizes), patches)), last)
+    return {
+        "first_batch_s": arrivals[0],
+        "patches_per_s": steady,
+        "overall_patches_per_s": sum(sizes[: last + 1]) / max(arrivals[last], 1e-9),
+        "patches": sum(sizes[: last + 1]),
+    }
 
 
 def _run_torchio(records: list[dict], epochs: int) -> dict:
@@ -187,14 +207,8 @@ def _run_jmed(records: list[dict], epochs: int, cache_dir: str | None) -> dict:
 def _measure(batches) -> dict:
     """Time ``batches`` (an iterator of batch sizes) and record the peak memory meanwhile."""
     with _PeakMemory() as memory:
-        first, rate, overall, total = _time_batches(batches)
-    return {
-        "first_batch_s": first,
-        "patches_per_s": rate,
-        "overall_patches_per_s": overall,
-        "patches": total,
-        "peak_bytes": memory.peak,
-    }
+        arrivals, sizes = _time_batches(batches)
+    return {**rates(arrivals, sizes), "peak_bytes": memory.peak, "arrivals_s": arrivals, "sizes": sizes}
 
 
 def _median_times(fn, repeats: int) -> tuple[float, float]:
@@ -386,11 +400,11 @@ def main(argv: list[str] | None = None) -> None:
 def cases(quick: bool, volume) -> list:
     """Patch sampling and Queue throughput rows for ``benchmarks.run``.
 
-    Queue: ``--quick`` uses 2 subjects x 1 epoch and no cache row (full: 6 x 8, plus a warm
-    decode cache). Times are ms per patch in the steady state (last three quarters of the
-    batches); the rate over the whole run, start-up included, and the time to the first
-    batch are in the note. In the quick run the steady rate mostly measures draining a
-    filled queue.
+    Queue: ``--quick`` uses 2 subjects x 1 epoch and no cache run (full: 6 x 8, plus a warm
+    decode cache in the note). Two rows share one run per loader: ms per patch in the
+    steady state (last three quarters of the batches) and over the whole run, start-up
+    included (the note gives the time to the first batch). In the quick run the steady rate
+    mostly measures draining a filled queue.
     """
     from benchmarks.common import Case, Timing
 
@@ -432,10 +446,11 @@ def cases(quick: bool, volume) -> list:
 
     subjects, epochs = (2, 1) if quick else (6, 8)
 
-    def queue(runs: int) -> dict:
+    @functools.cache
+    def spawned() -> dict:
+        """One subprocess run per loader, shared by the steady and the whole-run rows."""
         if min(volume.shape) < PATCH:
             return {"jmed": "skipped (volume smaller than the patch)"}
-        results = {}
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             import nibabel as nib
@@ -448,33 +463,51 @@ def cases(quick: bool, volume) -> list:
                 records.append({"t1": str(t1_path), "seg": str(seg_path)})
             records_file = folder / "records.json"
             records_file.write_text(json.dumps(records))
-            spawned = {
+            runs = {
                 "torchio": _spawn("torchio", records_file, epochs),
                 "jmed": _spawn("jmed", records_file, epochs),
             }
-            if not quick:
+            if not quick and runs["jmed"] is not None:
                 cache = str(folder / "cache")
                 _spawn("jmed", records_file, 1, cache)
-                warm = _spawn("jmed", records_file, epochs, cache)
-                if warm is not None:
-                    spawned["jmed"]["note_cache"] = (
-                        f"warm decode cache: {warm['patches_per_s']:.1f} patches/s"
-                    )
-        for library, result in spawned.items():
-            if result is None:
-                results[library] = "failed"
+                runs["jmed_warm"] = _spawn("jmed", records_file, epochs, cache)
+        return {library: "failed" if result is None else result for library, result in runs.items()}
+
+    def steady(runs: int) -> dict:
+        results = {}
+        for library, result in spawned().items():
+            if library == "jmed_warm" or isinstance(result, str):
+                results.setdefault(library, result)
                 continue
-            note = (
-                f"{result['patches_per_s']:.1f} patches/s steady; {result['overall_patches_per_s']:.1f} overall "
-                f"with {result['first_batch_s']:.1f} s to the first batch; peak {result['peak_bytes'] / 2**20:.0f} MiB"
-            )
-            if "note_cache" in result:
-                note += "; " + result["note_cache"]
-            results[library] = Timing(
-                1e3 / max(result["patches_per_s"], 1e-9), 1, 1e3 * result["first_batch_s"], None, note
-            )
+            note = f"{result['patches_per_s']:.1f} patches/s; peak {result['peak_bytes'] / 2**20:.0f} MiB"
+            warm = spawned().get("jmed_warm")
+            if library == "jmed" and isinstance(warm, dict):
+                note += f"; warm decode cache: {warm['patches_per_s']:.1f} patches/s"
+            results[library] = Timing(1e3 / max(result["patches_per_s"], 1e-9), 1, None, None, note)
+        results.pop("jmed_warm", None)
         return results
 
+    def whole_run(runs: int) -> dict:
+        results = {}
+        for library, result in spawned().items():
+            if library == "jmed_warm" or isinstance(result, str):
+                results.setdefault(library, result)
+                continue
+            note = (
+                f"{result['overall_patches_per_s']:.1f} patches/s with {result['first_batch_s']:.1f} s "
+                "to the first batch"
+            )
+            results[library] = Timing(
+                1e3 / max(result["overall_patches_per_s"], 1e-9), 1, 1e3 * result["first_batch_s"], None, note
+            )
+        results.pop("jmed_warm", None)
+        return results
+
+    name = f"Queue, {subjects} subjects x {epochs} epoch{'s' if epochs > 1 else ''}, {NUM_WORKERS} workers"
+    note = (
+        f"{PATCH}^3 label-balanced patches, {SAMPLES_PER_VOLUME}/volume, batch {BATCH_SIZE}, "
+        "one subprocess per loader"
+    )
     return [
         Case(
             "sampling",
@@ -484,12 +517,18 @@ def cases(quick: bool, volume) -> list:
         ),
         Case(
             "loading",
-            f"Queue, {subjects} subjects x {epochs} epochs, {NUM_WORKERS} workers",
-            measure=queue,
+            f"{name} (steady)",
+            measure=steady,
             unit="patch (steady: last 3/4 of the batches)",
-            note=f"{PATCH}^3 label-balanced patches, {SAMPLES_PER_VOLUME}/volume, batch {BATCH_SIZE}, "
-            "one subprocess per loader"
+            note=note
             + ("; quick: too short for a steady state (the rate is a filled queue drained)" if quick else ""),
+        ),
+        Case(
+            "loading",
+            f"{name} (whole run)",
+            measure=whole_run,
+            unit="patch (whole run: start-up included)",
+            note=note,
         ),
     ]
 

@@ -54,6 +54,7 @@ MODULES = (
     "bench_intensity",
     "bench_pipeline",
     "bench_loader",
+    "bench_heterogeneous",
     "bench_inference",
     "bench_metrics",
 )
