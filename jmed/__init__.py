@@ -5,7 +5,7 @@ jittable, vmappable functions driven by explicit PRNG keys, sample patches, feed
 through a grain loader and stitch patch-wise predictions back together.
 """
 
-from jmed import affine, datasets, formats, metrics, ops, plot, transforms
+from jmed import affine, buckets, datasets, formats, metrics, ops, plot, transforms
 from jmed.data import (
     LoaderIterator,
     Queue,
@@ -80,6 +80,7 @@ __all__ = [
     "WRITE_EXTENSIONS",
     "WeightedSampler",
     "affine",
+    "buckets",
     "augment_and_sample",
     "extract_patches",
     "tune_host_allocator",

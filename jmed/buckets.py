@@ -68,7 +68,7 @@ def plan_buckets(
     *,
     max_buckets: int = 4,
     multiple: int = 8,
-    min_gain: float = 0.15,
+    min_gain: float = 0.25,
 ) -> list[Shape]:
     """At most ``max_buckets`` bucket shapes covering every shape in ``shapes``.
 
@@ -257,3 +257,26 @@ def kernel_bucket(shape: Sequence[int]) -> Shape | None:
     if not buckets:
         return None
     return bucket_for(shape, buckets)
+
+
+_RECORDED: contextvars.ContextVar[list | None] = contextvars.ContextVar("jmed_kernel_shapes", default=None)
+
+
+@contextlib.contextmanager
+def recording_kernel_shapes() -> Iterator[list[tuple[Shape, Shape]]]:
+    """Collect the ``(input, output)`` spatial shapes of the eager resampling kernels run
+    (or traced, e.g. under ``jax.eval_shape``) within this context: what
+    ``kernel_buckets`` should cover."""
+    shapes: list[tuple[Shape, Shape]] = []
+    token = _RECORDED.set(shapes)
+    try:
+        yield shapes
+    finally:
+        _RECORDED.reset(token)
+
+
+def note_kernel_shapes(input_shape: Sequence[int], output_shape: Sequence[int]) -> None:
+    """Record a kernel's shapes when ``recording_kernel_shapes`` is active."""
+    recorded = _RECORDED.get()
+    if recorded is not None:
+        recorded.append((tuple(int(v) for v in input_shape), tuple(int(v) for v in output_shape)))

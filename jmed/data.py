@@ -44,14 +44,14 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmed import io, runtime
+from jmed import buckets, compilation, io, runtime
 from jmed.image import INTENSITY, LABEL, Image, Subject
 from jmed.sampling import PatchSampler
 
@@ -131,7 +131,7 @@ class _Cache:
     """Preprocessed volumes stored as ``.npy`` (read memory-mapped), one folder per entry.
 
     An entry's key hashes the content of every image file (SHA-256), the image names and
-    kinds, and ``repr(preprocessing)``. File digests are memoised by (path, size,
+    kinds, and ``transform_key(preprocessing)`` (a stable description). File digests are memoised by (path, size,
     modification time) so a hit reads no image file. Entries are written to a temporary
     folder and renamed into place, so a partial entry is never read.
     """
@@ -222,7 +222,7 @@ class SubjectsSource:
             worker), called as ``preprocessing(None, subject)``.
         cache_dir: optional folder for the decode-once cache: each preprocessed volume
             is stored uncompressed and read memory-mapped; the key covers the files'
-            content and ``repr(preprocessing)``, so a changed file or configuration
+            content and ``jmed.transforms.transform_key(preprocessing)``, so a changed file or configuration
             misses. Transforms must have a faithful ``repr`` (the default one lists
             their attributes). If an entry cannot be written (full disk, no write
             permission) a warning is logged and the subject is used uncached.
@@ -348,12 +348,130 @@ class SubjectsSource:
         }
         return Subject(images, metadata=out.metadata)
 
+    def describe(self, index: int) -> str:
+        """``"3 (t1: path, seg: path)"``: a subject's index and its files, for messages."""
+        record = self.records[index]
+        if isinstance(record, Subject):
+            return f"{index} (in memory)"
+        files = ", ".join(f"{name}: {record[name]}" for name in self.image_names)
+        return f"{index} ({files})"
+
+    def predicted_shape(self, index: int) -> tuple[tuple[int, int, int], list]:
+        """The spatial shape of subject ``index`` after preprocessing, from the headers
+        alone (no voxel is read), and the ``(input, output)`` shapes of the resampling
+        kernels its preprocessing runs.
+
+        Raises:
+            ValueError: the shape cannot be known without the voxels (data-dependent
+                preprocessing such as ``CropForeground``), or the images disagree.
+        """
+        record = self.records[index]
+        if isinstance(record, Subject):
+            headers = dict(record.items())
+        else:
+            headers = {
+                name: io.load(record[name], kind=self.kind_of(name), lazy=True) for name in self.image_names
+            }
+        layout = {name: (image.kind, np.asarray(image.affine)) for name, image in headers.items()}
+        abstract = {name: jax.ShapeDtypeStruct(image.shape, image.dtype) for name, image in headers.items()}
+
+        def run(data):
+            subject = Subject(
+                {name: Image(data[name], affine, kind=kind) for name, (kind, affine) in layout.items()}
+            )
+            if self.preprocessing is not None:
+                subject = self.preprocessing(None, subject)
+            return {name: image.data for name, image in subject.items()}
+
+        try:
+            with buckets.recording_kernel_shapes() as kernels:
+                shapes = jax.eval_shape(run, abstract)
+        except Exception as err:
+            raise ValueError(
+                f"cannot predict the shape of subject {self.describe(index)} after preprocessing "
+                f"from its headers ({type(err).__name__}: {err})"
+            ) from err
+        spatial = {tuple(int(n) for n in out.shape[:3]) for out in shapes.values()}
+        if len(spatial) > 1:
+            raise ValueError(
+                f"the images of subject {self.describe(index)} have different shapes after "
+                f"preprocessing: {sorted(spatial)}"
+            )
+        return spatial.pop(), kernels
+
     def __repr__(self) -> str:
         return (
             f"SubjectsSource({len(self)} subjects, images={list(self.image_names)}, "
             f"label_names={list(self.label_names)}, preprocessing={self.preprocessing!r}, "
             f"cache_dir={self.cache_dir!r})"
         )
+
+
+# --- shape buckets -------------------------------------------------------------------------
+
+
+class _ShapePlan(NamedTuple):
+    """Shape buckets of a loader: ``volume_buckets`` for the subjects after preprocessing
+    (the compiled augmentation and sampling), ``kernel_buckets`` for the resampling
+    kernels inside preprocessing; ``multiple``: with no bucket planned for a shape
+    (``volume_buckets`` empty), pad each axis up to a multiple of it."""
+
+    volume_buckets: tuple[tuple[int, int, int], ...]
+    kernel_buckets: tuple[tuple[int, int, int], ...]
+    multiple: int
+
+    def bucket(self, shape: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        if not self.volume_buckets:
+            return tuple(1 if n == 1 else -(-n // self.multiple) * self.multiple for n in shape)
+        return buckets.bucket_for(shape, self.volume_buckets)
+
+
+def _plan_shapes(source: SubjectsSource, indices: Sequence[int], buckets_arg, max_buckets: int) -> _ShapePlan:
+    """The shape plan of a loader (main process; headers only)."""
+    if buckets_arg != "auto":
+        return _ShapePlan(tuple(buckets_arg), (), 32)
+    volumes, kernels = [], []
+    for index in indices:
+        try:
+            shape, recorded = source.predicted_shape(int(index))
+        except ValueError as err:
+            logger.warning(
+                "%s; padding every volume to multiples of 32 voxels per axis instead of planned buckets",
+                err,
+            )
+            return _ShapePlan((), (), 32)
+        volumes.append(shape)
+        kernels.extend(recorded)
+    volume_buckets = tuple(buckets.plan_buckets(volumes, max_buckets=max_buckets))
+    kernel_buckets: tuple = ()
+    if kernels:
+        inputs = buckets.plan_buckets([k[0] for k in kernels], max_buckets=2, min_gain=0.3)
+        outputs = buckets.plan_buckets([k[1] for k in kernels], max_buckets=2, min_gain=0.3)
+        kernel_buckets = tuple(dict.fromkeys(inputs + outputs))
+    logger.info(
+        "%d subject shapes -> volume buckets %s, resampling kernel buckets %s",
+        len(set(volumes)),
+        list(volume_buckets),
+        list(kernel_buckets),
+    )
+    return _ShapePlan(volume_buckets, kernel_buckets, 32)
+
+
+def _check_buckets(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"buckets must be 'auto', None or a sequence of shapes, got {value!r}")
+    out = []
+    for i, shape in enumerate(value):
+        try:
+            shape = tuple(int(n) for n in shape)
+        except (TypeError, ValueError):
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"buckets[{i}] must be 3 positive ints, got {value[i]!r}")
+        out.append(shape)
+    return tuple(out)
 
 
 # --- elements exchanged between pipeline stages --------------------------------------------
@@ -410,19 +528,64 @@ class _CollateTo:
 
 
 class _Load(grain.transforms.Map):
-    """subject index -> loaded, preprocessed element (runs in the workers)."""
+    """subject index -> loaded, preprocessed element (runs in the workers).
 
-    def __init__(self, source: SubjectsSource):
+    With a shape plan, preprocessing kernels run on its kernel buckets and the subject is
+    padded to its volume bucket (``Image.extent`` set); see ``_ShapePlan``.
+    """
+
+    def __init__(
+        self,
+        source: SubjectsSource,
+        plan: _ShapePlan | None = None,
+        patch_size: tuple[int, int, int] | None = None,
+        compilation_cache_dir: str | None = None,
+    ):
         self.source = source
+        self.plan = plan
+        self.patch_size = patch_size
+        self.compilation_cache_dir = compilation_cache_dir
         # workers follow the allocator setting of the process that built the loader
         self.allocator_threshold = runtime.applied_threshold()
 
     def map(self, tagged):
         if self.allocator_threshold is not None and runtime.applied_threshold() is None:
             runtime.tune_host_allocator(self.allocator_threshold)
+        if self.compilation_cache_dir is not None:
+            compilation.use_compilation_cache(self.compilation_cache_dir)
         _, index = tagged
-        subject = self.source[index]
+        if self.plan is None:
+            subject = self.source[index]
+        else:
+            with buckets.kernel_buckets(self.plan.kernel_buckets):
+                subject = self.source[index]
+            if subject is not None:
+                subject = self._to_bucket(index, subject)
         return None if subject is None else (tagged, subject)
+
+    def _to_bucket(self, index: int, subject: Subject) -> Subject | None:
+        try:
+            shape = subject.spatial_shape
+            subject.check_consistent()
+            if self.patch_size is not None and any(p > s for p, s in zip(self.patch_size, shape)):
+                raise ValueError(
+                    f"its shape after preprocessing {shape} is smaller than the patch {self.patch_size}; "
+                    "pad it in preprocessing (e.g. CropOrPad or EnsureShapeMultiple)"
+                )
+            bucket = self.plan.bucket(shape)
+            if bucket is None:
+                raise ValueError(
+                    f"its shape after preprocessing {shape} fits none of the shape buckets "
+                    f"{list(self.plan.volume_buckets)} planned from the headers; the preprocessing "
+                    "gave another shape than predicted: pass buckets= explicitly, or buckets=None"
+                )
+            return buckets.pad_subject(subject, bucket)
+        except ValueError as err:
+            message = f"subject {self.source.describe(index)}: {err}"
+            if self.source.skip_errors:
+                logger.warning("%s (skipped: skip_errors=True)", message)
+                return None
+            raise ValueError(message) from None
 
 
 class _EpochAndIndex:
@@ -449,24 +612,34 @@ def _to_device_layout(data: Any) -> tuple[Any, bool]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _augment_and_sample_one(augmentation, sampler, num_patches, layout, seed, epoch, index, data, affines):
-    """``layout``: ``(name, kind, transposed)`` per image (see ``_to_device_layout``).
+def _augment_and_sample_one(
+    augmentation, sampler, num_patches, layout, seed, epoch, index, data, affines, extents
+):
+    """``layout``: ``(name, kind, transposed)`` per image (see ``_to_device_layout``);
+    ``extents``: each image's valid shape when padded to a bucket (else ``None``).
 
     The key is derived inside the program: eager key operations would each compile a
-    small program in every worker at start-up.
+    small program in every worker at start-up. An augmentation that is not
+    padding-aware sees a padded volume as a whole (its padding is background); the
+    sampler always keeps patches inside the valid region.
     """
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), index)
     subject = Subject(
         {
             name: Image.tree_unflatten(
-                kind, (jnp.transpose(data[name]) if transposed else data[name], affines[name])
+                kind, (jnp.transpose(data[name]) if transposed else data[name], affines[name], extents[name])
             )
             for name, kind, transposed in layout
         }
     )
     k_aug, k_sample = jax.random.split(key)
     if augmentation is not None:
-        subject = augmentation(k_aug, subject)
+        if buckets.is_padding_aware(augmentation):
+            subject = augmentation(k_aug, subject)
+        else:
+            plain = subject.replace({n: im.replace(extent=None) for n, im in subject.items()})
+            out = augmentation(k_aug, plain)
+            subject = out.replace({n: out[n].replace(extent=extents.get(n)) for n in out})
     patches = sampler(k_sample, subject.without_history(), num_patches)
     return (
         {n: patches[n].data for n in patches},
@@ -494,22 +667,18 @@ class _AugmentAndSample(grain.transforms.Map):
         (epoch, index), subject = item
         # metadata stays out of jit (strings would recompile); compiled once per
         # (augmentation, sampler, num_patches, layout, volume shape) and process
-        layout, data, affines = [], {}, {}
+        layout, data, affines, extents = [], {}, {}, {}
         for name, image in subject.items():
             data[name], transposed = _to_device_layout(image.data)
             affines[name] = image.affine
+            extents[name] = image.extent
             layout.append((name, image.kind, transposed))
-        data, affine, location = _augment_and_sample_one(
-            self.augmentation,
-            self.sampler,
-            self.num_patches,
-            tuple(layout),
-            self.seed,
-            np.uint32(epoch),
-            np.uint32(index),
-            data,
-            affines,
+        static = (self.augmentation, self.sampler, self.num_patches, tuple(layout), self.seed)
+        dynamic = (np.uint32(epoch), np.uint32(index), data, affines, extents)
+        program = compilation.compile_once(
+            _augment_and_sample_one, static, dynamic, name="the augmentation and sampling"
         )
+        data, affine, location = program(*dynamic)
         return {
             "data": {n: np.asarray(v) for n, v in data.items()},
             "affine": {n: np.asarray(v) for n, v in affine.items()},
@@ -579,14 +748,20 @@ def _shard(num_subjects: int, shard_index: int | None, shard_count: int | None, 
 
 
 def _subject_stream(
-    source: SubjectsSource, indices: np.ndarray, *, shuffle: bool, seed: int, num_epochs: int | None
+    source: SubjectsSource,
+    indices: np.ndarray,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_epochs: int | None,
+    load: _Load,
 ) -> grain.MapDataset:
     ds = grain.MapDataset.source(np.asarray(indices))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_EpochAndIndex(len(indices)))
-    return ds.map(_Load(source))
+    return ds.map(load)
 
 
 def _as_source(subjects, label_names, preprocessing, cache_dir, skip_errors) -> SubjectsSource:
@@ -635,11 +810,17 @@ class _Loader:
         self.drop_last = bool(kw["drop_last"])
         self.as_jax = bool(kw["as_jax"])
         self.worker_buffer_size = _positive_int(kw["worker_buffer_size"], "worker_buffer_size")
+        cache = kw["compilation_cache_dir"]
+        if cache == "auto":
+            cache = compilation.default_cache_dir()
+        elif cache is not None and not isinstance(cache, (str, os.PathLike)):
+            raise TypeError(f"compilation_cache_dir must be a folder, 'auto' or None, got {cache!r}")
+        self.compilation_cache_dir = None if cache is None else os.fspath(cache)
 
     def _read_options(self) -> grain.ReadOptions:
         return grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.worker_buffer_size)
 
-    def _worker_stream(self, transform: grain.transforms.Map) -> grain.IterDataset:
+    def _worker_stream(self, transform: grain.transforms.Map, load: _Load | None = None) -> grain.IterDataset:
         """Subjects of this process's shard, loaded and mapped by ``transform`` in the workers."""
         ds = _subject_stream(
             self.source,
@@ -647,6 +828,7 @@ class _Loader:
             shuffle=self.shuffle_subjects,
             seed=self.seed,
             num_epochs=self.num_epochs,
+            load=load or _Load(self.source, compilation_cache_dir=self.compilation_cache_dir),
         )
         return self._prefetch(ds.map(transform).to_iter_dataset(self._read_options(), allow_nones=True))
 
@@ -731,12 +913,23 @@ class Queue(_Loader):
         preprocessing: deterministic jmed transform, applied after loading, in workers.
         augmentation: random jmed transform ``augmentation(key, subject)``, applied to
             the whole volume before sampling, in workers (jitted; one compilation per
-            volume shape and worker).
+            shape bucket, shared by the workers through ``compilation_cache_dir``).
         label_names: names of label-map images in the records.
         num_epochs: passes over the subjects (``None``: repeat forever). Subjects are
             reshuffled each epoch.
         shuffle_subjects: shuffle the subject order each epoch.
         shuffle_patches: shuffle patches within windows of ``max_length``.
+        buckets: shape buckets, so that workers compile a few programs whatever the
+            number of distinct subject shapes. ``"auto"`` (default): at most
+            ``max_buckets`` bucket shapes planned from every subject's header and the
+            preprocessing (its output shapes are predicted without reading voxels); each
+            subject is padded to the smallest bucket that holds it and carries its true
+            shape as ``Image.extent``; the resampling kernels of the preprocessing run on
+            buckets too. A sequence of shapes: those buckets. ``None``: every shape is
+            compiled for (the behaviour before buckets). With a padding-aware
+            augmentation (``jmed.buckets.is_padding_aware``) the patches equal those of
+            ``buckets=None`` within float rounding; see docs/buckets.md for the others.
+        max_buckets: most buckets ``"auto"`` plans (one compiled program each).
         drop_last: drop the last, incomplete batch (keeps shapes static for ``jit``).
         cache_dir: decode-once cache folder (see ``SubjectsSource``).
         skip_errors: skip (and log) subjects that fail to load instead of raising.
@@ -747,6 +940,12 @@ class Queue(_Loader):
             has the same number (processes stay in lockstep); a warning is logged.
         as_jax: yield JAX arrays instead of numpy (numeric leaves).
         worker_buffer_size: subjects each worker prepares ahead.
+        compilation_cache_dir: folder where compiled programs are kept (JAX's
+            persistent compilation cache, see ``jmed.compilation``), so that a program is
+            compiled by one worker once and loaded by the others and by later runs.
+            ``"auto"`` (default): ``jmed.compilation.default_cache_dir()``
+            (``~/.cache/jmed/xla``); ``None``: no cache. It is turned on in the worker
+            processes (and in this process with ``num_workers=0``).
 
     Iterating yields batched ``Subject`` s (see the module docstring). Each
     ``iter(queue)`` starts again at epoch 0.
@@ -771,6 +970,8 @@ class Queue(_Loader):
         num_epochs: int | None = 1,
         shuffle_subjects: bool = True,
         shuffle_patches: bool = True,
+        buckets: str | Sequence[Sequence[int]] | None = "auto",
+        max_buckets: int = 4,
         drop_last: bool = False,
         cache_dir: str | os.PathLike | None = None,
         skip_errors: bool = False,
@@ -779,6 +980,7 @@ class Queue(_Loader):
         drop_remainder: bool = True,
         as_jax: bool = False,
         worker_buffer_size: int = 2,
+        compilation_cache_dir: str | os.PathLike | None = "auto",
     ):
         if not callable(sampler) or not hasattr(sampler, "patch_size"):
             raise TypeError(f"sampler must be a jmed patch sampler, got {sampler!r}")
@@ -789,6 +991,9 @@ class Queue(_Loader):
         self.samples_per_volume = _positive_int(samples_per_volume, "samples_per_volume")
         self.max_length = _positive_int(max_length, "max_length")
         self.shuffle_patches = bool(shuffle_patches)
+        self.buckets = _check_buckets(buckets)
+        self.max_buckets = _positive_int(max_buckets, "max_buckets")
+        self._plan = None
         self._setup(
             subjects,
             batch_size,
@@ -807,20 +1012,37 @@ class Queue(_Loader):
                 drop_last=drop_last,
                 as_jax=as_jax,
                 worker_buffer_size=worker_buffer_size,
+                compilation_cache_dir=compilation_cache_dir,
             ),
         )
 
     @property
     def dataset(self) -> grain.IterDataset:
         """The grain pipeline (an ``IterDataset`` of batches)."""
+        load = _Load(
+            self.source,
+            self.shape_plan,
+            self.sampler.patch_size,
+            compilation_cache_dir=self.compilation_cache_dir,
+        )
         it = self._worker_stream(
-            _AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed)
+            _AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed), load
         )
         # flatten and shuffle in the main process, so the order is the same for any worker count
         it = grain.experimental.FlatMapIterDataset(it, _SplitPatches(self.samples_per_volume))
         if self.shuffle_patches and self.max_length > 1:
             it = grain.experimental.WindowShuffleIterDataset(it, window_size=self.max_length, seed=self.seed)
         return self._batched(it)
+
+    @property
+    def shape_plan(self) -> _ShapePlan | None:
+        """The shape buckets (``None`` with ``buckets=None``), planned once from the headers
+        of every subject (all shards, so every process compiles the same programs)."""
+        if self.buckets is None:
+            return None
+        if self._plan is None:
+            self._plan = _plan_shapes(self.source, range(len(self.source)), self.buckets, self.max_buckets)
+        return self._plan
 
     @property
     def num_patches_per_epoch(self) -> int:
@@ -878,8 +1100,8 @@ class VolumeLoader(_Loader):
     (crop or pad to a fixed shape), otherwise batching raises a ``ValueError``. Pair it
     with ``augment_and_sample`` inside the jitted train step.
 
-    Args: as ``Queue`` (without sampler, patch and window options); ``drop_last``
-    defaults to True so every batch has the same shape.
+    Args: as ``Queue`` (without sampler, patch, window and bucket options);
+    ``drop_last`` defaults to True so every batch has the same shape.
 
     Examples:
         A train step, with a fixed-shape loader::
@@ -913,6 +1135,7 @@ class VolumeLoader(_Loader):
         drop_remainder: bool = True,
         as_jax: bool = False,
         worker_buffer_size: int = 2,
+        compilation_cache_dir: str | os.PathLike | None = "auto",
     ):
         self._setup(
             subjects,
@@ -932,6 +1155,7 @@ class VolumeLoader(_Loader):
                 drop_last=drop_last,
                 as_jax=as_jax,
                 worker_buffer_size=worker_buffer_size,
+                compilation_cache_dir=compilation_cache_dir,
             ),
         )
 

@@ -7,10 +7,13 @@ that each batch item equals the eager result for its own key, then returns the f
 """
 
 import os
+import tempfile
 
 # emulate 8 CPU devices for sharding tests; must happen before jax initialises
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# loaders keep compiled programs in a folder of this test run, not in the user's cache
+os.environ.setdefault("JMED_COMPILATION_CACHE", tempfile.mkdtemp(prefix="jmed-xla-"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

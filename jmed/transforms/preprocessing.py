@@ -32,6 +32,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jmed import affine as affine_lib
+from jmed import buckets
 from jmed.image import LABEL, Image, Subject
 from jmed.ops import crop_pad
 from jmed.ops.filters import gaussian_blur
@@ -61,6 +62,31 @@ INTERPOLATIONS = {"nearest": 0, "linear": 1, "partial_volume": "partial_volume"}
 # One compiled kernel per (input shape, output shape, order, padding): eager calls with
 # concrete values reuse it.
 _resample_jit = jax.jit(_resample, static_argnames=("output_shape", "order", "pad_mode"))
+
+
+def _resample_eager(data, matrix, shape, order, pad_value):
+    """``_resample_jit``, run on shape buckets when concrete values meet an active
+    ``jmed.buckets.kernel_buckets`` context: the input is padded and marked with its
+    extent, the output computed on a bucket and cropped on the host, so subjects of many
+    shapes share a few compiled kernels (same values as on the exact shapes)."""
+    in_shape = tuple(int(n) for n in data.shape[:3])
+    buckets.note_kernel_shapes(in_shape, shape)
+    if _is_traced(data) or _is_traced(matrix):
+        return _resample_jit(data, matrix, output_shape=shape, order=order, pad_value=pad_value)
+    in_bucket, out_bucket = buckets.kernel_bucket(in_shape), buckets.kernel_bucket(shape)
+    if in_bucket is None or out_bucket is None:
+        return _resample_jit(data, matrix, output_shape=shape, order=order, pad_value=pad_value)
+    padded = buckets.pad_array(np.asarray(data), in_bucket, 0)
+    out = _resample_jit(
+        padded,
+        matrix,
+        output_shape=out_bucket,
+        order=order,
+        pad_value=pad_value,
+        extent=np.asarray(in_shape, np.int32),
+    )
+    x, y, z = shape
+    return np.asarray(out)[:x, :y, :z]
 
 
 def _is_traced(x: Any) -> bool:
@@ -336,7 +362,7 @@ class Resample(Transform):
             sigmas = _antialias_sigmas(image.affine, out_affine)
             if _is_traced(sigmas) or np.any(sigmas > 0):
                 data = gaussian_blur(data, sigmas, mode="nearest")
-        data = _resample_jit(data, matrix, output_shape=shape, order=order, pad_value=self.pad_value)
+        data = _resample_eager(data, matrix, shape, order, self.pad_value)
         return image.replace(data=data, affine=out_affine)
 
 
