@@ -123,15 +123,22 @@ def _fold_index_traced(k, n, mode: str):
 
 def _padded_within(x: jax.Array, radius: int, axis: int, mode: str, cval, size) -> jax.Array:
     """``x`` extended by ``radius`` on both sides of ``axis`` as if the axis ended at
-    ``size`` (traced): position ``k`` holds the boundary rule's value for ``x[:size]``,
-    so the valid part of a padded volume is filtered as the unpadded volume is."""
-    n = x.shape[axis]
-    index = _fold_index(jnp.arange(-radius, n + radius, dtype=jnp.int32), size, mode, xp=jnp)
-    p = jnp.take(x, jnp.maximum(index, 0), axis=axis)
-    if mode == "constant":
-        shape = [1] * x.ndim
-        shape[axis] = n + 2 * radius
-        p = jnp.where((index >= 0).reshape(shape), p, jnp.asarray(cval, x.dtype))
+    ``size`` (traced): positions ``-radius .. size + radius - 1`` hold the boundary
+    rule's values for ``x[:size]``, so the valid part of a padded volume is filtered as
+    the unpadded volume is (positions beyond hold the padding, read by padded outputs
+    only). Only the two ``radius``-wide margins are gathered."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (radius, radius)
+    p = jnp.pad(x, pad)
+    shape = [1] * x.ndim
+    shape[axis] = radius
+    offsets = jnp.arange(radius, dtype=jnp.int32)
+    for start, positions in ((0, offsets - radius), (size + radius, size + offsets)):
+        index = _fold_index(positions, size, mode, xp=jnp)
+        margin = jnp.take(x, jnp.maximum(index, 0), axis=axis)
+        if mode == "constant":
+            margin = jnp.where((index >= 0).reshape(shape), margin, jnp.asarray(cval, x.dtype))
+        p = jax.lax.dynamic_update_slice_in_dim(p, margin, start, axis=axis)
     return jax.lax.optimization_barrier(p)
 
 
