@@ -81,11 +81,14 @@ def gaussian_kernel1d(sigma: ArrayLike, radius: int, *, truncate: float = 4.0) -
     return w / jnp.sum(w)
 
 
-def _fold_index(k, n: int, mode: str, xp=np):
+def _fold_index(k, n, mode: str, xp=np):
     """Input index used for (possibly outside) position ``k`` under ``mode``; -1 = outside.
 
-    ``xp`` is ``numpy`` (static indices) or ``jax.numpy`` (indices computed at run time).
+    ``xp`` is ``numpy`` (static indices) or ``jax.numpy`` (indices computed at run time);
+    with ``jax.numpy`` the axis length ``n`` may be traced (the extent of a padded axis).
     """
+    if not isinstance(n, (int, np.integer)):
+        return _fold_index_traced(k, n, mode)
     if mode == "reflect":
         m = xp.mod(k, 2 * n)
         return xp.where(m < n, m, 2 * n - 1 - m)
@@ -101,9 +104,49 @@ def _fold_index(k, n: int, mode: str, xp=np):
     return xp.where((k >= 0) & (k < n), k, -1)
 
 
-def _shift_add(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval) -> jax.Array:
+def _fold_index_traced(k, n, mode: str):
+    """``_fold_index`` for a traced length ``n`` (>= 1)."""
+    n = jnp.asarray(n, jnp.int32)
+    if mode == "reflect":
+        m = jnp.mod(k, 2 * n)
+        return jnp.where(m < n, m, 2 * n - 1 - m)
+    if mode == "mirror":
+        period = jnp.maximum(2 * n - 2, 1)
+        m = jnp.mod(k, period)
+        return jnp.where(n == 1, 0, jnp.where(m < n, m, 2 * n - 2 - m))
+    if mode == "nearest":
+        return jnp.clip(k, 0, n - 1)
+    if mode == "wrap":
+        return jnp.mod(k, n)
+    return jnp.where((k >= 0) & (k < n), k, -1)
+
+
+def _padded_within(x: jax.Array, radius: int, axis: int, mode: str, cval, size) -> jax.Array:
+    """``x`` extended by ``radius`` on both sides of ``axis`` as if the axis ended at
+    ``size`` (traced): positions ``-radius .. size + radius - 1`` hold the boundary
+    rule's values for ``x[:size]``, so the valid part of a padded volume is filtered as
+    the unpadded volume is (positions beyond hold the padding, read by padded outputs
+    only). Only the two ``radius``-wide margins are gathered."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (radius, radius)
+    p = jnp.pad(x, pad)
+    shape = [1] * x.ndim
+    shape[axis] = radius
+    offsets = jnp.arange(radius, dtype=jnp.int32)
+    for start, positions in ((0, offsets - radius), (size + radius, size + offsets)):
+        index = _fold_index(positions, size, mode, xp=jnp)
+        margin = jnp.take(x, jnp.maximum(index, 0), axis=axis)
+        if mode == "constant":
+            margin = jnp.where((index >= 0).reshape(shape), margin, jnp.asarray(cval, x.dtype))
+        p = jax.lax.dynamic_update_slice_in_dim(p, margin, start, axis=axis)
+    return jax.lax.optimization_barrier(p)
+
+
+def _shift_add(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval, size=None) -> jax.Array:
     n = x.shape[axis]
-    if radius < n or mode == "constant":
+    if size is not None:
+        p = _padded_within(x, radius, axis, mode, cval, size)
+    elif radius < n or mode == "constant":
         pad = [(0, 0)] * x.ndim
         pad[axis] = (radius, radius)
         kw = {"constant_values": cval} if mode == "constant" else {}
@@ -122,11 +165,13 @@ def _shift_add(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cv
     return out
 
 
-def _banded(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval) -> jax.Array:
+def _banded(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval, size=None) -> jax.Array:
     n = x.shape[axis]
     rows = np.repeat(np.arange(n), 2 * radius + 1)
-    cols = _fold_index(np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None, :], n, mode).ravel()
     taps = jnp.tile(w, n)
+    if size is not None:
+        return _banded_within(x, taps, rows, radius, axis, mode, cval, size)
+    cols = _fold_index(np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None, :], n, mode).ravel()
     keep = cols >= 0
     matrix = jnp.zeros((n, n), x.dtype).at[rows[keep], cols[keep]].add(taps[np.flatnonzero(keep)])
     out = jnp.moveaxis(jnp.tensordot(matrix, x, axes=([1], [axis]), precision="highest"), 0, axis)
@@ -139,28 +184,46 @@ def _banded(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cval)
     return out
 
 
+def _banded_within(x, taps, rows, radius: int, axis: int, mode: str, cval, size) -> jax.Array:
+    """``_banded`` with the boundary rule applied at ``size`` (traced) along ``axis``."""
+    n = x.shape[axis]
+    offsets = jnp.arange(-radius, radius + 1, dtype=jnp.int32)
+    cols = _fold_index(jnp.arange(n, dtype=jnp.int32)[:, None] + offsets[None, :], size, mode, xp=jnp).ravel()
+    keep = cols >= 0
+    matrix = jnp.zeros((n, n), x.dtype).at[rows, jnp.maximum(cols, 0)].add(jnp.where(keep, taps, 0.0))
+    out = jnp.moveaxis(jnp.tensordot(matrix, x, axes=([1], [axis]), precision="highest"), 0, axis)
+    if mode == "constant" and not (isinstance(cval, numbers.Real) and cval == 0):
+        outside = jnp.zeros((n,), x.dtype).at[rows].add(jnp.where(keep, 0.0, taps))
+        shape = [1] * x.ndim
+        shape[axis] = n
+        out = out + cval * outside.reshape(shape)
+    return out
+
+
 # jitted so that eager calls compile once per configuration instead of dispatching
 # every slice separately
 @functools.partial(jax.jit, static_argnames=("radius", "axis", "mode", "truncate", "cval"))
-def _filter_static(x, sigma, radius: int, axis: int, mode: str, truncate: float, cval):
+def _filter_static(x, sigma, radius: int, axis: int, mode: str, truncate: float, cval, size=None):
     if radius == 0:
         return x
     w = gaussian_kernel1d(sigma, radius, truncate=truncate).astype(x.dtype)
     if radius <= _MAX_SHIFT_RADIUS:
-        return _shift_add(x, w, radius, axis, mode, cval)
-    return _banded(x, w, radius, axis, mode, cval)
+        return _shift_add(x, w, radius, axis, mode, cval, size)
+    return _banded(x, w, radius, axis, mode, cval, size)
 
 
-def _tap_loop(x, sigma, limit: int, axis: int, mode: str, truncate: float, cval):
+def _tap_loop(x, sigma, limit: int, axis: int, mode: str, truncate: float, cval, size=None):
     """The filter of radius up to ``limit`` as a loop over the taps scipy's radius for
-    ``sigma`` needs (a run-time trip count): one folded gather along ``axis`` per tap."""
+    ``sigma`` needs (a run-time trip count): one folded gather along ``axis`` per tap.
+    ``size``: the axis ends there for the boundary rule (a padded axis; may be traced)."""
     n = x.shape[axis]
     radius = jnp.minimum(_scipy_radius(sigma, truncate), limit)
     w = gaussian_kernel1d(sigma, limit, truncate=truncate).astype(x.dtype)
     positions = jnp.arange(n)
+    length = n if size is None else size
 
     def body(t, acc):
-        index = _fold_index(positions + t, n, mode, xp=jnp)
+        index = _fold_index(positions + t, length, mode, xp=jnp)
         values = jnp.take(x, jnp.maximum(index, 0), axis=axis)
         if mode == "constant":
             shape = [1] * x.ndim
@@ -183,6 +246,7 @@ def gaussian_blur(
     mode: str = "reflect",
     cval: float = 0.0,
     max_sigma: ArrayLike | None = None,
+    extent: ArrayLike | None = None,
 ) -> jax.Array:
     """Separable Gaussian blur of ``data`` ``(x, y, z, c)`` with ``sigma`` in voxels.
 
@@ -195,6 +259,11 @@ def gaussian_blur(
         cval: value outside the volume for ``mode="constant"``.
         max_sigma: static upper bound on ``sigma`` (scalar or per axis), used only when
             ``sigma`` is traced to limit the compiled kernel widths.
+        extent: optional ``(3,)`` valid voxels per axis of a volume padded at the high
+            end (may be traced; see ``jmed.buckets``): the boundary rule then acts at
+            the extent, so ``out[:ex, :ey, :ez]`` equals the blur of
+            ``data[:ex, :ey, :ez]`` and the padding's content does not matter (the
+            padded voxels of the output hold unspecified values).
 
     Returns:
         The blurred volume (floating dtype, same shape).
@@ -231,12 +300,17 @@ def gaussian_blur(
         bounds = np.broadcast_to(np.asarray(max_sigma, dtype=float), (3,))
         if np.any(bounds < 0) or not np.all(np.isfinite(bounds)):
             raise ValueError(f"max_sigma must be finite and >= 0, got {max_sigma!r}")
+    if extent is not None:
+        extent = jnp.asarray(extent, jnp.int32)
+        if extent.shape != (3,):
+            raise ValueError(f"extent must have shape (3,), got {extent.shape}")
     out = data
     for axis in range(3):
         n = data.shape[axis]
+        size = None if extent is None else extent[axis]
         if concrete:
             radius = int(truncate * float(s[axis]) + 0.5)
-            out = _filter_static(out, sigma_arr[axis], radius, axis, mode, float(truncate), float(cval))
+            out = _filter_static(out, sigma_arr[axis], radius, axis, mode, float(truncate), float(cval), size)
             continue
         limit = int(truncate * bounds[axis] + 0.5) if bounds is not None else 8 * n
         sig = sigma_arr[axis] if bounds is None else jnp.minimum(sigma_arr[axis], bounds[axis])
@@ -251,10 +325,17 @@ def gaussian_blur(
                     mode=mode,
                     truncate=float(truncate),
                     cval=float(cval),
+                    size=size,
                 )
             else:
                 wide = functools.partial(
-                    _tap_loop, limit=radius, axis=axis, mode=mode, truncate=float(truncate), cval=float(cval)
+                    _tap_loop,
+                    limit=radius,
+                    axis=axis,
+                    mode=mode,
+                    truncate=float(truncate),
+                    cval=float(cval),
+                    size=size,
                 )
             use = ((needed > low) & (needed <= radius)).astype(jnp.int32)
             out = jax.lax.switch(use, [lambda x, sg: x, wide], out, sig)

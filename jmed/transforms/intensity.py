@@ -43,6 +43,7 @@ import numpy as np
 from jmed import affine as affine_lib
 from jmed.image import INTENSITY, LABEL, Image, Subject
 from jmed.ops import noise as noise_ops
+from jmed.ops.crop_pad import valid_mask
 from jmed.ops.filters import gaussian_blur
 from jmed.transforms import _params
 from jmed.transforms.base import IntensityTransform, Transform
@@ -106,6 +107,42 @@ def _nnunet_factor(key, low: float, high: float) -> jax.Array:
     if high <= 1.0:
         return below
     return jnp.where(jax.random.bernoulli(k_side, 0.5), below, above)
+
+
+def _valid(image: Image) -> jax.Array | None:
+    """Mask ``(x, y, z, 1)`` of the valid voxels of a padded image, ``None`` if unpadded."""
+    return None if image.extent is None else valid_mask(image.spatial_shape, image.extent)
+
+
+def _channel_min_max(x: jax.Array, mask: jax.Array | None):
+    """Per-channel minimum and maximum (of the valid voxels when ``mask`` is given)."""
+    if mask is None:
+        return jnp.min(x, axis=(0, 1, 2)), jnp.max(x, axis=(0, 1, 2))
+    return (
+        jnp.min(jnp.where(mask, x, jnp.inf), axis=(0, 1, 2)),
+        jnp.max(jnp.where(mask, x, -jnp.inf), axis=(0, 1, 2)),
+    )
+
+
+def _channel_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return jnp.mean(x, axis=(0, 1, 2))
+    count = jnp.sum(mask, dtype=jnp.float32)
+    return (jnp.sum(jnp.where(mask, x, 0.0), axis=(0, 1, 2), dtype=jnp.float32) / count).astype(x.dtype)
+
+
+def _extent_high(subject: Subject, size, name: str) -> jax.Array:
+    """Exclusive upper bound ``(3,)`` of the corners of a box of ``size`` inside the valid
+    region of ``subject`` (its spatial shape, or its extent when padded)."""
+    shape = subject.spatial_shape
+    _check_fits(size, shape, name)
+    extent = subject.extent
+    if extent is None:
+        return jnp.asarray([n - p + 1 for n, p in zip(shape, size)], jnp.int32)
+    if not isinstance(extent, jax.core.Tracer):
+        _check_fits(size, tuple(int(v) for v in np.asarray(extent)), name)
+    # a traced extent smaller than the box cannot raise: the corner is then 0
+    return jnp.maximum(jnp.asarray(extent, jnp.int32) - jnp.asarray(size, jnp.int32) + 1, 1)
 
 
 def _seed(key) -> jax.Array:
@@ -196,10 +233,15 @@ class RandomBlur(IntensityTransform):
     compiled widths (see ``jmed.ops.filters.gaussian_blur``); with ``units="voxels"``
     the bound comes from ``std`` and fewer widths are compiled.
 
+    Padding-aware: on a padded volume (``Image.extent``) the boundary rule acts at the
+    extent (``jmed.ops.filters.gaussian_blur``'s ``extent``), so the valid voxels equal
+    the blur of the unpadded volume up to float rounding.
+
     Params: ``{"std": (3,)}`` in ``units``.
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(
         self,
@@ -228,7 +270,12 @@ class RandomBlur(IntensityTransform):
     def apply_image(self, image, params):
         if self.units == "voxels":
             data = gaussian_blur(
-                image.data, params["std"], truncate=self.truncate, mode=self.mode, max_sigma=self.std[:, 1]
+                image.data,
+                params["std"],
+                truncate=self.truncate,
+                mode=self.mode,
+                max_sigma=self.std[:, 1],
+                extent=image.extent,
             )
             return image.replace(data=data)
         spacing = affine_lib.spacing(image.affine)
@@ -236,7 +283,14 @@ class RandomBlur(IntensityTransform):
         if not isinstance(spacing, jax.core.Tracer):
             max_sigma = self.std[:, 1] / np.asarray(spacing, dtype=float)
         sigma = params["std"] / jnp.asarray(spacing, jnp.float32)
-        data = gaussian_blur(image.data, sigma, truncate=self.truncate, mode=self.mode, max_sigma=max_sigma)
+        data = gaussian_blur(
+            image.data,
+            sigma,
+            truncate=self.truncate,
+            mode=self.mode,
+            max_sigma=max_sigma,
+            extent=image.extent,
+        )
         return image.replace(data=data)
 
 
@@ -251,8 +305,11 @@ def _safe_power(base: jax.Array, exponent: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.exp(exponent * jnp.log(jnp.where(positive, base, 1.0))), 0.0)
 
 
-def _channel_stats(x: jax.Array):
-    return jnp.mean(x, axis=(0, 1, 2)), jnp.std(x, axis=(0, 1, 2))
+def _channel_stats(x: jax.Array, mask: jax.Array | None = None):
+    if mask is None:
+        return jnp.mean(x, axis=(0, 1, 2)), jnp.std(x, axis=(0, 1, 2))
+    mean = _channel_mean(x, mask)
+    return mean, jnp.sqrt(_channel_mean(jnp.square(x - mean), mask))
 
 
 class RandomGamma(IntensityTransform):
@@ -270,10 +327,15 @@ class RandomGamma(IntensityTransform):
             (nnU-Net). Without it negative values keep their sign:
             ``sign(x) * |x| ** γ`` (TorchIO).
 
+    Padding-aware: the statistics of ``rescale`` and ``retain_stats`` are taken over the
+    valid voxels of a padded volume (the mean and std of ``retain_stats`` then differ
+    from the unpadded ones by float rounding).
+
     Params: ``{"gamma": ()}``.
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(
         self,
@@ -309,16 +371,17 @@ class RandomGamma(IntensityTransform):
         gamma = jnp.asarray(params["gamma"], x.dtype)
         if self.invert:
             x = -x
+        mask = _valid(image)
         if self.retain_stats:
-            mean, std = _channel_stats(x)
+            mean, std = _channel_stats(x, mask)
         if self.rescale:
-            low = jnp.min(x, axis=(0, 1, 2))
-            width = jnp.max(x, axis=(0, 1, 2)) - low + 1e-7
+            low, high = _channel_min_max(x, mask)
+            width = high - low + 1e-7
             y = _safe_power(jnp.clip((x - low) / width, 0.0, None), gamma) * width + low
         else:
             y = jnp.sign(x) * _safe_power(jnp.abs(x), gamma)
         if self.retain_stats:
-            y_mean, y_std = _channel_stats(y)
+            y_mean, y_std = _channel_stats(y, mask)
             y = (y - y_mean) / (y_std + 1e-8) * std + mean
         if self.invert:
             y = -y
@@ -332,10 +395,11 @@ class RandomBrightness(IntensityTransform):
     Args:
         multiplier: factor range: ``d`` -> ``U(1 - d, 1 + d)``, ``(a, b)`` -> ``U(a, b)``.
 
-    Params: ``{"multiplier": ()}``.
+    Params: ``{"multiplier": ()}``. Padding-aware (pointwise).
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(self, *, multiplier=(0.75, 1.25), include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -357,10 +421,14 @@ class RandomContrast(IntensityTransform):
             does: with probability 1/2 from ``U(a, 1)``, else from ``U(1, b)``.
         preserve_range: clip the result to each channel's original ``[min, max]``.
 
+    Padding-aware: the mean, minimum and maximum are those of the valid voxels of a
+    padded volume (the mean up to float rounding).
+
     Params: ``{"factor": ()}``.
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(self, *, contrast=(0.75, 1.25), preserve_range: bool = True, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -372,10 +440,11 @@ class RandomContrast(IntensityTransform):
 
     def apply_image(self, image, params):
         x = _float(image.data)
-        mean = jnp.mean(x, axis=(0, 1, 2))
+        mask = _valid(image)
+        mean = _channel_mean(x, mask)
         y = (x - mean) * jnp.asarray(params["factor"], x.dtype) + mean
         if self.preserve_range:
-            y = jnp.clip(y, jnp.min(x, axis=(0, 1, 2)), jnp.max(x, axis=(0, 1, 2)))
+            y = jnp.clip(y, *_channel_min_max(x, mask))
         return image.replace(data=y)
 
 
@@ -384,20 +453,45 @@ def _monomials(order: int) -> list[tuple[int, int, int]]:
     return [(i, j, k) for i, j, k in itertools.product(range(order + 1), repeat=3) if i + j + k <= order]
 
 
-def bias_field(coefficients: jax.Array, shape: tuple[int, int, int], order: int) -> jax.Array:
+def _coordinates_within(n: int, size: jax.Array) -> jax.Array:
+    """``linspace(-1, 1, size)`` (``size`` traced, ``<= n``) continued over ``n`` values,
+    with ``jnp.linspace``'s arithmetic so that the first ``size`` values are the same."""
+    size = jnp.asarray(size, jnp.int32)
+    i = jnp.arange(n, dtype=jnp.float32)
+    div = jnp.maximum(size - 1, 1).astype(jnp.float32)
+    step = i / div
+    coords = -1.0 * (1.0 - step) + 1.0 * step
+    coords = jnp.where(jnp.arange(n) == size - 1, 1.0, coords)
+    # one valid voxel along the axis: coordinate 0 (the constant term only)
+    return jnp.where(size > 1, coords, 0.0)
+
+
+def bias_field(
+    coefficients: jax.Array, shape: tuple[int, int, int], order: int, extent: jax.Array | None = None
+) -> jax.Array:
     """``exp(sum_c a_c x^i y^j z^k)`` on ``linspace(-1, 1)`` coordinates, shape ``(*shape, 1)``.
 
     ``coefficients`` follow the order of monomials with ``i + j + k <= order``
-    enumerated by ``itertools.product`` (``i`` slowest).
+    enumerated by ``itertools.product`` (``i`` slowest). ``extent`` (``(3,)``, possibly
+    traced): the coordinates run from -1 to 1 over the valid voxels of a padded volume
+    (and continue beyond them).
     """
     terms = _monomials(order)
     dense = jnp.zeros((order + 1,) * 3, jnp.float32).at[tuple(np.array(terms).T)].set(coefficients)
-    powers = [
-        jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)[:, None] ** jnp.arange(order + 1, dtype=jnp.float32)
-        if n > 1
-        else jnp.zeros((1, order + 1), jnp.float32).at[:, 0].set(1.0)
-        for n in shape
-    ]
+    if extent is None:
+        powers = [
+            jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)[:, None] ** jnp.arange(order + 1, dtype=jnp.float32)
+            if n > 1
+            else jnp.zeros((1, order + 1), jnp.float32).at[:, 0].set(1.0)
+            for n in shape
+        ]
+    else:
+        powers = [
+            _coordinates_within(n, extent[d])[:, None] ** jnp.arange(order + 1, dtype=jnp.float32)
+            if n > 1
+            else jnp.zeros((1, order + 1), jnp.float32).at[:, 0].set(1.0)
+            for d, n in enumerate(shape)
+        ]
     t = jnp.einsum("ijk,zk->ijz", dense, powers[2])
     t = jnp.einsum("ijz,yj->iyz", t, powers[1])
     poly = jnp.einsum("iyz,xi->xyz", t, powers[0])
@@ -409,7 +503,9 @@ class RandomBiasField(IntensityTransform):
 
     The field is ``exp(sum a_ijk x^i y^j z^k)`` over the monomials with
     ``i + j + k <= order``, with ``x, y, z`` the voxel coordinates normalised to
-    ``[-1, 1]`` along each axis and ``a_ijk ~ U(low, high)``.
+    ``[-1, 1]`` along each axis and ``a_ijk ~ U(low, high)``. On a padded volume
+    (``Image.extent``) the coordinates span the valid voxels, so they get the field of the
+    unpadded volume (padding-aware, up to float rounding).
 
     Args:
         coefficients: coefficient range: ``d`` -> ``U(-d, d)``, ``(a, b)`` -> ``U(a, b)``.
@@ -425,6 +521,7 @@ class RandomBiasField(IntensityTransform):
 
     is_random = True
     invertible = True
+    padding_aware = True
 
     def __init__(self, *, coefficients=0.5, order: int = 3, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -436,7 +533,7 @@ class RandomBiasField(IntensityTransform):
         return {"coefficients": _uniform(key, *self.coefficients, (n,))}
 
     def _field(self, image, params):
-        return bias_field(params["coefficients"], image.spatial_shape, self.order)
+        return bias_field(params["coefficients"], image.spatial_shape, self.order, image.extent)
 
     def apply_image(self, image, params):
         x = _float(image.data)
@@ -477,7 +574,8 @@ class RandomSwap(IntensityTransform):
         num_iterations: number of swaps.
 
     Params: ``{"locations": (num_iterations, 2, 3) int32}``, the corners of both patches
-    of each swap (drawn from the subject's spatial shape).
+    of each swap (drawn from the subject's spatial shape, or from its valid voxels when
+    padded: padding-aware, exact).
 
     References:
         Chen et al., "Self-supervised learning for medical image analysis using image
@@ -485,6 +583,7 @@ class RandomSwap(IntensityTransform):
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(self, *, patch_size=15, num_iterations: int = 100, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -492,9 +591,7 @@ class RandomSwap(IntensityTransform):
         self.num_iterations = _params.as_positive_int(num_iterations, "num_iterations", minimum=0)
 
     def sample(self, key, subject):
-        shape = subject.spatial_shape
-        _check_fits(self.patch_size, shape, "patch_size")
-        high = jnp.asarray([n - p + 1 for n, p in zip(shape, self.patch_size)], jnp.int32)
+        high = _extent_high(subject, self.patch_size, "patch_size")
         return {"locations": jax.random.randint(key, (self.num_iterations, 2, 3), 0, high, jnp.int32)}
 
     def apply_image(self, image, params):
@@ -534,10 +631,12 @@ class RandomCoarseDropout(IntensityTransform):
         hole_size: box size in voxels (int or 3 ints), fixed.
         fill_value: value written into the boxes.
 
-    Params: ``{"corners": (num_holes, 3) int32}``.
+    Params: ``{"corners": (num_holes, 3) int32}``, inside the valid voxels of a padded
+    subject (padding-aware, exact).
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(
         self, *, num_holes: int = 1, hole_size=8, fill_value: float = 0.0, include=None, exclude=None
@@ -550,9 +649,7 @@ class RandomCoarseDropout(IntensityTransform):
         self.fill_value = float(fill_value)
 
     def sample(self, key, subject):
-        shape = subject.spatial_shape
-        _check_fits(self.hole_size, shape, "hole_size")
-        high = jnp.asarray([n - p + 1 for n, p in zip(shape, self.hole_size)], jnp.int32)
+        high = _extent_high(subject, self.hole_size, "hole_size")
         return {"corners": jax.random.randint(key, (self.num_holes, 3), 0, high, jnp.int32)}
 
     def apply_image(self, image, params):
@@ -592,7 +689,8 @@ class RandomLabelsToImage(Transform):
             existing image named ``image_key``, else 0.
         image_key: name of the synthesised intensity image (added or replaced).
 
-    Params: ``{"mean": (L,), "std": (L,), "seed"}``.
+    Params: ``{"mean": (L,), "std": (L,), "seed"}``. Padding-aware: the noise of a padded
+    label map is that of the unpadded one on its valid voxels (exact).
 
     References:
         Billot et al., "SynthSeg: Segmentation of brain MRI scans of any contrast and
@@ -600,6 +698,7 @@ class RandomLabelsToImage(Transform):
     """
 
     is_random = True
+    padding_aware = True
     kinds = (LABEL,)
 
     def __init__(
@@ -661,7 +760,9 @@ class RandomLabelsToImage(Transform):
     def apply(self, subject, params):
         label = subject[self.label_key]
         count = self._count(label)
-        noise = noise_ops.normal(_key_from_seed(params["seed"]), (*label.spatial_shape, 1))
+        noise = noise_ops.normal(
+            _key_from_seed(params["seed"]), (*label.spatial_shape, 1), extent=label.extent
+        )
         if label.num_channels == 1:
             index = jnp.clip(label.data.astype(jnp.int32), 0, count - 1)
             values = params["mean"][index] + params["std"][index] * noise

@@ -9,6 +9,12 @@ time under ``vmap``), so they still compose, but they are not meant for the acce
 
 Multi-channel label maps are processed channel by channel. Unless ``labels`` is given,
 the component transforms treat every nonzero label separately.
+
+Every transform here is padding-aware (exact): on a label map padded to a bucket shape
+(``Image.extent``, see ``jmed.buckets``) the valid voxels come out as from the unpadded
+map. ``SequentialLabels`` counts the labels present in the valid voxels only; the
+component transforms set the padding to 0 (background) first, so that components and
+holes end at the extent whatever the padding holds.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 
 from jmed.image import LABEL
 from jmed.ops import labels as label_ops
+from jmed.ops.crop_pad import valid_mask
 from jmed.transforms.base import Transform
 
 __all__ = [
@@ -65,6 +72,13 @@ class LabelTransform(Transform):
     kinds = (LABEL,)
 
 
+def _concrete_extent(image) -> tuple[int, int, int] | None:
+    extent = image.extent
+    if extent is None or _is_traced(extent):
+        return None
+    return tuple(int(v) for v in np.asarray(extent))
+
+
 def _on_host(fn, data):
     """Run ``fn`` (numpy ``(x, y, z, c)`` -> same shape and dtype) eagerly or as a callback."""
     if _is_traced(data):
@@ -84,8 +98,10 @@ class OneHot(LabelTransform):
         dtype: output dtype (``uint8`` by default; cast to float for losses).
 
     Jittable. Eagerly, labels outside ``[0, num_classes)`` raise ``ValueError``; under
-    ``jit`` they give all-zero voxels.
+    ``jit`` they give all-zero voxels. On a padded map only the valid voxels are checked.
     """
+
+    padding_aware = True
 
     def __init__(self, num_classes: int, *, dtype: Any = jnp.uint8, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -100,6 +116,9 @@ class OneHot(LabelTransform):
         data = image.data
         if not _is_traced(data):
             values = np.asarray(data)
+            extent = _concrete_extent(image)
+            if extent is not None:
+                values = values[: extent[0], : extent[1], : extent[2]]
             if values.size and (values.min() < 0 or values.max() >= self.num_classes):
                 raise ValueError(
                     f"OneHot(num_classes={self.num_classes}): labels must be in [0, {self.num_classes}), "
@@ -115,6 +134,8 @@ class RemapLabels(LabelTransform):
     Labels not in the mapping are kept. Jittable. Invertible when the mapping is
     one-to-one (and no new label collides with a kept one).
     """
+
+    padding_aware = True
 
     def __init__(self, mapping: Mapping[int, int], *, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -162,8 +183,12 @@ class SequentialLabels(LabelTransform):
 
     The smallest label present becomes 0 (so background 0 stays 0). Eager on any integer
     map; under ``jit`` (present labels unknown at trace time) it needs a ``uint8`` or
-    ``uint16`` map, or ``max_label`` (labels must then lie in ``[0, max_label]``).
+    ``uint16`` map, or ``max_label`` (labels must then lie in ``[0, max_label]``). On a
+    padded map only the labels present in the valid voxels count (the padded voxels of the
+    output hold unspecified values).
     """
+
+    padding_aware = True
 
     def __init__(self, *, max_label: int | None = None, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -173,10 +198,15 @@ class SequentialLabels(LabelTransform):
 
     def apply_image(self, image, params):
         data = image.data
-        if not _is_traced(data):
+        if not _is_traced(data) and not _is_traced(image.extent):
             values = np.asarray(data)
-            unique, inverse = np.unique(values, return_inverse=True)
-            return image.replace(data=inverse.reshape(values.shape).astype(values.dtype))
+            extent = _concrete_extent(image)
+            if extent is None:
+                unique, inverse = np.unique(values, return_inverse=True)
+                return image.replace(data=inverse.reshape(values.shape).astype(values.dtype))
+            unique = np.unique(values[: extent[0], : extent[1], : extent[2]])
+            rank = np.clip(np.searchsorted(unique, values, side="right") - 1, 0, None)
+            return image.replace(data=rank.astype(values.dtype))
         if self.max_label is not None:
             size = self.max_label + 1
         elif data.dtype in (jnp.uint8, jnp.uint16):
@@ -186,8 +216,14 @@ class SequentialLabels(LabelTransform):
                 f"SequentialLabels under jit needs a uint8/uint16 label map or max_label=..., got dtype "
                 f"{data.dtype}; or run it eagerly in the loader"
             )
-        index = jnp.clip(data.astype(jnp.int32), 0, size - 1)
-        present = jnp.zeros(size, bool).at[index.reshape(-1)].set(True)
+        index = jnp.clip(jnp.asarray(data).astype(jnp.int32), 0, size - 1)
+        if image.extent is None:
+            present = jnp.zeros(size, bool).at[index.reshape(-1)].set(True)
+        else:
+            # padding voxels go to a slot past the end, which is dropped
+            valid = valid_mask(image.spatial_shape, image.extent)
+            slots = jnp.where(valid, index, size).reshape(-1)
+            present = jnp.zeros(size + 1, bool).at[slots].set(True)[:size]
         lookup = (jnp.cumsum(present) - 1).astype(data.dtype)
         return image.replace(data=lookup[index])
 
@@ -222,8 +258,15 @@ class _ComponentTransform(LabelTransform):
             out[..., c] = self.process(data[..., c])
         return out
 
+    padding_aware = True
+
     def apply_image(self, image, params):
-        return image.replace(data=_on_host(self._host, image.data))
+        data = image.data
+        if image.extent is not None:
+            # components must end at the extent: the padding becomes background
+            mask = valid_mask(image.spatial_shape, image.extent)
+            data = jnp.where(mask, jnp.asarray(data), jnp.zeros((), jnp.asarray(data).dtype))
+        return image.replace(data=_on_host(self._host, data))
 
 
 class KeepLargestComponent(_ComponentTransform):

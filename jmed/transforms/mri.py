@@ -9,6 +9,14 @@ Changes that only involve one axis (motion's line splicing, ghosting's comb) are
 along that axis only.
 Outputs are floating point and not clipped.
 
+None of these transforms is padding-aware (``Image.extent``, see ``jmed.buckets``): a
+Fourier transform over a volume padded to a bucket shape covers a larger field of view,
+which is physically another acquisition, and restricting it to the valid region would
+need a transform of a run-time size. On a padded volume they ignore the extent and act on
+the padded volume as an ordinary image (whose padding holds the background, as
+``jmed.buckets.pad_subject`` fills it): the result equals that of the same transform on
+the padded volume without an extent.
+
 Examples:
     >>> import jax, numpy as np, jmed
     >>> image = jmed.ScalarImage(np.random.default_rng(0).random((16, 16, 12), np.float32))
@@ -136,6 +144,10 @@ class RandomMotion(IntensityTransform):
 
     Params: ``{"degrees": (N, 3), "translation": (N, 3), "times": (N,)}``.
 
+    Not padding-aware: on a padded volume the motions turn about the centre of the padded
+    grid, bring in the padding, and the k-space lines are those of the padded field of
+    view along the phase-encoding axis (as for an ordinary image of the bucket shape).
+
     References:
         Shaw et al., "MRI k-space motion artefact augmentation: model robustness and task-
         specific uncertainty", MIDL 2019.
@@ -225,6 +237,10 @@ class RandomGhosting(IntensityTransform):
             (planes with ``|f| <= restore * N / 2``); None restores only ``f == 0``.
 
     Params: ``{"num_ghosts": int32, "axis": int32, "intensity": float}``.
+
+    Not padding-aware: on a padded volume the comb is that of the padded axis length
+    ``N``, so the ghosts lie ``N / n`` voxels apart and wrap around the padded field of view
+    (as for an ordinary image of the bucket shape).
     """
 
     is_random = True
@@ -307,6 +323,10 @@ class RandomSpike(IntensityTransform):
 
     Params: ``{"positions": (high, 3) in [0, 1), "intensity": (high,), "active": (high,) bool}``;
     spike ``s`` sits at frequency ``floor(position * N) - N // 2`` per axis.
+
+    Not padding-aware: on a padded volume ``N`` is the padded shape (the spike's stripes
+    have the period of the padded field of view) and the peak magnitude includes the
+    padding (as for an ordinary image of the bucket shape).
     """
 
     is_random = True

@@ -12,6 +12,12 @@ with a ``masking_method``, only over the voxels the mask selects.
 * a callable ``f(data) -> bool array`` applied to the image's own data ``(x, y, z, c)``
   (e.g. ``lambda x: x > 0``).
 
+On a volume padded to a bucket shape (``Image.extent``, see ``jmed.buckets``) the
+statistics are taken over its valid voxels only (and the mask's), so every transform here
+is padding-aware: the valid voxels come out as from the unpadded volume. A callable
+``masking_method`` then sees the padded data; it must act voxel by voxel for this to
+hold.
+
 Statistics from concrete data (eager, in the loader) are validated: an empty mask or a
 degenerate range raises ``ValueError``. Under ``jit`` values are traced and cannot raise;
 each transform documents what it returns then (never NaN).
@@ -33,6 +39,7 @@ from jax.typing import ArrayLike
 
 from jmed.image import Image, Subject
 from jmed.ops import histogram
+from jmed.ops.crop_pad import valid_mask
 from jmed.transforms.base import IntensityTransform
 
 __all__ = [
@@ -127,6 +134,17 @@ def _broadcast_mask(mask, data):
     return xp.broadcast_to(mask, data.shape)
 
 
+def _with_extent(mask, image: Image):
+    """``mask`` (or all voxels, for ``None``) restricted to the valid voxels of a padded
+    ``image``, broadcast to its data; unchanged (``None`` stays ``None``) when unpadded."""
+    if image.extent is None:
+        return mask
+    valid = valid_mask(image.spatial_shape, image.extent)
+    if mask is not None:
+        valid = valid & jnp.asarray(mask)
+    return jnp.broadcast_to(valid, image.data.shape)
+
+
 def _check_nonempty(mask, what: str) -> None:
     if mask is not None and not _is_traced(mask) and not np.any(np.asarray(mask)):
         raise ValueError(f"{what}: the mask selects no voxel (empty mask); cannot compute statistics")
@@ -157,6 +175,9 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
 class RescaleIntensity(IntensityTransform):
     """Map intensities linearly to ``out_min_max``.
 
+    Padding-aware (exact): on a padded volume the percentiles are those of its valid
+    (masked) voxels, equal to ``numpy.percentile`` of the unpadded volume's.
+
     Args:
         out_min_max: output range; a number ``m`` means ``(-m, m)``.
         percentiles: ``(low, high)`` in ``[0, 100]``: the input range is the interval
@@ -180,6 +201,8 @@ class RescaleIntensity(IntensityTransform):
         >>> np.asarray(out.data)[[0, 10, 50, 90, 100], 0, 0, 0].tolist()
         [0.0, 0.0, 0.5, 1.0, 1.0]
     """
+
+    padding_aware = True
 
     def __init__(
         self,
@@ -212,6 +235,7 @@ class RescaleIntensity(IntensityTransform):
                 clip = False
             else:
                 mask = _broadcast_mask(get_mask(subject, self.masking_method, image), data)
+                mask = _with_extent(mask, image)
                 _check_nonempty(mask, f"RescaleIntensity of {name!r}")
                 lo, hi = histogram.percentile(data, self.percentiles, mask=mask)
                 clip = True
@@ -250,7 +274,9 @@ class ZNormalization(IntensityTransform):
 
     The standard deviation is the population one (``ddof=0``, as ``numpy.std``), so the
     selected voxels have mean 0 and std 1 afterwards (TorchIO divides by the unbiased
-    estimate). All voxels are transformed.
+    estimate). All voxels are transformed. Padding-aware: on a padded volume the mean and
+    std are those of its valid (masked) voxels (up to float rounding: a masked sum
+    replaces the mean's reduction).
 
     Args:
         masking_method: see the module docstring.
@@ -259,6 +285,8 @@ class ZNormalization(IntensityTransform):
         ValueError: (eager) an empty mask or a zero standard deviation. Under ``jit`` these
             cannot raise: the output is then all zeros (guarded division, never NaN).
     """
+
+    padding_aware = True
 
     def __init__(self, *, masking_method: MaskingMethod = None, include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -271,6 +299,7 @@ class ZNormalization(IntensityTransform):
             mask = get_mask(subject, self.masking_method, image)
             if mask is not None:
                 mask = _broadcast_mask(mask, image.data)
+            mask = _with_extent(mask, image)
             _check_nonempty(mask, f"ZNormalization of {name!r}")
             new, std = _znormalise(image.data, mask)
             if not _is_traced(std) and not float(std) > 0:
@@ -286,7 +315,11 @@ class ZNormalization(IntensityTransform):
 
 
 class Clamp(IntensityTransform):
-    """Clip intensities to ``[out_min, out_max]`` (either may be ``None``: no bound)."""
+    """Clip intensities to ``[out_min, out_max]`` (either may be ``None``: no bound).
+
+    Padding-aware (pointwise)."""
+
+    padding_aware = True
 
     def __init__(
         self, *, out_min: float | None = None, out_max: float | None = None, include=None, exclude=None
@@ -307,10 +340,14 @@ class Clamp(IntensityTransform):
 class Mask(IntensityTransform):
     """Set intensities outside a mask to ``outside_value``.
 
+    Padding-aware (pointwise).
+
     Args:
         masking_method: required (see module docstring).
         outside_value: value given to voxels outside the mask.
     """
+
+    padding_aware = True
 
     def __init__(
         self, masking_method: MaskingMethod, *, outside_value: float = 0.0, include=None, exclude=None
@@ -517,6 +554,9 @@ class HistogramStandardization(IntensityTransform):
     first or above the last percentile follow the end segments. Jittable (percentiles use
     the exact traced selection of ``jmed.ops.histogram`` under ``jit``).
 
+    Padding-aware (exact): on a padded volume the percentiles are those of its valid
+    (masked) voxels.
+
     Args:
         landmarks: an array of landmarks, a ``.npy``/``.json`` path, or a mapping from
             image names to either (images not in it pass through).
@@ -531,6 +571,8 @@ class HistogramStandardization(IntensityTransform):
         Nyúl, Udupa and Zhang, "New variants of a method of MRI scale standardization",
         IEEE TMI 19(2), 2000.
     """
+
+    padding_aware = True
 
     def __init__(
         self,
@@ -585,6 +627,7 @@ class HistogramStandardization(IntensityTransform):
                 landmarks = self.landmarks
             image = subject[name]
             mask = _broadcast_mask(get_mask(subject, self.masking_method, image), image.data)
+            mask = _with_extent(mask, image)
             _check_nonempty(mask, f"HistogramStandardization of {name!r}")
             p = histogram.percentile(image.data, self.percentiles, mask=mask)
             new = _piecewise_linear(

@@ -879,10 +879,14 @@ class RandomAnisotropy(Transform):
     grid is implicit (2 gathers along one axis). Not a spatial mapping, so it is never
     fused and runs as its own step.
 
+    Padding-aware (exact): on a padded volume (``Image.extent``) the low-resolution grid
+    spans the valid voxels along the axis, as for the unpadded volume.
+
     Params: ``{"axis": int, "factor": float}``.
     """
 
     is_random = True
+    padding_aware = True
 
     def __init__(self, *, axes=(0, 1, 2), downsampling=(1.5, 5), include=None, exclude=None):
         super().__init__(include=include, exclude=exclude)
@@ -897,19 +901,27 @@ class RandomAnisotropy(Transform):
 
     def apply_image(self, image, params):
         data = image.data
-        branches = [lambda d, a=a: self._along(d, a, params["factor"], image.is_label) for a in range(3)]
+        extent = image.extent
+        branches = [
+            lambda d, a=a: self._along(
+                d, a, params["factor"], image.is_label, None if extent is None else extent[a]
+            )
+            for a in range(3)
+        ]
         out = jax.lax.switch(jnp.asarray(params["axis"], jnp.int32), branches, data)
         return image.replace(data=out)
 
     @staticmethod
-    def _along(data, axis, factor, is_label):
+    def _along(data, axis, factor, is_label, size=None):
         n = data.shape[axis]
-        last = jnp.floor((n - 1) / factor)  # index of the last low-resolution sample
+        # ``size``: valid voxels along the axis of a padded volume (traced)
+        valid = n if size is None else jnp.asarray(size, jnp.int32)
+        last = jnp.floor((valid - 1) / factor)  # index of the last low-resolution sample
         x = jnp.arange(n, dtype=jnp.float32)
         u = jnp.clip(x / factor, 0.0, last)
 
         def source(k):  # original voxel nearest to low-resolution sample k
-            return jnp.clip(jnp.floor(k * factor + 0.5), 0, n - 1).astype(jnp.int32)
+            return jnp.clip(jnp.floor(k * factor + 0.5), 0, valid - 1).astype(jnp.int32)
 
         if is_label:
             return jnp.take(data, source(jnp.floor(u + 0.5)), axis=axis)
