@@ -764,6 +764,8 @@ class Spatial(_FusedChain):
     origin in input voxels. The output affine keeps world positions.
     """
 
+    padding_aware = False  # its output grid is planned from the static input shape
+
     def __init__(
         self,
         transforms: Sequence[SpatialTransform] = (),
