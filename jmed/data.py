@@ -1041,6 +1041,14 @@ class Queue(_Loader):
         if self.buckets is None:
             return None
         if self._plan is None:
+            if not buckets.is_padding_aware(self.augmentation):
+                logger.warning(
+                    "the augmentation %r is not padding-aware (see docs/buckets.md): on subjects "
+                    "padded to a shape bucket it runs on the padded volume as a whole (background "
+                    "padding, a larger field of view); pass buckets=None for exact per-shape "
+                    "processing (one compilation per shape)",
+                    self.augmentation,
+                )
             self._plan = _plan_shapes(self.source, range(len(self.source)), self.buckets, self.max_buckets)
         return self._plan
 

@@ -162,7 +162,8 @@ if __name__ == "__main__":
     folder, records = sys.argv[1], json.loads(sys.argv[2])
     bench_heterogeneous._record_compilations(folder, "main")
     bench_heterogeneous._count_compilations_in_workers(folder)
-    queue = jmed.Queue(records, jmed.UniformSampler(8), 2, 4, batch_size=2, num_workers=2, label_names="seg")
+    queue = jmed.Queue(records, jmed.UniformSampler(8), 2, 4, batch_size=2, num_workers=2, label_names="seg",
+                       compilation_cache_dir=folder + "/xla")
     print("batches", sum(1 for _ in queue))
 """
 
@@ -203,7 +204,8 @@ def test_heterogeneous_benchmark_counts_compilations_per_worker(tmp_path):
     assert set(counted) >= {"worker0", "worker1"}, counted
     assert counted["worker0"]["pid"] != counted["worker1"]["pid"]
     for role in ("worker0", "worker1"):
-        assert counted[role]["compilations"] >= 1, counted  # each worker compiles for its own shape
-        assert counted[role]["cache_hits"] == 0
+        assert counted[role]["compilations"] >= 1, counted  # each worker builds its programs
+    # both shapes share one bucket: the program one worker compiled, the other loaded
+    assert sum(counted[role]["cache_hits"] for role in ("worker0", "worker1")) >= 1, counted
     total = sum(c["compilations"] for c in counted.values())
     assert total == done.stderr.count(LOGGED_COMPILATION), (counted, done.stderr[-3000:])
