@@ -132,7 +132,7 @@ class _Cache:
 
     An entry's key hashes the content of every image file (SHA-256), the image names and
     kinds, and ``transform_key(preprocessing)`` (a stable description). File digests are memoised by (path, size,
-    modification time) so a hit reads no image file. Entries are written to a temporary
+    modification time) so a hit reads no voxels (a Queue's shape plan reads each header once). Entries are written to a temporary
     folder and renamed into place, so a partial entry is never read.
     """
 
@@ -369,9 +369,13 @@ class SubjectsSource:
         if isinstance(record, Subject):
             headers = dict(record.items())
         else:
-            headers = {
-                name: io.load(record[name], kind=self.kind_of(name), lazy=True) for name in self.image_names
-            }
+            try:
+                headers = {
+                    name: io.load(record[name], kind=self.kind_of(name), lazy=True)
+                    for name in self.image_names
+                }
+            except Exception as err:
+                raise _UnreadableHeader(f"subject {self.describe(index)}: {err}") from err
         layout = {name: (image.kind, np.asarray(image.affine)) for name, image in headers.items()}
         abstract = {name: jax.ShapeDtypeStruct(image.shape, image.dtype) for name, image in headers.items()}
 
@@ -410,6 +414,10 @@ class SubjectsSource:
 # --- shape buckets -------------------------------------------------------------------------
 
 
+class _UnreadableHeader(Exception):
+    """A header the plan cannot read; the worker reports the subject when it loads it."""
+
+
 class _ShapePlan(NamedTuple):
     """Shape buckets of a loader: ``volume_buckets`` for the subjects after preprocessing
     (the compiled augmentation and sampling), ``kernel_buckets`` for the resampling
@@ -434,6 +442,9 @@ def _plan_shapes(source: SubjectsSource, indices: Sequence[int], buckets_arg, ma
     for index in indices:
         try:
             shape, recorded = source.predicted_shape(int(index))
+        except _UnreadableHeader as err:
+            logger.debug("left out of the shape plan: %s", err)
+            continue
         except ValueError as err:
             logger.warning(
                 "%s; padding every volume to multiples of 32 voxels per axis instead of planned buckets",
@@ -442,6 +453,8 @@ def _plan_shapes(source: SubjectsSource, indices: Sequence[int], buckets_arg, ma
             return _ShapePlan((), (), 32)
         volumes.append(shape)
         kernels.extend(recorded)
+    if not volumes:
+        return _ShapePlan((), (), 32)
     volume_buckets = tuple(buckets.plan_buckets(volumes, max_buckets=max_buckets))
     kernel_buckets: tuple = ()
     if kernels:

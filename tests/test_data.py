@@ -306,7 +306,12 @@ def test_cache_decodes_once_and_invalidates(records, tmp_path, monkeypatch):
     loads, hashes = [], []
     real_load, real_hash = jmed.io._load, jmed.data._hash_file
     monkeypatch.setattr(
-        jmed.io, "_load", lambda path, *a, **kw: loads.append(Path(path).name) or real_load(path, *a, **kw)
+        # voxel reads; the Queue's shape plan reads headers only (lazy loads)
+        jmed.io,
+        "_load",
+        lambda path, *a, **kw: (kw.get("lazy") or loads.append(Path(path).name), real_load(path, *a, **kw))[
+            1
+        ],
     )
     monkeypatch.setattr(jmed.data, "_hash_file", lambda path: hashes.append(path.name) or real_hash(path))
 
@@ -375,8 +380,12 @@ def test_cache_hits_in_a_new_process_with_a_lambda_preprocessing(tmp_path, monke
     subprocess.run([sys.executable, "-c", script, plain, str(cache)], check=True, env=env, timeout=300)
     assert len([p for p in cache.iterdir() if p.name != "files"]) == 2
     loads = []
-    real_load = jmed.io.load
-    monkeypatch.setattr(jmed.io, "load", lambda path, **kw: loads.append(path) or real_load(path, **kw))
+    real_load = jmed.io._load
+    monkeypatch.setattr(
+        jmed.io,
+        "_load",
+        lambda path, *a, **kw: (kw.get("lazy") or loads.append(path), real_load(path, *a, **kw))[1],
+    )
     records = [{k: str(v) for k, v in r.items() if k in ("t1", "seg")} for r in local]
     preprocessing = jmed.transforms.Compose(
         [jmed.transforms.Lambda(halve, kinds="intensity"), jmed.transforms.Clamp(out_max=50.0)]

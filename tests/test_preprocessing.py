@@ -458,8 +458,8 @@ def test_resample_partial_volume_labels(phantom):
 def _oblique_affine():
     affine = affine_lib.from_spacing((0.9375, 1.2, 2.5), origin=(-30.3, 12.7, 7.1), orientation="LPS")
     affine[:3, :3] = np.array([[0.96, -0.28, 0], [0.28, 0.96, 0], [0, 0, 1.0]]) @ affine[:3, :3]
-    # solve(A, A) is not exactly the identity here: the shortcut must allow for rounding
-    assert not np.array_equal(np.linalg.solve(affine, affine), np.eye(4))
+    # solve(A, A) may not be exactly the identity (it depends on the LAPACK build): the
+    # shortcut must allow for rounding
     return affine
 
 
