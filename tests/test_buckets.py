@@ -92,9 +92,7 @@ def test_pad_subject_and_crop_back():
     with pytest.raises(ValueError, match="already has an extent"):
         buckets.pad_subject(p, (16, 12, 8))
     with pytest.raises(ValueError, match="extent must be 3 integers"):
-        jmed.ScalarImage(np.zeros((4, 4, 4)), None).replace().__class__(
-            np.zeros((4, 4, 4, 1)), extent=[5, 4, 4]
-        )
+        jmed.Image(np.zeros((4, 4, 4, 1)), extent=[5, 4, 4])
 
 
 # --- kernels ---------------------------------------------------------------------------------
