@@ -193,8 +193,11 @@ def _grid_for_spacing(shape: Sequence[int], affine: np.ndarray, spacing: np.ndar
     affine = np.asarray(affine, np.float64)
     old_spacing = affine_lib.spacing(affine)
     shape = np.asarray(shape)
-    # floor keeps the new extent within the old one (no extrapolation at the borders)
-    new_shape = np.floor(shape * old_spacing / spacing + 1e-6).astype(int)
+    # floor keeps the new extent within the old one (no extrapolation at the borders); the
+    # spacing read from a float32 header is off by a few parts in 10^7, so a ratio within
+    # a relative 1e-5 of the next integer is that integer (52 voxels stay 52, not 51)
+    ratio = shape * old_spacing / spacing
+    new_shape = np.floor(ratio + np.maximum(1e-6, 1e-5 * ratio)).astype(int)
     new_shape = np.maximum(np.where(shape == 1, 1, new_shape), 1)
     rotation = affine[:3, :3] / old_spacing
     centre = affine[:3, :3] @ ((shape - 1) / 2) + affine[:3, 3]
