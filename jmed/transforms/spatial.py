@@ -435,32 +435,47 @@ class RandomRot90(SpatialTransform):
 
 
 def _rotation(degrees: jax.Array) -> jax.Array:
-    """``Rz @ Ry @ Rx`` for angles (degrees) about the world R, A and S axes."""
+    """``Rz @ Rx @ Ry`` for angles (degrees) about the world R, A and S axes.
+
+    The order of SimpleITK's ``Euler3DTransform`` (TorchIO's rotation): about A first,
+    then R, then S. TorchIO builds it in LPS with the R and A angles negated, which is
+    this same matrix in RAS.
+    """
     a, b, c = jnp.deg2rad(degrees[0]), jnp.deg2rad(degrees[1]), jnp.deg2rad(degrees[2])
     one, zero = jnp.ones(()), jnp.zeros(())
     rx = jnp.array([[one, zero, zero], [zero, jnp.cos(a), -jnp.sin(a)], [zero, jnp.sin(a), jnp.cos(a)]])
     ry = jnp.array([[jnp.cos(b), zero, jnp.sin(b)], [zero, one, zero], [-jnp.sin(b), zero, jnp.cos(b)]])
     rz = jnp.array([[jnp.cos(c), -jnp.sin(c), zero], [jnp.sin(c), jnp.cos(c), zero], [zero, zero, one]])
-    return rz @ ry @ rx
+    return rz @ rx @ ry
 
 
 def affine_mapping(
     scales, degrees, translation, shape, affine, center: str = "image", *, extent=None
 ) -> SpatialMapping:
-    """Mapping of the world transform ``x -> R S (x - c) + c + t`` (content moves by it).
+    """Mapping of TorchIO's world transform ``x -> S R (x - c) + c + S t`` (content moves by it).
 
-    ``R = Rz Ry Rx`` (degrees about the world axes), ``S = diag(scales)``, ``t`` in mm,
-    ``c`` the image centre (world; of the valid region ``extent`` when given) or the
-    origin. The output pulls
-    ``in(B (y - c - t) + c)`` with ``B = S^-1 R^T``; in voxels
-    ``p_in = p + L^-1 (B - I) L p + L^-1 ((B - I)(o - c) - B t)`` where ``affine = [L o]``.
+    ``R = Rz Rx Ry`` (degrees about the world axes, SimpleITK's Euler order),
+    ``S = diag(scales)``, ``t`` in mm (scaled with the content, as in TorchIO), ``c`` the
+    image centre (world; of the valid region ``extent`` when given) or the origin. The
+    output pulls ``in(B (y - c - S t) + c)`` with ``B = R^T S^-1``; in voxels
+    ``p_in = p + L^-1 (B - I) L p + L^-1 ((B - I)(o - c) - R^T t)`` where ``affine = [L o]``.
+
+    A 2D image (one voxel along the third axis) gets no out-of-plane change, as in
+    TorchIO: the S scale is 1 and the R and A rotations and the S translation are 0.
     """
     _check_choice(center, ("image", "origin"), "center")
     a = _as_f32(affine)
     lin, origin = a[:3, :3], a[:3, 3]
     scales = jnp.asarray(scales, jnp.float32)
-    rotation = _rotation(jnp.asarray(degrees, jnp.float32))
-    b = rotation.T / scales[:, None]
+    degrees = jnp.asarray(degrees, jnp.float32)
+    translation = jnp.asarray(translation, jnp.float32)
+    if len(shape) == 3 and shape[2] == 1:
+        in_plane = jnp.array([1.0, 1.0, 0.0], jnp.float32)
+        scales = scales * in_plane + (1.0 - in_plane)
+        degrees = degrees * (1.0 - in_plane)
+        translation = translation * in_plane
+    rotation = _rotation(degrees)
+    b = rotation.T / scales[None, :]
     delta = b - jnp.eye(3)
     if center == "image":
         c = lin @ ((_valid_shape(shape, extent) - 1.0) / 2.0) + origin
@@ -468,19 +483,22 @@ def affine_mapping(
         c = jnp.zeros(3)
     lin_inv = jnp.linalg.inv(lin)
     matrix_lin = jnp.eye(3) + lin_inv @ delta @ lin
-    translation = lin_inv @ (delta @ (origin - c) - b @ jnp.asarray(translation, jnp.float32))
+    translation = lin_inv @ (delta @ (origin - c) - rotation.T @ translation)
     return SpatialMapping(_matrix(matrix_lin, translation), None, None, tuple(shape), affine)
 
 
 class RandomAffine(SpatialTransform):
-    """Random scaling, rotation and translation in world space (TorchIO v1 semantics).
+    """Random scaling, rotation and translation in world space, as TorchIO 1.2.
+
+    For the same parameters the world map is TorchIO's: ``x -> S R (x - c) + c + S t``
+    with ``R = Rz Rx Ry`` (see ``affine_mapping``).
 
     Args:
         scales: scale factors: ``d`` -> ``U(1 - d, 1 + d)``; ``(a, b)`` -> ``U(a, b)``; 3 or
             6 values per axis. Factors > 1 enlarge the content. Must stay > 0.
         degrees: rotation angles about the world R, A, S axes: ``d`` -> ``U(-d, d)``, or
-            ranges as for ``scales``.
-        translation: mm along the world R, A, S axes, same rule.
+            ranges as for ``scales``; applied about A, then R, then S.
+        translation: mm along the world R, A, S axes, same rule (scaled with the content).
         isotropic: one scale factor for all axes (``scales`` must be one range).
         center: ``"image"`` (rotate/scale about the image centre) or ``"origin"`` (the
             world origin).
