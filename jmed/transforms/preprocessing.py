@@ -421,7 +421,8 @@ class WindowParams:
     __slots__ = ("input_shape", "output_shape", "start")
 
     def __init__(self, start: ArrayLike, input_shape: Sequence[int], output_shape: Sequence[int]):
-        self.start = start
+        # int32 eagerly as under jit (JAX's default integer), so both give the same params
+        self.start = start.astype(jnp.int32) if _is_traced(start) else np.asarray(start, np.int32)
         self.input_shape = tuple(int(n) for n in input_shape)
         self.output_shape = tuple(int(n) for n in output_shape)
 
