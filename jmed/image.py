@@ -92,6 +92,25 @@ def _host_layout(data: Any) -> Any:
     return out
 
 
+def check_label_range(data: np.ndarray, dtype: Any, source: str = "label map") -> None:
+    """Raise when integer label values do not fit ``dtype`` (they would wrap silently).
+
+    ``source`` names the file or argument in the message.
+    """
+    dtype = np.dtype(dtype)
+    if data.size == 0 or not np.issubdtype(data.dtype, np.integer) or data.dtype == dtype:
+        return
+    info = np.iinfo(dtype)
+    low, high = data.min(), data.max()
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        raise ValueError(
+            f"{source}: label value {int(bad)} does not fit in {dtype.name} (the widest integer JAX "
+            f"uses without jax_enable_x64; allowed {info.min}..{info.max}); renumber the labels "
+            "(e.g. with numpy.unique(..., return_inverse=True)) or enable x64"
+        )
+
+
 class _LazyData:
     """Voxel data read on first access (keeps the header available without reading)."""
 
@@ -152,6 +171,11 @@ class Image:
                     f"data must have 4 dimensions (x, y, z, c), got shape {tuple(data.shape)}; "
                     "use ScalarImage/LabelMap to add a channel axis to 3D data"
                 )
+            if kind == LABEL and isinstance(data, np.ndarray):
+                if data.dtype.kind in "fc" and not np.isfinite(data).all():
+                    raise ValueError("label map data has non-finite values (NaN or inf); labels are numbers")
+                if not jax.config.jax_enable_x64:
+                    check_label_range(data, _NARROWED.get(data.dtype, data.dtype), "label map data")
             data = _host_layout(data)
         if affine is None:
             affine = np.eye(4)

@@ -28,7 +28,7 @@ import numpy as np
 from nibabel.volumeutils import apply_read_scaling
 
 from jmed import affine as affine_lib
-from jmed.image import INTENSITY, KINDS, Image, _aligned_empty, _host_layout, _LazyData
+from jmed.image import INTENSITY, KINDS, Image, _aligned_empty, _host_layout, _LazyData, check_label_range
 
 try:  # ISA-L inflates gzip about twice as fast as zlib; same format and checks
     from isal import isal_zlib as _inflate
@@ -168,15 +168,32 @@ def _read_data(
             data = np.asarray(_voxels(img, np.dtype(np.float32)))
         else:
             raw = _voxels(img, None)
-            if not np.issubdtype(raw.dtype, np.integer):
-                rounded = np.rint(raw)
-                if not np.allclose(raw, rounded, atol=1e-3):
+            target = _label_dtype(raw.dtype)
+            if not np.issubdtype(raw.dtype, np.integer) and raw.dtype != np.bool_:
+                finite = np.isfinite(raw)
+                if not finite.all():
                     raise ValueError(
-                        f"{path}: label map has non-integer values (e.g. "
-                        f"{raw[np.abs(raw - rounded) > 1e-3].flat[0]}); load it with kind='intensity'"
+                        f"{path}: label map has non-finite values (e.g. {raw[~finite].flat[0]}); "
+                        "load it with kind='intensity'"
+                    )
+                rounded = np.rint(raw)
+                off = np.abs(raw - rounded) > 1e-3
+                if off.any():
+                    raise ValueError(
+                        f"{path}: label map has non-integer values (e.g. {raw[off].flat[0]}); "
+                        "load it with kind='intensity'"
+                    )
+                info = np.iinfo(target)
+                if rounded.size and (rounded.min() < info.min or rounded.max() > info.max):
+                    bad = rounded.min() if rounded.min() < info.min else rounded.max()
+                    raise ValueError(
+                        f"{path}: label value {bad:g} does not fit in {target.name} (allowed "
+                        f"{info.min}..{info.max}); renumber the labels"
                     )
                 raw = rounded
-            data = raw.astype(_label_dtype(raw.dtype), copy=False)
+            else:
+                check_label_range(raw, target, str(path))
+            data = raw.astype(target, copy=False)
     except (EOFError, OSError, gzip.BadGzipFile, *_INFLATE_ERRORS) as err:
         raise ValueError(
             f"{path}: cannot read voxel data (missing, truncated or corrupt file) ({err})"
