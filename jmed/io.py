@@ -5,8 +5,8 @@ Formats: NIfTI-1/2 (``.nii``, ``.nii.gz``), MGH (``.mgh``, ``.mgz``), Analyze
 channels; 2D files become ``(x, y, 1, c)``. Intensity images are read as float32 with the
 header's ``scl_slope``/``scl_inter`` applied; label maps keep their integer values (and
 their integer dtype; 64-bit and uint32 labels become int32, with a ValueError when a value
-does not fit). Voxels are returned in C order and 64-byte aligned (the files' Fortran order is converted once, while reading), so jitted
-transforms use them without a copy.
+does not fit). Voxels are returned in C order and 64-byte aligned (the files' Fortran
+order is converted once, while reading), so jitted transforms use them without a copy.
 
 ``save`` writes a temporary file beside the target and renames it into place, so a crash
 never leaves a half-written file and never destroys an existing one; it refuses to
