@@ -200,6 +200,30 @@ class Image:
         obj.kind = kind
         return obj
 
+    @classmethod
+    def from_2d(cls, data: ArrayLike, affine: ArrayLike | None = None, *, kind: str = INTENSITY) -> Image:
+        """A 2D image from ``(H, W)`` or ``(H, W, C)`` data (channels last), stored as
+        ``(H, W, 1, C)``: one slice, which spatial transforms treat as TorchIO does 2D
+        images (no out-of-plane rotation, scaling or displacement).
+
+        Raises:
+            ValueError: data that are not 2D or 3D.
+        """
+        if not hasattr(data, "ndim"):
+            data = np.asarray(data)
+        if data.ndim == 2:
+            data = data[:, :, None, None]
+        elif data.ndim == 3:
+            data = data[:, :, None, :]
+        else:
+            raise ValueError(f"from_2d takes (H, W) or (H, W, C) data, got shape {tuple(data.shape)}")
+        return cls(data, affine, kind=kind)
+
+    @property
+    def is_2d(self) -> bool:
+        """One voxel along the third spatial axis (a single slice)."""
+        return self.spatial_shape[2] == 1
+
     # -- data --------------------------------------------------------------------------
     @property
     def data(self):
@@ -313,24 +337,29 @@ def _check_extent(extent: Any, spatial_shape: tuple[int, ...]) -> Any:
 def _with_channel(data: ArrayLike, name: str) -> Any:
     if not hasattr(data, "ndim"):
         data = np.asarray(data)
+    if data.ndim == 2:  # one 2D slice: (H, W) -> (H, W, 1, 1)
+        return data[:, :, None, None]
     if data.ndim == 3:
         return data[..., None]
     if data.ndim != 4:
         raise ValueError(
-            f"{name} data must have 3 (x, y, z) or 4 (x, y, z, c) dimensions, got shape {tuple(data.shape)}"
+            f"{name} data must have 2 (x, y), 3 (x, y, z) or 4 (x, y, z, c) dimensions, got shape "
+            f"{tuple(data.shape)}; for 2D data with channels use Image.from_2d"
         )
     return data
 
 
 def ScalarImage(data: ArrayLike, affine: ArrayLike | None = None) -> Image:
-    """An intensity ``Image``; 3D data gets a channel axis (numpy data laid out as
-    ``Image`` describes: C order, aligned, ``float64`` as ``float32`` unless x64 is on)."""
+    """An intensity ``Image``; 3D data gets a channel axis and 2D ``(H, W)`` data becomes one
+    slice ``(H, W, 1, 1)`` (numpy data laid out as ``Image`` describes: C order, aligned,
+    ``float64`` as ``float32`` unless x64 is on). ``(H, W, C)`` data: ``Image.from_2d``."""
     return Image(_with_channel(data, "ScalarImage"), affine, kind=INTENSITY)
 
 
 def LabelMap(data: ArrayLike, affine: ArrayLike | None = None) -> Image:
-    """A label-map ``Image`` (integer labels); 3D data gets a channel axis (numpy data
-    laid out as ``Image`` describes: C order, aligned, integer values kept)."""
+    """A label-map ``Image`` (integer labels); 3D data gets a channel axis and 2D ``(H, W)``
+    data becomes one slice (numpy data laid out as ``Image`` describes: C order, aligned,
+    integer values kept)."""
     return Image(_with_channel(data, "LabelMap"), affine, kind=LABEL)
 
 

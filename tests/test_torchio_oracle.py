@@ -252,3 +252,25 @@ def test_grid_sampler_and_aggregator(mode, shape):
     np.testing.assert_allclose(
         np.asarray(aggregator.get_output().data)[..., 0], expected, rtol=1e-5, atol=1e-4
     )
+
+
+def test_affine_on_a_2d_image():
+    # TorchIO treats an image with one slice as 2D: no out-of-plane rotation or scaling
+    data = _smooth((37, 33, 1))
+    ours = jmed.Subject(t1=jmed.ScalarImage(data[..., 0]))
+    theirs = tio.Subject(t1=tio.ScalarImage(tensor=torch.from_numpy(data[None].copy())))
+    scales, degrees, translation = (1.1, 0.9, 1.3), (20.0, -15.0, 25.0), (2.0, -1.0, 0.0)
+    params = {
+        "scales": np.asarray(scales, np.float32),
+        "degrees": np.asarray(degrees, np.float32),
+        "translation": np.asarray(translation, np.float32),
+    }
+    a = T.RandomAffine(default_pad_value=0.0).apply(ours, params)
+    b = tio.Affine(scales, degrees, translation, default_pad_value=0.0)(theirs)
+    mapping = T.RandomAffine().mapping(params, ours.spatial_shape, np.eye(4))
+    grid = np.stack(np.meshgrid(*map(np.arange, ours.spatial_shape), indexing="ij"), -1)
+    coords = grid @ np.asarray(mapping.matrix)[:3, :3].T + np.asarray(mapping.matrix)[:3, 3]
+    np.testing.assert_allclose(coords[..., 2], 0.0, atol=1e-6)  # stays in the slice
+    inside = np.all((coords[..., :2] >= 0.5) & (coords[..., :2] <= np.array(data.shape[:2]) - 1.5), -1)
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(_data(a.t1)[inside], _data(b.t1)[inside], rtol=1e-4, atol=2e-3)

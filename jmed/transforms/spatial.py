@@ -657,6 +657,8 @@ class RandomElasticDeformation(SpatialTransform):
                 return
             shape = tuple(int(v) for v in np.asarray(ref.extent))
         spacing_mm = bspline.control_spacing(shape, self.num_control_points) * np.asarray(ref.spacing, float)
+        # an axis of one voxel (a 2D image) gets no displacement: nothing can fold there
+        spacing_mm = np.where(np.asarray(shape) == 1, np.inf, spacing_mm)
         if np.any(np.asarray(self.max_displacement) > spacing_mm / 2):
             warnings.warn(
                 f"max_displacement {self.max_displacement} mm exceeds half the control-point "
