@@ -402,8 +402,11 @@ class Resize(Transform):
         matrix[:3, 3] = 0.5 * scale - 0.5
         order = self.label_order if image.kind == LABEL else self.image_order
         data = _resample_jit(image.data, matrix, output_shape=self.target_shape, order=order, pad_mode="edge")
-        xp = jnp if _is_traced(image.affine) else np
-        return image.replace(data=data, affine=xp.asarray(image.affine) @ xp.asarray(matrix))
+        if _is_traced(image.affine):
+            affine = jnp.matmul(image.affine, jnp.asarray(matrix), precision=jax.lax.Precision.HIGHEST)
+        else:
+            affine = np.asarray(image.affine) @ matrix
+        return image.replace(data=data, affine=affine)
 
 
 # --- crop and pad ------------------------------------------------------------------------

@@ -22,6 +22,10 @@ points mapped by the later one by trilinear interpolation of the (smooth) field.
 elastic deformation that comes last in a chain is evaluated directly on the output grid
 (separable B-spline), so the usual "affine then elastic" costs no extra resampling.
 
+Every matrix product of the geometry (matrices, composition, B-spline fields) requests
+full float32 precision (``jax.lax.Precision.HIGHEST``): the default of TPUs (bfloat16
+operands) or GPUs (TF32) would move voxel coordinates by tenths of a voxel.
+
 Identity parameters give bit-exact identity mappings (``I + L^-1 (B - I) L`` is formed so
 that ``B = I`` gives exactly ``I``), hence the input back bit for bit, also under ``jit``.
 
@@ -103,6 +107,11 @@ def _as_f32(affine):
     return jnp.asarray(affine, jnp.float32)
 
 
+def _mm(a, b):
+    """``a @ b`` at full float32 precision on every platform (see the module doc)."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _matrix(linear, translation):
     m = jnp.eye(4, dtype=jnp.float32)
     return m.at[:3, :3].set(linear).at[:3, 3].set(translation)
@@ -113,7 +122,7 @@ def _with_grid(mapping: SpatialMapping, grid: OutputGrid | None) -> SpatialMappi
         return mapping
     g = grid.matrix()
     return compose_mappings(
-        mapping, SpatialMapping(g, None, None, grid.shape, _as_f32(mapping.output_affine) @ g)
+        mapping, SpatialMapping(g, None, None, grid.shape, _mm(_as_f32(mapping.output_affine), g))
     )
 
 
@@ -139,13 +148,13 @@ def compose_mappings(
     _check_mapping(first, "first")
     _check_mapping(second, "second")
     a1, a2 = first.matrix, second.matrix
-    matrix = a1 @ a2
+    matrix = _mm(a1, a2)
     shape, affine = second.output_shape, second.output_affine
     if first.displacement is None:
         if second.displacement is None:
             return SpatialMapping(matrix, None, None, shape, affine)
         d2 = jnp.eye(3) if second.displacement_matrix is None else second.displacement_matrix
-        return SpatialMapping(matrix, second.displacement, a1[:3, :3] @ d2, shape, affine)
+        return SpatialMapping(matrix, second.displacement, _mm(a1[:3, :3], d2), shape, affine)
     # the earlier field, evaluated (trilinear, edge) where the later mapping sends each voxel
     moved = resample(
         _dense(first.displacement),
@@ -161,7 +170,7 @@ def compose_mappings(
         return SpatialMapping(matrix, moved, first.displacement_matrix, shape, affine)
     d1 = jnp.eye(3) if first.displacement_matrix is None else first.displacement_matrix
     d2 = jnp.eye(3) if second.displacement_matrix is None else second.displacement_matrix
-    field = _dense(second.displacement) @ (a1[:3, :3] @ d2).T + moved @ d1.T
+    field = _mm(_dense(second.displacement), _mm(a1[:3, :3], d2).T) + _mm(moved, d1.T)
     return SpatialMapping(matrix, field, None, shape, affine)
 
 
@@ -179,13 +188,13 @@ def invert_mapping(mapping: SpatialMapping, iterations: int = 12) -> SpatialMapp
     if mapping.displacement is None:
         return mapping._replace(matrix=inv)
     d = jnp.eye(3) if mapping.displacement_matrix is None else mapping.displacement_matrix
-    to_voxels = -(inv[:3, :3] @ d)
+    to_voxels = -_mm(inv[:3, :3], d)
     field = _dense(mapping.displacement)
     shape = mapping.output_shape
 
     def step(_, e):
         f = resample(field, inv, shape, order=1, displacement=e, pad_mode="edge")
-        return f @ to_voxels.T
+        return _mm(f, to_voxels.T)
 
     e = jax.lax.fori_loop(0, iterations, step, jnp.zeros((*shape, 3), jnp.float32))
     return SpatialMapping(inv, e, None, shape, mapping.output_affine)
@@ -425,7 +434,7 @@ class RandomRot90(SpatialTransform):
                 step = np.eye(4, dtype=np.float32)
                 step[a, a], step[a, b], step[b, a], step[b, b] = 0, 1, -1, 0
                 step = jnp.asarray(step).at[b, 3].set(n)
-                m = m @ step
+                m = _mm(m, step)
             mats.append(m)
         matrix = jnp.stack(mats)[params]
         return _with_grid(SpatialMapping(matrix, None, None, tuple(shape), affine), grid)
@@ -446,7 +455,7 @@ def _rotation(degrees: jax.Array) -> jax.Array:
     rx = jnp.array([[one, zero, zero], [zero, jnp.cos(a), -jnp.sin(a)], [zero, jnp.sin(a), jnp.cos(a)]])
     ry = jnp.array([[jnp.cos(b), zero, jnp.sin(b)], [zero, one, zero], [-jnp.sin(b), zero, jnp.cos(b)]])
     rz = jnp.array([[jnp.cos(c), -jnp.sin(c), zero], [jnp.sin(c), jnp.cos(c), zero], [zero, zero, one]])
-    return rz @ rx @ ry
+    return _mm(_mm(rz, rx), ry)
 
 
 def affine_mapping(
@@ -478,12 +487,12 @@ def affine_mapping(
     b = rotation.T / scales[None, :]
     delta = b - jnp.eye(3)
     if center == "image":
-        c = lin @ ((_valid_shape(shape, extent) - 1.0) / 2.0) + origin
+        c = _mm(lin, (_valid_shape(shape, extent) - 1.0) / 2.0) + origin
     else:
         c = jnp.zeros(3)
     lin_inv = jnp.linalg.inv(lin)
-    matrix_lin = jnp.eye(3) + lin_inv @ delta @ lin
-    translation = lin_inv @ (delta @ (origin - c) - rotation.T @ translation)
+    matrix_lin = jnp.eye(3) + _mm(_mm(lin_inv, delta), lin)
+    translation = _mm(lin_inv, _mm(delta, origin - c) - _mm(rotation.T, translation))
     return SpatialMapping(_matrix(matrix_lin, translation), None, None, tuple(shape), affine)
 
 
@@ -699,7 +708,7 @@ class RandomElasticDeformation(SpatialTransform):
         )
         field = bspline.separable_field(params, weights)
         g = grid.matrix()
-        return SpatialMapping(g, field, to_voxels, tuple(grid.shape), _as_f32(affine) @ g)
+        return SpatialMapping(g, field, to_voxels, tuple(grid.shape), _mm(_as_f32(affine), g))
 
 
 # --- fusion -----------------------------------------------------------------------------
