@@ -611,17 +611,20 @@ def _rotation64(degrees):
     rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
     ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
     rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    return rz @ rx @ ry
 
 
 def _affine_reference(params, shape, affine, points):
-    """Input voxels (float64) of output voxels ``points`` ``(..., 3)`` under the world map
-    ``x -> R S (x - c) + c + t`` (the content moves by it; the output pulls its inverse)."""
+    """Input voxels (float64) of output voxels ``points`` ``(..., 3)`` under TorchIO's world
+    map ``x -> S R (x - c) + c + S t`` (the content moves by it; the output pulls its
+    inverse)."""
     lin, origin = affine[:3, :3], affine[:3, 3]
     centre = lin @ ((np.asarray(shape) - 1) / 2) + origin
-    rs = _rotation64(params["degrees"]) * np.asarray(params["scales"], np.float64)
+    scales = np.asarray(params["scales"], np.float64)
+    sr = scales[:, None] * _rotation64(params["degrees"])
     world = points @ lin.T + origin
-    pulled = (world - centre - np.asarray(params["translation"], np.float64)) @ np.linalg.inv(rs).T + centre
+    shift = scales * np.asarray(params["translation"], np.float64)
+    pulled = (world - centre - shift) @ np.linalg.inv(sr).T + centre
     return (pulled - origin) @ np.linalg.inv(lin).T
 
 
