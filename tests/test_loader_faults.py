@@ -285,7 +285,9 @@ def _queue(records, **kw):
 @pytest.mark.parametrize("buckets", ["auto", None])
 def test_misaligned_subject_raises_naming_it(tmp_path, how, buckets):
     records = _misaligned(tmp_path, how)
-    with pytest.raises(ValueError, match=r"subject 1 \(.*seg_1\.nii\.gz.*t1_1\.nii\.gz\).*voxel grid") as info:
+    with pytest.raises(
+        ValueError, match=r"subject 1 \(.*seg_1\.nii\.gz.*t1_1\.nii\.gz\).*voxel grid"
+    ) as info:
         list(_queue(records, buckets=buckets))
     assert "RandomFlip" not in str(info.value)
     assert "Resample" in str(info.value)
@@ -334,7 +336,9 @@ def test_resume_with_another_worker_count(tmp_path):
         again = iter(_queue(records, num_workers=restored, **kw))
         again.set_state(state)
         rest = list(again)
-        np.testing.assert_array_equal(_patches(head + rest), _patches(reference), err_msg=f"{saved}->{restored}")
+        np.testing.assert_array_equal(
+            _patches(head + rest), _patches(reference), err_msg=f"{saved}->{restored}"
+        )
 
 
 def test_state_in_an_unknown_layout_refuses_another_worker_count(tmp_path):
