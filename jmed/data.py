@@ -19,7 +19,11 @@ Determinism: the patches of subject ``i`` in epoch ``e`` depend only on
 the window shuffle on ``seed``. Workers process whole subjects and their outputs are
 interleaved in subject order, so batches are bit-identical for any ``num_workers``.
 Iterators are grain ``DatasetIterator`` s: ``get_state()`` / ``set_state()`` restore a
-position mid-epoch exactly.
+position mid-epoch exactly, also into a loader with another number of workers.
+
+Every subject is checked, after preprocessing, to hold its images on one voxel grid
+(shape, and affines within ``jmed.AFFINE_TOLERANCE``); a subject that fails raises a
+``ValueError`` naming it and its files (or is skipped with ``skip_errors=True``).
 
 Batches are ``Subject`` s with a leading batch axis on every leaf: image data
 ``(b, x, y, z, c)`` (channels last), affines ``(b, 4, 4)``, ``metadata["location"]``
@@ -132,7 +136,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _content_crc(data: np.ndarray) -> int:
-    """CRC-32 of an array's bytes in memory order (about 1.7 GB/s: a few ms per volume)."""
+    """CRC-32 of an array's bytes in memory order."""
     if data.flags.c_contiguous:
         flat = data
     elif data.flags.f_contiguous:
@@ -341,11 +345,16 @@ class SubjectsSource:
             is stored uncompressed and read memory-mapped; the key covers the files'
             content and ``jmed.transforms.transform_key(preprocessing)``, so a changed file or configuration
             misses. Transforms must have a faithful ``repr`` (the default one lists
-            their attributes). If an entry cannot be written (full disk, no write
-            permission) a warning is logged and the subject is used uncached.
-        skip_errors: if True a subject that fails to load is logged and skipped
-            (``source[i]`` returns ``None``); by default the error is raised, naming
-            the subject and the file.
+            their attributes). Entries are checked when read (geometry, shape, dtype,
+            a CRC-32 of the voxels once per process) and a damaged one is deleted with a
+            warning and rebuilt. If the folder cannot be written (full disk, no write
+            permission) a warning is logged once and subjects are used uncached.
+        skip_errors: if True a subject that fails to load, or whose images do not
+            share a voxel grid after preprocessing (same spatial shape, affines within
+            ``jmed.AFFINE_TOLERANCE`` = 1e-3 mm), is logged and skipped (``source[i]``
+            returns ``None``); by default the error is raised naming the subject and its
+            files (``RuntimeError`` for a file that cannot be read, ``ValueError`` for
+            images on different grids).
 
     ``source[i]`` returns the loaded, preprocessed ``Subject``; its metadata holds the
     record's non-image values and ``subject_index = i``. The source holds only paths and
@@ -1317,7 +1326,8 @@ class Queue(_Loader):
         max_buckets: most buckets ``"auto"`` plans (one compiled program each).
         drop_last: drop the last, incomplete batch (keeps shapes static for ``jit``).
         cache_dir: decode-once cache folder (see ``SubjectsSource``).
-        skip_errors: skip (and log) subjects that fail to load instead of raising.
+        skip_errors: skip (and log) subjects that fail to load, or whose images do not
+            share a voxel grid after preprocessing, instead of raising.
         shard_index, shard_count: this process's shard of the subjects; default
             ``jax.process_index()`` and ``jax.process_count()``. Subjects are dealt
             round-robin (``subjects[shard_index::shard_count]``).
