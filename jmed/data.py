@@ -39,7 +39,9 @@ not open files; use module-level functions, not lambdas).
 from __future__ import annotations
 
 import ast
+import atexit
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -48,6 +50,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing import shared_memory
@@ -1175,6 +1178,35 @@ class _Loader:
         return list(dict.fromkeys(s for s in subjects if s is not None))
 
 
+def _wait_for_shared_memory_release(timeout: float = 5.0) -> None:
+    """Wait until grain has closed and unlinked the shared memory of the arrays collected
+    so far (it does so from one background thread, in order)."""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # another grain layout: nothing known to wait for
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        try:
+            pool.apply_async(int).wait(timeout)
+        except (ValueError, RuntimeError):  # the pool is already shut down
+            pass
+
+
+# iterators not yet closed: closed at exit, while the interpreter is intact, so that the
+# workers' shared-memory blocks are unlinked and the arrays mapping them released
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_OPEN_ITERATORS):
+        try:
+            iterator._close(keep_state=False)
+        except Exception:  # exiting anyway
+            pass
+
+
 class LoaderIterator:
     """Iterator over batches: grain's iterator, closed (workers stopped) when exhausted.
 
@@ -1197,11 +1229,15 @@ class LoaderIterator:
         # (imports, compilation) overlaps with the caller's; grain alone would start each
         # worker only once the previous one has delivered its first element
         self._iterator.start_prefetch()
+        self._final_state = None
+        _OPEN_ITERATORS.add(self)
 
     def __iter__(self) -> LoaderIterator:
         return self
 
     def __next__(self) -> Subject:
+        if self._iterator is None:
+            raise StopIteration
         try:
             return next(self._iterator)
         except StopIteration:
@@ -1210,7 +1246,7 @@ class LoaderIterator:
         except RuntimeError as err:
             if "terminated unexpectedly" not in str(err) or self._loader is None or self._counter is None:
                 raise
-            self.close()
+            self._close(keep_state=False)
             raise RuntimeError(self._worker_died_message(err)) from err
 
     def _worker_died_message(self, err: Exception) -> str:
@@ -1229,7 +1265,13 @@ class LoaderIterator:
 
     def get_state(self) -> dict:
         """The position, as a JSON-compatible dict that any worker count can restore."""
-        state = self._iterator.get_state()
+        if self._iterator is None:
+            if self._final_state is None:
+                raise RuntimeError("this iterator was closed after an error; it has no state to save")
+            return self._final_state
+        return self._portable_state(self._iterator.get_state())
+
+    def _portable_state(self, state: dict) -> dict:
         mapped = _map_stream_state(state, lambda received: {_RECEIVED: received})
         num_workers = None if self._loader is None else self._loader.num_workers
         if mapped is None:  # a grain state layout this version does not know: keep it as is
@@ -1246,6 +1288,8 @@ class LoaderIterator:
         """
         if not isinstance(state, dict):
             raise ValueError(f"state must be a dict from get_state(), got {type(state).__name__}")
+        if self._iterator is None:
+            raise RuntimeError("this iterator is closed; call set_state on a new iter(loader)")
         num_workers = None if self._loader is None else self._loader.num_workers
         if state.get("format") == _STATE_FORMAT:
             pipeline = state["pipeline"]
@@ -1279,7 +1323,27 @@ class LoaderIterator:
             self._counter.received = received[0]
 
     def close(self) -> None:
-        self._iterator.close()
+        """Stop the workers and release the data held for batches not yet delivered;
+        ``get_state()`` still returns the position reached."""
+        self._close(keep_state=True)
+
+    def _close(self, keep_state: bool) -> None:
+        iterator, self._iterator = self._iterator, None
+        if iterator is None:
+            return
+        if keep_state:
+            try:
+                self._final_state = self._portable_state(iterator.get_state())
+            except Exception:  # a broken pipeline has no position to keep
+                self._final_state = None
+        _OPEN_ITERATORS.discard(self)
+        iterator.close()
+        # grain's iterators hold arrays received ahead from the workers in reference
+        # cycles: collect them now (not at interpreter shutdown, where their finaliser
+        # fails) and let grain finish unlinking their shared memory
+        del iterator
+        gc.collect()
+        _wait_for_shared_memory_release()
 
     def __enter__(self) -> LoaderIterator:
         return self

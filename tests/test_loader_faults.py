@@ -188,6 +188,10 @@ LEAK_SCRIPT = textwrap.dedent(
         queue = jmed.Queue(subjects, jmed.UniformSampler(4), 4, 4, batch_size=2, num_workers=1,
                            compilation_cache_dir=None)
         print("BATCHES", sum(1 for _ in queue), flush=True)
+        with iter(queue) as it:  # stopped early, as a training loop that counts steps
+            next(it)
+        kept = iter(queue)  # still open and referenced at exit
+        next(kept)
     """
 )
 
