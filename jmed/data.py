@@ -1009,15 +1009,19 @@ def _check_main_guard() -> None:
         tree = ast.parse(Path(path).read_text())
     except (OSError, SyntaxError, ValueError):
         return
+    compares = [n for n in ast.walk(tree) if isinstance(n, ast.Compare) and _compares_main(n)]
+    if any(not isinstance(n.ops[0], (ast.Eq, ast.Is)) for n in compares):
+        return  # a guard of another form (`if __name__ != "__main__": exit()`): trust it
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and _is_main_test(node.test):
-            if node.lineno <= line <= (node.end_lineno or node.lineno):
+        if isinstance(node, ast.If) and node.body and any(n in compares for n in ast.walk(node.test)):
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or node.lineno):
                 return
     raise RuntimeError(_guard_message())
 
 
-def _is_main_test(test: ast.expr) -> bool:
-    if not isinstance(test, ast.Compare) or len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
+def _compares_main(test: ast.Compare) -> bool:
+    """Whether ``test`` compares ``__name__`` with ``"__main__"``."""
+    if len(test.ops) != 1:
         return False
     sides = [test.left, test.comparators[0]]
     names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
@@ -1260,7 +1264,8 @@ class LoaderIterator:
             "killed by the operating system (exit code -9, SIGKILL) has usually run out of "
             "memory: lower num_workers or worker_buffer_size, preprocess to smaller volumes, "
             "check loader.get_max_memory_pretty() against the memory limit, and see the kernel "
-            "log (dmesg) for the out-of-memory killer"
+            "log (dmesg) for the out-of-memory killer; with another exit code, the worker's own "
+            "error is printed above"
         )
 
     def get_state(self) -> dict:

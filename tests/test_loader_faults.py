@@ -154,10 +154,19 @@ def test_script_without_main_guard_gets_one_clear_error(tmp_path):
     assert "bootstrapping" not in proc.stderr
 
 
-@pytest.mark.parametrize("guarded", [True, False])
-def test_main_guard_check_reads_the_calling_line(tmp_path, guarded):
-    body = "jmed.data._check_main_guard()\n"
-    text = "import jmed.data\n" + ("if __name__ == '__main__':\n    " + body if guarded else body)
+GUARDS = {
+    "guarded": "if __name__ == '__main__':\n    {call}",
+    "guarded, compound": "if __name__ == '__main__' and True:\n    {call}",
+    "exit guard": "import sys\nif __name__ != '__main__':\n    sys.exit()\n{call}",
+    "unguarded": "{call}",
+    "guard elsewhere": "if __name__ == '__main__':\n    pass\n{call}",
+}
+
+
+@pytest.mark.parametrize("form", list(GUARDS))
+def test_main_guard_check_reads_the_calling_line(tmp_path, form):
+    guarded = not form.startswith(("unguarded", "guard elsewhere"))
+    text = "import jmed.data\n" + GUARDS[form].format(call="jmed.data._check_main_guard()") + "\n"
     path = tmp_path / "main.py"
     path.write_text(text)
     main = type(sys)("__main__")
