@@ -87,7 +87,9 @@ def _assert_identical(actual, expected, label):
         a, e = np.asarray(a), np.asarray(e)
         assert a.dtype == e.dtype and a.shape == e.shape, (label, a.dtype, e.dtype, a.shape, e.shape)
         # bit-identical (NaNs compare by their bits too)
-        np.testing.assert_array_equal(a.reshape(-1).view(np.uint8), e.reshape(-1).view(np.uint8), err_msg=label)
+        np.testing.assert_array_equal(
+            a.reshape(-1).view(np.uint8), e.reshape(-1).view(np.uint8), err_msg=label
+        )
 
 
 def _check_group(names, transforms, args, header_affine=None):
