@@ -525,7 +525,7 @@ class SubjectsSource:
             return {name: image.data for name, image in subject.items()}
 
         try:
-            with buckets.recording_kernel_shapes() as kernels:
+            with buckets.recording_kernel_shapes() as kernels, buckets.predicting_shapes():
                 shapes = jax.eval_shape(run, abstract)
         except Exception as err:
             raise ValueError(

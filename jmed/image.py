@@ -9,10 +9,18 @@ A ``Subject`` maps names to ``Image`` s, may carry metadata, and records the his
 transforms applied to it. Both are pytrees, so they pass through ``jax.jit``,
 ``jax.vmap`` and ``jax.tree.map``. A batch is the same pytree with a leading axis on every
 leaf (``data`` ``(b, x, y, z, c)``, ``affine`` ``(b, 4, 4)``).
+
+Both are registered for ``jax.export`` serialization (as ``"jmed.Image"`` and
+``"jmed.Subject"``), so a function of them exports, serialises and reloads in another
+process (see "Ahead-of-time compiled augmentation" in the docs). A ``Subject``'s static
+metadata travels as it is; the transforms of its history travel as their ``repr`` (the
+same in every process): a reloaded history holds stand-ins that print and compare like
+the original transforms but cannot be applied, replayed or inverted.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -524,6 +532,86 @@ class Subject(Mapping):
         inner = ", ".join(f"{n}={im!r}" for n, im in self._images.items())
         extra = f", metadata={self.metadata}" if self.metadata else ""
         return f"Subject({inner}{extra})"
+
+
+# --- jax.export serialization -----------------------------------------------------------
+
+
+class _DescribedTransform:
+    """A transform of a ``Subject``'s history after ``jax.export`` deserialization: only
+    its ``repr`` is known. It prints as the original and compares equal to it (so an
+    exported function accepts subjects with that history), but cannot be applied."""
+
+    __slots__ = ("description",)
+
+    def __init__(self, description: str):
+        self.description = description
+
+    def __repr__(self) -> str:
+        return self.description
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _DescribedTransform):
+            return other.description == self.description
+        return repr(other) == self.description
+
+    def __hash__(self) -> int:
+        return hash(self.description)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "description":  # copy, pickle; an unset slot
+            raise AttributeError(name)
+        raise AttributeError(
+            f"{self.description} was restored from a serialized jax.export program, which keeps only "
+            f"its description; it has no attribute {name!r} (rebuild the transform to apply, replay or "
+            "invert it)"
+        )
+
+
+def _static_to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    return value  # str, bool or None
+
+
+def _static_from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return bytes.fromhex(value["bytes"])
+    return value
+
+
+def _serialize_subject_aux(aux: tuple) -> bytes:
+    names, meta_static, transforms = aux
+    return json.dumps(
+        {
+            "names": list(names),
+            "metadata": [[k, _static_to_json(v)] for k, v in meta_static],
+            "history": [repr(t) for t in transforms],
+        }
+    ).encode()
+
+
+def _deserialize_subject_aux(data: bytes) -> tuple:
+    aux = json.loads(data.decode())
+    return (
+        tuple(aux["names"]),
+        tuple((k, _static_from_json(v)) for k, v in aux["metadata"]),
+        tuple(_DescribedTransform(text) for text in aux["history"]),
+    )
+
+
+jax.export.register_pytree_node_serialization(
+    Image,
+    serialized_name="jmed.Image",
+    serialize_auxdata=lambda kind: kind.encode(),
+    deserialize_auxdata=lambda data: data.decode(),
+)
+jax.export.register_pytree_node_serialization(
+    Subject,
+    serialized_name="jmed.Subject",
+    serialize_auxdata=_serialize_subject_aux,
+    deserialize_auxdata=_deserialize_subject_aux,
+)
 
 
 def stack(items: list[Any]) -> Any:

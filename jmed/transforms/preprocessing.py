@@ -21,6 +21,7 @@ Crop, pad and crop-or-pad transforms are invertible: their params are a
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 from collections.abc import Sequence
@@ -444,6 +445,15 @@ class WindowParams:
             f"WindowParams(start={self.start}, input_shape={self.input_shape}, "
             f"output_shape={self.output_shape})"
         )
+
+
+# shapes as JSON: the params of a crop or pad in a history serialise with jax.export
+jax.export.register_pytree_node_serialization(
+    WindowParams,
+    serialized_name="jmed.WindowParams",
+    serialize_auxdata=lambda shapes: json.dumps(shapes).encode(),
+    deserialize_auxdata=lambda data: tuple(tuple(shape) for shape in json.loads(data.decode())),
+)
 
 
 class _Window(Transform):
