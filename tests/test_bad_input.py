@@ -50,6 +50,7 @@ EXEMPT = {
     "OutputGrid": "a NamedTuple built by the library",
     "WindowParams": "parameters built by the window transforms",
     "nnunet_intensity_augmentation": "takes no arguments",
+    "max_output_bytes": "takes no arguments (a bad JMED_MAX_OUTPUT_BYTES is tested below)",
 }
 
 CASES = [
@@ -234,6 +235,7 @@ CASES = [
         ValueError,
         r"Lambda\.function\.__defaults__\[0\] is a object",
     ),
+    ("set_max_output_bytes", lambda: T.set_max_output_bytes(-1), ValueError, r"max_output_bytes.*-1"),
     ("load_landmarks", lambda: T.load_landmarks("/nonexistent/lm.npy"), ValueError, r"lm\.npy"),
     ("save_landmarks", lambda: T.save_landmarks([0.0, 1.0], "/tmp/lm.txt"), ValueError, r"lm\.txt|path"),
     ("train_histogram", lambda: T.train_histogram([]), ValueError, r"image"),
@@ -389,3 +391,199 @@ def test_cli_unknown_argument_is_a_usage_error(capsys):
         jmed.cli.main(["info", "--no-such-flag", "x.nii.gz"])
     assert info.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+# --- non-finite numbers in transform parameters -------------------------------------------
+
+# the constructor arguments a transform needs before any other can be tried
+_REQUIRED = {
+    "HistogramStandardization": dict(landmarks=np.linspace(0, 100, 13)),
+    "Mask": dict(masking_method="seg"),
+    "RandomApply": dict(transform=T.RandomNoise()),
+    "RandomLabelsToImage": dict(label_key="seg"),
+    "RemoveLabels": dict(labels=[1]),
+    "RemoveSmallObjects": dict(min_size=2),
+    "Resample": dict(target=1.0),
+    "Crop": dict(cropping=1),
+    "Pad": dict(padding=1),
+    "CropOrPad": dict(target_shape=4),
+    "Resize": dict(target_shape=4),
+    "EnsureShapeMultiple": dict(target_multiple=2),
+    "OneHot": dict(num_classes=3),
+    "RemapLabels": dict(mapping={1: 2}),
+    "CopyAffine": dict(target="t1"),
+    "Lambda": dict(function=abs),
+    "Compose": dict(transforms=[T.RandomNoise()]),
+    "OneOf": dict(transforms=[T.RandomNoise()]),
+    "SomeOf": dict(transforms=[T.RandomNoise()], num_transforms=1),
+    "Spatial": dict(transforms=[]),
+    "Reorient": dict(orientation="RAS"),
+}
+# the numeric forms an argument may take, tried in order; the first one accepted is the
+# argument's form, and a non-finite number in its first place must then be refused
+_FORMS = [0.5, (0.5, 1.0), (0.5, 0.6, 0.7), (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)]
+
+
+def _numeric_arguments():
+    cases = []
+    for name in T.__all__:
+        cls = getattr(T, name)
+        if not (inspect.isclass(cls) and issubclass(cls, T.Transform)):
+            continue
+        required = _REQUIRED.get(name, {})
+        cls(**required)
+        for p in inspect.signature(cls).parameters.values():
+            # flags (truth values) and names are not numbers
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or isinstance(p.default, bool):
+                continue
+            if p.name in ("include", "exclude", "mask_name"):
+                continue
+            for form in _FORMS:
+                try:
+                    cls(**{**required, p.name: form})
+                except Exception:
+                    continue
+                cases.append((name, p.name, form))
+                break
+    return cases
+
+
+_NUMERIC_ARGUMENTS = _numeric_arguments()
+
+
+def test_numeric_arguments_are_found():
+    found = {(n, p) for n, p, _ in _NUMERIC_ARGUMENTS}
+    assert {("RandomElasticDeformation", "max_displacement"), ("RandomAffine", "degrees")} <= found
+    assert len(found) > 40
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "name,argument,form", _NUMERIC_ARGUMENTS, ids=[f"{n}.{p}" for n, p, _ in _NUMERIC_ARGUMENTS]
+)
+def test_non_finite_numbers_are_refused_naming_the_argument(name, argument, form, bad):
+    value = bad if not isinstance(form, tuple) else (bad, *form[1:])
+    with pytest.raises(ValueError, match=rf"{argument}.*(nan|inf)"):
+        getattr(T, name)(**{**_REQUIRED.get(name, {}), argument: value})
+
+
+def test_elastic_nan_displacement_is_refused():
+    with pytest.raises(ValueError, match=r"max_displacement.*nan"):
+        T.RandomElasticDeformation(max_displacement=float("nan"))
+    with pytest.raises(ValueError, match=r"max_displacement.*inf"):
+        T.RandomElasticDeformation(max_displacement=(1.0, float("inf"), 1.0))
+
+
+def test_float_axes_are_refused():
+    with pytest.raises(ValueError, match=r"axes"):
+        T.RandomFlip(axes=(0.5,))
+    with pytest.raises(ValueError, match=r"axes"):
+        T.RandomAnisotropy(axes=(float("nan"),))
+
+
+# --- images of one subject on different grids ---------------------------------------------
+
+
+def _misaligned(shift=30.0):
+    moved = EYE.copy()
+    moved[1, 3] = shift
+    return jmed.Subject(
+        t1=img((8, 8, 8)), seg=jmed.Image(np.zeros((8, 8, 8, 1), np.uint8), moved, kind="label")
+    )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: T.RandomAffine(degrees=10)(jax.random.key(0), s),
+        lambda s: T.RandomFlip(axes=0, flip_probability=1.0)(jax.random.key(0), s),
+        lambda s: T.RandomElasticDeformation(max_displacement=0.5)(jax.random.key(0), s),
+        lambda s: jmed.UniformSampler(4)(jax.random.key(0), s, 2),
+        lambda s: jmed.LabelSampler(4)(jax.random.key(0), s, 2),
+        lambda s: jmed.extract_patches(s, np.zeros((1, 3), int), (4, 4, 4)),
+        lambda s: jmed.GridPatchSampler(4)(s),
+    ],
+    ids=[
+        "RandomAffine",
+        "RandomFlip",
+        "RandomElasticDeformation",
+        "UniformSampler",
+        "LabelSampler",
+        "extract_patches",
+        "GridPatchSampler",
+    ],
+)
+def test_images_with_different_affines_are_refused(call):
+    with pytest.raises(ValueError, match=r"('t1' and 'seg'|'seg' and 't1').*different affines"):
+        call(_misaligned())
+    call(_misaligned(shift=1e-5))  # within the tolerance of a float32 header
+
+
+def test_images_with_different_shapes_are_refused_by_samplers():
+    s = jmed.Subject(t1=img((8, 8, 8)), seg=img((8, 8, 6), kind="label"))
+    with pytest.raises(ValueError, match=r"t1.*seg|seg.*t1"):
+        jmed.UniformSampler(4)(jax.random.key(0), s, 2)
+
+
+def test_different_affines_are_not_compared_under_jit():
+    s = _misaligned()
+    out = jax.jit(lambda s: T.RandomFlip(axes=0, flip_probability=1.0)(jax.random.key(0), s))(s)
+    np.testing.assert_array_equal(np.asarray(out["seg"].affine)[1, 3], 30.0)
+
+
+# --- outputs too large to allocate ----------------------------------------------------------
+
+
+def test_resample_to_a_huge_grid_raises_before_compiling():
+    image = jmed.Image(np.zeros((16, 16, 16, 1), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match=r"Resample.*\(3200, 3200, 3200\).*limit"):
+        T.Resample(0.01)(None, image)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: T.Resize(30000),
+        lambda: T.CropOrPad(30000),
+        lambda: T.Spatial(output_shape=(30000, 30000, 30000)),
+    ],
+    ids=["Resize", "CropOrPad", "Spatial"],
+)
+def test_huge_target_shapes_are_refused(make):
+    with pytest.raises(ValueError, match=r"30000, 30000, 30000.*limit"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "transform,who",
+    [
+        (lambda: T.Pad(5000), "Pad"),
+        (lambda: T.EnsureShapeMultiple(5000), "EnsureShapeMultiple"),
+        (lambda: T.Spatial(output_spacing=0.001), "Spatial"),
+        (lambda: T.Resize(600), "Resize"),
+    ],
+    ids=["Pad", "EnsureShapeMultiple", "Spatial-spacing", "Resize-channels"],
+)
+def test_huge_outputs_are_refused_naming_the_transform(transform, who):
+    image = jmed.Image(np.zeros((8, 8, 8, 8), np.float32), EYE)
+    with pytest.raises(ValueError, match=rf"{who}.*limit"):
+        transform()(None, image)
+
+
+def test_output_limit_is_configurable(monkeypatch):
+    image = jmed.Image(np.zeros((8, 8, 8, 1), np.float32), EYE)
+    previous = T.set_max_output_bytes(8 * 8 * 8 * 4)
+    try:
+        assert T.max_output_bytes() == 2048
+        T.Pad(0)(None, image)
+        with pytest.raises(ValueError, match=r"Pad: output shape \(10, 10, 10\).*limit"):
+            T.Pad(1)(None, image)
+    finally:
+        T.set_max_output_bytes(previous)
+    monkeypatch.setenv("JMED_MAX_OUTPUT_BYTES", "100")
+    assert T.max_output_bytes() == 100
+    monkeypatch.setenv("JMED_MAX_OUTPUT_BYTES", "lots")
+    with pytest.raises(ValueError, match=r"JMED_MAX_OUTPUT_BYTES.*lots"):
+        T.max_output_bytes()
+    with pytest.raises(ValueError, match=r"max_output_bytes"):
+        T.set_max_output_bytes(0)

@@ -40,6 +40,7 @@ from jax.typing import ArrayLike
 from jmed.image import Image, Subject
 from jmed.ops import histogram
 from jmed.ops.crop_pad import valid_mask
+from jmed.transforms import _params
 from jmed.transforms.base import IntensityTransform
 
 __all__ = [
@@ -354,7 +355,7 @@ class Mask(IntensityTransform):
     ):
         super().__init__(include=include, exclude=exclude)
         self.masking_method = _check_masking_method(masking_method, allow_none=False)
-        self.outside_value = float(outside_value)
+        self.outside_value = _params.finite_number(outside_value, "outside_value")
 
     def apply(self, subject, params):
         out = {}
