@@ -125,11 +125,16 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     work = temporary_folder(path.parent)
     try:
         tmp = work / path.name
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"nothing was written for {path}")
-        _fsync_file(tmp)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            if not tmp.exists():
+                raise FileNotFoundError(f"nothing was written for {path}")
+            _fsync_file(tmp)
+            os.replace(tmp, path)
+        except OSError as err:  # name the target, not the temporary
+            if err.errno is None:
+                raise
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -587,3 +587,181 @@ def test_output_limit_is_configurable(monkeypatch):
         T.max_output_bytes()
     with pytest.raises(ValueError, match=r"max_output_bytes"):
         T.set_max_output_bytes(0)
+
+
+# --- malformed files at every entry point that reads or writes files -------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    import gzip
+
+    import nibabel as nib
+
+    folder = tmp_path_factory.mktemp("malformed")
+    good = folder / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8), EYE), good)
+    truncated = folder / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:300])
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_sform(EYE, code=1)
+    header["vox_offset"] = 352
+    huge = folder / "huge.nii.gz"
+    huge.write_bytes(gzip.compress(header.binaryblock + b"\0" * 36))
+    garbage = folder / "garbage.nii"
+    garbage.write_bytes(b"not a nifti file at all" * 20)
+    landmarks = folder / "landmarks.json"
+    landmarks.write_text('{"landmarks": [0.0, 1.')
+    csv = folder / "subjects.csv"
+    csv.write_text("subject_id,t1\ns1\n")
+    (folder / "a_file").write_text("x")
+    return {
+        "good": good,
+        "truncated": truncated,
+        "huge": huge,
+        "garbage": garbage,
+        "landmarks": landmarks,
+        "csv": csv,
+        "folder": folder,
+    }
+
+
+def _first_volume(loader):
+    return next(iter(loader))
+
+
+FILE_CASES = [
+    ("load", lambda f: jmed.load(f["truncated"]), ValueError, r"truncated\.nii\.gz"),
+    ("load", lambda f: jmed.load(f["huge"]), ValueError, r"huge\.nii\.gz.*30000"),
+    ("load", lambda f: jmed.load(f["garbage"]), ValueError, r"garbage\.nii"),
+    ("save", lambda f: jmed.save(img(), f["folder"] / "a_file" / "x.nii.gz"), NotADirectoryError, r"a_file"),
+    (
+        "SubjectsSource",
+        lambda f: jmed.SubjectsSource([{"t1": f["truncated"]}])[0],
+        RuntimeError,
+        r"truncated\.nii\.gz",
+    ),
+    (
+        "VolumeLoader",
+        lambda f: _first_volume(jmed.VolumeLoader([{"t1": f["huge"]}], batch_size=1)),
+        RuntimeError,
+        r"huge\.nii\.gz",
+    ),
+    (
+        "Queue",
+        lambda f: _first_volume(jmed.Queue([{"t1": f["garbage"]}], jmed.UniformSampler(4), 1, 1)),
+        RuntimeError,
+        r"garbage\.nii",
+    ),
+    ("Resample", lambda f: T.Resample(str(f["garbage"]))(None, subj()), ValueError, r"garbage\.nii"),
+    (
+        "HistogramStandardization",
+        lambda f: T.HistogramStandardization(str(f["landmarks"])),
+        ValueError,
+        r"landmarks\.json",
+    ),
+    ("load_landmarks", lambda f: T.load_landmarks(f["landmarks"]), ValueError, r"landmarks\.json"),
+    ("train_histogram", lambda f: T.train_histogram([f["truncated"]]), ValueError, r"truncated\.nii\.gz"),
+    (
+        "sliding_window_inference",
+        lambda f: jmed.sliding_window_inference(lambda x: x, jmed.load(f["huge"], lazy=True), 4),
+        ValueError,
+        r"huge\.nii\.gz",
+    ),
+    (
+        "datasets.load_subject",
+        lambda f: datasets.load_subject({"t1": f["garbage"]}, {"t1": "intensity"}),
+        ValueError,
+        r"garbage\.nii",
+    ),
+    (
+        "datasets.subjects_from_csv",
+        lambda f: datasets.subjects_from_csv(f["csv"]),
+        ValueError,
+        r"subjects\.csv",
+    ),
+    # samplers and transforms take subjects: their "malformed input" is a subject whose
+    # images do not share a grid (a label map stored shifted or flipped)
+    (
+        "UniformSampler",
+        lambda f: jmed.UniformSampler(4)(jax.random.key(0), _misaligned(), 1),
+        ValueError,
+        r"different affines",
+    ),
+    (
+        "RandomAffine",
+        lambda f: T.RandomAffine()(jax.random.key(0), _misaligned()),
+        ValueError,
+        r"different affines",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", FILE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(FILE_CASES)])
+def test_malformed_file_raises_naming_it(case, files):
+    _, call, exception, pattern = case
+    with pytest.raises(exception, match=pattern):
+        call(files)
+
+
+CLI_FILE_CASES = {
+    "info": lambda f: ["info", f["garbage"]],
+    "info-stats": lambda f: ["info", f["truncated"], "--stats"],
+    "transform": lambda f: ["transform", f["huge"], f["folder"] / "o.nii.gz", "RandomNoise"],
+    "plot": lambda f: ["plot", f["truncated"], "-o", f["folder"] / "o.png"],
+    "landmarks": lambda f: ["landmarks", f["truncated"], "-o", f["folder"] / "lm.npy"],
+    "cache": lambda f: ["cache", f["garbage"], "--cache-dir", f["folder"] / "cache"],
+}
+CLI_PARAMETER_CASES = {
+    "info": (["info"], None),
+    "transform": (["transform", "IN", "OUT", "RandomNoise", "--kwargs", "std=-1"], r"std"),
+    "transform-seed": (["transform", "IN", "OUT", "RandomNoise", "--seed", str(2**70)], r"--seed"),
+    "plot": (["plot", "IN", "-o", "/nonexistent_folder/x.png"], r"nonexistent_folder"),
+    "landmarks": (["landmarks", "IN", "-o", "lm.txt"], r"lm\.txt|\.npy"),
+    "cache": (["cache", "IN"], None),
+}
+
+
+@pytest.mark.parametrize("command", list(CLI_FILE_CASES))
+def test_cli_malformed_file_is_one_line(command, files, capsys):
+    import re
+
+    import jmed.cli
+
+    argv = [str(a) for a in CLI_FILE_CASES[command](files)]
+    assert jmed.cli.main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("jmed ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(r"garbage\.nii|truncated\.nii\.gz|huge\.nii\.gz", lines[0]), err
+
+
+@pytest.mark.parametrize("command", list(CLI_PARAMETER_CASES))
+def test_cli_bad_parameter(command, files, capsys, monkeypatch):
+    import re
+
+    import jmed.cli
+
+    monkeypatch.chdir(files["folder"])
+    argv, pattern = CLI_PARAMETER_CASES[command]
+    argv = [
+        str(files["good"]) if a == "IN" else str(files["folder"] / "out.nii.gz") if a == "OUT" else a
+        for a in argv
+    ]
+    if pattern is None:  # a missing required argument: a usage error
+        with pytest.raises(SystemExit) as info:
+            jmed.cli.main(argv)
+        assert info.value.code == 2
+        return
+    assert jmed.cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(pattern, err), err
+
+
+def test_every_cli_subcommand_has_file_and_parameter_cases():
+    import jmed.cli
+
+    commands = set(jmed.cli.build_parser()._subparsers._group_actions[0].choices)
+    assert commands <= {c.split("-")[0] for c in CLI_FILE_CASES}
+    assert commands <= {c.split("-")[0] for c in CLI_PARAMETER_CASES}

@@ -440,3 +440,138 @@ def test_save_into_a_file_or_missing_folder_names_it(tmp_path):
         jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), tmp_path / "file" / "out.nii.gz")
     with pytest.raises(FileNotFoundError, match=r"missing"):
         jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), tmp_path / "missing" / "out.nii.gz")
+
+
+# --- writers: one atomic path, faults, stale temporaries --------------------------------------
+
+WRITERS = {
+    "save": (
+        "out.nii.gz",
+        "jmed.save(jmed.ScalarImage(np.full((6, 6, 6), {v}, np.float32)), {path!r}, overwrite=True)",
+    ),
+    "landmarks-npy": ("lm.npy", "jmed.transforms.save_landmarks(np.arange(13.0) * {v}, {path!r})"),
+    "landmarks-json": ("lm.json", "jmed.transforms.save_landmarks(np.arange(13.0) * {v}, {path!r})"),
+    "plot": (
+        "view.png",
+        "jmed.plot.plot_image(jmed.ScalarImage(np.full((6, 6, 6), {v}, np.float32)), output={path!r})",
+    ),
+}
+
+
+def _write_with(writer, path, value):
+    import jmed.plot  # noqa: F401 - the plot writer's module
+
+    exec(WRITERS[writer][1].format(v=value, path=str(path)), {"jmed": jmed, "np": np})
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".jmed-"))
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_write_error_keeps_the_old_file(tmp_path, monkeypatch, writer):
+    if writer == "plot":
+        pytest.importorskip("matplotlib")
+    path = tmp_path / WRITERS[writer][0]
+    _write_with(writer, path, 1)
+    before = path.read_bytes()
+    from jmed import _atomic
+
+    def fail(tmp):  # the content is written, the flush to disk fails (EIO, full disk)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_atomic, "_fsync_file", fail)
+    with pytest.raises(OSError, match="No space"):
+        _write_with(writer, path, 2)
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_landmarks_serializer_failing_midway_keeps_the_old_file(tmp_path, monkeypatch):
+    import json
+
+    path = tmp_path / "lm.json"
+    jmed.transforms.save_landmarks(np.arange(13.0), path)
+    before = path.read_bytes()
+
+    def half_dump(record, f, **kw):
+        f.write('{"landmarks": [0.0, 1.')
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(json, "dump", half_dump)
+    with pytest.raises(OSError, match="File too large"):
+        jmed.transforms.save_landmarks(np.arange(13.0) * 2, path)
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+_KILLED_WRITER = """
+import sys, time, numpy as np, jmed, jmed.transforms, jmed.plot
+from jmed import _atomic
+def hang(tmp):
+    print("written", flush=True)
+    time.sleep(600)
+_atomic._fsync_file = hang
+{call}
+"""
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_killed_writer_leaves_old_file_and_next_write_sweeps_its_temporary(tmp_path, writer):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if writer == "plot":
+        pytest.importorskip("matplotlib")
+    path = tmp_path / WRITERS[writer][0]
+    _write_with(writer, path, 1)
+    before = path.read_bytes()
+    call = WRITERS[writer][1].format(v=2, path=str(path))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER.format(call=call)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == "written"  # inside the write, before the rename
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert path.read_bytes() == before
+    (left,) = _leftovers(tmp_path)
+    assert list((tmp_path / left).iterdir())  # the half-finished temporary is there
+    old = time.time() - 120
+    os.utime(tmp_path / left, (old, old))
+    _write_with(writer, tmp_path / ("again" + path.name), 3)
+    assert _leftovers(tmp_path) == []
+
+
+def test_only_stale_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
+    import subprocess
+    import time
+
+    from jmed import _atomic
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = _atomic._host()
+    names = {
+        "dead-old": f".jmed-{host}-{dead.pid}-abc",
+        "dead-new": f".jmed-{host}-{dead.pid}-def",
+        "alive-old": f".jmed-{host}-{os.getpid()}-ghi",
+        "other-host": f".jmed-otherhost-{dead.pid}-jkl",
+        "legacy": ".jmed-x1y2z3",
+        "not-ours": ".cache-1-2-3",
+    }
+    old = time.time() - 3600
+    for key, name in names.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tmp.nii.gz").write_bytes(b"x" * 100)
+        if key != "dead-new":
+            os.utime(tmp_path / name, (old, old))
+    jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), tmp_path / "new.nii.gz")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead-old"] not in left
+    assert {names[k] for k in names if k != "dead-old"} | {"new.nii.gz"} == left

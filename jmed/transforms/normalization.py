@@ -502,16 +502,23 @@ def train_histogram(
 def save_landmarks(
     landmarks: ArrayLike, path: str | os.PathLike, *, percentiles: ArrayLike | None = None
 ) -> None:
-    """Save landmarks to ``.npy`` (the array) or ``.json`` (``{"landmarks", "percentiles"}``)."""
+    """Save landmarks to ``.npy`` (the array) or ``.json`` (``{"landmarks", "percentiles"}``).
+
+    The file is written atomically (a temporary file beside it, renamed into place): a
+    failed write leaves an existing file intact.
+    """
+    from jmed import _atomic
+
     path = os.fspath(path)
     values = np.asarray(landmarks, np.float64)
     if path.endswith(".npy"):
-        np.save(path, values)
+        with _atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, values)
     elif path.endswith(".json"):
         record = {"landmarks": values.tolist()}
         if percentiles is not None:
             record["percentiles"] = np.asarray(percentiles, float).tolist()
-        with open(path, "w") as f:
+        with _atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(record, f, indent=1)
     else:
         raise ValueError(f"landmarks path must end with .npy or .json, got {path!r}")
