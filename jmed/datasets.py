@@ -31,6 +31,7 @@ import numpy as np
 from jmed import affine as affine_lib
 from jmed.image import KINDS, LabelMap, ScalarImage, Subject
 from jmed.io import READ_EXTENSIONS, load
+from jmed.transforms import _params
 
 __all__ = [
     "IXI_MODALITIES",
@@ -141,6 +142,7 @@ def phantom(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be 3 positive integers, got {shape!r}")
+    _params.check_output_size("phantom", shape, channels=4, itemsize=8)  # float64 fields
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing!r}")

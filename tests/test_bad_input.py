@@ -58,7 +58,7 @@ CASES = [
     ("Image", lambda: jmed.Image(np.zeros((2, 2)), EYE), ValueError, r"data"),
     ("Image", lambda: jmed.Image(np.zeros((2, 2, 2, 1)), np.eye(3)), ValueError, r"affine"),
     ("Image", lambda: jmed.Image(np.zeros((2, 2, 2, 1)), EYE, kind="mask"), ValueError, r"kind"),
-    ("ScalarImage", lambda: jmed.ScalarImage(np.zeros((2, 2))), ValueError, r"data"),
+    ("ScalarImage", lambda: jmed.ScalarImage(np.zeros((2,))), ValueError, r"data"),
     ("LabelMap", lambda: jmed.LabelMap(np.zeros((2, 2, 2)), np.zeros((4, 4))), ValueError, r"affine"),
     ("Subject", lambda: jmed.Subject(t1=np.zeros((2, 2, 2))), TypeError, r"t1"),
     ("load", lambda: jmed.load("/nonexistent/x.nii.gz"), FileNotFoundError, r"x\.nii\.gz"),
@@ -289,6 +289,12 @@ CASES = [
     # --- datasets -------------------------------------------------------------------------
     ("datasets.phantom", lambda: datasets.phantom(shape=(0, 4, 4)), ValueError, r"shape"),
     ("datasets.phantom", lambda: datasets.phantom(num_classes=1), ValueError, r"num_classes"),
+    (
+        "datasets.phantom",
+        lambda: datasets.phantom(shape=(5000, 5000, 5000)),
+        ValueError,
+        r"phantom.*5000.*limit",
+    ),
     (
         "datasets.split_records",
         lambda: datasets.split_records([{"a": 1}], validation=1.5),

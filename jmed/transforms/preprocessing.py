@@ -343,7 +343,7 @@ class Resample(Transform):
             _params.check_output_size(
                 "Resample",
                 shape,
-                channels=image.data.shape[-1],
+                channels=image.shape[-1],
                 itemsize=max(4, np.dtype(image.dtype).itemsize),
             )
             out[name] = self._resample_image(image, tuple(shape), out_affine)
@@ -407,7 +407,7 @@ class Resize(Transform):
         _params.check_output_size(
             "Resize",
             self.target_shape,
-            channels=image.data.shape[-1],
+            channels=image.shape[-1],
             itemsize=max(4, np.dtype(image.dtype).itemsize),
         )
         scale = np.asarray(image.spatial_shape, float) / np.asarray(self.target_shape, float)
@@ -480,12 +480,11 @@ class _Window(Transform):
 
     def apply(self, subject: Subject, params: WindowParams) -> Subject:
         for n in self.selected(subject):
-            data = subject[n].data
             _params.check_output_size(
                 type(self).__name__,
                 params.output_shape,
-                channels=data.shape[-1],
-                itemsize=np.dtype(data.dtype).itemsize,
+                channels=subject[n].shape[-1],
+                itemsize=np.dtype(subject[n].dtype).itemsize,
             )
         return subject.replace(
             {

@@ -283,8 +283,8 @@ class SpatialTransform(Transform):
             _params.check_output_size(
                 type(self).__name__,
                 mapping.output_shape,
-                channels=image.data.shape[-1],
-                itemsize=max(4, np.dtype(image.data.dtype).itemsize),
+                channels=image.shape[-1],
+                itemsize=max(4, np.dtype(image.dtype).itemsize),
             )
             out[name] = image.replace(data=self._resample_data(image, mapping), affine=mapping.output_affine)
         return subject.replace(out)
