@@ -11,9 +11,12 @@ Subcommands::
 ``transform`` applies any transform of ``jmed.transforms`` by name to one file, like
 TorchIO's ``tiotr``; a random transform gets the key ``jax.random.key(seed)``, so the
 result equals ``Transform(**kwargs)(jax.random.key(seed), image)`` in Python. Exit status:
-0 on success, 1 when an input is unusable (missing file, bad transform name or keyword
-arguments, refused overwrite), 2 on a malformed command line. The input file is never
-overwritten.
+0 on success, 1 when an input is unusable (missing or damaged file, bad transform name or
+keyword arguments, refused overwrite) or an output cannot be written (missing folder, no
+permission, disk full, file too large), 2 on a malformed command line; every error is one
+line on stderr, without a traceback. The input file is never overwritten, and every output
+is written atomically (an existing output survives a failed write). ``info`` reads only
+the header (it works on a truncated file); ``info --stats`` reads the voxels.
 """
 
 from __future__ import annotations
@@ -76,11 +79,11 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     return out
 
 
-def _load(path: str, kind: str):
+def _load(path: str, kind: str, *, lazy: bool = False):
     import jmed
 
     try:
-        return jmed.load(path, kind=kind)
+        return jmed.load(path, kind=kind, lazy=lazy)
     except (FileNotFoundError, IsADirectoryError, ValueError) as err:
         raise CommandError(str(err)) from err
 
@@ -103,6 +106,14 @@ def _transform_class(name: str):
     return candidate
 
 
+def _check_output_folder(output: str) -> None:
+    folder = Path(output).parent
+    if not folder.exists():
+        raise CommandError(f"cannot write {output}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise CommandError(f"cannot write {output}: {folder} is a file, not a folder")
+
+
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     a, b = Path(a), Path(b)
     if a.exists() and b.exists():
@@ -111,7 +122,7 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    image = _load(args.path, "label" if args.label else "intensity")
+    image = _load(args.path, "label" if args.label else "intensity", lazy=not args.stats)
     affine = np.asarray(image.affine)
     print(f"path:        {args.path}")
     print(f"kind:        {image.kind}")
@@ -122,7 +133,10 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"dtype:       {image.dtype}")
     print("affine:\n" + np.array2string(affine, precision=4, suppress_small=True))
     if args.stats:
-        data = np.asarray(image.data)
+        try:
+            data = np.asarray(image.data)
+        except ValueError as err:
+            raise CommandError(str(err)) from err
         p = np.percentile(data, [0.5, 50, 99.5])
         print(
             f"values:      min {data.min():.6g}  max {data.max():.6g}  mean {data.mean():.6g}  "
@@ -140,14 +154,19 @@ def cmd_transform(args: argparse.Namespace) -> None:
 
     if _same_file(args.input, args.output):
         raise CommandError(f"output {args.output} is the input file; refusing to overwrite it")
+    _check_output_folder(args.output)
     cls = _transform_class(args.name)
     kwargs = parse_kwargs(args.kwargs)
     try:
         transform = cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise CommandError(f"{args.name}({args.kwargs or ''}): {err}") from err
+    try:
+        key = jax.random.key(args.seed)
+    except (OverflowError, ValueError, TypeError):
+        raise CommandError(f"--seed must fit in a 64-bit integer, got {args.seed}") from None
     image = _load(args.input, "label" if args.label else "intensity")
-    key = jax.random.key(args.seed) if transform.is_random else None
+    key = key if transform.is_random else None
     try:
         out = transform(key, image)
     except (TypeError, ValueError, KeyError) as err:
@@ -166,6 +185,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
     label = _load(args.label, "label") if args.label else None
     if Path(args.output).exists() and not args.overwrite:
         raise CommandError(f"{args.output} exists; pass --overwrite to replace it")
+    _check_output_folder(args.output)
     plot.plot_image(image, label=label, output=args.output)
     print(f"wrote {args.output}")
 
@@ -182,6 +202,7 @@ def cmd_landmarks(args: argparse.Namespace) -> None:
         )
     if Path(args.output).exists() and not args.overwrite:
         raise CommandError(f"{args.output} exists; pass --overwrite to replace it")
+    _check_output_folder(args.output)
     try:
         landmarks = normalization.train_histogram(
             list(args.paths), masks=list(args.mask) if args.mask else None, progress=True
@@ -261,6 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except CommandError as err:
         print(f"jmed {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except MemoryError as err:
+        print(f"jmed {args.command}: error: out of memory ({err or 'no details'})", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        # files and folders the user named: missing, read-only, full disk, file too large
+        detail = str(err) or type(err).__name__
+        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in detail:
+            detail = f"{err.filename}: {detail}"
+        print(f"jmed {args.command}: error: {detail}", file=sys.stderr)
         return 1
     return 0
 

@@ -31,6 +31,7 @@ import numpy as np
 from jmed import affine as affine_lib
 from jmed.image import KINDS, LabelMap, ScalarImage, Subject
 from jmed.io import READ_EXTENSIONS, load
+from jmed.transforms import _params
 
 __all__ = [
     "IXI_MODALITIES",
@@ -141,6 +142,7 @@ def phantom(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be 3 positive integers, got {shape!r}")
+    _params.check_output_size("phantom", shape, channels=4, itemsize=8)  # float64 fields
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing!r}")
@@ -738,9 +740,19 @@ def split_records(
 
 # --- IXI ------------------------------------------------------------------------------------
 
-#: Where the IXI archives are served (one tar per modality: ``IXI-T1.tar``, ...).
-IXI_URL = "http://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/"
+#: Where the IXI archives are served (one tar per modality: ``IXI-T1.tar``, ...), over
+#: https; pass ``url=`` for a mirror.
+IXI_URL = "https://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/"
 IXI_MODALITIES = ("T1", "T2", "PD", "MRA", "DTI")
+#: md5 of each published archive ``IXI-<modality>.tar`` (the values TorchIO's ``IXI``
+#: dataset checks), verified by ``download_ixi`` unless other checksums are given.
+IXI_MD5 = {
+    "T1": "34901a0593b41dd19c1a1f746eac2d58",
+    "T2": "e3140d78730ecdd32ba92da48c0a9aaa",
+    "PD": "88ecd9d1fa33cb4a2278183b42ffd749",
+    "MRA": "29be7d2fee3998f978a55a9bdaf3407e",
+    "DTI": "636573825b1c8b9e8c78f1877df3ee66",
+}
 
 
 def _download(url: str, target: Path, timeout: float) -> str:
@@ -782,16 +794,19 @@ def download_ixi(
     """Download and extract the IXI dataset (about 600 healthy subjects' MRIs).
 
     Each modality's archive ``<url>IXI-<modality>.tar`` is downloaded with ``urllib`` into a
-    temporary folder inside ``root``, checked (complete, a readable tar, and the md5 in
-    ``checksums`` when given), extracted there and renamed into place as
+    temporary folder inside ``root``, checked (complete, the md5 of the published archive,
+    a readable tar), extracted there and renamed into place as
     ``root/IXI-<modality>/`` in one step, so an interrupted download never leaves a
     partial folder. A modality whose folder exists is not downloaded again.
 
     Args:
         root: folder to hold the data (created if missing).
         modalities: any of ``IXI_MODALITIES``.
-        url: base URL of the archives (ending in ``/``).
-        checksums: optional modality -> md5 hex digest of its archive.
+        url: base URL of the archives (ending in ``/``); https by default.
+        checksums: modality -> md5 hex digest of its archive; default ``IXI_MD5`` (the
+            published archives). A modality missing from ``checksums`` (e.g. ``{}``, for
+            a mirror serving other archives) is downloaded with a warning that it was not
+            verified.
         timeout: seconds to wait for the server.
 
     Returns:
@@ -809,7 +824,14 @@ def download_ixi(
         raise ValueError(f"modalities must be a non-empty subset of {IXI_MODALITIES}, got {modalities!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    checksums = dict(checksums or {})
+    if checksums is None:
+        checksums = IXI_MD5
+    checksums = {str(k): str(v).lower() for k, v in dict(checksums).items()}
+    bad = [m for m, v in checksums.items() if not re.fullmatch(r"[0-9a-f]{32}", v)]
+    if bad:
+        raise ValueError(
+            f"checksums must be md5 hex digests (32 hex digits), got {bad[0]}: {checksums[bad[0]]!r}"
+        )
     for modality in modalities:
         final = root / f"IXI-{modality}"
         if final.is_dir():
@@ -819,7 +841,13 @@ def download_ixi(
             archive = work / f"IXI-{modality}.tar"
             archive_url = f"{url}IXI-{modality}.tar"
             md5 = _download(archive_url, archive, timeout)
-            if modality in checksums and md5 != checksums[modality].lower():
+            if modality not in checksums:
+                warnings.warn(
+                    f"{archive_url} was not verified: no md5 for {modality} in checksums (md5 {md5})",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            elif md5 != checksums[modality]:
                 raise ValueError(
                     f"checksum mismatch for {archive_url}: md5 {md5}, expected {checksums[modality]}"
                 )

@@ -8,9 +8,18 @@ their integer dtype; 64-bit and uint32 labels become int32, with a ValueError wh
 does not fit). Voxels are returned in C order and 64-byte aligned (the files' Fortran
 order is converted once, while reading), so jitted transforms use them without a copy.
 
-``save`` writes a temporary file beside the target and renames it into place, so a crash
-never leaves a half-written file and never destroys an existing one; it refuses to
-overwrite an existing file unless ``overwrite=True``.
+``save`` writes a temporary file beside the target, flushes it and renames it into place
+(see ``jmed._atomic``), so a crash never leaves a half-written file and never destroys an
+existing one; it refuses to overwrite an existing file unless ``overwrite=True``.
+
+Checked at load, before any voxel is read or memory allocated: the extension, the header
+(nibabel), the dimensions (no zero-length or negative axis, at most 4), the affine, and
+that the file can hold the voxels the header announces (an uncompressed file must be
+long enough; a gzipped one cannot inflate beyond DEFLATE's maximum ratio of 1032:1).
+A NIfTI file with neither a qform nor an sform (both codes 0) gets nibabel's fallback
+affine (voxel sizes from ``pixdim``, a zero size taken as 1 mm, x flipped, centred on the
+volume) with a warning naming the file. RGB files (``RGB24``/``RGBA32``) are read as 3 or
+4 intensity channels; as label maps they are refused.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import tempfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.volumeutils import apply_read_scaling
 
+from jmed import _atomic
 from jmed import affine as affine_lib
 from jmed.image import INTENSITY, KINDS, Image, _aligned_empty, _host_layout, _LazyData, check_label_range
 
@@ -160,10 +170,49 @@ def _voxels(img: Any, dtype: np.dtype | None) -> np.ndarray:
     return np.asanyarray(proxy, dtype=dtype)
 
 
+# DEFLATE never inflates more than 1032 bytes per compressed byte
+_MAX_INFLATE_RATIO = 1032
+
+
+def _check_file_holds_voxels(img: Any, path: Path) -> None:
+    """Refuse a header that announces more voxel bytes than its file can hold (a crafted
+    or damaged header would otherwise make the reader allocate terabytes)."""
+    holder = img.file_map.get("image")
+    filename = getattr(holder, "filename", None) if holder is not None else None
+    proxy = img.dataobj
+    if filename is None or not isinstance(proxy, nib.arrayproxy.ArrayProxy) or not os.path.isfile(filename):
+        return
+    shape = tuple(int(s) for s in img.shape)
+    nbytes = math.prod(shape) * np.dtype(img.get_data_dtype()).itemsize
+    offset = int(getattr(proxy, "offset", 0) or 0)
+    size = os.path.getsize(filename)
+    if str(filename).lower().endswith((".gz", ".mgz")):
+        if nbytes > (size + 1) * _MAX_INFLATE_RATIO:
+            raise ValueError(
+                f"{path}: the header announces dimensions {shape} ({nbytes} bytes of voxels), more "
+                f"than a {size}-byte compressed file can hold; the header is damaged"
+            )
+    elif offset + nbytes > size:
+        raise ValueError(
+            f"{path}: the header announces dimensions {shape} ({nbytes} bytes of voxels from byte "
+            f"{offset}), but the file has {size} bytes: truncated file or damaged header"
+        )
+
+
+def _rgb_channels(raw: np.ndarray) -> np.ndarray:
+    """A structured RGB(A) array as float32 channels on a new last axis."""
+    return np.stack([raw[name].astype(np.float32) for name in raw.dtype.names], axis=-1)
+
+
 def _read_data(
     img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_axis: int, file_order: bool
 ) -> np.ndarray:
+    _check_file_holds_voxels(img, path)
     try:
+        if np.dtype(img.get_data_dtype()).names:
+            data = _rgb_channels(np.asarray(_voxels(img, None)))
+            data = data.reshape(shape)
+            return data if file_order else _host_layout(data)
         if kind == INTENSITY:
             data = np.asarray(_voxels(img, np.dtype(np.float32)))
         else:
@@ -252,12 +301,38 @@ def _load(path: str | os.PathLike, kind: str, *, lazy: bool = False, file_order:
     if file_affine is None:
         raise ValueError(f"{path}: file has no affine")
     affine = affine_lib.check_affine(file_affine, name=f"affine of {path}")
+    header = img.header
+    if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) and int(header["qform_code"]) == 0 == int(
+        header["sform_code"]
+    ):
+        spacing = tuple(round(float(s), 6) for s in affine_lib.spacing(affine))
+        warnings.warn(
+            f"{path}: the header has neither a qform nor an sform (both codes 0); using "
+            f"nibabel's fallback affine: voxel sizes {spacing} mm from pixdim (a zero size is "
+            "taken as 1 mm), x flipped (LAS), centred on the volume; the orientation is unknown",
+            UserWarning,
+            stacklevel=3,
+        )
     file_shape = [int(s) for s in img.shape]
+    if any(s <= 0 for s in file_shape):
+        raise ValueError(
+            f"{path}: the header has dimensions {tuple(file_shape)}; every axis needs at least one voxel"
+        )
     channel_axis = _channel_axis(img)
     if len(file_shape) == 4:
         file_shape.append(file_shape.pop(channel_axis))
     shape = _to_channels_last(tuple(file_shape), path)
-    dtype = np.float32 if kind == INTENSITY else _label_dtype(img.get_data_dtype())
+    file_dtype = np.dtype(img.get_data_dtype())
+    if file_dtype.names:
+        if kind != INTENSITY:
+            raise ValueError(
+                f"{path}: RGB images ({file_dtype.names}) cannot be read as a label map; "
+                "load them with kind='intensity' (one channel per colour)"
+            )
+        if shape[3] != 1:
+            raise ValueError(f"{path}: a 4D RGB image {tuple(file_shape)} is not supported")
+        shape = (*shape[:3], len(file_dtype.names))
+    dtype = np.float32 if kind == INTENSITY else _label_dtype(file_dtype)
 
     def read() -> np.ndarray:
         return _read_data(img, path, kind, shape, channel_axis, file_order)
@@ -268,14 +343,32 @@ def _load(path: str | os.PathLike, kind: str, *, lazy: bool = False, file_order:
     return image
 
 
-def _nibabel_image(image: Image, ext: str) -> Any:
+def _storable(data: np.ndarray, path: Path) -> np.ndarray:
+    """``data`` in a dtype every writer holds: 64-bit integers narrowed to int32 when their
+    values fit (else a ValueError), float16/float64 as float32, booleans as uint8."""
+    if data.dtype in (np.float64, np.float16):
+        return data.astype(np.float32)
+    if data.dtype == np.bool_:
+        return data.astype(np.uint8)
+    if data.dtype in (np.int64, np.uint64):
+        info = np.iinfo(np.int32)
+        if data.size and (data.min() < info.min or data.max() > info.max):
+            bad = data.min() if data.min() < info.min else data.max()
+            raise ValueError(
+                f"{path}: value {bad} of a {data.dtype.name} image does not fit in int32 "
+                f"({info.min}..{info.max}); file formats hold at most 32-bit integers here"
+            )
+        return data.astype(np.int32)
+    if not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.float32):
+        raise ValueError(f"{path}: cannot write voxels of dtype {data.dtype.name}")
+    return data
+
+
+def _nibabel_image(image: Image, ext: str, path: Path) -> Any:
     data = np.asarray(image.data)
     if data.shape[-1] == 1:
         data = data[..., 0]
-    if data.dtype == np.float64:
-        data = data.astype(np.float32)
-    if data.dtype == np.bool_:
-        data = data.astype(np.uint8)
+    data = _storable(data, path)
     affine = np.asarray(image.affine, dtype=np.float64)
     if ext in (".nii", ".nii.gz"):
         out = nib.Nifti1Image(data, affine)
@@ -299,9 +392,16 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
     written in its SPM2 flavour: the affine goes to a ``.mat`` file beside the header
     (an affine that does not survive the write raises ``ValueError``, nothing written).
 
+    Voxels are stored as they are, except: 64-bit integers as int32 (a ValueError naming
+    the path when a value does not fit), float16 and float64 as float32, booleans as uint8.
+
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
-        ValueError: unsupported extension, or an affine the format cannot hold.
+        FileNotFoundError / NotADirectoryError: the folder of ``path`` is missing or a file.
+        ValueError: unsupported extension, a zero-length axis, values the file cannot hold,
+            or an affine the format cannot hold.
+        OSError: the write failed (disk full, file too large, no permission), naming
+            ``path``; an existing file at ``path`` is left intact.
     """
     if not isinstance(image, Image):
         raise TypeError(f"save() takes a jmed.Image, got {type(image).__name__}")
@@ -320,11 +420,20 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
                 raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     if not path.parent.exists():
         raise FileNotFoundError(f"folder {path.parent} does not exist")
-    nib_image = _nibabel_image(image, ext)
-    tmp_dir = tempfile.mkdtemp(prefix=".jmed-", dir=path.parent)
+    if not path.parent.is_dir():
+        raise NotADirectoryError(f"{path.parent} is not a folder; cannot write {path}")
+    if 0 in tuple(image.shape):
+        raise ValueError(f"{path}: cannot write an image with a zero-length axis, shape {tuple(image.shape)}")
+    nib_image = _nibabel_image(image, ext, path)
+    tmp_dir = _atomic.temporary_folder(path.parent)
     try:
         tmp_path = Path(tmp_dir) / ("tmp" + (".hdr" if ext in (".hdr", ".img") else ext))
-        nib.save(nib_image, str(tmp_path))
+        try:
+            nib.save(nib_image, str(tmp_path))
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+        except Exception as err:  # nibabel raises many types for data it cannot store
+            raise ValueError(f"{path}: cannot write this image ({type(err).__name__}: {err})") from err
         if ext in (".hdr", ".img"):
             written = nib.load(str(tmp_path)).affine
             if not np.allclose(written, np.asarray(image.affine), atol=1e-4):
@@ -336,7 +445,9 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
         for target in reversed(targets):
             source = tmp_path.with_suffix(target.suffix) if len(targets) > 1 else tmp_path
             if source.exists():
+                _atomic._fsync_file(source)
                 os.replace(source, target)
+        _atomic._fsync_dir(path.parent)
     finally:
         for leftover in Path(tmp_dir).iterdir():
             leftover.unlink()

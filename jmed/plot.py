@@ -169,7 +169,11 @@ def _draw(
 
 def _save(fig, output):
     if output is not None:
-        fig.savefig(os.fspath(output), dpi=fig.dpi)
+        from jmed import _atomic
+
+        # the format follows the target's extension (the temporary file has the same name)
+        with _atomic.atomic_path(output) as tmp:
+            fig.savefig(os.fspath(tmp), dpi=fig.dpi)
     return fig
 
 

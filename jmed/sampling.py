@@ -82,13 +82,28 @@ def _check_fits(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> None
         )
 
 
+def _check_one_grid(subject: Subject, who: str) -> None:
+    """Images of different shapes or (concrete) affines cannot share patch locations."""
+    if len(subject) < 2:
+        return
+    try:
+        subject.check_consistent()
+    except ValueError as err:
+        raise ValueError(f"{who} needs the images of a subject on one grid: {err}") from None
+
+
 def extract_patches(subject: Subject, starts: ArrayLike, patch_size: Sequence[int]) -> Subject:
     """Cut patches starting at ``starts`` ``(n, 3)`` from every image of ``subject``.
 
     Jittable and vmappable (``starts`` may be traced; ``patch_size`` is static). Returns the
     patch ``Subject`` described in the module docstring.
+
+    Raises:
+        ValueError: the images differ in spatial shape, or in affine (compared only when
+            the affines are concrete, not under ``jit``).
     """
     patch_size = _patch_size(patch_size)
+    _check_one_grid(subject, "extract_patches")
     _check_fits(subject.spatial_shape, patch_size)
     starts = jnp.asarray(starts, jnp.int32)
     n = starts.shape[0]
@@ -143,6 +158,7 @@ class PatchSampler(_values.Value):
         if not isinstance(subject, Subject):
             raise TypeError(f"samplers take a jmed.Subject, got {type(subject).__name__}")
         num_patches = _num_patches(num_patches)
+        _check_one_grid(subject, type(self).__name__)
         _check_fits(subject.spatial_shape, self.patch_size)
         # one compiled program also when called eagerly (op-by-op dispatch is slow)
         return _sample_jit(self, key, subject, num_patches)
@@ -525,6 +541,7 @@ class GridPatchSampler(_values.Value):
         return np.concatenate([starts, starts + np.array(self.patch_size)], axis=1)
 
     def __call__(self, subject: Subject) -> Subject:
+        _check_one_grid(subject, type(self).__name__)
         starts = grid_locations(subject.spatial_shape, self.patch_size, self.overlap)
         return extract_patches(subject, starts, self.patch_size)
 

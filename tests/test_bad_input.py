@@ -56,6 +56,7 @@ EXEMPT = {
     "OutputGrid": "a NamedTuple built by the library",
     "WindowParams": "parameters built by the window transforms",
     "nnunet_intensity_augmentation": "takes no arguments",
+    "max_output_bytes": "takes no arguments (a bad JMED_MAX_OUTPUT_BYTES is tested below)",
 }
 
 CASES = [
@@ -63,7 +64,7 @@ CASES = [
     ("Image", lambda: jmed.Image(np.zeros((2, 2)), EYE), ValueError, r"data"),
     ("Image", lambda: jmed.Image(np.zeros((2, 2, 2, 1)), np.eye(3)), ValueError, r"affine"),
     ("Image", lambda: jmed.Image(np.zeros((2, 2, 2, 1)), EYE, kind="mask"), ValueError, r"kind"),
-    ("ScalarImage", lambda: jmed.ScalarImage(np.zeros((2, 2))), ValueError, r"data"),
+    ("ScalarImage", lambda: jmed.ScalarImage(np.zeros((2,))), ValueError, r"data"),
     ("LabelMap", lambda: jmed.LabelMap(np.zeros((2, 2, 2)), np.zeros((4, 4))), ValueError, r"affine"),
     ("Subject", lambda: jmed.Subject(t1=np.zeros((2, 2, 2))), TypeError, r"t1"),
     ("load", lambda: jmed.load("/nonexistent/x.nii.gz"), FileNotFoundError, r"x\.nii\.gz"),
@@ -261,6 +262,7 @@ CASES = [
         ValueError,
         r"Lambda\.function\.__defaults__\[0\] is a object",
     ),
+    ("set_max_output_bytes", lambda: T.set_max_output_bytes(-1), ValueError, r"max_output_bytes.*-1"),
     ("load_landmarks", lambda: T.load_landmarks("/nonexistent/lm.npy"), ValueError, r"lm\.npy"),
     ("save_landmarks", lambda: T.save_landmarks([0.0, 1.0], "/tmp/lm.txt"), ValueError, r"lm\.txt|path"),
     ("train_histogram", lambda: T.train_histogram([]), ValueError, r"image"),
@@ -314,6 +316,12 @@ CASES = [
     # --- datasets -------------------------------------------------------------------------
     ("datasets.phantom", lambda: datasets.phantom(shape=(0, 4, 4)), ValueError, r"shape"),
     ("datasets.phantom", lambda: datasets.phantom(num_classes=1), ValueError, r"num_classes"),
+    (
+        "datasets.phantom",
+        lambda: datasets.phantom(shape=(5000, 5000, 5000)),
+        ValueError,
+        r"phantom.*5000.*limit",
+    ),
     (
         "datasets.split_records",
         lambda: datasets.split_records([{"a": 1}], validation=1.5),
@@ -416,3 +424,377 @@ def test_cli_unknown_argument_is_a_usage_error(capsys):
         jmed.cli.main(["info", "--no-such-flag", "x.nii.gz"])
     assert info.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+# --- non-finite numbers in transform parameters -------------------------------------------
+
+# the constructor arguments a transform needs before any other can be tried
+_REQUIRED = {
+    "HistogramStandardization": dict(landmarks=np.linspace(0, 100, 13)),
+    "Mask": dict(masking_method="seg"),
+    "RandomApply": dict(transform=T.RandomNoise()),
+    "RandomLabelsToImage": dict(label_key="seg"),
+    "RemoveLabels": dict(labels=[1]),
+    "RemoveSmallObjects": dict(min_size=2),
+    "Resample": dict(target=1.0),
+    "Crop": dict(cropping=1),
+    "Pad": dict(padding=1),
+    "CropOrPad": dict(target_shape=4),
+    "Resize": dict(target_shape=4),
+    "EnsureShapeMultiple": dict(target_multiple=2),
+    "OneHot": dict(num_classes=3),
+    "RemapLabels": dict(mapping={1: 2}),
+    "CopyAffine": dict(target="t1"),
+    "Lambda": dict(function=abs),
+    "Compose": dict(transforms=[T.RandomNoise()]),
+    "OneOf": dict(transforms=[T.RandomNoise()]),
+    "SomeOf": dict(transforms=[T.RandomNoise()], num_transforms=1),
+    "Spatial": dict(transforms=[]),
+    "Reorient": dict(orientation="RAS"),
+}
+# the numeric forms an argument may take, tried in order; the first one accepted is the
+# argument's form, and a non-finite number in its first place must then be refused
+_FORMS = [0.5, (0.5, 1.0), (0.5, 0.6, 0.7), (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)]
+
+
+def _numeric_arguments():
+    cases = []
+    for name in T.__all__:
+        cls = getattr(T, name)
+        if not (inspect.isclass(cls) and issubclass(cls, T.Transform)):
+            continue
+        required = _REQUIRED.get(name, {})
+        cls(**required)
+        for p in inspect.signature(cls).parameters.values():
+            # flags (truth values) and names are not numbers
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or isinstance(p.default, bool):
+                continue
+            if p.name in ("include", "exclude", "mask_name"):
+                continue
+            for form in _FORMS:
+                try:
+                    cls(**{**required, p.name: form})
+                except Exception:
+                    continue
+                cases.append((name, p.name, form))
+                break
+    return cases
+
+
+_NUMERIC_ARGUMENTS = _numeric_arguments()
+
+
+def test_numeric_arguments_are_found():
+    found = {(n, p) for n, p, _ in _NUMERIC_ARGUMENTS}
+    assert {("RandomElasticDeformation", "max_displacement"), ("RandomAffine", "degrees")} <= found
+    assert len(found) > 40
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "name,argument,form", _NUMERIC_ARGUMENTS, ids=[f"{n}.{p}" for n, p, _ in _NUMERIC_ARGUMENTS]
+)
+def test_non_finite_numbers_are_refused_naming_the_argument(name, argument, form, bad):
+    value = bad if not isinstance(form, tuple) else (bad, *form[1:])
+    with pytest.raises(ValueError, match=rf"{argument}.*(nan|inf)"):
+        getattr(T, name)(**{**_REQUIRED.get(name, {}), argument: value})
+
+
+def test_elastic_nan_displacement_is_refused():
+    with pytest.raises(ValueError, match=r"max_displacement.*nan"):
+        T.RandomElasticDeformation(max_displacement=float("nan"))
+    with pytest.raises(ValueError, match=r"max_displacement.*inf"):
+        T.RandomElasticDeformation(max_displacement=(1.0, float("inf"), 1.0))
+
+
+def test_float_axes_are_refused():
+    with pytest.raises(ValueError, match=r"axes"):
+        T.RandomFlip(axes=(0.5,))
+    with pytest.raises(ValueError, match=r"axes"):
+        T.RandomAnisotropy(axes=(float("nan"),))
+
+
+# --- images of one subject on different grids ---------------------------------------------
+
+
+def _misaligned(shift=30.0):
+    moved = EYE.copy()
+    moved[1, 3] = shift
+    return jmed.Subject(
+        t1=img((8, 8, 8)), seg=jmed.Image(np.zeros((8, 8, 8, 1), np.uint8), moved, kind="label")
+    )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: T.RandomAffine(degrees=10)(jax.random.key(0), s),
+        lambda s: T.RandomFlip(axes=0, flip_probability=1.0)(jax.random.key(0), s),
+        lambda s: T.RandomElasticDeformation(max_displacement=0.5)(jax.random.key(0), s),
+        lambda s: jmed.UniformSampler(4)(jax.random.key(0), s, 2),
+        lambda s: jmed.LabelSampler(4)(jax.random.key(0), s, 2),
+        lambda s: jmed.extract_patches(s, np.zeros((1, 3), int), (4, 4, 4)),
+        lambda s: jmed.GridPatchSampler(4)(s),
+    ],
+    ids=[
+        "RandomAffine",
+        "RandomFlip",
+        "RandomElasticDeformation",
+        "UniformSampler",
+        "LabelSampler",
+        "extract_patches",
+        "GridPatchSampler",
+    ],
+)
+def test_images_with_different_affines_are_refused(call):
+    with pytest.raises(ValueError, match=r"('t1' and 'seg'|'seg' and 't1').*different affines"):
+        call(_misaligned())
+    call(_misaligned(shift=1e-5))  # within the tolerance of a float32 header
+
+
+def test_images_with_different_shapes_are_refused_by_samplers():
+    s = jmed.Subject(t1=img((8, 8, 8)), seg=img((8, 8, 6), kind="label"))
+    with pytest.raises(ValueError, match=r"t1.*seg|seg.*t1"):
+        jmed.UniformSampler(4)(jax.random.key(0), s, 2)
+
+
+def test_different_affines_are_not_compared_under_jit():
+    s = _misaligned()
+    out = jax.jit(lambda s: T.RandomFlip(axes=0, flip_probability=1.0)(jax.random.key(0), s))(s)
+    np.testing.assert_array_equal(np.asarray(out["seg"].affine)[1, 3], 30.0)
+
+
+# --- outputs too large to allocate ----------------------------------------------------------
+
+
+def test_resample_to_a_huge_grid_raises_before_compiling():
+    image = jmed.Image(np.zeros((16, 16, 16, 1), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match=r"Resample.*\(3200, 3200, 3200\).*limit"):
+        T.Resample(0.01)(None, image)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: T.Resize(30000),
+        lambda: T.CropOrPad(30000),
+        lambda: T.Spatial(output_shape=(30000, 30000, 30000)),
+    ],
+    ids=["Resize", "CropOrPad", "Spatial"],
+)
+def test_huge_target_shapes_are_refused(make):
+    with pytest.raises(ValueError, match=r"30000, 30000, 30000.*limit"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "transform,who",
+    [
+        (lambda: T.Pad(5000), "Pad"),
+        (lambda: T.EnsureShapeMultiple(5000), "EnsureShapeMultiple"),
+        (lambda: T.Spatial(output_spacing=0.001), "Spatial"),
+        (lambda: T.Resize(600), "Resize"),
+    ],
+    ids=["Pad", "EnsureShapeMultiple", "Spatial-spacing", "Resize-channels"],
+)
+def test_huge_outputs_are_refused_naming_the_transform(transform, who):
+    image = jmed.Image(np.zeros((8, 8, 8, 8), np.float32), EYE)
+    with pytest.raises(ValueError, match=rf"{who}.*limit"):
+        transform()(None, image)
+
+
+def test_output_limit_is_configurable(monkeypatch):
+    image = jmed.Image(np.zeros((8, 8, 8, 1), np.float32), EYE)
+    previous = T.set_max_output_bytes(8 * 8 * 8 * 4)
+    try:
+        assert T.max_output_bytes() == 2048
+        T.Pad(0)(None, image)
+        with pytest.raises(ValueError, match=r"Pad: output shape \(10, 10, 10\).*limit"):
+            T.Pad(1)(None, image)
+    finally:
+        T.set_max_output_bytes(previous)
+    monkeypatch.setenv("JMED_MAX_OUTPUT_BYTES", "100")
+    assert T.max_output_bytes() == 100
+    monkeypatch.setenv("JMED_MAX_OUTPUT_BYTES", "lots")
+    with pytest.raises(ValueError, match=r"JMED_MAX_OUTPUT_BYTES.*lots"):
+        T.max_output_bytes()
+    with pytest.raises(ValueError, match=r"max_output_bytes"):
+        T.set_max_output_bytes(0)
+
+
+# --- malformed files at every entry point that reads or writes files -------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    import gzip
+
+    import nibabel as nib
+
+    folder = tmp_path_factory.mktemp("malformed")
+    good = folder / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8), EYE), good)
+    truncated = folder / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:300])
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_sform(EYE, code=1)
+    header["vox_offset"] = 352
+    huge = folder / "huge.nii.gz"
+    huge.write_bytes(gzip.compress(header.binaryblock + b"\0" * 36))
+    garbage = folder / "garbage.nii"
+    garbage.write_bytes(b"not a nifti file at all" * 20)
+    landmarks = folder / "landmarks.json"
+    landmarks.write_text('{"landmarks": [0.0, 1.')
+    csv = folder / "subjects.csv"
+    csv.write_text("subject_id,t1\ns1\n")
+    (folder / "a_file").write_text("x")
+    return {
+        "good": good,
+        "truncated": truncated,
+        "huge": huge,
+        "garbage": garbage,
+        "landmarks": landmarks,
+        "csv": csv,
+        "folder": folder,
+    }
+
+
+def _first_volume(loader):
+    return next(iter(loader))
+
+
+FILE_CASES = [
+    ("load", lambda f: jmed.load(f["truncated"]), ValueError, r"truncated\.nii\.gz"),
+    ("load", lambda f: jmed.load(f["huge"]), ValueError, r"huge\.nii\.gz.*30000"),
+    ("load", lambda f: jmed.load(f["garbage"]), ValueError, r"garbage\.nii"),
+    ("save", lambda f: jmed.save(img(), f["folder"] / "a_file" / "x.nii.gz"), NotADirectoryError, r"a_file"),
+    (
+        "SubjectsSource",
+        lambda f: jmed.SubjectsSource([{"t1": f["truncated"]}])[0],
+        RuntimeError,
+        r"truncated\.nii\.gz",
+    ),
+    (
+        "VolumeLoader",
+        lambda f: _first_volume(jmed.VolumeLoader([{"t1": f["huge"]}], batch_size=1)),
+        RuntimeError,
+        r"huge\.nii\.gz",
+    ),
+    (
+        "Queue",
+        lambda f: _first_volume(jmed.Queue([{"t1": f["garbage"]}], jmed.UniformSampler(4), 1, 1)),
+        RuntimeError,
+        r"garbage\.nii",
+    ),
+    ("Resample", lambda f: T.Resample(str(f["garbage"]))(None, subj()), ValueError, r"garbage\.nii"),
+    (
+        "HistogramStandardization",
+        lambda f: T.HistogramStandardization(str(f["landmarks"])),
+        ValueError,
+        r"landmarks\.json",
+    ),
+    ("load_landmarks", lambda f: T.load_landmarks(f["landmarks"]), ValueError, r"landmarks\.json"),
+    ("train_histogram", lambda f: T.train_histogram([f["truncated"]]), ValueError, r"truncated\.nii\.gz"),
+    (
+        "sliding_window_inference",
+        lambda f: jmed.sliding_window_inference(lambda x: x, jmed.load(f["huge"], lazy=True), 4),
+        ValueError,
+        r"huge\.nii\.gz",
+    ),
+    (
+        "datasets.load_subject",
+        lambda f: datasets.load_subject({"t1": f["garbage"]}, {"t1": "intensity"}),
+        ValueError,
+        r"garbage\.nii",
+    ),
+    (
+        "datasets.subjects_from_csv",
+        lambda f: datasets.subjects_from_csv(f["csv"]),
+        ValueError,
+        r"subjects\.csv",
+    ),
+    # samplers and transforms take subjects: their "malformed input" is a subject whose
+    # images do not share a grid (a label map stored shifted or flipped)
+    (
+        "UniformSampler",
+        lambda f: jmed.UniformSampler(4)(jax.random.key(0), _misaligned(), 1),
+        ValueError,
+        r"different affines",
+    ),
+    (
+        "RandomAffine",
+        lambda f: T.RandomAffine()(jax.random.key(0), _misaligned()),
+        ValueError,
+        r"different affines",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", FILE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(FILE_CASES)])
+def test_malformed_file_raises_naming_it(case, files):
+    _, call, exception, pattern = case
+    with pytest.raises(exception, match=pattern):
+        call(files)
+
+
+CLI_FILE_CASES = {
+    "info": lambda f: ["info", f["garbage"]],
+    "info-stats": lambda f: ["info", f["truncated"], "--stats"],
+    "transform": lambda f: ["transform", f["huge"], f["folder"] / "o.nii.gz", "RandomNoise"],
+    "plot": lambda f: ["plot", f["truncated"], "-o", f["folder"] / "o.png"],
+    "landmarks": lambda f: ["landmarks", f["truncated"], "-o", f["folder"] / "lm.npy"],
+    "cache": lambda f: ["cache", f["garbage"], "--cache-dir", f["folder"] / "cache"],
+}
+CLI_PARAMETER_CASES = {
+    "info": (["info"], None),
+    "transform": (["transform", "IN", "OUT", "RandomNoise", "--kwargs", "std=-1"], r"std"),
+    "transform-seed": (["transform", "IN", "OUT", "RandomNoise", "--seed", str(2**70)], r"--seed"),
+    "plot": (["plot", "IN", "-o", "/nonexistent_folder/x.png"], r"nonexistent_folder"),
+    "landmarks": (["landmarks", "IN", "-o", "lm.txt"], r"lm\.txt|\.npy"),
+    "cache": (["cache", "IN"], None),
+}
+
+
+@pytest.mark.parametrize("command", list(CLI_FILE_CASES))
+def test_cli_malformed_file_is_one_line(command, files, capsys):
+    import re
+
+    import jmed.cli
+
+    argv = [str(a) for a in CLI_FILE_CASES[command](files)]
+    assert jmed.cli.main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("jmed ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(r"garbage\.nii|truncated\.nii\.gz|huge\.nii\.gz", lines[0]), err
+
+
+@pytest.mark.parametrize("command", list(CLI_PARAMETER_CASES))
+def test_cli_bad_parameter(command, files, capsys, monkeypatch):
+    import re
+
+    import jmed.cli
+
+    monkeypatch.chdir(files["folder"])
+    argv, pattern = CLI_PARAMETER_CASES[command]
+    argv = [
+        str(files["good"]) if a == "IN" else str(files["folder"] / "out.nii.gz") if a == "OUT" else a
+        for a in argv
+    ]
+    if pattern is None:  # a missing required argument: a usage error
+        with pytest.raises(SystemExit) as info:
+            jmed.cli.main(argv)
+        assert info.value.code == 2
+        return
+    assert jmed.cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(pattern, err), err
+
+
+def test_every_cli_subcommand_has_file_and_parameter_cases():
+    import jmed.cli
+
+    commands = set(jmed.cli.build_parser()._subparsers._group_actions[0].choices)
+    assert commands <= {c.split("-")[0] for c in CLI_FILE_CASES}
+    assert commands <= {c.split("-")[0] for c in CLI_PARAMETER_CASES}

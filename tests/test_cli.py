@@ -140,3 +140,153 @@ def test_landmarks_and_cache(tmp_path):
     assert cached.shape == (12, 10, 8, 1)
     missing = _jmed("cache", tmp_path / "none.nii.gz", "--cache-dir", cache)
     assert missing.returncode == 1 and "none.nii.gz" in missing.stderr
+
+
+# --- errors are one line, never a traceback ---------------------------------------------------
+
+
+def _one_line_error(capsys, argv, *patterns):
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" not in err
+    # progress lines may come first; the error is one line
+    errors = [line for line in err.splitlines() if line.startswith("jmed ")]
+    assert len(errors) == 1 and "error:" in errors[0], err
+    for pattern in patterns:
+        assert pattern in err, err
+    return err
+
+
+def _huge_header(path):
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_dtype(np.uint8)
+    header.set_sform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    path.write_bytes(header.binaryblock + b"\0" * 36)
+    return path
+
+
+def test_output_parent_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    _one_line_error(capsys, ["transform", ANAT, tmp_path / "file" / "out.nii.gz", "RandomNoise"], "file")
+    _one_line_error(capsys, ["landmarks", ANAT, "-o", tmp_path / "file" / "lm.npy"], "file")
+
+
+def test_seed_too_large(tmp_path, capsys):
+    _one_line_error(
+        capsys,
+        ["transform", ANAT, tmp_path / "o.nii.gz", "RandomNoise", "--seed", 2**70],
+        "--seed",
+        str(2**70),
+    )
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_huge_dims_input(tmp_path, capsys):
+    huge = _huge_header(tmp_path / "huge.nii")
+    _one_line_error(capsys, ["transform", huge, tmp_path / "o.nii.gz", "RandomNoise"], "huge.nii", "30000")
+    assert cli.main(["info", str(huge)]) == 0  # the header alone
+    assert "(30000, 30000, 30000, 1)" in capsys.readouterr().out
+
+
+def test_rgb_input(tmp_path, capsys):
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["G"] = 9
+    path = _write(tmp_path / "rgb.nii.gz", rgb)
+    assert cli.main(["transform", str(path), str(tmp_path / "o.nii.gz"), "Clamp"]) == 0
+    assert jmed.load(tmp_path / "o.nii.gz").shape == (4, 4, 4, 3)
+    _one_line_error(
+        capsys,
+        ["transform", path, tmp_path / "l.nii.gz", "RemapLabels", "--label", "--kwargs", "mapping={1:2}"],
+        "rgb.nii.gz",
+        "RGB",
+    )
+
+
+def test_plot_into_a_missing_folder(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _one_line_error(capsys, ["plot", ANAT, "-o", tmp_path / "missing" / "view.png"], "missing")
+
+
+def test_read_only_output_folder(tmp_path, capsys, monkeypatch):
+    from jmed import _atomic
+
+    def refuse(prefix, dir):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(_atomic.tempfile, "mkdtemp", refuse)
+    _one_line_error(
+        capsys, ["transform", ANAT, tmp_path / "o.nii.gz", "RandomNoise"], "Permission denied", str(tmp_path)
+    )
+    _one_line_error(capsys, ["landmarks", ANAT, "-o", tmp_path / "lm.json"], "Permission denied")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_for_real(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        _one_line_error(capsys, ["transform", ANAT, folder / "o.nii.gz", "RandomNoise"], "ermission")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_info_reads_only_the_header(tmp_path, capsys):
+    path = tmp_path / "cut.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), path)
+    path.write_bytes(path.read_bytes()[:200])
+    assert cli.main(["info", str(path)]) == 0
+    assert "(20, 20, 20, 1)" in capsys.readouterr().out
+    _one_line_error(capsys, ["info", path, "--stats"], "cut.nii.gz")
+
+
+def test_landmarks_overwrite_under_a_write_error_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    import json
+
+    out = tmp_path / "lm.json"
+    assert cli.main(["landmarks", ANAT, "-o", str(out)]) == 0
+    before = out.read_bytes()
+
+    def half_dump(record, f, **kw):
+        f.write('{"landmarks": [0.0, 1.')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", half_dump)
+    _one_line_error(capsys, ["landmarks", ANAT, "-o", out, "--overwrite"], "No space left", "lm.json")
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["lm.json"]
+
+
+_EFBIG = """
+import resource, signal, sys
+from jmed import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+sys.exit(cli.main({argv!r}))
+"""
+
+
+def test_file_too_large_is_one_line_and_keeps_the_old_output(tmp_path):
+    out = tmp_path / "o.nii"
+    old = jmed.ScalarImage(np.ones((2, 2, 2), np.float32))
+    jmed.save(old, out)
+    before = out.read_bytes()
+    argv = ["transform", ANAT, str(out), "RandomNoise", "--overwrite"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EFBIG.format(limit=20000, argv=argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "File too large" in proc.stderr and "o.nii" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["o.nii"]

@@ -391,8 +391,9 @@ def test_download_ixi(tmp_path, ixi_server):
     assert sorted(p.name for p in root.iterdir()) == ["IXI-T1"]  # no temporary leftovers
     assert len(requests) == 1
     # present: not downloaded again
+    t2 = hashlib.md5((served / "IXI-T2.tar").read_bytes()).hexdigest()
     with pytest.warns(UserWarning, match="IXI003"):
-        records = download(["T1", "T2"])
+        records = download(["T1", "T2"], checksums={"T2": t2})
     assert len(requests) == 2 and [r["subject_id"] for r in records] == [
         "IXI001-Guys-0001",
         "IXI002-Guys-0002",
@@ -406,12 +407,32 @@ def test_download_ixi_failures_leave_nothing(tmp_path, ixi_server):
     download = functools.partial(datasets.download_ixi, root, url=url, timeout=10)
     with pytest.raises(ValueError, match="checksum mismatch"):
         download(["T1"], checksums={"T1": "0" * 32})
-    with pytest.raises(ValueError, match="not a valid tar"):
-        download(["PD"])
-    with pytest.raises(ValueError, match="unsafe archive member"):
-        download(["DTI"])
+    with pytest.raises(ValueError, match="checksum mismatch.*IXI-T1.tar.*34901a0593b41dd19c1a1f746eac2d58"):
+        download(["T1"])  # the published checksum by default
+    with (
+        pytest.warns(UserWarning, match="IXI-PD.tar was not verified"),
+        pytest.raises(ValueError, match="not a valid tar"),
+    ):
+        download(["PD"], checksums={})
+    with (
+        pytest.warns(UserWarning, match="not verified"),
+        pytest.raises(ValueError, match="unsafe archive member"),
+    ):
+        download(["DTI"], checksums={})
     with pytest.raises(OSError):
         download(["MRA"])  # 404
     assert list(root.iterdir()) == []
     with pytest.raises(ValueError, match="modalities"):
         download(["FLAIR"])
+    with pytest.raises(ValueError, match="checksums.*T1.*'abc'"):
+        download(["T1"], checksums={"T1": "abc"})
+
+
+def test_ixi_defaults_are_https_and_published_checksums():
+    import inspect
+    from urllib.parse import urlparse
+
+    assert urlparse(datasets.IXI_URL).scheme == "https"
+    assert inspect.signature(datasets.download_ixi).parameters["url"].default == datasets.IXI_URL
+    assert set(datasets.IXI_MD5) == set(datasets.IXI_MODALITIES)
+    assert all(len(v) == 32 and int(v, 16) >= 0 for v in datasets.IXI_MD5.values())

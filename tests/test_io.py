@@ -309,3 +309,269 @@ def test_label_map_data_that_would_wrap_raises():
     assert int(np.asarray(kept.data).max()) == 2**31 - 1
     with pytest.raises(ValueError, match="non-finite"):
         jmed.LabelMap(np.array([[[0.0, np.nan]]], np.float32))
+
+
+# --- malformed headers, unusual dtypes ------------------------------------------------------
+
+
+def _raw_header(shape, dtype=np.uint8):
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    header.set_sform(np.eye(4), code=1)
+    return header.binaryblock + b"\0" * 4
+
+
+def test_huge_dims_in_a_small_file_raise_naming_file_and_dims(tmp_path):
+    raw = _raw_header((30000, 30000, 30000)) + b"\0" * 32
+    plain, packed = tmp_path / "huge.nii", tmp_path / "huge.nii.gz"
+    plain.write_bytes(raw)
+    packed.write_bytes(gzip.compress(raw))
+    for path in (plain, packed):
+        image = jmed.load(path, lazy=True)  # the header alone is fine
+        assert image.shape == (30000, 30000, 30000, 1)
+        with pytest.raises(ValueError, match=rf"{path.name}.*\(30000, 30000, 30000\)"):
+            jmed.load(path)
+
+
+def test_truncated_uncompressed_file_names_the_sizes(tmp_path):
+    path = tmp_path / "cut.nii"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"cut\.nii.*\(8, 8, 8\).*truncated"):
+        jmed.load(path)
+
+
+def test_negative_or_zero_dims_raise_naming_the_file(tmp_path):
+    raw = bytearray(_raw_header((4, 4, 4)))
+    raw[42:44] = np.int16(-5).tobytes()  # dim[1]
+    path = tmp_path / "negative.nii"
+    path.write_bytes(bytes(raw) + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"negative\.nii.*-5"):
+        jmed.load(path)
+    zero = tmp_path / "zero.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 0, 4), np.float32), np.eye(4)), zero)
+    with pytest.raises(ValueError, match=r"zero\.nii\.gz.*\(4, 0, 4\)"):
+        jmed.load(zero)
+
+
+def test_zero_length_axis_is_not_saved(tmp_path):
+    path = tmp_path / "empty.nii.gz"
+    with pytest.raises(ValueError, match=r"empty\.nii\.gz.*zero-length"):
+        jmed.save(jmed.Image(np.zeros((4, 0, 4, 1), np.float32), np.eye(4)), path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _codes_zero(path, pixdim):
+    image = nib.Nifti1Image(np.arange(64, dtype=np.float32).reshape(4, 4, 4), None)
+    header = image.header
+    header["qform_code"] = header["sform_code"] = 0
+    for field in ("srow_x", "srow_y", "srow_z", "quatern_b", "quatern_c", "quatern_d"):
+        header[field] = 0
+    for field in ("qoffset_x", "qoffset_y", "qoffset_z"):
+        header[field] = 0
+    header["pixdim"][1:4] = pixdim
+    image.update_header = lambda: None  # keep the zero matrices as they are
+    nib.save(image, path)
+
+
+@pytest.mark.parametrize("pixdim,spacing", [(0.0, 1.0), (2.0, 2.0)])
+def test_affine_without_codes_warns_naming_the_file(tmp_path, pixdim, spacing):
+    path = tmp_path / "nocodes.nii"
+    _codes_zero(path, pixdim)
+    with pytest.warns(
+        UserWarning,
+        match=rf"nocodes\.nii.*neither a qform nor an sform.*\({spacing}, {spacing}, {spacing}\) mm",
+    ):
+        image = jmed.load(path)
+    np.testing.assert_allclose(np.asarray(image.affine), nib.load(path).affine)  # nibabel's fallback
+    np.testing.assert_allclose(image.spacing, [spacing] * 3)
+
+
+def test_file_with_codes_does_not_warn(tmp_path, recwarn):
+    path = tmp_path / "codes.nii"
+    jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), path)
+    jmed.load(path)
+    assert not [w for w in recwarn if "qform" in str(w.message)]
+
+
+def test_rgb_becomes_three_channels_and_is_refused_as_labels(tmp_path):
+    rgb = np.zeros((4, 3, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"], rgb["G"], rgb["B"] = 1, np.arange(3)[None, :, None], 200
+    for name in ("rgb.nii", "rgb.nii.gz"):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+        image = jmed.load(path)
+        assert image.shape == (4, 3, 2, 3)
+        expected = np.stack([rgb["R"], rgb["G"], rgb["B"]], -1).astype(np.float32)
+        np.testing.assert_array_equal(image.numpy(), expected)
+        with pytest.raises(ValueError, match=rf"{name}.*RGB.*label"):
+            jmed.load(path, kind="label")
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".mgz"])
+def test_float16_and_int64_are_saved_in_a_dtype_that_holds_them(tmp_path, ext, monkeypatch):
+    half = jmed.Image(np.linspace(0, 4, 64, dtype=np.float16).reshape(4, 4, 4, 1), np.eye(4))
+    back = _roundtrip(tmp_path, half, ext)
+    np.testing.assert_array_equal(back.numpy(), half.numpy().astype(np.float32))
+    # the writer's own cast, for data the Image constructor would already have narrowed
+    from jmed import io
+
+    wide = np.arange(64, dtype=np.int64).reshape(4, 4, 4) * 1000
+    assert io._storable(wide, tmp_path / f"x{ext}").dtype == np.int32
+    with pytest.raises(ValueError, match=rf"big{ext.replace('.', '[.]')}.*does not fit in int32"):
+        io._storable(wide * 2**40, tmp_path / f"big{ext}")
+
+
+def test_unwritable_dtype_raises_naming_the_path(tmp_path, monkeypatch):
+    def refuse(img, filename):
+        raise nib.spatialimages.HeaderDataError('data dtype "complex64" not supported')
+
+    monkeypatch.setattr(nib, "save", refuse)
+    with pytest.raises(ValueError, match=r"odd\.nii\.gz.*complex64"):
+        jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), tmp_path / "odd.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_into_a_file_or_missing_folder_names_it(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"file"):
+        jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), tmp_path / "file" / "out.nii.gz")
+    with pytest.raises(FileNotFoundError, match=r"missing"):
+        jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), tmp_path / "missing" / "out.nii.gz")
+
+
+# --- writers: one atomic path, faults, stale temporaries --------------------------------------
+
+WRITERS = {
+    "save": (
+        "out.nii.gz",
+        "jmed.save(jmed.ScalarImage(np.full((6, 6, 6), {v}, np.float32)), {path!r}, overwrite=True)",
+    ),
+    "landmarks-npy": ("lm.npy", "jmed.transforms.save_landmarks(np.arange(13.0) * {v}, {path!r})"),
+    "landmarks-json": ("lm.json", "jmed.transforms.save_landmarks(np.arange(13.0) * {v}, {path!r})"),
+    "plot": (
+        "view.png",
+        "jmed.plot.plot_image(jmed.ScalarImage(np.full((6, 6, 6), {v}, np.float32)), output={path!r})",
+    ),
+}
+
+
+def _write_with(writer, path, value):
+    import jmed.plot  # noqa: F401 - the plot writer's module
+
+    exec(WRITERS[writer][1].format(v=value, path=str(path)), {"jmed": jmed, "np": np})
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".jmed-"))
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_write_error_keeps_the_old_file(tmp_path, monkeypatch, writer):
+    if writer == "plot":
+        pytest.importorskip("matplotlib")
+    path = tmp_path / WRITERS[writer][0]
+    _write_with(writer, path, 1)
+    before = path.read_bytes()
+    from jmed import _atomic
+
+    def fail(tmp):  # the content is written, the flush to disk fails (EIO, full disk)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_atomic, "_fsync_file", fail)
+    with pytest.raises(OSError, match="No space"):
+        _write_with(writer, path, 2)
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_landmarks_serializer_failing_midway_keeps_the_old_file(tmp_path, monkeypatch):
+    import json
+
+    path = tmp_path / "lm.json"
+    jmed.transforms.save_landmarks(np.arange(13.0), path)
+    before = path.read_bytes()
+
+    def half_dump(record, f, **kw):
+        f.write('{"landmarks": [0.0, 1.')
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(json, "dump", half_dump)
+    with pytest.raises(OSError, match="File too large"):
+        jmed.transforms.save_landmarks(np.arange(13.0) * 2, path)
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+_KILLED_WRITER = """
+import sys, time, numpy as np, jmed, jmed.transforms, jmed.plot
+from jmed import _atomic
+def hang(tmp):
+    print("written", flush=True)
+    time.sleep(600)
+_atomic._fsync_file = hang
+{call}
+"""
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_killed_writer_leaves_old_file_and_next_write_sweeps_its_temporary(tmp_path, writer):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if writer == "plot":
+        pytest.importorskip("matplotlib")
+    path = tmp_path / WRITERS[writer][0]
+    _write_with(writer, path, 1)
+    before = path.read_bytes()
+    call = WRITERS[writer][1].format(v=2, path=str(path))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER.format(call=call)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == "written"  # inside the write, before the rename
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert path.read_bytes() == before
+    (left,) = _leftovers(tmp_path)
+    assert list((tmp_path / left).iterdir())  # the half-finished temporary is there
+    old = time.time() - 120
+    os.utime(tmp_path / left, (old, old))
+    _write_with(writer, tmp_path / ("again" + path.name), 3)
+    assert _leftovers(tmp_path) == []
+
+
+def test_only_stale_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
+    import subprocess
+    import time
+
+    from jmed import _atomic
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = _atomic._host()
+    names = {
+        "dead-old": f".jmed-{host}-{dead.pid}-abc",
+        "dead-new": f".jmed-{host}-{dead.pid}-def",
+        "alive-old": f".jmed-{host}-{os.getpid()}-ghi",
+        "other-host": f".jmed-otherhost-{dead.pid}-jkl",
+        "legacy": ".jmed-x1y2z3",
+        "not-ours": ".cache-1-2-3",
+    }
+    old = time.time() - 3600
+    for key, name in names.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tmp.nii.gz").write_bytes(b"x" * 100)
+        if key != "dead-new":
+            os.utime(tmp_path / name, (old, old))
+    jmed.save(jmed.ScalarImage(np.ones((3, 3, 3), np.float32)), tmp_path / "new.nii.gz")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead-old"] not in left
+    assert {names[k] for k in names if k != "dead-old"} | {"new.nii.gz"} == left

@@ -1,5 +1,6 @@
 """Transforms: ``transform(key, subject) -> subject``; see ``jmed.transforms.base``."""
 
+from jmed.transforms._params import max_output_bytes, set_max_output_bytes
 from jmed.transforms.base import (
     Compose,
     IntensityTransform,
@@ -146,11 +147,13 @@ __all__ = [
     "invert",
     "invert_mapping",
     "load_landmarks",
+    "max_output_bytes",
     "nnunet_augmentation",
     "nnunet_intensity_augmentation",
     "predict_with_tta",
     "replay",
     "save_landmarks",
+    "set_max_output_bytes",
     "torchio_paper_augmentation",
     "train_histogram",
     "transform_key",

@@ -8,7 +8,9 @@ One rule everywhere: a scalar ``d`` means the range ``(centre - d, centre + d)``
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +22,63 @@ __all__ = [
     "parse_range",
     "parse_range_per_axis",
     "check_probability",
+    "finite_number",
+    "check_output_size",
+    "max_output_bytes",
+    "set_max_output_bytes",
 ]
+
+# A volume larger than this is refused before anything is compiled or allocated: a
+# mistyped spacing or size otherwise asks XLA for a buffer of tens of gigabytes, and the
+# process aborts when the result is read instead of raising.
+DEFAULT_MAX_OUTPUT_BYTES = 2**32
+_max_output_bytes: int | None = None
+
+
+def max_output_bytes() -> int:
+    """The largest output volume (bytes, all channels) a transform may create.
+
+    ``set_max_output_bytes(n)`` sets it; otherwise the environment variable
+    ``JMED_MAX_OUTPUT_BYTES``; otherwise ``DEFAULT_MAX_OUTPUT_BYTES`` (4 GiB).
+    """
+    if _max_output_bytes is not None:
+        return _max_output_bytes
+    text = os.environ.get("JMED_MAX_OUTPUT_BYTES")
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(
+                f"JMED_MAX_OUTPUT_BYTES must be an integer number of bytes, got {text!r}"
+            ) from None
+        if value < 1:
+            raise ValueError(f"JMED_MAX_OUTPUT_BYTES must be >= 1, got {text!r}")
+        return value
+    return DEFAULT_MAX_OUTPUT_BYTES
+
+
+def set_max_output_bytes(value: int | None) -> int | None:
+    """Set the limit of ``max_output_bytes`` (``None``: back to the default); returns the
+    previous setting."""
+    global _max_output_bytes
+    if value is not None:
+        value = as_positive_int(value, "max_output_bytes")
+    previous, _max_output_bytes = _max_output_bytes, value
+    return previous
+
+
+def check_output_size(who: str, shape: Sequence[int], *, channels: int = 1, itemsize: int = 4) -> None:
+    """Raise a ValueError naming ``who``, ``shape`` and the limit when a volume of
+    ``shape`` x ``channels`` items of ``itemsize`` bytes exceeds ``max_output_bytes()``."""
+    nbytes = math.prod(int(n) for n in shape) * int(channels) * int(itemsize)
+    limit = max_output_bytes()
+    if nbytes > limit:
+        raise ValueError(
+            f"{who}: output shape {tuple(int(n) for n in shape)} x {int(channels)} channel(s) needs "
+            f"{nbytes / 2**30:.3g} GiB, more than the limit of {limit / 2**30:.3g} GiB per volume "
+            "(check the target size or spacing; raise the limit with "
+            "jmed.transforms.set_max_output_bytes or JMED_MAX_OUTPUT_BYTES)"
+        )
 
 
 def _is_number(x: Any) -> bool:
@@ -83,6 +141,13 @@ def parse_range_per_axis(
     )
 
 
+def finite_number(value: Any, name: str) -> float:
+    """``value`` as a float; a ValueError naming ``name`` unless it is a finite real number."""
+    if not _is_number(value) or not np.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def check_probability(p: Any, name: str) -> float:
     if not _is_number(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
@@ -100,9 +165,12 @@ def as_axes(axes: Any, name: str = "axes", *, ndim: int = 3) -> tuple[int, ...]:
     if isinstance(axes, numbers.Integral) and not isinstance(axes, bool):
         axes = (axes,)
     try:
-        out = tuple(int(a) for a in axes)
+        items = tuple(axes)
     except TypeError:
         raise ValueError(f"{name} must be an int or a sequence of ints, got {axes!r}") from None
+    if not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in items):
+        raise ValueError(f"{name} must be an int or a sequence of ints, got {axes!r}")
+    out = tuple(int(a) for a in items)
     for a in out:
         if not 0 <= a < ndim:
             raise ValueError(f"{name} must be in [0, {ndim - 1}], got {axes!r}")

@@ -462,7 +462,12 @@ class SomeOf(Transform):
             num_transforms = (1, n)
         if isinstance(num_transforms, (int, np.integer)) and not isinstance(num_transforms, bool):
             num_transforms = (int(num_transforms), int(num_transforms))
-        lo, hi = (int(v) for v in num_transforms)
+        try:
+            lo, hi = (int(v) for v in num_transforms)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(
+                f"num_transforms must be an int or a (low, high) pair of ints, got {num_transforms!r}"
+            ) from None
         if not 0 <= lo <= hi <= n:
             raise ValueError(f"num_transforms must be in [0, {n}] with low <= high, got {num_transforms!r}")
         self.num_transforms = (lo, hi)

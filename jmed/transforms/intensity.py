@@ -258,8 +258,8 @@ class RandomBlur(IntensityTransform):
             raise ValueError(f"units must be 'mm' or 'voxels', got {units!r}")
         self.units = units
         self.std = _std_range_per_axis(std, "std")
-        if not _is_number(truncate) or truncate < 0:
-            raise ValueError(f"truncate must be a number >= 0, got {truncate!r}")
+        if not _is_number(truncate) or not truncate >= 0 or not np.isfinite(truncate):
+            raise ValueError(f"truncate must be a finite number >= 0, got {truncate!r}")
         self.truncate = float(truncate)
         self.mode = mode
         gaussian_blur(np.zeros((1, 1, 1, 1), np.float32), 0.0, mode=mode)  # validates mode
@@ -647,9 +647,7 @@ class RandomCoarseDropout(IntensityTransform):
         super().__init__(include=include, exclude=exclude)
         self.num_holes = _params.as_positive_int(num_holes, "num_holes", minimum=0)
         self.hole_size = _as_size3(hole_size, "hole_size")
-        if not _is_number(fill_value):
-            raise ValueError(f"fill_value must be a number, got {fill_value!r}")
-        self.fill_value = float(fill_value)
+        self.fill_value = _params.finite_number(fill_value, "fill_value")
 
     def sample(self, key, subject):
         high = _extent_high(subject, self.hole_size, "hole_size")

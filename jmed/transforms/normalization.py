@@ -40,6 +40,7 @@ from jax.typing import ArrayLike
 from jmed.image import Image, Subject
 from jmed.ops import histogram
 from jmed.ops.crop_pad import valid_mask
+from jmed.transforms import _params
 from jmed.transforms.base import IntensityTransform
 
 __all__ = [
@@ -354,7 +355,7 @@ class Mask(IntensityTransform):
     ):
         super().__init__(include=include, exclude=exclude)
         self.masking_method = _check_masking_method(masking_method, allow_none=False)
-        self.outside_value = float(outside_value)
+        self.outside_value = _params.finite_number(outside_value, "outside_value")
 
     def apply(self, subject, params):
         out = {}
@@ -501,16 +502,23 @@ def train_histogram(
 def save_landmarks(
     landmarks: ArrayLike, path: str | os.PathLike, *, percentiles: ArrayLike | None = None
 ) -> None:
-    """Save landmarks to ``.npy`` (the array) or ``.json`` (``{"landmarks", "percentiles"}``)."""
+    """Save landmarks to ``.npy`` (the array) or ``.json`` (``{"landmarks", "percentiles"}``).
+
+    The file is written atomically (a temporary file beside it, renamed into place): a
+    failed write leaves an existing file intact.
+    """
+    from jmed import _atomic
+
     path = os.fspath(path)
     values = np.asarray(landmarks, np.float64)
     if path.endswith(".npy"):
-        np.save(path, values)
+        with _atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, values)
     elif path.endswith(".json"):
         record = {"landmarks": values.tolist()}
         if percentiles is not None:
             record["percentiles"] = np.asarray(percentiles, float).tolist()
-        with open(path, "w") as f:
+        with _atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(record, f, indent=1)
     else:
         raise ValueError(f"landmarks path must end with .npy or .json, got {path!r}")

@@ -38,6 +38,7 @@ from jmed.image import LABEL, Image, Subject
 from jmed.ops import crop_pad
 from jmed.ops.filters import gaussian_blur
 from jmed.ops.interpolation import resample as _resample
+from jmed.transforms import _params
 from jmed.transforms.base import Transform
 
 __all__ = [
@@ -125,7 +126,7 @@ def _as_bounds(value: Any, name: str) -> np.ndarray:
     try:
         v = [int(x) for x in value if float(x) == int(x)]
         ok = len(v) == len(value) and len(v) in (1, 3, 6)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise ValueError(f"{name} must be 1, 3 or 6 non-negative ints, got {value!r}")
@@ -140,7 +141,7 @@ def _as_bounds(value: Any, name: str) -> np.ndarray:
 
 def _parse_padding_mode(mode: Any) -> tuple[str, float]:
     if isinstance(mode, numbers.Real) and not isinstance(mode, bool):
-        return "constant", float(mode)
+        return "constant", _params.finite_number(mode, "padding_mode")
     return crop_pad.check_pad_mode(mode, "padding_mode"), 0.0
 
 
@@ -268,7 +269,7 @@ class Resample(Transform):
         self.image_order = _interpolation(image_interpolation, "image_interpolation")
         self.label_order = _interpolation(label_interpolation, "label_interpolation")
         self.antialias = bool(antialias)
-        self.pad_value = float(pad_value)
+        self.pad_value = _params.finite_number(pad_value, "pad_value")
         self.target = target
         self._spacing = None
         self._grid = None
@@ -340,6 +341,12 @@ class Resample(Transform):
                 shape, out_affine = _grid_for_spacing(image.spatial_shape, image.affine, self._spacing)
             else:
                 shape, out_affine = grid
+            _params.check_output_size(
+                "Resample",
+                shape,
+                channels=image.shape[-1],
+                itemsize=max(4, np.dtype(image.dtype).itemsize),
+            )
             out[name] = self._resample_image(image, tuple(shape), out_affine)
         return subject.replace(out)
 
@@ -393,10 +400,17 @@ class Resize(Transform):
     ):
         super().__init__(include=include, exclude=exclude)
         self.target_shape = _as_shape(target_shape, "target_shape")
+        _params.check_output_size("Resize", self.target_shape)
         self.image_order = _interpolation(image_interpolation, "image_interpolation")
         self.label_order = _interpolation(label_interpolation, "label_interpolation")
 
     def apply_image(self, image: Image, params: Any) -> Image:
+        _params.check_output_size(
+            "Resize",
+            self.target_shape,
+            channels=image.shape[-1],
+            itemsize=max(4, np.dtype(image.dtype).itemsize),
+        )
         scale = np.asarray(image.spatial_shape, float) / np.asarray(self.target_shape, float)
         matrix = np.eye(4)
         matrix[:3, :3] = np.diag(scale)
@@ -478,6 +492,13 @@ class _Window(Transform):
         return WindowParams(self.window_start(subject, shape), shape, size)
 
     def apply(self, subject: Subject, params: WindowParams) -> Subject:
+        for n in self.selected(subject):
+            _params.check_output_size(
+                type(self).__name__,
+                params.output_shape,
+                channels=subject[n].shape[-1],
+                itemsize=np.dtype(subject[n].dtype).itemsize,
+            )
         return subject.replace(
             {
                 n: _apply_window(subject[n], params.start, params.output_shape, self._mode, self._value)
@@ -618,6 +639,7 @@ class CropOrPad(_Window):
     ):
         super().__init__(padding_mode=padding_mode, include=include, exclude=exclude)
         self.target_shape = _as_shape(target_shape, "target_shape")
+        _params.check_output_size("CropOrPad", self.target_shape)
         if mask_name is not None and not isinstance(mask_name, str):
             raise TypeError(f"mask_name must be an image name, got {mask_name!r}")
         self.mask_name = mask_name
@@ -702,7 +724,7 @@ class CropForeground(_Window):
     ):
         super().__init__(include=include, exclude=exclude)
         self.mask_name = mask_name
-        self.threshold = float(threshold)
+        self.threshold = _params.finite_number(threshold, "threshold")
         margin = (margin,) * 3 if isinstance(margin, numbers.Integral) else tuple(margin)
         if len(margin) != 3 or any(
             not isinstance(m, numbers.Integral) or isinstance(m, bool) or m < 0 for m in margin

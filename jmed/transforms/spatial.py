@@ -208,7 +208,7 @@ def _check_choice(value, allowed, name):
 
 def _check_pad_value(value):
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
+        return _params.finite_number(value, "default_pad_value")
     if value == "edge" or value in PAD_VALUE_RULES:
         return value
     raise ValueError(f"default_pad_value must be a number, 'edge' or one of {PAD_VALUE_RULES}, got {value!r}")
@@ -279,12 +279,22 @@ class SpatialTransform(Transform):
         if len(shapes) > 1:
             detail = ", ".join(f"{n}: {subject[n].spatial_shape}" for n in names)
             raise ValueError(f"{type(self).__name__} needs images on one grid, got shapes {detail}")
+        try:  # affines are compared where concrete (eagerly, in the loader), not under jit
+            Subject({n: subject[n] for n in names}).check_consistent()
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__} needs images on one grid: {err}") from None
         return names, subject[names[0]]
 
     def _resample(self, subject: Subject, names, mapping: SpatialMapping) -> Subject:
         out = {}
         for name in names:
             image = subject[name]
+            _params.check_output_size(
+                type(self).__name__,
+                mapping.output_shape,
+                channels=image.shape[-1],
+                itemsize=max(4, np.dtype(image.dtype).itemsize),
+            )
             out[name] = image.replace(data=self._resample_data(image, mapping), affine=mapping.output_affine)
         return subject.replace(out)
 
@@ -591,6 +601,8 @@ def _per_axis(value, name, *, integer=False):
             or (integer and not isinstance(v, numbers.Integral))
         ):
             raise ValueError(f"{name} must be {'integers' if integer else 'numbers'}, got {value!r}")
+        if not np.isfinite(float(v)):
+            raise ValueError(f"{name} must be finite, got {value!r}")
     return tuple(int(v) if integer else float(v) for v in items)
 
 
@@ -823,6 +835,7 @@ class Spatial(_FusedChain):
                 _params.as_positive_int(n, "output_shape")
                 for n in _per_axis(output_shape, "output_shape", integer=True)
             )
+            _params.check_output_size("Spatial", output_shape)
         self.output_shape = output_shape
         if output_spacing is not None:
             output_spacing = _per_axis(output_spacing, "output_spacing")
