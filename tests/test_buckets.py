@@ -179,24 +179,20 @@ def _compare(actual, expected, name):
             # exact: the same coordinates and values as unpadded
             np.testing.assert_array_equal(a, e, err_msg=f"{name} {image}")
         else:
-            # the B-spline weights of a traced extent round differently in the last bit;
-            # under jit a few voxels (<= 1e-4 of them) may differ more: the jit != eager
-            # discrepancy of chained resamplings (see the xfail test below)
+            # the B-spline weights of a traced extent round differently in the last bit
             off = np.abs(a.astype(float) - e) > 2e-3
-            assert off.mean() <= 1e-4, (name, image, int(off.sum()))
+            assert not off.any(), (name, image, int(off.sum()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jit of an unfused affine -> elastic chain on a padded volume differs from eager at a "
-    "few voxels for some keys (up to 18 on [0, 255] data); eager padded equals eager unpadded. "
-    "Same class of jit != eager discrepancy as the affine -> motion case; not root-caused yet",
-)
 def test_unfused_affine_then_elastic_on_a_padded_volume_under_jit():
+    # the elastic resampling reads the affine's output, recomputed inside its own fusions;
+    # these keys differed from eager at 2-6 voxels by up to 21 (on [0, 300] data) when the
+    # gathers and the weights of a recomputed coordinate disagreed on its neighbours
+    # (see jmed.ops.interpolation)
     transform = T.Compose([T.RandomAffine(degrees=15), T.RandomElasticDeformation()], fuse=False)
     s = make_phantom((41, 37, 29), OBLIQUE)
     p = buckets.pad_subject(s, (48, 48, 40))
-    for seed in (2, 7, 9):
+    for seed in (1, 14, 16):
         key = jax.random.key(seed)
         expected = transform(key, s)
         actual = buckets.crop_to_extent(jax.jit(transform)(key, p))

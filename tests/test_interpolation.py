@@ -1,9 +1,10 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from jmed.ops.interpolation import pad_value_for, resample
+from jmed.ops.interpolation import _exact_parts, _neighbours, _times_index, pad_value_for, resample
 
 # one compilation per case instead of op-by-op dispatch (keeps the suite fast)
 jresample = jax.jit(resample, static_argnames=("output_shape", "order", "pad_mode"))
@@ -194,3 +195,58 @@ def test_gradient_wrt_data_is_finite():
     m = _rotation_matrix(0.4, 1.2, (2, 2, 2))
     grad = jax.jit(jax.grad(lambda d: resample(d, m, (5, 5, 5)).sum()))(data)
     assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).sum() > 0
+
+
+# --- the same result wherever XLA recomputes a coordinate -------------------------------------
+
+
+@pytest.mark.parametrize("size", [2, 95, 4096, 5000, 70000])
+def test_products_with_an_index_are_exact(size):
+    # a fused multiply-add rounds like a multiply then an add only if the product is exact
+    rng = np.random.default_rng(size)
+    values = np.concatenate([rng.normal(0, 3, 50), [1.0, -0.1, 1 / 3, 2.0**-30, 7e5]]).astype(np.float32)
+    index = np.unique(np.r_[0, 1, size - 1, rng.integers(0, size, 50)]).astype(np.float32)
+    bits = 24 - max(1, (size - 1).bit_length())
+    for value in values:
+        parts = [np.float32(p) for p in _exact_parts(jnp.float32(value), bits)]
+        assert sum(float(p) for p in parts) == float(value)
+        for p in parts:
+            assert float(p * index.max()) == float(p) * float(index.max())  # exact in float32
+            mantissa, _ = np.frexp(np.float64(p))
+            assert float(mantissa * 2.0**bits) == int(mantissa * 2.0**bits)  # <= bits significant bits
+        got = np.asarray(_times_index(jnp.float32(value), jnp.asarray(index), size))
+        if size <= 4096:
+            np.testing.assert_array_equal(got, value * index)  # the rounded product
+        else:
+            np.testing.assert_allclose(got, np.float64(value) * index, rtol=2e-7, atol=0)
+
+
+def test_neighbours_are_robust_to_a_coordinate_off_by_rounding():
+    # the indices computed from one evaluation of a coordinate and the weights from another
+    # that differs in the last bits (what XLA's fusions can do) still interpolate to within
+    # that difference; with floor(c) for the indices and c - floor(c) for the weights, a
+    # coordinate at an integer can take the neighbour's value
+    grid = np.arange(-3.0, 40.0)
+    data = (grid**2 / 7.0).astype(np.float32)
+    step = float(np.abs(np.diff(data)).max())
+    worst_floor = 0.0
+    for point in np.array([0.0, 1.0, 2.0, 7.0, 8.0, 30.0, 31.0, 0.5, 11.5, 17.25], np.float32):
+        near = [point]
+        for direction in (-np.inf, np.inf):
+            c = point
+            for _ in range(3):
+                c = np.nextafter(c, np.float32(direction))
+                near.append(c)
+        for c_index in near:
+            for c_weight in near:
+                indices, _, _ = _neighbours(jnp.float32(c_index))
+                _, weights, _ = _neighbours(jnp.float32(c_weight))
+                value = sum(float(w) * float(data[int(i) + 3]) for i, w in zip(indices, weights))
+                exact = np.interp(np.float64(c_weight), grid, data.astype(np.float64))
+                bound = 2 * step * abs(float(c_index) - float(c_weight)) + 1e-5 * abs(exact) + 1e-6
+                assert abs(value - exact) <= bound, (point, c_index, c_weight, value, exact)
+                lo, f = int(np.floor(c_index)), float(c_weight - np.floor(c_weight))
+                worst_floor = max(worst_floor, abs((1 - f) * data[lo + 3] + f * data[lo + 4] - exact))
+        lo, hi = sorted(int(i) for i in _neighbours(jnp.float32(point))[0])
+        assert (lo, hi) == (np.floor(point), np.floor(point) + 1)
+    assert worst_floor > 1.0  # the floor formulation fails this test

@@ -27,6 +27,31 @@ Exactness: coordinates are computed as ``m[d, 0] * i + m[d, 1] * j + m[d, 2] * k
 so an identity matrix (with zero displacement) gives exact integer coordinates, weights
 exactly 1 and 0, and the input back bit for bit, also under ``jit``.
 
+Same result eagerly and under ``jit``: XLA does not compute a coordinate once. It
+recomputes it in every fusion that needs it (each of the 8 gathers computes its own
+index; the weights are computed where the corners are summed, and again wherever a later
+operation reads the output without it being written to memory, e.g. the next resampling
+in the same program), and the compiler may contract a product and a sum into one fused
+multiply-add in one fusion and not in another, so two evaluations of one coordinate can
+differ in the last bit. Two guards keep the result independent of that:
+
+- Products of a matrix entry and a voxel index are exact: the entry is split into two
+  halves of 12 significant bits (``_exact_parts``), each of whose products with an index
+  below 4096 is exact, so a fused multiply-add rounds the same way as a multiply then an
+  add. Affine coordinates are bit-identical wherever they are computed (and equal the
+  eager ones), which also keeps nearest-neighbour indices consistent.
+- Trilinear interpolation finds, per axis, the two neighbours ``floor(c)`` and
+  ``floor(c) + 1`` as the even and the odd one of them (``2 floor(c / 2 + 1/2)`` and
+  ``2 floor(c / 2) + 1``), with the usual weights ``1 - f`` and ``f``,
+  ``f = c - floor(c)``. The even index jumps only at odd coordinates, where its weight is
+  0, and the odd one only at even coordinates, so where a coordinate lies within
+  rounding of an integer, the gathers and the weights may see different neighbours and
+  the result still moves by no more than that rounding. With ``floor`` for the gathers
+  and ``c - floor(c)`` for the weights, they could disagree by a whole voxel: the
+  neighbour's value instead of the voxel's (up to 0.3 on [0, 1] data after a motion
+  artefact). This covers what the split products do not: displacement fields, and
+  matrices computed in the same program.
+
 Performance: an affine-only mapping never builds a ``(3, X, Y, Z)`` grid; each coordinate
 is an outer sum of three 1D ramps that XLA fuses into the gathers. On CPU the fastest
 formulation measured was 8 scalar gathers on the flattened volume fused with the weight
@@ -68,6 +93,49 @@ def _interpolation(order) -> str:
         ) from None
 
 
+def _exact_parts(x: jax.Array, bits: int) -> list[jax.Array]:
+    """float32 ``x`` as parts that sum to it exactly, each with at most ``bits``
+    significant bits (the leading ones by masking the mantissa, then the remainders)."""
+    mask = jnp.int32(~((1 << (24 - bits)) - 1))
+    parts = []
+    rest = x
+    for _ in range(-(-24 // bits) - 1):
+        high = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(rest, jnp.int32) & mask, jnp.float32)
+        parts.append(high)
+        rest = rest - high  # exact: the low bits of ``rest``
+    return [*parts, rest]
+
+
+def _times_index(value: jax.Array, index: jax.Array, size: int) -> jax.Array:
+    """``value * index`` for integer-valued ``index`` in ``[0, size)``, as a sum of exact
+    products (see module doc): the same bits whether or not the compiler fuses it with an
+    addition. For ``size <= 4096`` the result equals the rounded product ``value * index``."""
+    bits = 24 - max(1, (size - 1).bit_length())
+    total = None
+    for part in _exact_parts(value, bits):
+        term = part * index
+        total = term if total is None else total + term
+    return total
+
+
+def _neighbours(c: jax.Array):
+    """The two linear-interpolation neighbours of coordinate ``c`` along one axis.
+
+    Returns ``(even, odd)`` indices (int32), their weights and whether each is the upper
+    one. ``{even, odd} == {floor(c), floor(c) + 1}``; weights ``1 - f`` for ``floor(c)``,
+    ``f = c - floor(c)`` for the other. Halving is exact, so the indices are the same
+    wherever they are computed from the same ``c``; from a ``c`` off by rounding, an index
+    can only differ where its weight is within that rounding of 0 (see module doc).
+    """
+    even = 2.0 * jnp.floor(0.5 * c + 0.5)  # odd c -> c + 1
+    odd = 2.0 * jnp.floor(0.5 * c) + 1.0
+    frac = c - jnp.minimum(even, odd)
+    even_first = even < odd
+    indices = (even.astype(jnp.int32), odd.astype(jnp.int32))
+    weights = (jnp.where(even_first, 1.0 - frac, frac), jnp.where(even_first, frac, 1.0 - frac))
+    return indices, weights, (~even_first, even_first)
+
+
 def _coordinates(matrix, output_shape, displacement, displacement_matrix) -> list[jax.Array]:
     # One coordinate per axis as an outer sum of 1D ramps; broadcasting happens inside the
     # fusions that consume them, so no (3, X, Y, Z) grid is built for affine mappings.
@@ -76,7 +144,13 @@ def _coordinates(matrix, output_shape, displacement, displacement_matrix) -> lis
     i = axes[0][:, None, None, None]
     j = axes[1][None, :, None, None]
     k = axes[2][None, None, :, None]
-    coords = [matrix[d, 0] * i + matrix[d, 1] * j + matrix[d, 2] * k + matrix[d, 3] for d in range(3)]
+    coords = [
+        _times_index(matrix[d, 0], i, output_shape[0])
+        + _times_index(matrix[d, 1], j, output_shape[1])
+        + _times_index(matrix[d, 2], k, output_shape[2])
+        + matrix[d, 3]
+        for d in range(3)
+    ]
     if isinstance(displacement, SeparableField):
         if displacement_matrix is not None:
             displacement = displacement.transform_vectors(displacement_matrix)
@@ -195,15 +269,13 @@ def resample(
             values = jnp.where(inside, values, pad_as(data.dtype))
         return values
 
-    lower = [jnp.floor(c) for c in coords]
-    frac = [c - f for c, f in zip(coords, lower)]
-    lower = [f.astype(jnp.int32) for f in lower]
+    slots, weights, upper = zip(*(_neighbours(c) for c in coords))
     corners = []
     inside_weight = 0.0
     for corner in itertools.product((0, 1), repeat=3):
-        flat_index, inside = locate([lo + c for lo, c in zip(lower, corner)])
-        weight = (frac[0] if corner[0] else 1.0 - frac[0]) * (frac[1] if corner[1] else 1.0 - frac[1])
-        weight = weight * (frac[2] if corner[2] else 1.0 - frac[2])
+        flat_index, inside = locate([slots[d][s] for d, s in enumerate(corner)])
+        weight = weights[0][corner[0]] * weights[1][corner[1]]
+        weight = weight * weights[2][corner[2]]
         if pad_mode == "constant":
             weight = jnp.where(inside, weight, 0.0)
             inside_weight = inside_weight + weight
@@ -211,7 +283,12 @@ def resample(
     missing = 1.0 - inside_weight if pad_mode == "constant" else None
 
     if mode == "partial_volume":
-        return _partial_volume(corners, missing, pad_as(data.dtype))
+        # rank of each corner in (lower, upper) order per axis, for the documented tie rule
+        ranks = [
+            sum(upper[d][s].astype(jnp.int32) << (2 - d) for d, s in enumerate(corner))
+            for corner in itertools.product((0, 1), repeat=3)
+        ]
+        return _partial_volume(corners, missing, pad_as(data.dtype), ranks)
 
     out_dtype = data.dtype if jnp.issubdtype(data.dtype, jnp.floating) else jnp.float32
     total = None
@@ -225,25 +302,29 @@ def resample(
     return total
 
 
-def _partial_volume(corners, missing, pad):
-    """Label with the largest summed trilinear weight among the 8 neighbours (and pad)."""
+def _partial_volume(corners, missing, pad, ranks):
+    """Label with the largest summed trilinear weight among the 8 neighbours (and pad);
+    ties go to the lowest ``ranks`` (the pad ranks last)."""
     candidates = [values for values, _ in corners]
     weights = [w for _, w in corners]
+    ranks = list(ranks)
     if missing is not None:
         candidates.append(jnp.broadcast_to(pad, candidates[0].shape))
         weights.append(missing)
-    best_label = best_score = None
+        ranks.append(jnp.int32(len(corners)))
+    best_label = best_score = best_rank = None
     for a, label in enumerate(candidates):
         score = weights[a]
         for b, other in enumerate(candidates):
             if b != a:
                 score = score + jnp.where(other == label, weights[b], 0.0)
         if best_label is None:
-            best_label, best_score = label, score
+            best_label, best_score, best_rank = label, score, ranks[a]
         else:
-            better = score > best_score
+            better = (score > best_score) | ((score == best_score) & (ranks[a] < best_rank))
             best_label = jnp.where(better, label, best_label)
             best_score = jnp.where(better, score, best_score)
+            best_rank = jnp.where(better, ranks[a], best_rank)
     return best_label
 
 
