@@ -50,3 +50,15 @@ class UNet3D(nnx.Module):
         d2 = self.dec2(jnp.concatenate([self.up2(b), e2], axis=-1))
         d1 = self.dec1(jnp.concatenate([self.up1(d2), e1], axis=-1))
         return self.head(d1)
+
+
+def create_unet(in_channels: int, num_classes: int, *, width: int = 8, seed: int = 0) -> UNet3D:
+    """A ``UNet3D`` with weights drawn from ``seed``, initialised in one jitted program.
+
+    One compilation instead of one per weight shape. The weights are drawn on one device
+    with the classic threefry generator: its sharding-friendly variant (JAX's default)
+    brings nothing there, and XLA:CPU compiles it several times slower for the 5D
+    convolution kernels.
+    """
+    with jax.threefry_partitionable(False):
+        return nnx.jit(lambda: UNet3D(in_channels, num_classes, width=width, rngs=nnx.Rngs(params=seed)))()
