@@ -13,9 +13,9 @@ Each device count runs in its own subprocess with
 are **emulated CPU devices**: they share the host's cores (the table header says how
 many), so on a 2-core machine the total throughput can grow by at most about 2x
 whatever N is; what the rows show is the cost of partitioning the program over N
-devices, not how an accelerator scales. Timing follows ``common.measure``: the first
-call alone (compile time = first call - median), then the median of the timed calls,
-each with its own key.
+devices, not how an accelerator scales. Timing: the first call alone (compile time =
+first call - median), then the median of the timed runs; a run is a burst of calls of
+at least 0.25 s (each call with its own key), divided by the number of calls.
 
     PYTHONPATH=. python benchmarks/bench_device.py [--quick] [--devices 1 2 4 8] [--runs N]
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import re
 import statistics
@@ -37,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_COUNTS = (1, 2, 4, 8)
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+MIN_RUN_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Config:
 
 
 FULL = Config(volume=96, per_device=2, patch=64, num_patches=4)
-QUICK = Config(volume=48, per_device=1, patch=32, num_patches=2)
+QUICK = Config(volume=64, per_device=1, patch=32, num_patches=2)
 
 
 def _augmentation(T):
@@ -68,6 +70,7 @@ def _augmentation(T):
 def _child(config: Config, devices: int, runs: int) -> dict:
     """Time the sharded augmentation on this process's devices (run with its own XLA_FLAGS)."""
     import jax
+    import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P  # noqa: N817
 
@@ -93,20 +96,33 @@ def _child(config: Config, devices: int, runs: int) -> dict:
     augmentation = _augmentation(T)
 
     @functools.partial(jax.jit, in_shardings=(replicated, split), out_shardings=split)
-    def step(key, batch):
+    def step(i, batch):
+        key = jax.random.fold_in(jax.random.key(0), i)
         return jmed.augment_and_sample(
             key, batch, sampler=sampler, num_patches=config.num_patches, augmentation=augmentation
         )
 
-    keys = [jax.device_put(jax.random.key(i), replicated) for i in range(runs + 1)]
+    calls = iter(range(2**31))
+
+    def call():
+        return step(np.uint32(next(calls)), batch)
+
     start = time.perf_counter()
-    out = jax.block_until_ready(step(keys[0], batch))
+    out = jax.block_until_ready(call())
     first = time.perf_counter() - start
+    # each timed run is a burst of calls lasting at least MIN_RUN_S: single calls of a
+    # few milliseconds would measure the scheduler of a shared machine
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    repeat = max(1, min(100, math.ceil(MIN_RUN_S / max(time.perf_counter() - start, 1e-6))))
     times = []
-    for key in keys[1:]:
+    cpu_start = time.process_time()
+    for _ in range(runs):
         start = time.perf_counter()
-        jax.block_until_ready(step(key, batch))
-        times.append(time.perf_counter() - start)
+        jax.block_until_ready([call() for _ in range(repeat)])
+        times.append((time.perf_counter() - start) / repeat)
+    # CPU seconds of all threads: less sensitive than wall time to other load on the machine
+    cpu_per_call = (time.process_time() - cpu_start) / (runs * repeat)
     shards = out["t1"].data.addressable_shards
     return {
         "devices": devices,
@@ -114,6 +130,8 @@ def _child(config: Config, devices: int, runs: int) -> dict:
         "first_s": first,
         "median_s": statistics.median(times),
         "runs": runs,
+        "calls_per_run": repeat,
+        "cpu_s_per_call": cpu_per_call,
         "output_shards": len(shards),
         "patches_per_shard": int(shards[0].data.shape[0]),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -186,7 +204,8 @@ def cases(quick: bool, volume=None) -> list:
             note = (
                 f"EMULATED CPU devices sharing {r['cores']} cores; {r['volumes_per_s']:.1f} volumes/s in total, "
                 f"{r['per_device_volumes_per_s']:.1f} per device; throughput vs 1 device {r['scaling']:.2f}x "
-                f"(ideal on real devices: {devices}x)"
+                f"(ideal on real devices: {devices}x); CPU time {1e3 * r['cpu_s_per_call'] / r['batch_size']:.1f} "
+                "ms per volume (all threads)"
             )
             per_volume_ms = 1e3 * r["median_s"] / r["batch_size"]
             compile_s = max(r["first_s"] - r["median_s"], 0.0)
@@ -236,15 +255,20 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"host allocator: {apply_allocator(False)}")
     results = run(config, runs, tuple(args.devices))
-    print(f"\n{config}; EMULATED CPU devices (they share the host's cores), median of {runs} calls")
-    print(
-        f"{'devices':>7s} {'ms/volume':>10s} {'volumes/s':>10s} {'per device':>11s} {'scaling':>8s} {'compile s':>10s}"
-    )
+    print(f"\n{config}; EMULATED CPU devices (they share the host's cores), median of {runs} runs")
+    header = ("devices", "ms/volume", "volumes/s", "per device", "scaling", "CPU ms/volume", "compile s")
+    print(" ".join(f"{h:>13s}" for h in header))
     for n, r in results.items():
-        print(
-            f"{n:7d} {1e3 * r['median_s'] / r['batch_size']:10.1f} {r['volumes_per_s']:10.1f} "
-            f"{r['per_device_volumes_per_s']:11.1f} {r['scaling']:7.2f}x {r['first_s'] - r['median_s']:10.2f}"
+        cells = (
+            f"{n}",
+            f"{1e3 * r['median_s'] / r['batch_size']:.2f}",
+            f"{r['volumes_per_s']:.1f}",
+            f"{r['per_device_volumes_per_s']:.1f}",
+            f"{r['scaling']:.2f}x",
+            f"{1e3 * r['cpu_s_per_call'] / r['batch_size']:.2f}",
+            f"{r['first_s'] - r['median_s']:.2f}",
         )
+        print(" ".join(f"{c:>13s}" for c in cells))
 
 
 if __name__ == "__main__":

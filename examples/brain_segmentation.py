@@ -274,7 +274,7 @@ def main(argv=None) -> dict:
     model = create_unet(1, NUM_CLASSES, width=args.width, seed=args.seed)
     schedule = optax.cosine_decay_schedule(args.learning_rate, max(total_steps, 1), alpha=0.1)
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=1e-4), wrt=nnx.Param)
-    # the train step is a pure function of (weights + optimizer state, batch); both are
+    # the train step is a pure function of (weights + optimizer state, batch): the state is
     # replicated on every device of the mesh, the batch is split over them
     graphdef, state = nnx.split((model, optimizer))
     state = data_parallel.replicate(state, mesh)

@@ -53,12 +53,8 @@ class UNet3D(nnx.Module):
 
 
 def create_unet(in_channels: int, num_classes: int, *, width: int = 8, seed: int = 0) -> UNet3D:
-    """A ``UNet3D`` with weights drawn from ``seed``, initialised in one jitted program.
+    """A ``UNet3D`` with weights drawn from ``seed``, initialised under ``nnx.jit``.
 
-    One compilation instead of one per weight shape. The weights are drawn on one device
-    with the classic threefry generator: its sharding-friendly variant (JAX's default)
-    brings nothing there, and XLA:CPU compiles it several times slower for the 5D
-    convolution kernels.
+    One compilation for all the weights instead of one per weight shape.
     """
-    with jax.threefry_partitionable(False):
-        return nnx.jit(lambda: UNet3D(in_channels, num_classes, width=width, rngs=nnx.Rngs(params=seed)))()
+    return nnx.jit(lambda: UNet3D(in_channels, num_classes, width=width, rngs=nnx.Rngs(params=seed)))()
