@@ -118,14 +118,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def memory_report(name: str, compiled) -> dict | None:
-    """Bytes per device of a compiled program as XLA reports them (``None`` if it does not)."""
+def memory_report(name: str, compiled, *, verbose: bool = True) -> dict | None:
+    """Bytes per device of a compiled program as XLA reports them (``None`` if it does not);
+    printed when ``verbose``."""
     try:
         analysis = compiled.memory_analysis()
     except Exception:  # some backends do not implement it
         analysis = None
     if analysis is None:
-        print(f"memory per device, {name}: not reported by this backend")
+        if verbose:
+            print(f"memory per device, {name}: not reported by this backend")
         return None
     report = {
         "arguments": analysis.argument_size_in_bytes,
@@ -137,12 +139,13 @@ def memory_report(name: str, compiled) -> dict | None:
     # donated arguments are reused for outputs (aliased): count them once
     report["total"] = report["arguments"] + report["outputs"] - report["aliased"] + report["temporaries"]
     mib = {k: v / 2**20 for k, v in report.items()}
-    print(
-        f"memory per device, {name}: {mib['total']:.1f} MiB (arguments {mib['arguments']:.1f}, "
-        f"outputs {mib['outputs']:.1f}, of which donated {mib['aliased']:.1f}, "
-        f"temporaries {mib['temporaries']:.1f})",
-        flush=True,
-    )
+    if verbose:
+        print(
+            f"memory per device, {name}: {mib['total']:.1f} MiB (arguments {mib['arguments']:.1f}, "
+            f"outputs {mib['outputs']:.1f}, of which donated {mib['aliased']:.1f}, "
+            f"temporaries {mib['temporaries']:.1f})",
+            flush=True,
+        )
     return report
 
 
@@ -266,17 +269,20 @@ def main(argv=None) -> dict:
         jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=split),
         jax.ShapeDtypeStruct(batch_shape, jnp.uint8, sharding=split),
     ).compile()
-    memory = {"train_step": memory_report("train step", compiled_step)}
+    memory = {"train_step": memory_report("train step", compiled_step, verbose=process == 0)}
     model_state = nnx.state(nnx.merge(graphdef, state)[0])
     compiled_segment = segment.lower(data_parallel.to_local_mesh(model_state, local_mesh), val_t1).compile()
-    memory["validation"] = memory_report(f"validation of a {shape} volume", compiled_segment)
+    memory["validation"] = memory_report(
+        f"validation of a {shape} volume", compiled_segment, verbose=process == 0
+    )
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    print(
-        f"parameters: {param_bytes / 2**20:.2f} MiB; parameters + optimizer state: "
-        f"{state_bytes / 2**20:.2f} MiB (replicated on every device)",
-        flush=True,
-    )
+    if process == 0:
+        print(
+            f"parameters: {param_bytes / 2**20:.2f} MiB; parameters + optimizer state: "
+            f"{state_bytes / 2**20:.2f} MiB (replicated on every device)",
+            flush=True,
+        )
     if args.dry_run:
         shutil.rmtree(folder, ignore_errors=True)
         return {"memory": memory, "parameter_bytes": param_bytes, "state_bytes": state_bytes}
