@@ -9,12 +9,17 @@ The main job of jmed in one script:
 2. loading: deterministic preprocessing in the loader (canonical orientation, resampling
    to 2 mm, intensity rescaling, cropping), random augmentation (flip, small affine,
    gamma, noise) and label-balanced patches through ``jmed.Queue``;
-3. training: patch-based training of a Flax NNX U-Net (``examples/unet.py``) with optax
-   and the Dice + cross-entropy loss of ``jmed.metrics``; the train step is one
-   ``nnx.jit`` function;
-4. validation: ``jmed.sliding_window_inference`` with the windows sharded over a
-   ``jax.sharding.Mesh`` of all local devices, Dice per class (GM, WM) every epoch;
-5. output: the prediction saved as NIfTI (``jmed.save``) and a PNG overlay (``jmed.plot``).
+3. training: patch-based, data-parallel training of a Flax NNX U-Net
+   (``examples/unet.py``) with optax and the Dice + cross-entropy loss of
+   ``jmed.metrics``. Every batch is split over all devices of a mesh
+   (``NamedSharding(mesh, P("data"))``), parameters and optimizer state are replicated,
+   the train step is one ``jax.jit`` program that donates the old state, and the next
+   batches are put on the devices while the current step runs (``examples/data_parallel.py``).
+   With the same seed, 1 and 8 devices give the same losses up to float rounding;
+4. validation: ``jmed.sliding_window_inference`` with the windows sharded over the same
+   mesh, Dice per class (GM, WM) every epoch;
+5. output: the prediction saved as NIfTI (``jmed.save``), a PNG overlay (``jmed.plot``) and
+   ``history.json`` (the loss of every step, the Dice of every epoch).
 
 What is validated: with MNI152 there is one subject, so the brain is split along the
 anterior-posterior axis: training patches come from the posterior half only and the
@@ -26,6 +31,10 @@ Run from the repository root::
     PYTHONPATH=. python examples/brain_segmentation.py              # default, a few minutes
     PYTHONPATH=. python examples/brain_segmentation.py --quick      # a few steps (CI)
     PYTHONPATH=. python examples/brain_segmentation.py --epochs 20 --width 16 --devices 4
+    PYTHONPATH=. python examples/brain_segmentation.py --quick --devices 8 --batch-size 8
+
+``--devices N`` emulates N CPU devices; on a GPU or TPU host the script uses the real
+devices as they are (the batch size must be a multiple of their number).
 
 Needs the ``examples`` extra (flax, optax, matplotlib) and, for MNI152, nilearn.
 """
@@ -33,10 +42,12 @@ Needs the ``examples`` extra (flax, optax, matplotlib) and, for MNI152, nilearn.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 CLASS_NAMES = {1: "GM", 2: "WM"}  # label 0: background and CSF
@@ -73,7 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=32,
         help="side of the cubic training and inference windows (multiple of 4)",
     )
-    parser.add_argument("--batch-size", type=_positive(int), default=4, help="patches per step")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=None,
+        help="patches per step, split over the devices: a multiple of their number (default: 4, --quick 2, "
+        "rounded up to a multiple of the devices)",
+    )
     parser.add_argument("--width", type=_positive(int), default=8, help="U-Net base features")
     parser.add_argument("--learning-rate", type=_positive(float), default=3e-3)
     parser.add_argument(
@@ -87,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--devices",
         type=_positive(int),
         default=None,
-        help="on CPU, emulate this many devices for the sharded inference",
+        help="on CPU, emulate this many devices (training batches and validation windows are split over them)",
     )
     parser.add_argument(
         "--output", type=Path, default=None, help="output folder (default: a new temporary folder)"
@@ -98,6 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny configuration: a few steps on small synthetic volumes (CI)"
     )
     args = parser.parse_args(argv)
+    if args.devices is not None and args.batch_size is not None and args.batch_size % args.devices:
+        parser.error(
+            f"--batch-size ({args.batch_size}) must be a multiple of --devices ({args.devices}): "
+            "every device takes the same share of the batch"
+        )
     if args.patch_size % 4:
         parser.error(f"--patch-size must be a multiple of 4 (the U-Net pools twice), got {args.patch_size}")
     if args.num_workers < 0:
@@ -106,7 +128,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.epochs = min(args.epochs, 2)
         args.steps_per_epoch = min(args.steps_per_epoch, 2)
         args.patch_size = min(args.patch_size, 16)
-        args.batch_size = min(args.batch_size, 2)
         args.width = min(args.width, 4)
         args.num_workers = 0  # no worker start-up for a few steps
         args.data = args.data or "synthetic"
@@ -120,7 +141,8 @@ def main(argv=None) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     prediction_path = output / "prediction.nii.gz"
     overlay_path = output / "prediction.png"
-    for path in (prediction_path, overlay_path):
+    history_path = output / "history.json"
+    for path in (prediction_path, overlay_path, history_path):
         if path.exists() and not args.overwrite:
             raise SystemExit(f"error: {path} exists; pass --overwrite or choose another --output")
 
@@ -140,7 +162,16 @@ def main(argv=None) -> dict:
 
     jmed.tune_host_allocator()  # large volumes from the heap, not fresh page mappings (glibc)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from unet import UNet3D
+    import data_parallel
+    from unet import create_unet
+
+    # every device takes an equal share of each batch
+    devices = jax.devices()
+    mesh = data_parallel.data_mesh(devices)
+    if args.batch_size is None:
+        base = 2 if args.quick else 4
+        args.batch_size = mesh.size * -(-base // mesh.size)
+    data_parallel.check_batch_size(args.batch_size, mesh)
 
     # --- data: subjects as NIfTI records ----------------------------------------------------
     if args.data is None:
@@ -240,41 +271,55 @@ def main(argv=None) -> dict:
     frequencies = np.bincount(np.asarray(val_labels).ravel(), minlength=NUM_CLASSES) / val_labels.size
 
     # --- model, optimiser, train step -------------------------------------------------------
-    # initialised under jit: one compilation instead of one per weight shape
-    model = nnx.jit(lambda: UNet3D(1, NUM_CLASSES, width=args.width, rngs=nnx.Rngs(params=args.seed)))()
+    model = create_unet(1, NUM_CLASSES, width=args.width, seed=args.seed)
     schedule = optax.cosine_decay_schedule(args.learning_rate, max(total_steps, 1), alpha=0.1)
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=1e-4), wrt=nnx.Param)
+    # the train step is a pure function of (weights + optimizer state, batch): the state is
+    # replicated on every device of the mesh, the batch is split over them
+    graphdef, state = nnx.split((model, optimizer))
+    state = data_parallel.replicate(state, mesh)
+    replicated, split = data_parallel.replicated(mesh), data_parallel.batch_sharding(mesh)
 
-    @nnx.jit
-    def train_step(model, optimizer, images, labels):
-        def loss_fn(model):
-            return jmed.metrics.dice_ce_loss(model(images), labels[..., 0])
+    def loss_fn(model, images, labels):
+        return jmed.metrics.dice_ce_loss(model(images), labels[..., 0])
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
+    # the old state is donated: its buffers hold the new one (no second copy of the weights)
+    @partial(
+        jax.jit,
+        in_shardings=(replicated, split, split),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    def train_step(state, images, labels):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels)
         optimizer.update(model, grads)
-        return loss
+        return nnx.state((model, optimizer)), loss
 
-    devices = jax.devices()
-    mesh = jax.make_mesh((len(devices),), ("data",))
-    graphdef = nnx.graphdef(model)
+    model_graphdef = nnx.graphdef(model)
     window = dict(patch_size=patch, overlap=patch // 2, batch_size=2, mode="hann", mesh=mesh)
 
     @jax.jit
-    def segment(state, image):
+    def segment(model_state, image):
         # the model is rebuilt from its weights inside jit, so new weights do not recompile
-        probabilities = jmed.sliding_window_inference(nnx.merge(graphdef, state), image, **window)
+        probabilities = jmed.sliding_window_inference(nnx.merge(model_graphdef, model_state), image, **window)
         return jnp.argmax(probabilities.data, axis=-1).astype(jnp.uint8)
 
-    def validate():
-        labels = segment(nnx.state(model), val_t1)
+    def validate(state):
+        trained, _ = nnx.merge(graphdef, state)
+        labels = segment(nnx.state(trained), val_t1)
         dice = jmed.metrics.dice_score(labels, val_labels, num_classes=NUM_CLASSES)
         return labels, np.asarray(dice)
+
+    def to_devices(batch):
+        # starts the transfer and returns at once; the arrays are split over the mesh
+        return data_parallel.to_global((batch["t1"].data, batch["seg"].data), mesh)
 
     print(f"data: {what}")
     print(f"validation volume {val_t1.spatial_shape} at {val_t1.spacing[0]:g} mm")
     print(
         f"{args.epochs} epochs x {args.steps_per_epoch} steps, batch {args.batch_size} x {patch}^3, "
-        f"U-Net width {args.width}, {len(devices)} {devices[0].platform} device(s) for inference"
+        f"U-Net width {args.width}, data-parallel on {len(devices)} {devices[0].platform} device(s)"
     )
     print(
         "chance Dice (class frequency in the validation volume): "
@@ -283,20 +328,24 @@ def main(argv=None) -> dict:
 
     # --- training ---------------------------------------------------------------------------
     history = []
-    step_times = []
+    step_losses = []
+    train_times = []
     with iter(queue) as batches:
+        # the next batches are loaded and put on the devices while a step runs
+        device_batches = data_parallel.prefetch(batches, to_devices, size=2)
         for epoch in range(args.epochs):
             epoch_start = time.perf_counter()
             losses = []
             for _ in range(args.steps_per_epoch):
-                batch = next(batches)
-                t = time.perf_counter()
-                loss = train_step(
-                    model, optimizer, jnp.asarray(batch["t1"].data), jnp.asarray(batch["seg"].data)
-                )
-                losses.append(float(loss))
-                step_times.append(time.perf_counter() - t)
-            labels, dice = validate()
+                images, labels = next(device_batches)
+                if not step_losses and not losses:
+                    print(data_parallel.describe(images, state), flush=True)
+                state, loss = train_step(state, images, labels)
+                losses.append(loss)  # not read yet: reading would wait for the step
+            losses = [float(x) for x in data_parallel.fetch(losses)]
+            train_times.append(time.perf_counter() - epoch_start)
+            step_losses += losses
+            labels, dice = validate(state)
             history.append(dice)
             print(
                 f"epoch {epoch + 1}/{args.epochs}  loss {np.mean(losses):.4f}  "
@@ -318,6 +367,17 @@ def main(argv=None) -> dict:
     )
     plt.close(fig)
 
+    history_path.write_text(
+        json.dumps(
+            {
+                "devices": len(devices),
+                "batch_size": args.batch_size,
+                "losses": step_losses,
+                "dice": [{name: float(d[c]) for c, name in CLASS_NAMES.items()} for d in history],
+            },
+            indent=1,
+        )
+    )
     wall = time.perf_counter() - start_time
     final = history[-1]
     print("summary:")
@@ -326,16 +386,18 @@ def main(argv=None) -> dict:
         "  validation Dice "
         + ", ".join(f"{name} {final[c]:.3f} (chance {frequencies[c]:.3f})" for c, name in CLASS_NAMES.items())
     )
-    if len(step_times) > 1:
+    if len(train_times) > 1:
         print(
-            f"  train step     {1000 * np.median(step_times[1:]):.0f} ms (median; first, with compilation, "
-            f"{step_times[0]:.1f} s)"
+            f"  train step     {1000 * np.mean(train_times[1:]) / args.steps_per_epoch:.0f} ms (mean after the "
+            f"first epoch, whose {args.steps_per_epoch} steps took {train_times[0]:.1f} s with compilation)"
         )
     print(f"  wall time      {wall:.1f} s")
     print(f"  prediction     {prediction_path}")
     print(f"  overlay        {overlay_path}")
+    print(f"  history        {history_path}")
     return {
         "dice": {name: float(final[c]) for c, name in CLASS_NAMES.items()},
+        "losses": step_losses,
         "wall_time": wall,
         "output": output,
     }

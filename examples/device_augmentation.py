@@ -1,29 +1,40 @@
-"""Augmentation on the accelerator, fused with the train step (the device pipeline).
+"""Augmentation on the accelerator, fused with a data-parallel train step (the device pipeline).
 
-Whole preprocessed volumes of one shape go to the device; inside one jitted train step,
-``jmed.augment_and_sample`` runs ``vmap`` of a ``Compose`` of random transforms (flip,
-affine, gamma, noise) over the batch, draws label-balanced patches from every augmented
-volume, and the U-Net (``examples/unet.py``) takes an optax step on them. The host only
+``jmed.VolumeLoader`` reads whole preprocessed volumes of one shape (NIfTI files,
+intensities rescaled in the loader) and batches them; the batches are split over all
+devices of a mesh (``NamedSharding(mesh, P("data"))``) and put on the devices ahead of
+use. Inside one jitted train step, ``jmed.augment_and_sample`` runs ``vmap`` of a
+``Compose`` of random transforms (flip, affine, gamma, noise) over the batch, draws
+label-balanced patches from every augmented volume, and the U-Net
+(``examples/unet.py``) takes an optax step on them; every device augments and trains on
+its own share of the batch, the gradients are reduced by XLA, and the weights and
+optimizer state (replicated, donated to the step) stay on the devices. The host only
 hands over the volumes; there is no CPU augmentation at all.
 
-The volumes here are synthetic brain phantoms (``jmed.datasets.phantom``) stacked into
-one batch with ``jmed.stack``; with files, ``jmed.VolumeLoader`` yields the same batches.
+With the same seed, 1 and 8 devices give the same losses up to float rounding: the key
+of each volume depends only on the step and the volume's place in the batch.
 Compilation time is printed separately from the time per step.
 
 Run from the repository root::
 
     PYTHONPATH=. python examples/device_augmentation.py            # small default
     PYTHONPATH=. python examples/device_augmentation.py --quick    # CI
+    PYTHONPATH=. python examples/device_augmentation.py --quick --devices 8 --batch-size 8
     PYTHONPATH=. python examples/device_augmentation.py --volume-size 96 --batch-size 4 --patch-size 64
 
+``--devices N`` emulates N CPU devices; GPU and TPU hosts use their real devices.
 Needs the ``examples`` extra (flax, optax).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 
@@ -40,11 +51,26 @@ def _positive_int(text):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--volume-size", type=_positive_int, default=48, help="side of the cubic volumes")
-    parser.add_argument("--batch-size", type=_positive_int, default=2, help="volumes per step")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="volumes per step, split over the devices: a multiple of their number "
+        "(default 2, rounded up to a multiple of the devices)",
+    )
+    parser.add_argument(
+        "--subjects", type=_positive_int, default=None, help="volumes on disk (default 2 batches)"
+    )
     parser.add_argument("--patches-per-volume", type=_positive_int, default=2)
     parser.add_argument("--patch-size", type=_positive_int, default=32, help="multiple of 4")
     parser.add_argument("--width", type=_positive_int, default=8, help="U-Net base features")
     parser.add_argument("--steps", type=_positive_int, default=10)
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="loader worker processes (0: main process)"
+    )
+    parser.add_argument(
+        "--devices", type=_positive_int, default=None, help="on CPU, emulate this many devices (XLA_FLAGS)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny configuration (CI)")
     args = parser.parse_args(argv)
@@ -58,11 +84,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--patch-size must be a multiple of 4 (the U-Net pools twice), got {args.patch_size}")
     if args.patch_size > args.volume_size:
         parser.error(f"--patch-size ({args.patch_size}) must not exceed --volume-size ({args.volume_size})")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.devices is not None and args.batch_size is not None and args.batch_size % args.devices:
+        parser.error(
+            f"--batch-size ({args.batch_size}) must be a multiple of --devices ({args.devices}): "
+            "every device takes the same share of the batch"
+        )
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.devices is not None:
+        # must happen before jax is imported; ignored by GPU/TPU backends
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
     import jax
     import numpy as np
     import optax
@@ -72,19 +109,39 @@ def main(argv=None) -> dict:
     import jmed.transforms as T  # noqa: N812
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from unet import UNet3D
+    import data_parallel
+    from unet import create_unet
 
+    devices = jax.devices()
+    mesh = data_parallel.data_mesh(devices)
+    if args.batch_size is None:
+        args.batch_size = mesh.size * -(-2 // mesh.size)
+    data_parallel.check_batch_size(args.batch_size, mesh)
+    num_subjects = args.subjects or 2 * args.batch_size
+
+    # --- data: NIfTI files read by a VolumeLoader --------------------------------------------
     num_classes = 3
     shape = (args.volume_size,) * 3
-    subjects = []
-    for i in range(args.batch_size):
-        s = jmed.datasets.phantom(
+    folder = Path(tempfile.mkdtemp(prefix="jmed_device_"))
+    records = []
+    for i in range(num_subjects):
+        subject = jmed.datasets.phantom(
             args.seed * 1000 + i, shape=shape, spacing=(2.0,) * 3, num_classes=num_classes
         )
-        subjects.append(
-            T.RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5))(None, s).without_history()
-        )
-    volumes = jax.device_put(jmed.stack(subjects))
+        record = {}
+        for name in ("t1", "seg"):
+            record[name] = str(folder / f"phantom{i}_{name}.nii.gz")
+            jmed.save(subject[name], record[name], overwrite=True)
+        records.append(record)
+    loader = jmed.VolumeLoader(
+        records,
+        batch_size=args.batch_size // jax.process_count(),  # this process's share of the batch
+        num_workers=args.num_workers,
+        seed=args.seed,
+        preprocessing=T.RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5)),
+        label_names="seg",
+        num_epochs=None,
+    )
 
     augmentation = T.Compose(
         [
@@ -95,11 +152,24 @@ def main(argv=None) -> dict:
         ]
     )
     sampler = jmed.LabelSampler(args.patch_size, "seg", {0: 1, 1: 1, 2: 1})
-    model = nnx.jit(lambda: UNet3D(1, num_classes, width=args.width, rngs=nnx.Rngs(params=args.seed)))()
-    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
 
-    @nnx.jit
-    def train_step(model, optimizer, key, volumes):
+    # --- model and the data-parallel train step --------------------------------------------------
+    model = create_unet(1, num_classes, width=args.width, seed=args.seed)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    state = data_parallel.replicate(state, mesh)
+    replicated, split = data_parallel.replicated(mesh), data_parallel.batch_sharding(mesh)
+
+    @partial(
+        jax.jit,
+        in_shardings=(replicated, replicated, split),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    def train_step(state, step, volumes):
+        model, optimizer = nnx.merge(graphdef, state)
+        # one key per step; augment_and_sample gives every volume its own key from it
+        key = jax.random.fold_in(jax.random.key(args.seed), step)
         patches = jmed.augment_and_sample(
             key, volumes, sampler=sampler, num_patches=args.patches_per_volume, augmentation=augmentation
         )
@@ -110,33 +180,62 @@ def main(argv=None) -> dict:
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
-        return loss
+        return nnx.state((model, optimizer)), loss
 
-    key = jax.random.key(args.seed)
-    device = jax.devices()[0]
+    def to_devices(batch):
+        # images only: the loader's metadata (subject indices) stays on the host
+        volumes = jmed.Subject({name: batch[name] for name in batch})
+        return data_parallel.to_global(volumes, mesh)
+
     print(
-        f"{args.batch_size} volumes of {shape} on {device.platform}; per step: augment + "
-        f"{args.patches_per_volume} patch(es) of {args.patch_size}^3 per volume + U-Net (width {args.width}) step"
+        f"{args.batch_size} volumes of {shape} per step, data-parallel on {len(devices)} {devices[0].platform} "
+        f"device(s); per step: augment + {args.patches_per_volume} patch(es) of {args.patch_size}^3 per volume "
+        f"+ U-Net (width {args.width}) step"
     )
-    start = time.perf_counter()
-    # the first step compiles the whole program: augmentation, sampling and the model step
-    loss = float(train_step(model, optimizer, jax.random.fold_in(key, 0), volumes))
-    compile_time = time.perf_counter() - start
-    print(f"step 1/{args.steps}  loss {loss:.4f}  first call (compile + run): {compile_time:.2f} s")
-
-    times, losses = [], [loss]
-    for step in range(1, args.steps):
-        start = time.perf_counter()
-        loss = float(train_step(model, optimizer, jax.random.fold_in(key, step), volumes))
-        times.append(time.perf_counter() - start)
-        losses.append(loss)
-        print(f"step {step + 1}/{args.steps}  loss {loss:.4f}  {1000 * times[-1]:.0f} ms", flush=True)
-    per_step = float(np.median(times)) if times else float("nan")
+    losses, times = [], []
+    try:
+        _train(args, loader, train_step, state, to_devices, losses, times)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    compile_time, steady = times[0], times[1:]
+    per_step = float(np.median(steady)) if steady else float("nan")
     print(
         f"summary: first call (compile + run) {compile_time:.2f} s, then {1000 * per_step:.0f} ms per step "
-        f"(median of {len(times)})"
+        f"(median of {len(steady)})"
     )
-    return {"compile_time": compile_time, "step_time": per_step, "losses": losses}
+    return {"compile_time": compile_time, "step_time": per_step, "losses": losses, "devices": len(devices)}
+
+
+def _train(args, loader, train_step, state, to_devices, losses, times) -> None:
+    """Run the steps; append each step's loss and seconds to ``losses`` and ``times``."""
+    import data_parallel
+    import numpy as np
+
+    with iter(loader) as batches:
+        device_batches = data_parallel.prefetch(batches, to_devices, size=2)
+        start = time.perf_counter()
+        pending = None
+        for step in range(args.steps):
+            volumes = next(device_batches)
+            if step == 0:
+                print(data_parallel.describe(volumes["t1"].data, state), flush=True)
+            state, loss = train_step(state, np.uint32(step), volumes)
+            # the loss of the previous step is read once this step is queued, so the
+            # devices are never left waiting for the host
+            if pending is not None:
+                losses.append(float(data_parallel.fetch(pending)))
+                times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                _report(len(losses), args.steps, losses[-1], times)
+            pending = loss
+        losses.append(float(data_parallel.fetch(pending)))
+        times.append(time.perf_counter() - start)
+        _report(len(losses), args.steps, losses[-1], times)
+
+
+def _report(step: int, steps: int, loss: float, times: list) -> None:
+    when = f"first call (compile + run): {times[0]:.2f} s" if step == 1 else f"{1000 * times[-1]:.0f} ms"
+    print(f"step {step}/{steps}  loss {loss:.8g}  {when}", flush=True)
 
 
 if __name__ == "__main__":

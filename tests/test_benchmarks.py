@@ -209,3 +209,23 @@ def test_heterogeneous_benchmark_counts_compilations_per_worker(tmp_path):
     assert sum(counted[role]["cache_hits"] for role in ("worker0", "worker1")) >= 1, counted
     total = sum(c["compilations"] for c in counted.values())
     assert total == done.stderr.count(LOGGED_COMPILATION), (counted, done.stderr[-3000:])
+
+
+def test_device_benchmark_splits_the_batch_over_emulated_devices():
+    """Each device count runs in its own process, on that many devices, batch split evenly."""
+    from benchmarks import bench_device
+    from benchmarks.run import MODULES
+
+    assert "bench_device" in MODULES
+    config = bench_device.Config(volume=24, per_device=1, patch=16, num_patches=2)
+    results = bench_device.run(config, runs=1, device_counts=(1, 2))
+    assert sorted(results) == [1, 2]
+    for n, r in results.items():
+        assert r["devices"] == n and r["batch_size"] == n
+        # the patches come out split like the volumes: one device's share each
+        assert r["output_shards"] == n and r["patches_per_shard"] == config.num_patches
+        assert r["median_s"] > 0 and r["volumes_per_s"] == pytest.approx(n / r["median_s"])
+        assert r["per_device_volumes_per_s"] == pytest.approx(r["volumes_per_s"] / n)
+    assert results[1]["scaling"] == pytest.approx(1.0)
+    names = [case.name for case in bench_device.cases(quick=True)]
+    assert len(names) == 4 and all("emulated CPU device" in name for name in names), names
