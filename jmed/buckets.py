@@ -259,6 +259,27 @@ def kernel_bucket(shape: Sequence[int]) -> Shape | None:
     return bucket_for(shape, buckets)
 
 
+_PREDICTING: contextvars.ContextVar[bool] = contextvars.ContextVar("jmed_predicting_shapes", default=False)
+
+
+@contextlib.contextmanager
+def predicting_shapes() -> Iterator[None]:
+    """Within this context, traced calls only predict output shapes (the loader's
+    ``jax.eval_shape`` of its preprocessing, from the headers): host-only transforms that
+    keep the shape (connected-component clean-up) pass their input through instead of
+    refusing the traced values."""
+    token = _PREDICTING.set(True)
+    try:
+        yield
+    finally:
+        _PREDICTING.reset(token)
+
+
+def is_predicting_shapes() -> bool:
+    """Whether ``predicting_shapes`` is active."""
+    return _PREDICTING.get()
+
+
 _RECORDED: contextvars.ContextVar[list | None] = contextvars.ContextVar("jmed_kernel_shapes", default=None)
 
 

@@ -19,7 +19,11 @@ Determinism: the patches of subject ``i`` in epoch ``e`` depend only on
 the window shuffle on ``seed``. Workers process whole subjects and their outputs are
 interleaved in subject order, so batches are bit-identical for any ``num_workers``.
 Iterators are grain ``DatasetIterator`` s: ``get_state()`` / ``set_state()`` restore a
-position mid-epoch exactly.
+position mid-epoch exactly, also into a loader with another number of workers.
+
+Every subject is checked, after preprocessing, to hold its images on one voxel grid
+(shape, and affines within ``jmed.AFFINE_TOLERANCE``); a subject that fails raises a
+``ValueError`` naming it and its files (or is skipped with ``skip_errors=True``).
 
 Batches are ``Subject`` s with a leading batch axis on every leaf: image data
 ``(b, x, y, z, c)`` (channels last), affines ``(b, 4, 4)``, ``metadata["location"]``
@@ -34,15 +38,22 @@ not open files; use module-level functions, not lambdas).
 
 from __future__ import annotations
 
+import ast
+import atexit
 import functools
+import gc
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
+import weakref
+import zlib
 from collections.abc import Callable, Mapping, Sequence
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,7 +76,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = "jmed-cache-1"
+_CACHE_VERSION = "jmed-cache-2"
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -127,33 +138,88 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _content_crc(data: np.ndarray) -> int:
+    """CRC-32 of an array's bytes in memory order."""
+    if data.flags.c_contiguous:
+        flat = data
+    elif data.flags.f_contiguous:
+        flat = data.T
+    else:
+        flat = np.ascontiguousarray(data)
+    if flat.size == 0:
+        return 0
+    return zlib.crc32(memoryview(flat.reshape(-1)).cast("B"))
+
+
+def _seal(payload: Any) -> str:
+    """A short checksum of a JSON value: an edited memo or geometry file no longer matches."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _CacheEntryInvalid(Exception):
+    pass
+
+
+# entries whose voxel checksums were verified in this process: (path, size, mtime_ns) of
+# each data file; the check runs once per entry and process, not on every read
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
 class _Cache:
     """Preprocessed volumes stored as ``.npy`` (read memory-mapped), one folder per entry.
 
     An entry's key hashes the content of every image file (SHA-256), the image names and
-    kinds, and ``transform_key(preprocessing)`` (a stable description). File digests are memoised by (path, size,
-    modification time) so a hit reads no voxels (a Queue's shape plan reads each header once). Entries are written to a temporary
-    folder and renamed into place, so a partial entry is never read.
+    kinds, and ``transform_key(preprocessing)`` (a stable description). File digests are
+    memoised by (path, size, modification time), in sealed memo files (an edited or
+    copied memo is detected and the file hashed again), so a hit reads no voxels of the
+    image files. An entry's ``geometry.json`` records per image the kind, affine, shape,
+    dtype and a CRC-32 of the voxels, and is sealed by a checksum. Reading an entry checks
+    its geometry file, the names and kinds expected, each ``.npy`` header against the
+    recorded shape and dtype and, once per process, the voxels against their CRC; an
+    entry that fails is deleted with a warning naming it and rebuilt. Entries are written
+    to a temporary folder and renamed into place, so a partial entry is never read.
+    Writing is best effort: with a read-only or full cache folder a warning is logged
+    (once per folder and process) and subjects are used uncached.
     """
+
+    _warned: set[str] = set()
 
     def __init__(self, folder: str | os.PathLike, config: str):
         self.folder = Path(folder)
         self.config = config
 
+    def warn_once(self, what: str, err: OSError) -> None:
+        if str(self.folder) not in _Cache._warned:
+            _Cache._warned.add(str(self.folder))
+            logger.warning(
+                "cannot write to the cache folder %s (%s: %s); continuing without caching",
+                self.folder,
+                what,
+                err,
+            )
+
     def _digest(self, path: Path) -> str:
         stat = path.stat()
-        memo = self.folder / "files" / (hashlib.sha256(os.fsencode(path.resolve())).hexdigest() + ".json")
-        signature = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        resolved = str(path.resolve())
+        memo = self.folder / "files" / (hashlib.sha256(os.fsencode(resolved)).hexdigest() + ".json")
+        signature = {"path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         if memo.exists():
             try:
                 stored = json.loads(memo.read_text())
-                if stored["size"] == stat.st_size and stored["mtime_ns"] == stat.st_mtime_ns:
-                    return stored["sha256"]
-            except (OSError, ValueError, KeyError):
+                record = {k: stored[k] for k in ("path", "size", "mtime_ns", "sha256")}
+                if stored["seal"] != _seal(record):
+                    logger.warning("cache memo %s was altered; hashing %s again", memo, resolved)
+                elif {k: record[k] for k in signature} == signature:
+                    return record["sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
                 pass
         digest = _hash_file(path)
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(memo, json.dumps({**signature, "sha256": digest}))
+        record = {**signature, "sha256": digest}
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(memo, json.dumps({**record, "seal": _seal(record)}))
+        except OSError as err:
+            self.warn_once(f"memo {memo}", err)
         return digest
 
     def entry(self, images: Mapping[str, tuple[str, str]]) -> Path:
@@ -164,30 +230,72 @@ class _Cache:
         return self.folder / key
 
     @staticmethod
-    def read(entry: Path) -> dict[str, Image] | None:
+    def read(entry: Path, kinds: Mapping[str, str]) -> dict[str, Image] | None:
+        """The entry's images, ``None`` if absent; an invalid entry is deleted (warning)."""
         geometry = entry / "geometry.json"
         if not geometry.exists():
             return None
-        info = json.loads(geometry.read_text())
-        return {
-            name: Image(
-                np.load(entry / f"{name}.npy", mmap_mode="r"), np.array(item["affine"]), kind=item["kind"]
+        try:
+            return _Cache._read_checked(entry, kinds)
+        except (_CacheEntryInvalid, OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("invalid cache entry %s (%s); deleting it and rebuilding", entry, err)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+
+    @staticmethod
+    def _read_checked(entry: Path, kinds: Mapping[str, str]) -> dict[str, Image]:
+        info = json.loads((entry / "geometry.json").read_text())
+        if not isinstance(info, dict) or info.get("seal") != _seal(info.get("images")):
+            raise _CacheEntryInvalid("geometry.json does not match its checksum")
+        items = info["images"]
+        if {name: item["kind"] for name, item in items.items()} != dict(kinds):
+            raise _CacheEntryInvalid(
+                f"it holds images {sorted(items)} of kinds "
+                f"{[items[n]['kind'] for n in sorted(items)]}, expected {dict(sorted(kinds.items()))}"
             )
-            for name, item in info.items()
-        }
+        images, checks = {}, []
+        for name, item in items.items():
+            path = entry / f"{name}.npy"
+            data = np.load(path, mmap_mode="r")
+            if list(data.shape) != item["shape"] or str(data.dtype) != item["dtype"]:
+                raise _CacheEntryInvalid(
+                    f"{path.name} holds {data.dtype} {data.shape}, recorded "
+                    f"{item['dtype']} {tuple(item['shape'])}"
+                )
+            stat = path.stat()
+            checks.append(((str(path), stat.st_size, stat.st_mtime_ns), name, data, item["crc32"]))
+            images[name] = Image(data, np.array(item["affine"]), kind=item["kind"])
+        for signature, name, data, crc in checks:
+            if signature in _VERIFIED:
+                continue
+            if _content_crc(data) != crc:
+                raise _CacheEntryInvalid(f"the voxels of {name}.npy do not match their checksum")
+            _VERIFIED.add(signature)
+        return images
 
     def write(self, entry: Path, images: Mapping[str, Image]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
         try:
-            info = {}
+            items = {}
             for name, image in images.items():
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(image.data))
-                info[name] = {"affine": np.asarray(image.affine, float).tolist(), "kind": image.kind}
+                data = np.asarray(image.data)
+                np.save(tmp / f"{name}.npy", data)
+                items[name] = {
+                    "affine": np.asarray(image.affine, float).tolist(),
+                    "kind": image.kind,
+                    "shape": list(data.shape),
+                    "dtype": str(data.dtype),
+                    "crc32": _content_crc(data),
+                }
             # geometry.json last: its presence marks a complete entry
-            (tmp / "geometry.json").write_text(json.dumps(info))
+            (tmp / "geometry.json").write_text(json.dumps({"images": items, "seal": _seal(items)}))
             try:
                 os.rename(tmp, entry)
+                # just written from these arrays: no need to verify their checksums on read
+                for name in items:
+                    stat = (entry / f"{name}.npy").stat()
+                    _VERIFIED.add((str(entry / f"{name}.npy"), stat.st_size, stat.st_mtime_ns))
             except OSError:
                 if (entry / "geometry.json").exists():  # a concurrent writer's complete entry
                     return
@@ -209,6 +317,22 @@ class _Cache:
 # --- source --------------------------------------------------------------------------------
 
 
+def _check_one_grid(subject: Subject) -> None:
+    """Raise a ``ValueError`` unless the subject's images share one voxel grid: the same
+    spatial shape and affines equal within ``jmed.AFFINE_TOLERANCE`` (1e-3 mm, entry by
+    entry). Images holding the same world content on different grids (a label map
+    stored flipped with a matching affine) fail too, as in TorchIO's samplers: augmenting
+    and cutting patches voxel by voxel would misalign them."""
+    try:
+        subject.check_consistent()
+    except ValueError as err:
+        raise ValueError(
+            f"its images do not share a voxel grid after preprocessing ({err}); resample them "
+            "onto one reference grid in preprocessing, e.g. "
+            "Compose([ToCanonical(), Resample(target=<name of the reference image>)])"
+        ) from None
+
+
 class SubjectsSource:
     """A grain random-access data source of subjects, loaded lazily from paths.
 
@@ -224,11 +348,16 @@ class SubjectsSource:
             is stored uncompressed and read memory-mapped; the key covers the files'
             content and ``jmed.transforms.transform_key(preprocessing)``, so a changed file or configuration
             misses. Transforms must have a faithful ``repr`` (the default one lists
-            their attributes). If an entry cannot be written (full disk, no write
-            permission) a warning is logged and the subject is used uncached.
-        skip_errors: if True a subject that fails to load is logged and skipped
-            (``source[i]`` returns ``None``); by default the error is raised, naming
-            the subject and the file.
+            their attributes). Entries are checked when read (geometry, shape, dtype,
+            a CRC-32 of the voxels once per process) and a damaged one is deleted with a
+            warning and rebuilt. If the folder cannot be written (full disk, no write
+            permission) a warning is logged once and subjects are used uncached.
+        skip_errors: if True a subject that fails to load, or whose images do not
+            share a voxel grid after preprocessing (same spatial shape, affines within
+            ``jmed.AFFINE_TOLERANCE`` = 1e-3 mm), is logged and skipped (``source[i]``
+            returns ``None``); by default the error is raised naming the subject and its
+            files (``RuntimeError`` for a file that cannot be read, ``ValueError`` for
+            images on different grids).
 
     ``source[i]`` returns the loaded, preprocessed ``Subject``; its metadata holds the
     record's non-image values and ``subject_index = i``. The source holds only paths and
@@ -293,13 +422,22 @@ class SubjectsSource:
     def __getitem__(self, index: int) -> Subject | None:
         index = int(index)
         try:
-            return self._load(index)
+            subject = self._load(index)
         except Exception as err:
-            message = f"cannot load subject {index}: {type(err).__name__}: {err}"
+            message = f"cannot load subject {self.describe(index)}: {type(err).__name__}: {err}"
             if self.skip_errors:
                 logger.warning("%s (skipped: skip_errors=True)", message)
                 return None
             raise RuntimeError(message) from err
+        try:
+            _check_one_grid(subject)
+        except ValueError as err:
+            message = f"subject {self.describe(index)}: {err}"
+            if self.skip_errors:
+                logger.warning("%s (skipped: skip_errors=True)", message)
+                return None
+            raise ValueError(message) from None
+        return subject
 
     def _load(self, index: int) -> Subject:
         record = self.records[index]
@@ -316,7 +454,7 @@ class SubjectsSource:
 
             cache = _Cache(self.cache_dir, transform_key(self.preprocessing))
             entry = cache.entry(kinds)
-            images = cache.read(entry)
+            images = cache.read(entry, {name: kind for name, (_, kind) in kinds.items()})
             if images is not None:
                 return Subject(images, metadata=metadata)
         # in the file's order (see _preprocess): cheaper than C order for one jitted call
@@ -327,12 +465,11 @@ class SubjectsSource:
                 cache.write(entry, {name: subject[name] for name in subject})
             except OSError as err:
                 # the cache only saves time: a full or read-only disk must not stop training
-                logger.warning(
-                    "cannot write cache entry %s (%s); using subject %d uncached", entry, err, index
-                )
+                cache.warn_once(f"entry {entry} of subject {index}", err)
             else:
-                images = cache.read(entry)
-                subject = subject.replace(images)
+                images = cache.read(entry, {name: kind for name, (_, kind) in kinds.items()})
+                if images is not None:
+                    subject = subject.replace(images)
         return subject
 
     def _preprocess(self, subject: Subject) -> Subject:
@@ -388,7 +525,7 @@ class SubjectsSource:
             return {name: image.data for name, image in subject.items()}
 
         try:
-            with buckets.recording_kernel_shapes() as kernels:
+            with buckets.recording_kernel_shapes() as kernels, buckets.predicting_shapes():
                 shapes = jax.eval_shape(run, abstract)
         except Exception as err:
             raise ValueError(
@@ -579,7 +716,6 @@ class _Load(grain.transforms.Map):
     def _to_bucket(self, index: int, subject: Subject) -> Subject | None:
         try:
             shape = subject.spatial_shape
-            subject.check_consistent()
             if self.patch_size is not None and any(p > s for p, s in zip(self.patch_size, shape)):
                 raise ValueError(
                     f"its shape after preprocessing {shape} is smaller than the patch {self.patch_size}; "
@@ -734,6 +870,165 @@ class _DropNones(grain.experimental.FlatMapTransform):
         return [] if element is None else [element]
 
 
+class _FromWorkers(grain.transforms.Map):
+    """Main process, on each element from the workers: count it (so that an error can
+    name the subjects in flight), and unlink its shared memory at once.
+
+    grain's workers hand arrays over in shared-memory blocks that the main process
+    unlinks when the array is garbage collected, from a background thread; blocks still
+    pending at exit were reported as leaked by Python's resource tracker. Unlinking
+    right away frees the name (the mapping stays valid until the array is dropped), and
+    the later collection only closes the mapping.
+    """
+
+    def __init__(self):
+        self.received = 0
+
+    def map(self, element):
+        self.received += 1
+        _unlink_shared(element)
+        return element
+
+
+def _unlink_shared(node: Any) -> None:
+    if isinstance(node, dict):
+        for value in node.values():
+            _unlink_shared(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _unlink_shared(value)
+    elif isinstance(node, np.ndarray) and getattr(node, "_unlink_on_del", False):
+        shm = getattr(node, "shm", None)
+        if isinstance(shm, shared_memory.SharedMemory):
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+            node._unlink_on_del = False
+
+
+# --- iterator state independent of the worker count ---------------------------------------
+#
+# The batches do not depend on num_workers; only grain's state of the stage that hands the
+# workers' elements to the main process does: with 0 workers ``{"next_index": n}``, with N
+# workers an interleave of N slices (worker w computes elements w, w + N, ...) that the
+# main process reads in turn. Both reduce to n, the number of elements received, which is
+# what a saved state keeps; restoring rebuilds the stage's state for the new worker count.
+
+
+def _received(node: Any) -> int | None:
+    """Elements received from the workers, if ``node`` is the state of that stage."""
+    if not isinstance(node, dict):
+        return None
+    if set(node) == {"next_index"} and isinstance(node["next_index"], int):
+        return node["next_index"]
+    if "iterators_in_use_states" in node and "next_index_in_cycle" in node:
+        states = node["iterators_in_use_states"]
+        if not all(isinstance(s, dict) and set(s) == {"next_index"} for s in states):
+            return None
+        total = sum(s["next_index"] for s in states)
+        if node != {**node, **_stream_state(total, len(states))} and not any(node.get("exhausted", ())):
+            return None  # not the round-robin layout assumed above
+        return total
+    return None
+
+
+def _stream_state(received: int, num_workers: int) -> dict:
+    if num_workers == 0:
+        return {"next_index": received}
+    per_worker = [received // num_workers + (w < received % num_workers) for w in range(num_workers)]
+    return {
+        "next_index_in_cycle": received % num_workers,
+        "next_index_in_datasets": num_workers,
+        "iterators_in_use_indices": list(range(num_workers)),
+        "iterators_in_use_states": [{"next_index": n} for n in per_worker],
+        "exhausted": [0] * num_workers,
+        "future_states": {},
+    }
+
+
+def _map_stream_state(state: Any, convert: Callable[[int], Any]) -> tuple[Any, int] | None:
+    """``state`` with the workers' stage replaced by ``convert(received)``, and ``received``;
+    ``None`` if that stage is not found exactly once."""
+    found = []
+
+    def walk(node):
+        received = _received(node)
+        if received is not None:
+            found.append(received)
+            return convert(received)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        return node
+
+    out = walk(state)
+    return (out, found[0]) if len(found) == 1 else None
+
+
+_STATE_FORMAT = "jmed-loader-state-1"
+_RECEIVED = "subjects_received"
+
+
+def _is_received_marker(node: Any) -> bool:
+    return isinstance(node, dict) and set(node) == {_RECEIVED}
+
+
+def _guard_message() -> str:
+    return (
+        "this script starts a jmed loader with worker processes at import time. Workers are "
+        "spawned and import the main script again, so put the script's work under "
+        '`if __name__ == "__main__":` (or pass num_workers=0)'
+    )
+
+
+def _check_main_guard() -> None:
+    """Raise before spawning workers from a script that would start them again in each worker.
+
+    A spawned worker imports the main script; code that is not under
+    ``if __name__ == "__main__":`` runs again there and would start workers of its own
+    (Python then fails in every worker with a long traceback). Detected in the main
+    process from the script's source, and in a worker while it imports the script.
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(_guard_message())
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or not str(path).endswith(".py"):
+        return  # interactive session, notebook, -c: nothing is imported again
+    frame = sys._getframe(1)
+    line = None
+    while frame is not None:
+        if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
+            line = frame.f_lineno
+        frame = frame.f_back
+    if line is None:
+        return  # called from a function that the script's main block called
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return
+    compares = [n for n in ast.walk(tree) if isinstance(n, ast.Compare) and _compares_main(n)]
+    if any(not isinstance(n.ops[0], (ast.Eq, ast.Is)) for n in compares):
+        return  # a guard of another form (`if __name__ != "__main__": exit()`): trust it
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and node.body and any(n in compares for n in ast.walk(node.test)):
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or node.lineno):
+                return
+    raise RuntimeError(_guard_message())
+
+
+def _compares_main(test: ast.Compare) -> bool:
+    """Whether ``test`` compares ``__name__`` with ``"__main__"``."""
+    if len(test.ops) != 1:
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    consts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return bool(names) and bool(consts)
+
+
 def _shard(num_subjects: int, shard_index: int | None, shard_count: int | None, drop_remainder: bool):
     if shard_index is None:
         shard_index = jax.process_index()
@@ -850,18 +1145,70 @@ class _Loader:
 
     def _prefetch(self, ds: grain.IterDataset) -> grain.IterDataset:
         if self.num_workers == 0:
-            return ds
+            self._from_workers = _FromWorkers()
+            return ds.map(self._from_workers)
+        _check_main_guard()
         _ensure_absl_flags_parsed()
-        return ds.mp_prefetch(
+        ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=self.num_workers, per_worker_buffer_size=self.worker_buffer_size
             )
         )
+        self._from_workers = _FromWorkers()
+        return ds.map(self._from_workers)
 
     def __iter__(self) -> LoaderIterator:
         """A fresh iterator from the start; its workers start now. Supports ``get_state`` /
         ``set_state`` (restore right after creating it: work already under way is dropped)."""
-        return LoaderIterator(iter(self.dataset))
+        dataset = self.dataset
+        return LoaderIterator(iter(dataset), self, self._from_workers)
+
+    def _subject_at(self, position: int) -> int | None:
+        """The subject index of element ``position`` of the workers' stream."""
+        ds = grain.MapDataset.source(np.asarray(self.indices))
+        if self.shuffle_subjects:
+            ds = ds.shuffle(seed=self.seed)
+        ds = ds.repeat(self.num_epochs)
+        if position >= len(ds):
+            return None
+        return int(ds[position])
+
+    def _in_flight(self, received: int) -> list[int]:
+        """Subjects the worker that delivers element ``received`` may have been processing:
+        that element and the ones it prepares ahead (every ``num_workers``-th)."""
+        step = max(self.num_workers, 1)
+        positions = [received + k * step for k in range(self.worker_buffer_size + 1)]
+        subjects = [self._subject_at(p) for p in positions]
+        return list(dict.fromkeys(s for s in subjects if s is not None))
+
+
+def _wait_for_shared_memory_release(timeout: float = 5.0) -> None:
+    """Wait until grain has closed and unlinked the shared memory of the arrays collected
+    so far (it does so from one background thread, in order)."""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # another grain layout: nothing known to wait for
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        try:
+            pool.apply_async(int).wait(timeout)
+        except (ValueError, RuntimeError):  # the pool is already shut down
+            pass
+
+
+# iterators not yet closed: closed at exit, while the interpreter is intact, so that the
+# workers' shared-memory blocks are unlinked and the arrays mapping them released
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_OPEN_ITERATORS):
+        try:
+            iterator._close(keep_state=False)
+        except Exception:  # exiting anyway
+            pass
 
 
 class LoaderIterator:
@@ -870,35 +1217,138 @@ class LoaderIterator:
     Workers start when the iterator is created, so their start-up overlaps with whatever
     the caller does before asking for the first batch. ``get_state()`` returns a small
     JSON-compatible dict; ``set_state(state)`` on a fresh iterator of an identically
-    configured loader continues exactly from that point. Call ``close()`` (or use it as a
-    context manager) to stop workers early.
+    configured loader continues exactly from that point, whatever the number of workers
+    of either (the batches do not depend on it). Call ``close()`` (or use it as a context
+    manager) to stop workers early.
+
+    A worker process that dies (killed by the OS, typically for lack of memory) raises a
+    ``RuntimeError`` naming the subjects it may have been processing.
     """
 
-    def __init__(self, iterator: grain.DatasetIterator):
+    def __init__(self, iterator: grain.DatasetIterator, loader: _Loader | None = None, counter=None):
         self._iterator = iterator
+        self._loader = loader
+        self._counter = counter
         # start every worker now, as PyTorch's DataLoader does, so that their start-up
         # (imports, compilation) overlaps with the caller's; grain alone would start each
         # worker only once the previous one has delivered its first element
         self._iterator.start_prefetch()
+        self._final_state = None
+        _OPEN_ITERATORS.add(self)
 
     def __iter__(self) -> LoaderIterator:
         return self
 
     def __next__(self) -> Subject:
+        if self._iterator is None:
+            raise StopIteration
         try:
             return next(self._iterator)
         except StopIteration:
             self.close()
             raise
+        except RuntimeError as err:
+            if "terminated unexpectedly" not in str(err) or self._loader is None or self._counter is None:
+                raise
+            self._close(keep_state=False)
+            raise RuntimeError(self._worker_died_message(err)) from err
+
+    def _worker_died_message(self, err: Exception) -> str:
+        loader = self._loader
+        received = self._counter.received
+        subjects = loader._in_flight(received)
+        described = "; ".join(loader.source.describe(i) for i in subjects) or "none (end of the stream)"
+        return (
+            f"a loader worker process died ({err}) while preparing element {received} of the "
+            f"subject stream; it was processing one of the subjects {described}. A worker "
+            "killed by the operating system (exit code -9, SIGKILL) has usually run out of "
+            "memory: lower num_workers or worker_buffer_size, preprocess to smaller volumes, "
+            "check loader.get_max_memory_pretty() against the memory limit, and see the kernel "
+            "log (dmesg) for the out-of-memory killer; with another exit code, the worker's own "
+            "error is printed above"
+        )
 
     def get_state(self) -> dict:
-        return self._iterator.get_state()
+        """The position, as a JSON-compatible dict that any worker count can restore."""
+        if self._iterator is None:
+            if self._final_state is None:
+                raise RuntimeError("this iterator was closed after an error; it has no state to save")
+            return self._final_state
+        return self._portable_state(self._iterator.get_state())
+
+    def _portable_state(self, state: dict) -> dict:
+        mapped = _map_stream_state(state, lambda received: {_RECEIVED: received})
+        num_workers = None if self._loader is None else self._loader.num_workers
+        if mapped is None:  # a grain state layout this version does not know: keep it as is
+            return {"format": _STATE_FORMAT, "num_workers": num_workers, "pipeline": state}
+        return {"format": _STATE_FORMAT, "num_workers": num_workers, "pipeline": mapped[0]}
 
     def set_state(self, state: dict) -> None:
-        self._iterator.set_state(state)
+        """Continue from ``state`` (from ``get_state``, saved with any worker count).
+
+        Raises:
+            ValueError: ``state`` is not a loader state, or it was saved in a layout that
+                only a loader with the same number of workers can restore and the
+                counts differ.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict from get_state(), got {type(state).__name__}")
+        if self._iterator is None:
+            raise RuntimeError("this iterator is closed; call set_state on a new iter(loader)")
+        num_workers = None if self._loader is None else self._loader.num_workers
+        if state.get("format") == _STATE_FORMAT:
+            pipeline = state["pipeline"]
+            saved_workers = state.get("num_workers")
+        else:  # a raw grain state (saved by earlier versions)
+            pipeline, saved_workers = state, None
+        received = []
+
+        def restore(node):
+            if _is_received_marker(node):
+                received.append(int(node[_RECEIVED]))
+                return _stream_state(received[-1], num_workers or 0)
+            if isinstance(node, dict):
+                return {k: restore(v) for k, v in node.items()}
+            return node
+
+        grain_state = restore(pipeline)
+        if not received:
+            mapped = _map_stream_state(pipeline, lambda n: _stream_state(n, num_workers or 0))
+            if mapped is not None:
+                grain_state, position = mapped
+                received.append(position)
+            elif saved_workers is not None and num_workers is not None and saved_workers != num_workers:
+                raise ValueError(
+                    f"this state was saved by a loader with num_workers={saved_workers} in a layout "
+                    f"that only num_workers={saved_workers} can restore; this loader has "
+                    f"num_workers={num_workers}"
+                )
+        self._iterator.set_state(grain_state)
+        if received and self._counter is not None:
+            self._counter.received = received[0]
 
     def close(self) -> None:
-        self._iterator.close()
+        """Stop the workers and release the data held for batches not yet delivered;
+        ``get_state()`` still returns the position reached."""
+        self._close(keep_state=True)
+
+    def _close(self, keep_state: bool) -> None:
+        iterator, self._iterator = self._iterator, None
+        if iterator is None:
+            return
+        if keep_state:
+            try:
+                self._final_state = self._portable_state(iterator.get_state())
+            except Exception:  # a broken pipeline has no position to keep
+                self._final_state = None
+        _OPEN_ITERATORS.discard(self)
+        iterator.close()
+        # grain's iterators hold arrays received ahead from the workers in reference
+        # cycles: collect them now (not at interpreter shutdown, where their finaliser
+        # fails) and let grain finish unlinking their shared memory
+        del iterator
+        gc.collect()
+        _wait_for_shared_memory_release()
 
     def __enter__(self) -> LoaderIterator:
         return self
@@ -945,7 +1395,8 @@ class Queue(_Loader):
         max_buckets: most buckets ``"auto"`` plans (one compiled program each).
         drop_last: drop the last, incomplete batch (keeps shapes static for ``jit``).
         cache_dir: decode-once cache folder (see ``SubjectsSource``).
-        skip_errors: skip (and log) subjects that fail to load instead of raising.
+        skip_errors: skip (and log) subjects that fail to load, or whose images do not
+            share a voxel grid after preprocessing, instead of raising.
         shard_index, shard_count: this process's shard of the subjects; default
             ``jax.process_index()`` and ``jax.process_count()``. Subjects are dealt
             round-robin (``subjects[shard_index::shard_count]``).

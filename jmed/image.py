@@ -9,10 +9,18 @@ A ``Subject`` maps names to ``Image`` s, may carry metadata, and records the his
 transforms applied to it. Both are pytrees, so they pass through ``jax.jit``,
 ``jax.vmap`` and ``jax.tree.map``. A batch is the same pytree with a leading axis on every
 leaf (``data`` ``(b, x, y, z, c)``, ``affine`` ``(b, 4, 4)``).
+
+Both are registered for ``jax.export`` serialization (as ``"jmed.Image"`` and
+``"jmed.Subject"``), so a function of them exports, serialises and reloads in another
+process (see "Ahead-of-time compiled augmentation" in the docs). A ``Subject``'s static
+metadata travels as it is; the transforms of its history travel as their ``repr`` (the
+same in every process): a reloaded history holds stand-ins that print and compare like
+the original transforms but cannot be applied, replayed or inverted.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -92,6 +100,25 @@ def _host_layout(data: Any) -> Any:
     return out
 
 
+def check_label_range(data: np.ndarray, dtype: Any, source: str = "label map") -> None:
+    """Raise when integer label values do not fit ``dtype`` (they would wrap silently).
+
+    ``source`` names the file or argument in the message.
+    """
+    dtype = np.dtype(dtype)
+    if data.size == 0 or not np.issubdtype(data.dtype, np.integer) or data.dtype == dtype:
+        return
+    info = np.iinfo(dtype)
+    low, high = data.min(), data.max()
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        raise ValueError(
+            f"{source}: label value {int(bad)} does not fit in {dtype.name} (the widest integer JAX "
+            f"uses without jax_enable_x64; allowed {info.min}..{info.max}); renumber the labels "
+            "(e.g. with numpy.unique(..., return_inverse=True)) or enable x64"
+        )
+
+
 class _LazyData:
     """Voxel data read on first access (keeps the header available without reading)."""
 
@@ -152,6 +179,11 @@ class Image:
                     f"data must have 4 dimensions (x, y, z, c), got shape {tuple(data.shape)}; "
                     "use ScalarImage/LabelMap to add a channel axis to 3D data"
                 )
+            if kind == LABEL and isinstance(data, np.ndarray):
+                if data.dtype.kind in "fc" and not np.isfinite(data).all():
+                    raise ValueError("label map data has non-finite values (NaN or inf); labels are numbers")
+                if not jax.config.jax_enable_x64:
+                    check_label_range(data, _NARROWED.get(data.dtype, data.dtype), "label map data")
             data = _host_layout(data)
         if affine is None:
             affine = np.eye(4)
@@ -175,6 +207,30 @@ class Image:
         obj.extent = children[2] if len(children) > 2 else None
         obj.kind = kind
         return obj
+
+    @classmethod
+    def from_2d(cls, data: ArrayLike, affine: ArrayLike | None = None, *, kind: str = INTENSITY) -> Image:
+        """A 2D image from ``(H, W)`` or ``(H, W, C)`` data (channels last), stored as
+        ``(H, W, 1, C)``: one slice, which spatial transforms treat as TorchIO does 2D
+        images (no out-of-plane rotation, scaling or displacement).
+
+        Raises:
+            ValueError: data that are not 2D or 3D.
+        """
+        if not hasattr(data, "ndim"):
+            data = np.asarray(data)
+        if data.ndim == 2:
+            data = data[:, :, None, None]
+        elif data.ndim == 3:
+            data = data[:, :, None, :]
+        else:
+            raise ValueError(f"from_2d takes (H, W) or (H, W, C) data, got shape {tuple(data.shape)}")
+        return cls(data, affine, kind=kind)
+
+    @property
+    def is_2d(self) -> bool:
+        """One voxel along the third spatial axis (a single slice)."""
+        return self.spatial_shape[2] == 1
 
     # -- data --------------------------------------------------------------------------
     @property
@@ -289,24 +345,29 @@ def _check_extent(extent: Any, spatial_shape: tuple[int, ...]) -> Any:
 def _with_channel(data: ArrayLike, name: str) -> Any:
     if not hasattr(data, "ndim"):
         data = np.asarray(data)
+    if data.ndim == 2:  # one 2D slice: (H, W) -> (H, W, 1, 1)
+        return data[:, :, None, None]
     if data.ndim == 3:
         return data[..., None]
     if data.ndim != 4:
         raise ValueError(
-            f"{name} data must have 3 (x, y, z) or 4 (x, y, z, c) dimensions, got shape {tuple(data.shape)}"
+            f"{name} data must have 2 (x, y), 3 (x, y, z) or 4 (x, y, z, c) dimensions, got shape "
+            f"{tuple(data.shape)}; for 2D data with channels use Image.from_2d"
         )
     return data
 
 
 def ScalarImage(data: ArrayLike, affine: ArrayLike | None = None) -> Image:
-    """An intensity ``Image``; 3D data gets a channel axis (numpy data laid out as
-    ``Image`` describes: C order, aligned, ``float64`` as ``float32`` unless x64 is on)."""
+    """An intensity ``Image``; 3D data gets a channel axis and 2D ``(H, W)`` data becomes one
+    slice ``(H, W, 1, 1)`` (numpy data laid out as ``Image`` describes: C order, aligned,
+    ``float64`` as ``float32`` unless x64 is on). ``(H, W, C)`` data: ``Image.from_2d``."""
     return Image(_with_channel(data, "ScalarImage"), affine, kind=INTENSITY)
 
 
 def LabelMap(data: ArrayLike, affine: ArrayLike | None = None) -> Image:
-    """A label-map ``Image`` (integer labels); 3D data gets a channel axis (numpy data
-    laid out as ``Image`` describes: C order, aligned, integer values kept)."""
+    """A label-map ``Image`` (integer labels); 3D data gets a channel axis and 2D ``(H, W)``
+    data becomes one slice (numpy data laid out as ``Image`` describes: C order, aligned,
+    integer values kept)."""
     return Image(_with_channel(data, "LabelMap"), affine, kind=LABEL)
 
 
@@ -471,6 +532,86 @@ class Subject(Mapping):
         inner = ", ".join(f"{n}={im!r}" for n, im in self._images.items())
         extra = f", metadata={self.metadata}" if self.metadata else ""
         return f"Subject({inner}{extra})"
+
+
+# --- jax.export serialization -----------------------------------------------------------
+
+
+class _DescribedTransform:
+    """A transform of a ``Subject``'s history after ``jax.export`` deserialization: only
+    its ``repr`` is known. It prints as the original and compares equal to it (so an
+    exported function accepts subjects with that history), but cannot be applied."""
+
+    __slots__ = ("description",)
+
+    def __init__(self, description: str):
+        self.description = description
+
+    def __repr__(self) -> str:
+        return self.description
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _DescribedTransform):
+            return other.description == self.description
+        return repr(other) == self.description
+
+    def __hash__(self) -> int:
+        return hash(self.description)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "description":  # copy, pickle; an unset slot
+            raise AttributeError(name)
+        raise AttributeError(
+            f"{self.description} was restored from a serialized jax.export program, which keeps only "
+            f"its description; it has no attribute {name!r} (rebuild the transform to apply, replay or "
+            "invert it)"
+        )
+
+
+def _static_to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    return value  # str, bool or None
+
+
+def _static_from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return bytes.fromhex(value["bytes"])
+    return value
+
+
+def _serialize_subject_aux(aux: tuple) -> bytes:
+    names, meta_static, transforms = aux
+    return json.dumps(
+        {
+            "names": list(names),
+            "metadata": [[k, _static_to_json(v)] for k, v in meta_static],
+            "history": [repr(t) for t in transforms],
+        }
+    ).encode()
+
+
+def _deserialize_subject_aux(data: bytes) -> tuple:
+    aux = json.loads(data.decode())
+    return (
+        tuple(aux["names"]),
+        tuple((k, _static_from_json(v)) for k, v in aux["metadata"]),
+        tuple(_DescribedTransform(text) for text in aux["history"]),
+    )
+
+
+jax.export.register_pytree_node_serialization(
+    Image,
+    serialized_name="jmed.Image",
+    serialize_auxdata=lambda kind: kind.encode(),
+    deserialize_auxdata=lambda data: data.decode(),
+)
+jax.export.register_pytree_node_serialization(
+    Subject,
+    serialized_name="jmed.Subject",
+    serialize_auxdata=_serialize_subject_aux,
+    deserialize_auxdata=_deserialize_subject_aux,
+)
 
 
 def stack(items: list[Any]) -> Any:

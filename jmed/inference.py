@@ -830,8 +830,10 @@ def _output_affine(affine, factor):
     for axis, f in enumerate(factor):
         scale[axis, axis] = f
         scale[axis, 3] = (f - 1) / 2  # output voxel j is the centre of input voxels [j f, (j+1) f)
-    xp = np if isinstance(affine, np.ndarray) else jnp
-    return xp.asarray(affine) @ xp.asarray(scale, dtype=xp.asarray(affine).dtype)
+    if isinstance(affine, np.ndarray):
+        return affine @ scale.astype(affine.dtype)
+    affine = jnp.asarray(affine)
+    return jnp.matmul(affine, jnp.asarray(scale, affine.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def sliding_window_inference(

@@ -4,9 +4,9 @@ Formats: NIfTI-1/2 (``.nii``, ``.nii.gz``), MGH (``.mgh``, ``.mgz``), Analyze
 (``.hdr``/``.img``) read and write; MINC-1/2 (``.mnc``) read only. 4D files become
 channels; 2D files become ``(x, y, 1, c)``. Intensity images are read as float32 with the
 header's ``scl_slope``/``scl_inter`` applied; label maps keep their integer values (and
-their integer dtype; 64-bit integers become int32). Voxels are returned in C order and
-64-byte aligned (the files' Fortran order is converted once, while reading), so jitted
-transforms use them without a copy.
+their integer dtype; 64-bit and uint32 labels become int32, with a ValueError when a value
+does not fit). Voxels are returned in C order and 64-byte aligned (the files' Fortran
+order is converted once, while reading), so jitted transforms use them without a copy.
 
 ``save`` writes a temporary file beside the target and renames it into place, so a crash
 never leaves a half-written file and never destroys an existing one; it refuses to
@@ -28,7 +28,7 @@ import numpy as np
 from nibabel.volumeutils import apply_read_scaling
 
 from jmed import affine as affine_lib
-from jmed.image import INTENSITY, KINDS, Image, _aligned_empty, _host_layout, _LazyData
+from jmed.image import INTENSITY, KINDS, Image, _aligned_empty, _host_layout, _LazyData, check_label_range
 
 try:  # ISA-L inflates gzip about twice as fast as zlib; same format and checks
     from isal import isal_zlib as _inflate
@@ -168,15 +168,32 @@ def _read_data(
             data = np.asarray(_voxels(img, np.dtype(np.float32)))
         else:
             raw = _voxels(img, None)
-            if not np.issubdtype(raw.dtype, np.integer):
-                rounded = np.rint(raw)
-                if not np.allclose(raw, rounded, atol=1e-3):
+            target = _label_dtype(raw.dtype)
+            if not np.issubdtype(raw.dtype, np.integer) and raw.dtype != np.bool_:
+                finite = np.isfinite(raw)
+                if not finite.all():
                     raise ValueError(
-                        f"{path}: label map has non-integer values (e.g. "
-                        f"{raw[np.abs(raw - rounded) > 1e-3].flat[0]}); load it with kind='intensity'"
+                        f"{path}: label map has non-finite values (e.g. {raw[~finite].flat[0]}); "
+                        "load it with kind='intensity'"
+                    )
+                rounded = np.rint(raw)
+                off = np.abs(raw - rounded) > 1e-3
+                if off.any():
+                    raise ValueError(
+                        f"{path}: label map has non-integer values (e.g. {raw[off].flat[0]}); "
+                        "load it with kind='intensity'"
+                    )
+                info = np.iinfo(target)
+                if rounded.size and (rounded.min() < info.min or rounded.max() > info.max):
+                    bad = rounded.min() if rounded.min() < info.min else rounded.max()
+                    raise ValueError(
+                        f"{path}: label value {bad:g} does not fit in {target.name} (allowed "
+                        f"{info.min}..{info.max}); renumber the labels"
                     )
                 raw = rounded
-            data = raw.astype(_label_dtype(raw.dtype), copy=False)
+            else:
+                check_label_range(raw, target, str(path))
+            data = raw.astype(target, copy=False)
     except (EOFError, OSError, gzip.BadGzipFile, *_INFLATE_ERRORS) as err:
         raise ValueError(
             f"{path}: cannot read voxel data (missing, truncated or corrupt file) ({err})"

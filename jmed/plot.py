@@ -204,7 +204,7 @@ def plot_subject(
     point: ArrayLike | None = None,
     images: Sequence[str] | None = None,
     overlay: str | bool | None = None,
-    views: Sequence[str] = ("sagittal", "coronal", "axial"),
+    views: Sequence[str] | None = None,
     channel: int = 0,
     radiological: bool = False,
     vmin: float | None = None,
@@ -223,7 +223,8 @@ def plot_subject(
             or the label maps if there are none).
         overlay: name of the label map drawn over every row (default: the subject's only
             label map, if any); ``False`` for none.
-        views: any of ``"sagittal"``, ``"coronal"``, ``"axial"``, one column each.
+        views: any of ``"sagittal"``, ``"coronal"``, ``"axial"``, one column each
+            (default: all three; for 2D images, the view of their plane only).
         channel: channel of multi-channel images to show.
         radiological: mirror coronal/axial views (see the module docstring).
         vmin, vmax: intensity window (default: 0.5th and 99.5th percentiles, per image).
@@ -242,11 +243,18 @@ def plot_subject(
         3
     """
     subject = _as_subject(subject)
+    rows, overlay_name = _rows(subject, images, overlay)
+    if views is None:
+        views = list(VIEWS)
+        ras_shape = _ras(subject[rows[0]])[0].shape[:3] if rows else ()
+        if 1 in ras_shape:  # a 2D image: only views whose plane has more than one voxel each way
+            views = [
+                v for v, axes in VIEWS.items() if ras_shape[axes[1]] > 1 and ras_shape[axes[2]] > 1
+            ] or views
     views = list(views)
     for view in views:
         if view not in VIEWS:
             raise ValueError(f"views must be among {tuple(VIEWS)}, got {view!r}")
-    rows, overlay_name = _rows(subject, images, overlay)
     labels = None
     if overlay_name is not None:
         labels, _ = _ras(subject[overlay_name])

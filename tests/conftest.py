@@ -3,7 +3,8 @@
 ``run`` runs a case three ways (eager, under ``jax.jit``, under ``jax.vmap`` over a batch
 of 2 with per-sample keys ``key`` and ``fold_in(key, 1)``). In vmap mode it also checks
 that each batch item equals the eager result for its own key, then returns the first item
-(the one for ``key``), so a test written once checks eager = jit = vmap-per-sample.
+(the one for ``key``); in jit mode it checks the jitted result against the eager one. A
+test written once thus checks eager = jit = vmap-per-sample, values and dtypes.
 """
 
 import os
@@ -22,17 +23,39 @@ import pytest  # noqa: E402
 import jmed  # noqa: E402
 
 
+def _assert_arrays_close(a, e, atol, rtol, what="leaf"):
+    a, e = np.asarray(a), np.asarray(e)
+    assert a.shape == e.shape, f"{what}: shapes differ: {a.shape} vs {e.shape}"
+    assert a.dtype == e.dtype, f"{what}: dtypes differ: {a.dtype} vs {e.dtype}"
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+        np.testing.assert_array_equal(a, e, err_msg=what)
+    else:
+        np.testing.assert_allclose(a, e, atol=atol, rtol=rtol, err_msg=what)
+
+
 def assert_trees_close(actual, expected, atol=1e-5, rtol=1e-5):
-    a_leaves, a_tree = jax.tree.flatten(actual)
-    e_leaves, e_tree = jax.tree.flatten(expected)
+    """Equal structure, shapes and dtypes; values within tolerance (integers exactly).
+
+    An image's affine is float64 on the host and float32 inside a trace (JAX without x64):
+    affines are compared by value only; image data, extents and every other leaf by dtype
+    too.
+    """
+    is_image = lambda x: isinstance(x, jmed.Image)
+    a_leaves, a_tree = jax.tree.flatten(actual, is_leaf=is_image)
+    e_leaves, e_tree = jax.tree.flatten(expected, is_leaf=is_image)
     assert a_tree == e_tree, f"structures differ: {a_tree} vs {e_tree}"
-    for a, e in zip(a_leaves, e_leaves):
-        a, e = np.asarray(a), np.asarray(e)
-        assert a.shape == e.shape, (a.shape, e.shape)
-        if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
-            np.testing.assert_array_equal(a, e)
-        else:
-            np.testing.assert_allclose(a, e, atol=atol, rtol=rtol)
+    for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
+        if not is_image(a):
+            _assert_arrays_close(a, e, atol, rtol, f"leaf {i}")
+            continue
+        assert a.kind == e.kind, (a.kind, e.kind)
+        _assert_arrays_close(a.data, e.data, atol, rtol, f"image {i} data")
+        np.testing.assert_allclose(
+            np.asarray(a.affine, np.float64), np.asarray(e.affine, np.float64), atol=1e-5
+        )
+        assert (a.extent is None) == (e.extent is None), "extents differ"
+        if a.extent is not None:
+            np.testing.assert_array_equal(np.asarray(a.extent), np.asarray(e.extent))
 
 
 class Runner:
@@ -43,7 +66,9 @@ class Runner:
         if self.mode == "eager":
             return fn(key, data)
         if self.mode == "jit":
-            return jax.jit(fn)(key, data)
+            out = jax.jit(fn)(key, data)
+            assert_trees_close(out, fn(key, data), atol=atol, rtol=rtol)
+            return out
         batch = jmed.stack([data, data])
         if key is None:
             out = jax.vmap(fn, in_axes=(None, 0))(None, batch)

@@ -31,6 +31,12 @@ def subj():
     return jmed.Subject(t1=img(), seg=img(kind="label"))
 
 
+def shifted_subject():
+    shifted = EYE.copy()
+    shifted[1, 3] = 30.0  # the label map 30 mm away from the image
+    return jmed.Subject(t1=img(), seg=jmed.Image(img(kind="label").data, shifted, kind="label"))
+
+
 def grid_sampler():
     return jmed.GridSampler(img((8, 8, 8)), 4)
 
@@ -88,6 +94,27 @@ CASES = [
     # --- loading --------------------------------------------------------------------------
     ("SubjectsSource", lambda: jmed.SubjectsSource([]), ValueError, r"subjects"),
     ("SubjectsSource", lambda: jmed.SubjectsSource("a.nii.gz"), TypeError, r"subjects"),
+    # a record whose images are on different grids: named, at load time
+    (
+        "SubjectsSource",
+        lambda: jmed.SubjectsSource([shifted_subject()])[0],
+        ValueError,
+        r"(?s)subject 0 .*do not share a voxel grid.*Resample",
+    ),
+    (
+        "VolumeLoader",
+        lambda: next(iter(jmed.VolumeLoader([shifted_subject()], compilation_cache_dir=None))),
+        ValueError,
+        r"subject 0 .*do not share a voxel grid",
+    ),
+    (
+        "Queue",
+        lambda: iter(
+            jmed.Queue([subj()], jmed.UniformSampler(2), 1, 4, compilation_cache_dir=None)
+        ).set_state([1]),
+        ValueError,
+        r"state must be a dict",
+    ),
     (
         "Queue",
         lambda: jmed.Queue([{"t1": "a.nii.gz"}], jmed.UniformSampler(2), 0, 4),

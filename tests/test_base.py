@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_phantom
+from conftest import assert_trees_close, make_phantom
 
 import jmed
 import jmed.transforms as T
@@ -86,7 +86,9 @@ def test_same_key_same_output_different_keys_differ(phantom):
 def test_composition_eager_jit_vmap(run, make, phantom):
     t = make()
     for seed in range(3):
-        run(t, jax.random.key(seed), phantom)  # run checks eager == per-sample vmap
+        # jit and vmap: run compares with the eager result; eager: the same key again
+        out = run(t, jax.random.key(seed), phantom)
+        assert_trees_close(out, t(jax.random.key(seed), phantom))
 
 
 def test_oneof_frequencies_follow_weights(phantom):
@@ -539,3 +541,20 @@ def test_history_replay_and_invert_with_values(phantom):
     # equal transforms give equal pytree structures (the history is static)
     other = Compose([T.RandomFlip(axes=(0, 1, 2), flip_probability=1.0), Shift()])(jax.random.key(2), phantom)
     assert jax.tree.structure(out) == jax.tree.structure(other)
+
+
+def test_random_apply_dtype_is_the_same_eager_and_under_jit():
+    # one promotion rule: the output dtype is the promotion of the alternatives' dtypes,
+    # whether or not the transform is drawn, eagerly and under jit
+    from jmed import transforms as T
+
+    image = jmed.ScalarImage(np.arange(60, dtype=np.uint8).reshape(5, 4, 3))
+    subject = jmed.Subject(t1=image)
+    never, always = T.RandomApply(T.RandomNoise(), p=0.0), T.RandomApply(T.RandomNoise(), p=1.0)
+    for t in (never, always):
+        eager = t(jax.random.key(0), subject)
+        jitted = jax.jit(t)(jax.random.key(0), subject)
+        assert eager.t1.data.dtype == jitted.t1.data.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(eager.t1.data), np.asarray(jitted.t1.data), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(eager.t1.affine), image.affine)
+    np.testing.assert_array_equal(np.asarray(never(jax.random.key(0), subject).t1.data), image.data)

@@ -90,7 +90,7 @@ def test_percentile_bad_input():
         histogram.percentile(x, 50, mask=np.zeros(10, bool))
 
 
-# --- the host selection (eager, and under jit on CPU) -----------------------------------
+# --- the host selection (eager calls) -----------------------------------------------------
 
 
 def _ranks_of(n, qs):
@@ -208,15 +208,116 @@ def test_traced_percentile_edge_cases():
     np.testing.assert_array_equal(grad, np.ones_like(x))
 
 
-def test_radix_percentile_equals_numpy():
-    # the selection compiled for accelerators (CPU programs call the host selection)
-    f = jax.jit(lambda a, m: histogram._percentile_radix(a, np.asarray(QS, float), m))
-    for x, mask in _cases():
-        values, selection = _padded(x, mask)
-        expected = np.percentile(x[mask].astype(np.float64), QS)
-        np.testing.assert_allclose(f(values, selection), expected, rtol=1e-6, atol=1e-6 * np.abs(x).max())
-    # an empty selection gives 0, as on CPU (not NaN, which would spread through a normalisation)
-    np.testing.assert_array_equal(f(values, np.zeros_like(selection)), [0.0] * len(QS))
+def _odd_volumes():
+    """Odd-sized volumes (so the median falls on a value) with ties, a background,
+    negative values, integers; and masks."""
+    rng = np.random.default_rng(21)
+    shape = (13, 11, 9)
+    ties = np.round(rng.normal(0, 4, shape)).astype(np.float32)
+    background = np.where(rng.random(shape) < 0.6, 0.0, rng.gamma(2.0, 30.0, shape)).astype(np.float32)
+    negative = -np.abs(rng.normal(0, 1e3, shape)).astype(np.float32)
+    negative[::3] = -0.0
+    small_ints = rng.integers(-50, 50, shape).astype(np.int16)
+    # beyond float32's exact integers: compared as integers, not rounded to float32 first
+    large_ints = (rng.integers(-3, 3, shape) * (1 << 28) + rng.integers(0, 5, shape)).astype(np.int32)
+    unsigned = rng.integers(0, 4, shape).astype(np.uint8)
+    mask = rng.random(shape) < 0.5
+    mask[0, 0, 0] = True
+    odd = mask.copy()
+    if odd.sum() % 2 == 0:
+        odd[0, 0, 1] = not odd[0, 0, 1]
+    for x in (ties, background, negative, small_ints, large_ints, unsigned):
+        yield x, None
+        yield x, odd
+
+
+# percentiles on a whole rank for 13 * 11 * 9 = 1287 values (h = 1286 q / 100) and for
+# odd masked counts n (50: the median; 0, 100: the extremes); others interpolate
+ON_RANKS = [0, 50, 100]
+BETWEEN = [0.5, 1, 2.5, 33.3, 66.6667, 99, 99.5]
+
+
+def test_traced_percentile_equals_numpy_on_odd_volumes():
+    f = jax.jit(lambda a, m: histogram.percentile(a, ON_RANKS + BETWEEN, mask=m))
+    g = jax.jit(lambda a: histogram.percentile(a, ON_RANKS + BETWEEN))
+    for x, mask in _odd_volumes():
+        out = g(x) if mask is None else f(x, mask)
+        values = (x if mask is None else x[mask]).astype(np.float64)
+        assert values.size % 2 == 1
+        expected = np.percentile(values, ON_RANKS + BETWEEN)
+        k = len(ON_RANKS)
+        # on a rank: the order statistic itself, exactly (in float32, the result dtype)
+        np.testing.assert_array_equal(out[:k], expected[:k].astype(np.float32), err_msg=str(x.dtype))
+        scale = max(np.abs(values).max(), 1.0)
+        np.testing.assert_allclose(out[k:], expected[k:], rtol=2e-7, atol=2e-7 * scale, err_msg=str(x.dtype))
+
+
+def test_traced_order_statistics_exact_for_integers():
+    rng = np.random.default_rng(8)
+    x = (rng.integers(-(1 << 30), 1 << 30, 1001) | 1).astype(np.int32)  # odd: not float32-exact
+    x[:10] = [np.iinfo(np.int32).min, np.iinfo(np.int32).max, 0, -1, 1, 0, 0, 7, 7, 7]
+    ranks = np.array([0, 1, 2, 500, 998, 999, 1000])
+    out = jax.jit(histogram.order_statistics)(x, ranks)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, np.sort(x)[ranks])
+    u = rng.integers(0, 1 << 32, 1001, dtype=np.uint64).astype(np.uint32)
+    u[:3] = [0, np.iinfo(np.uint32).max, np.iinfo(np.uint32).max]
+    out = jax.jit(histogram.order_statistics)(u, ranks)
+    assert out.dtype == np.uint32
+    np.testing.assert_array_equal(out, np.sort(u)[ranks])
+
+
+def test_traced_percentile_under_vmap_and_shard_map():
+    """One selection per item under vmap, and the same under shard_map(vmap) over 8
+    devices: no host callback, so no "branches must have equal output types"."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    qs = [0, 0.5, 50, 99.5, 100]
+    rng = np.random.default_rng(9)
+    batch = np.round(rng.normal(0, 5, (8, 13, 11, 9))).astype(np.float32)
+    masks = rng.random(batch.shape) < 0.5
+    masks[:, 0, 0, 0] = True
+    expected = np.stack([np.percentile(b[m], qs) for b, m in zip(batch, masks)])
+    per_item = jax.vmap(lambda a, m: histogram.percentile(a, qs, mask=m))
+    np.testing.assert_allclose(jax.jit(per_item)(batch, masks), expected, rtol=2e-7, atol=1e-6)
+    for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
+        mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+        sharded = jax.jit(
+            jax.shard_map(per_item, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+        )
+        placed = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (batch, masks)]
+        out = sharded(*placed)
+        np.testing.assert_allclose(out, expected, rtol=2e-7, atol=1e-6)
+
+
+def test_traced_percentile_has_no_host_callback_and_exports():
+    qs = [1, 99]
+    f = jax.jit(lambda a, m: histogram.percentile(a, qs, mask=m))
+    x = np.random.default_rng(10).normal(size=(9, 7, 5)).astype(np.float32)
+    mask = x > -0.5
+    text = str(jax.make_jaxpr(f)(x, mask))
+    for name in ("callback", "platform_index", "cond["):
+        assert name not in text, name
+    exported = jax.export.export(f, platforms=("cpu", "cuda", "tpu"))(x, mask)
+    restored = jax.export.deserialize(exported.serialize())
+    np.testing.assert_array_equal(restored.call(x, mask), f(x, mask))
+
+
+def test_traced_percentile_keeps_a_sharded_batch_in_place():
+    """Under an automatic mesh, jit(vmap) of the selection partitions with the batch:
+    no collective gathers the batch onto one device."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch = np.random.default_rng(12).normal(size=(8, 9, 7, 5)).astype(np.float32)
+    placed = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    f = jax.jit(jax.vmap(lambda a: histogram.percentile(a, [2, 98])))
+    hlo = f.lower(placed).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    expected = np.stack([np.percentile(b, [2, 98]) for b in batch])
+    np.testing.assert_allclose(f(placed), expected, rtol=2e-7, atol=1e-6)
 
 
 def test_count_true_matches_numpy_in_one_pass_under_jit_and_vmap():

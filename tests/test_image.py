@@ -82,8 +82,8 @@ def test_consistency_tolerates_float_noise_and_rejects_mismatch():
 def test_bad_images():
     with pytest.raises(ValueError, match="4 dimensions"):
         jmed.Image(np.zeros((4, 5, 6)))
-    with pytest.raises(ValueError, match="3 .* or 4"):
-        jmed.ScalarImage(np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="2 .*, 3 .* or 4"):
+        jmed.ScalarImage(np.zeros((4, 5, 6, 1, 1)))
     with pytest.raises(ValueError, match="kind must be one of"):
         jmed.Image(np.zeros((4, 5, 6, 1)), kind="mask")
     with pytest.raises(ValueError, match="singular"):

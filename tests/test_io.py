@@ -266,3 +266,46 @@ def test_bad_files(tmp_path):
         jmed.save(jmed.ScalarImage(np.zeros((2, 2, 2))), tmp_path / "x.mnc")
     with pytest.raises(ValueError, match="non-integer"):
         _ = jmed.load(good, kind="label").data
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "message"),
+    [
+        ([0, 1, 4_000_000_000], np.uint32, "4000000000 does not fit"),
+        ([0, 2**40 + 1], np.uint64, "1099511627777 does not fit"),
+        ([0, -(2**35)], np.int64, "-34359738368 does not fit"),
+        ([0.0, 1e300], np.float64, "does not fit"),
+        ([0.0, np.nan, 2.0], np.float32, "non-finite values"),
+        ([0.0, 1.5], np.float32, "non-integer values"),
+    ],
+)
+def test_label_values_that_do_not_fit_raise_naming_the_file(tmp_path, values, dtype, message):
+    data = np.zeros((4, 3, 2), dtype)
+    data.flat[: len(values)] = np.asarray(values, dtype)
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4), dtype=dtype), path)
+    with pytest.raises(ValueError, match=message) as info:
+        np.asarray(jmed.load(path, kind="label").data)
+    assert "seg.nii.gz" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64, np.int64, np.float64])
+def test_label_values_that_fit_keep_their_values(tmp_path, dtype):
+    data = np.zeros((4, 3, 2), dtype)
+    data.flat[:4] = np.asarray([0, 7, 2**31 - 1, 1000], dtype)
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4), dtype=dtype), path)
+    loaded = np.asarray(jmed.load(path, kind="label").data)[..., 0]
+    assert loaded.dtype == np.int32
+    np.testing.assert_array_equal(loaded, data.astype(np.int64))
+
+
+def test_label_map_data_that_would_wrap_raises():
+    with pytest.raises(ValueError, match="label map data: label value 4000000000 does not fit in int32"):
+        jmed.LabelMap(np.full((2, 2, 2), 4_000_000_000, np.int64))
+    with pytest.raises(ValueError, match="1099511627777 does not fit in uint32"):
+        jmed.LabelMap(np.full((2, 2, 2), 2**40 + 1, np.uint64))
+    kept = jmed.LabelMap(np.full((2, 2, 2), 2**31 - 1, np.int64))
+    assert int(np.asarray(kept.data).max()) == 2**31 - 1
+    with pytest.raises(ValueError, match="non-finite"):
+        jmed.LabelMap(np.array([[[0.0, np.nan]]], np.float32))

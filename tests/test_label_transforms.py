@@ -39,7 +39,7 @@ def _fixture():
 
 def test_one_hot(run, subject):
     t = OneHot(3)
-    out = run(lambda k, s: t(s), None, subject)
+    out = t(subject)
     assert out.seg.shape == (12, 10, 8, 3) and out.seg.dtype == np.uint8 and out.seg.is_label
     np.testing.assert_array_equal(np.argmax(np.asarray(out.seg.data), -1), _seg(subject))
     np.testing.assert_array_equal(np.asarray(out.seg.data).sum(-1), 1)
@@ -52,7 +52,7 @@ def test_one_hot(run, subject):
 
 def test_remap_and_remove_labels(run, subject):
     t = RemapLabels({1: 2, 2: 1})
-    out = run(lambda k, s: t(s), None, subject)
+    out = t(subject)
     seg = _seg(subject).astype(int)
     np.testing.assert_array_equal(_seg(out), np.select([seg == 1, seg == 2], [2, 1], seg))
     np.testing.assert_array_equal(_seg(invert(t(subject))), seg)
@@ -72,7 +72,7 @@ def test_sequential_labels(run):
     seg[2] = 200
     subject = jmed.Subject(seg=jmed.LabelMap(seg))
     t = SequentialLabels()
-    out = run(lambda k, s: t(s), None, subject)
+    out = t(subject)
     seg = seg.astype(int)
     np.testing.assert_array_equal(_seg(out), np.select([seg == 3, seg == 7, seg == 200], [1, 2, 3], 0))
     wide = jmed.Subject(seg=jmed.LabelMap(seg.astype(np.int32) * 1000))
@@ -83,10 +83,10 @@ def test_sequential_labels(run):
     np.testing.assert_array_equal(_seg(out), _seg(SequentialLabels()(wide)))
 
 
-def test_keep_largest_component_per_label(run):
+def test_keep_largest_component_per_label():
     subject = _fixture()
     t = KeepLargestComponent()
-    out = run(lambda k, s: t(s), None, subject)
+    out = t(subject)
     seg, res = _seg(subject), _seg(out)
     expected = seg.copy()
     expected[12, 12, 10] = 0
@@ -109,10 +109,10 @@ def test_keep_largest_connectivity():
         KeepLargestComponent(connectivity=18)
 
 
-def test_fill_holes(run):
+def test_fill_holes():
     subject = _fixture()
     t = FillHoles()
-    out = run(lambda k, s: t(s), None, subject)
+    out = t(subject)
     expected = _seg(subject).copy()
     expected[3:5, 3:5, 3:5] = 1
     np.testing.assert_array_equal(_seg(out), expected)
@@ -123,10 +123,10 @@ def test_fill_holes(run):
     np.testing.assert_array_equal(filled, seg)
 
 
-def test_remove_small_objects(run):
+def test_remove_small_objects():
     subject = _fixture()
     t = RemoveSmallObjects(9)
-    out = run(lambda k, s: t(s), None, subject)
+    out = t(subject)
     expected = _seg(subject).copy()
     expected[12, 12, 10] = 0
     expected[10:12, 9:11, 8:10] = 0
@@ -146,3 +146,65 @@ def test_components_against_scipy_on_phantom():
         comp, num = ndimage.label(seg == label)
         sizes = np.bincount(comp.ravel())[1:]
         np.testing.assert_array_equal(out == label, comp == np.argmax(sizes) + 1)
+
+
+COMPONENT_TRANSFORMS = {
+    "KeepLargestComponent": lambda: KeepLargestComponent(),
+    "RemoveSmallObjects": lambda: RemoveSmallObjects(9),
+    "FillHoles": lambda: FillHoles(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPONENT_TRANSFORMS))
+def test_component_transforms_refuse_tracing_clearly(name):
+    """Host-only: under jit or vmap a TypeError names the transform and says to call it
+    eagerly (no host callback inside a compiled program)."""
+    subject = _fixture()
+    t = COMPONENT_TRANSFORMS[name]()
+    message = rf"{name} .*eagerly, outside jit/vmap"
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda s: t(s))(subject)
+    with pytest.raises(TypeError, match=message):
+        jax.vmap(lambda s: t(s))(jmed.stack([subject, subject]))
+    # eagerly: numpy in, numpy out, the same as the per-label host computation
+    out = t(subject)
+    assert isinstance(out["seg"].data, np.ndarray) and out["seg"].dtype == np.uint8
+    np.testing.assert_array_equal(out["t1"].data, subject["t1"].data)
+
+
+def _write_volumes(folder):
+    import nibabel as nib
+
+    seg = np.asarray(_fixture()["seg"].data)[..., 0]
+    t1 = np.random.default_rng(1).normal(size=seg.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / "seg.nii.gz")
+    nib.save(nib.Nifti1Image(t1, np.eye(4)), folder / "t1.nii.gz")
+    return [{"t1": str(folder / "t1.nii.gz"), "seg": str(folder / "seg.nii.gz")}]
+
+
+def test_component_transforms_run_in_the_loader_preprocessing(tmp_path):
+    """The loader's preprocessing runs eagerly (and its shape is planned from the headers
+    with the transform in it); in the jitted augmentation the transform refuses."""
+    from jmed.sampling import UniformSampler
+
+    records = _write_volumes(tmp_path)
+    cleanup = jmed.transforms.Compose([KeepLargestComponent(), FillHoles()])
+    source = jmed.SubjectsSource(records, label_names="seg", preprocessing=cleanup)
+    assert source.predicted_shape(0)[0] == (16, 14, 12)
+    expected = _seg(FillHoles()(KeepLargestComponent()(_fixture())))
+    np.testing.assert_array_equal(_seg(source[0]), expected)
+    options = dict(
+        sampler=UniformSampler((16, 14, 12)),
+        samples_per_volume=1,
+        max_length=1,
+        batch_size=1,
+        seed=0,
+        label_names="seg",
+        num_workers=0,
+        shard_index=0,
+        shard_count=1,
+    )
+    batch = next(iter(jmed.Queue(records, preprocessing=cleanup, **options)))
+    np.testing.assert_array_equal(np.asarray(batch["seg"].data)[0, ..., 0], expected)
+    with pytest.raises(TypeError, match="KeepLargestComponent .*eagerly"):
+        next(iter(jmed.Queue(records, augmentation=KeepLargestComponent(), **options)))

@@ -242,20 +242,69 @@ def test_histogram_standardization_bad_input():
         train_histogram([np.ones((3, 3, 3))], masks=[np.zeros((3, 3, 3))])
 
 
+def _torchio_rule(x, xp, fp, epsilon=1e-5):
+    """TorchIO's mapping written with numpy's digitize (bins of the inner knots)."""
+    xp, fp, x = (np.asarray(a, np.float64) for a in (xp, fp, x))
+    width = np.diff(xp)
+    slope = np.diff(fp) / np.where(width < epsilon, np.inf, width)
+    intercept = fp[:-1] - slope * xp[:-1]
+    segment = np.digitize(x, xp[1:-1], right=False)
+    return slope[segment] * x + intercept[segment]
+
+
 def test_piecewise_linear_map_with_tied_percentiles():
     from jmed.transforms.normalization import _piecewise_linear
 
-    xp = np.array([0.0, 1.0, 1.0, 3.0, 7.0], np.float32)  # a tie: a jump at 1
+    xp = np.array([0.0, 1.0, 1.0, 3.0, 7.0], np.float32)  # a tie at 1
     fp = np.array([0.0, 10.0, 20.0, 40.0, 50.0], np.float32)
     x = np.array([-2.0, 0.5, 1.0, 1.5, 3.0, 5.0, 9.0], np.float32)
-    segment = np.clip((x[:, None] > xp[1:-1]).sum(1), 0, 3)
-    width = xp[segment + 1] - xp[segment]
-    slope = np.where(width > 0, (fp[segment + 1] - fp[segment]) / np.where(width > 0, width, 1), 0)
-    expected = fp[segment] + (x - xp[segment]) * slope
+    expected = [-20.0, 5.0, 20.0, 25.0, 40.0, 45.0, 55.0]  # 1 maps to the last tied landmark
+    np.testing.assert_allclose(_torchio_rule(x, xp, fp), expected, atol=1e-9)
     np.testing.assert_allclose(_piecewise_linear(x, xp, fp), expected, rtol=1e-6, atol=1e-5)
-    np.testing.assert_allclose(expected, [-20.0, 5.0, 10.0, 25.0, 40.0, 45.0, 55.0])
-    # ties at both ends: jumps there, flat beyond (slope of a zero-width end segment is 0)
+    # ties at both ends: flat below the first tie and from the last tie on
     xp = np.array([2.0, 2.0, 4.0, 4.0], np.float32)
     fp = np.array([0.0, 10.0, 30.0, 50.0], np.float32)
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32)
-    np.testing.assert_allclose(_piecewise_linear(x, xp, fp), [0.0, 0.0, 20.0, 30.0, 50.0], atol=1e-6)
+    np.testing.assert_allclose(_torchio_rule(x, xp, fp), [0.0, 10.0, 20.0, 30.0, 30.0], atol=1e-9)
+    np.testing.assert_allclose(_piecewise_linear(x, xp, fp), [0.0, 10.0, 20.0, 30.0, 30.0], atol=1e-6)
+    # percentiles closer than 1e-5 are tied too; random knots with many ties
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        xp = np.sort(rng.choice([0.0, 0.0, 1.0, 2.5, 2.500004, 3.0, 8.0], 11)).astype(np.float32)
+        fp = np.sort(rng.uniform(0, 100, 11)).astype(np.float32)
+        x = np.concatenate([xp, rng.uniform(-2, 10, 50)]).astype(np.float32)
+        np.testing.assert_allclose(
+            _piecewise_linear(x, xp, fp), _torchio_rule(x, xp, fp), rtol=1e-5, atol=1e-3
+        )
+
+
+def test_histogram_standardization_background_ties_follow_torchio(run):
+    # a background of zeros fills the lowest percentiles (1 to 30): zero maps to the
+    # landmark of the 30th percentile, as in TorchIO
+    rng = np.random.default_rng(3)
+    data = np.zeros((31, 29, 27), np.float32)
+    data[:, :, 9:] = rng.gamma(4.0, 20.0, (31, 29, 18)).astype(np.float32)
+    landmarks = np.linspace(0.0, 100.0, 11)
+    t = HistogramStandardization(landmarks)
+    out = run(lambda k, s: t(s), None, jmed.Subject(t1=jmed.ScalarImage(data)))
+    p = np.percentile(data.astype(np.float64), t.percentiles)
+    assert (p[:4] == 0).all() and p[4] > 0
+    expected = _torchio_rule(data, p, landmarks)
+    np.testing.assert_allclose(np.asarray(out.t1.data)[..., 0], expected, rtol=1e-5, atol=1e-3)
+    assert np.asarray(out.t1.data)[0, 0, 0, 0] == pytest.approx(landmarks[3])
+
+
+def test_histogram_standardization_accepts_torchio_landmarks(tmp_path):
+    # TorchIO trains 13 landmarks (1, 10, 20, 25, 30, ..., 75, 80, 90, 99) and applies the
+    # 11 that are not quartiles
+    images = _training_images(2)
+    landmarks13 = np.linspace(0.0, 100.0, 13) ** 1.1
+    eleven = np.delete(landmarks13, [3, 9])
+    expected = HistogramStandardization(eleven)(images[0]).data
+    np.testing.assert_array_equal(HistogramStandardization(landmarks13)(images[0]).data, expected)
+    (tmp_path / "t1.txt").write_text("image " + " ".join(map(str, landmarks13)))
+    np.testing.assert_array_equal(
+        HistogramStandardization(str(tmp_path / "t1.txt"))(images[0]).data, expected
+    )
+    with pytest.raises(ValueError, match="expected 11 landmarks"):
+        HistogramStandardization(np.linspace(0, 100, 12))

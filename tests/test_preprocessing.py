@@ -488,3 +488,25 @@ def test_resample_to_the_same_grid_equals_the_kernel(dtype, oblique, monkeypatch
         assert out[name].data.dtype == expected.dtype
         np.testing.assert_array_equal(np.asarray(out[name].data), np.asarray(expected))
         np.testing.assert_array_equal(out[name].affine, affine)
+
+
+@pytest.mark.parametrize("angle", [0.0, 7.0, 33.0, 61.0])
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "PIR"])
+def test_resample_shape_is_exact_on_float32_oblique_headers(angle, orientation):
+    # 35 x 1.2 = 42, 40 x 1.3 = 52, 25 x 3.0 = 75 mm: at 1 mm the grid has exactly
+    # (42, 52, 75) voxels, whatever rounding the float32 header brings to the spacing
+    affine = affine_lib.from_spacing((1.2, 1.3, 3.0), origin=(-20.1, 3.3, 8.7), orientation=orientation)
+    c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
+    tilt = np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]]) @ np.array([[c, 0, s], [0, 1.0, 0], [-s, 0, c]])
+    affine[:3, :3] = tilt @ affine[:3, :3]
+    affine = affine.astype(np.float32).astype(np.float64)  # as read from a NIfTI sform
+    image = jmed.ScalarImage(np.zeros((35, 40, 25), np.float32), affine)
+    out = Resample(1.0)(image)
+    assert out.spatial_shape == (42, 52, 75)
+    np.testing.assert_allclose(affine_lib.spacing(np.asarray(out.affine)), 1.0, atol=1e-6)
+
+
+def test_resample_shape_rounds_down_a_true_fraction():
+    # 10 voxels of 1.25 mm at 1 mm: 12.5 -> 12 (the extent is never exceeded)
+    image = jmed.ScalarImage(np.zeros((10, 10, 10), np.float32), affine_lib.from_spacing((1.25, 0.9999, 1.0)))
+    assert Resample(1.0)(image).spatial_shape == (12, 9, 10)

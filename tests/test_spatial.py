@@ -276,7 +276,7 @@ def test_spatial_crop_after_rotation_has_no_padding_and_keeps_world():
 def test_spatial_random_crop_and_spacing(run, key):
     subject = _subject((16, 14, 12))
     transform = Spatial([RandomAffine()], output_shape=(8, 8, 8), crop="random")
-    out = run(lambda k, s: transform(k, s).without_history(), key, subject)
+    out = run(lambda k, s: transform(k, s).without_history(), key, subject, atol=1e-4)
     assert out.t1.spatial_shape == (8, 8, 8)
     resampled = Spatial(output_spacing=2.0)(subject)
     assert resampled.t1.spatial_shape == (8, 7, 6)
@@ -301,7 +301,7 @@ def test_labels_keep_values_and_dtype(label_interpolation, run, key):
             ),
         ]
     )
-    out = run(lambda k, s: transform(k, s).without_history(), key, subject)
+    out = run(lambda k, s: transform(k, s).without_history(), key, subject, atol=1e-4)
     assert out.seg.dtype == np.uint8
     assert set(np.unique(np.asarray(out.seg.data))) <= set(np.unique(np.asarray(subject.seg.data)))
 
@@ -404,7 +404,7 @@ def test_eager_jit_vmap_and_same_key(transform, run, key):
         out = run(lambda k, s: transform(k, s).without_history(), key, subject, atol=1e-4)
         again = transform(key, subject)
         other = transform(jax.random.fold_in(key, 9), subject)
-    np.testing.assert_allclose(np.asarray(out.t1.data), np.asarray(again.t1.data), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.t1.data), np.asarray(again.t1.data), rtol=1e-5, atol=1e-4)
     assert not np.array_equal(np.asarray(again.t1.data), np.asarray(other.t1.data))
 
 

@@ -7,7 +7,9 @@ first and last control points lie one control spacing outside the voxel centres 
 ITK's ``BSplineTransformInitializer``, which TorchIO's elastic deformation uses). The
 weights depend only on shapes, so they are numpy constants (an axis of size 1 sits at
 the middle of the control grid); the upsampling is three small
-matrix products (separable), never a per-voxel 64-tap evaluation.
+matrix products (separable), never a per-voxel 64-tap evaluation. The products request
+full float32 precision: the field is a displacement in millimetres, and the default
+precision of TPUs (bfloat16 passes) or GPUs (TF32) would move voxels by a visible fraction.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ __all__ = [
     "upsample",
     "upsample_separable",
 ]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _cubic_bspline(t: np.ndarray) -> np.ndarray:
@@ -101,9 +105,9 @@ def bspline_weights_at(
 def upsample_separable(control: ArrayLike, weights: tuple[ArrayLike, ArrayLike, ArrayLike]) -> jax.Array:
     """``sum_abc wx[i, a] wy[j, b] wz[k, c] control[a, b, c, :]`` as three matrix products."""
     wx, wy, wz = (jnp.asarray(w) for w in weights)
-    out = jnp.einsum("ia,abcd->ibcd", wx, control)
-    out = jnp.einsum("jb,ibcd->ijcd", wy, out)
-    return jnp.einsum("kc,ijcd->ijkd", wz, out)
+    out = jnp.einsum("ia,abcd->ibcd", wx, control, precision=_HIGHEST)
+    out = jnp.einsum("jb,ibcd->ijcd", wy, out, precision=_HIGHEST)
+    return jnp.einsum("kc,ijcd->ijkd", wz, out, precision=_HIGHEST)
 
 
 class SeparableField(NamedTuple):
@@ -132,16 +136,17 @@ class SeparableField(NamedTuple):
         return total
 
     def dense(self) -> jax.Array:
-        return jnp.einsum("kn,ijnc->ijkc", self.weights, self.partial)
+        return jnp.einsum("kn,ijnc->ijkc", self.weights, self.partial, precision=_HIGHEST)
 
     def transform_vectors(self, matrix: ArrayLike) -> SeparableField:
         """The field of ``matrix @ v`` for each vector ``v`` (linear, so applied to ``partial``)."""
-        return self._replace(partial=self.partial @ jnp.asarray(matrix, self.partial.dtype).T)
+        matrix = jnp.asarray(matrix, self.partial.dtype)
+        return self._replace(partial=jnp.matmul(self.partial, matrix.T, precision=_HIGHEST))
 
 
 def separable_field(control: ArrayLike, weights: tuple[ArrayLike, ArrayLike, ArrayLike]) -> SeparableField:
     """Like ``upsample_separable`` but leaves the last (largest) contraction lazy."""
     wx, wy, wz = (jnp.asarray(w, jnp.float32) for w in weights)
-    out = jnp.einsum("ia,abcd->ibcd", wx, jnp.asarray(control, jnp.float32))
-    out = jnp.einsum("jb,ibcd->ijcd", wy, out)
+    out = jnp.einsum("ia,abcd->ibcd", wx, jnp.asarray(control, jnp.float32), precision=_HIGHEST)
+    out = jnp.einsum("jb,ibcd->ijcd", wy, out, precision=_HIGHEST)
     return SeparableField(out, wz)

@@ -1,4 +1,4 @@
-"""Exact percentiles of (masked) volumes, fast on CPU and jittable.
+"""Exact percentiles of (masked) volumes: on the host, and jittable on every platform.
 
 Definition (numpy's default ``method="linear"``, Hyndman & Fan type 7): with the ``n``
 selected values sorted as ``v[0] <= ... <= v[n - 1]`` and ``h = (n - 1) * q / 100``,
@@ -7,23 +7,31 @@ selected values sorted as ``v[0] <= ... <= v[n - 1]`` and ``h = (n - 1) * q / 10
 
 so ``q = 0`` is the minimum and ``q = 100`` the maximum. Only two order statistics per
 percentile are needed, never a full sort (a sort of 10^7 voxels takes over a second with
-XLA on CPU):
+XLA on CPU). Two algorithms select them, both exact:
 
-* on the host (concrete arrays, in the loader) and in programs compiled for CPU (under
-  ``jit``, through a callback that reads the buffers in place): an exact two-stage
-  selection in numpy. A strided sample, sorted, brackets each wanted rank; one sweep
-  counts the values below and inside every bracket, a second gathers only the values
-  inside them (a few percent) for a partition. Ties are settled from the counts (a background
-  of zeros is never gathered); a bracket the counts show to miss its rank falls back to
+* concrete arrays (eager calls, the loader's preprocessing): a two-stage selection in
+  numpy. A strided sample, sorted, brackets each wanted rank; one sweep counts the values
+  below and inside every bracket, a second gathers only the values inside them (a few
+  percent) for a partition. Ties are settled from the counts (a background of zeros is
+  never gathered); a bracket the counts show to miss its rank falls back to
   ``numpy.partition`` over all values (introselect, O(n)).
-* programs compiled for accelerators use an exact radix selection on the float32 bit
-  patterns: a 65536-bin histogram of the upper 16 bits finds the bin of each wanted rank,
-  and a second histogram of the lower 16 bits, restricted to those bins, finds the exact
-  value. Two passes over the data, no sort, exact for every float32 value (XLA:CPU runs
-  these scatter-based histograms serially, hence the callback there).
+* traced arrays (``jit``, ``vmap``, ``shard_map``, ``jax.export``; the same program on CPU,
+  GPU and TPU): a selection by counting on the bit patterns, made order-preserving
+  (float32 values, and integers of up to 32 bits, exactly; other dtypes as float32).
+  Each wanted rank keeps an interval of keys that holds it; every pass counts the keys
+  below three thresholds per rank and finds the smallest and largest key inside each
+  interval, all in one reduction over the data, and keeps the part that holds the rank.
+  A sorted strided sample places the first thresholds; interpolated guesses (and the
+  midpoint) the next. About 7 to 9 passes for float32 volumes, one for a rank inside a
+  block of ties (a background of zeros), no sort of the data, no scatter, no host
+  callback: it batches under ``vmap``, partitions with the batch over a device mesh and
+  exports for every platform.
 
-NaNs are not supported: with NaNs in the selection the result is unspecified (numpy
-returns NaN).
+Under ``jit`` the order statistics are exact and the interpolation between them is
+computed in float32 (numpy's formula), so a percentile that falls on a value (``h``
+whole, e.g. the median of an odd count) equals numpy's exactly and the others agree to
+float32 rounding. NaNs are not supported: with NaNs in the selection the result is
+unspecified (numpy returns NaN).
 """
 
 from __future__ import annotations
@@ -37,14 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-try:
-    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
-except ImportError:  # a jax without it: the radix selection on every platform
-    _buffer_callback = None
-
 __all__ = ["check_percentiles", "count_true", "order_statistics", "percentile"]
 
-_BINS = 1 << 16
 # host selection: below this many values a plain introselect; above, the two-stage
 # selection with a sample of n / 16 values, at most _SAMPLE_SIZE
 _DIRECT_SIZE = 1 << 15
@@ -85,7 +87,7 @@ _SIGNED = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
 def _int_keys(values: np.ndarray) -> np.ndarray:
     """Float32/64 bit patterns as signed integers in the order of the values (an
     involution); other dtypes unchanged. Sorting integers is also faster than sorting
-    floats in the threads XLA runs callbacks on (several times, with many ties)."""
+    floats (several times, with many ties)."""
     signed = _SIGNED.get(values.dtype)
     if signed is None:
         return values
@@ -307,11 +309,14 @@ def _percentile_values(values: np.ndarray, q: np.ndarray) -> np.ndarray:
 # --- traced path -------------------------------------------------------------------------
 
 
+_SIGN = 0x80000000
+
+
 def _to_key(x: jax.Array) -> jax.Array:
     """Monotone map float32 -> uint32 (order of keys = order of values)."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
     negative = (bits >> 31) == 1
-    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+    return jnp.where(negative, ~bits, bits | jnp.uint32(_SIGN))
 
 
 def _from_key(key: jax.Array) -> jax.Array:
@@ -320,63 +325,209 @@ def _from_key(key: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _cumsum_bins(hist: jax.Array) -> jax.Array:
-    """Inclusive cumulative sum over the last axis (65536 bins) with two small matmuls.
+def _keys(x: jax.Array):
+    """``(keys, decode)``: uint32 keys in the order of the values of ``x`` and the map
+    back to values. Integers of up to 32 bits are keyed exactly (and decoded to their
+    dtype); every other dtype is compared as float32."""
+    dtype = x.dtype
+    if jnp.issubdtype(dtype, jnp.unsignedinteger) and dtype.itemsize <= 4:
+        return x.astype(jnp.uint32), lambda key: key.astype(dtype)
+    if jnp.issubdtype(dtype, jnp.signedinteger) and dtype.itemsize <= 4:
+        # flipping the sign bit orders two's complement integers as unsigned ones
+        bits = jax.lax.bitcast_convert_type(x.astype(jnp.int32), jnp.uint32) ^ jnp.uint32(_SIGN)
+        return bits, lambda key: jax.lax.bitcast_convert_type(key ^ jnp.uint32(_SIGN), jnp.int32).astype(
+            dtype
+        )
+    return _to_key(x), _from_key
 
-    XLA's cumsum over 65536 entries compiles slowly on CPU; a 256 x 256 block split with an
-    integer triangular matrix product gives the same counts exactly.
+
+_TOP = 0xFFFFFFFF
+# traced selection: a sorted strided sample of this many keys places the first thresholds
+_DEVICE_SAMPLE = 1 << 12
+# traced selection: after the first pass, thresholds bracket an interpolated guess at
+# this fraction of the interval on either side
+_WINDOW = 64
+
+
+def _sweep(keys: jax.Array, valid, thresholds: jax.Array, low: jax.Array, high: jax.Array):
+    """One pass over the keys, as one variadic reduction: ``#(keys < t)`` for every
+    threshold ``t`` (``(ranks, k)``), and the smallest and the largest key inside each
+    rank's interval ``[low, high]`` (valid keys only)."""
+    num, k = thresholds.shape
+    terms, inits, ops = [], [], []
+    for r in range(num):
+        for i in range(k):
+            below = keys < thresholds[r, i]
+            terms.append((below if valid is None else below & valid).astype(jnp.int32))
+            inits.append(jnp.int32(0))
+            ops.append(jnp.add)
+    inside = [(keys >= low[r]) & (keys <= high[r]) for r in range(num)]
+    if valid is not None:
+        inside = [m & valid for m in inside]
+    for r in range(num):
+        terms.append(jnp.where(inside[r], keys, jnp.uint32(_TOP)))
+        inits.append(jnp.uint32(_TOP))
+        ops.append(jnp.minimum)
+    for r in range(num):
+        terms.append(jnp.where(inside[r], keys, jnp.uint32(0)))
+        inits.append(jnp.uint32(0))
+        ops.append(jnp.maximum)
+    out = jax.lax.reduce(
+        terms, inits, lambda a, b: [op(u, v) for op, u, v in zip(ops, a, b)], tuple(range(keys.ndim))
+    )
+    counts = jnp.stack(out[: num * k]).reshape(num, k)
+    return counts, jnp.stack(out[num * k : num * k + num]), jnp.stack(out[num * k + num :])
+
+
+def _take(values: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(values, index[:, None], axis=1)[:, 0]
+
+
+def _narrow(state, thresholds, ranks, keys, valid):
+    """One pass: shrink each rank's key interval ``[low, high]`` to the part between the
+    thresholds that holds it (a threshold ``t`` with ``#(keys < t) <= rank`` is at most
+    the wanted key; one with more is above it), then to the keys present in it. ``state``
+    also carries ``#(keys < low)`` and ``#(keys <= high)``; no key lies between ``low``
+    and the smallest key inside, so snapping to the keys present keeps both counts."""
+    low, high, below_low, upto_high = state
+    counts, smallest, largest = _sweep(keys, valid, thresholds, low, high)
+    k = thresholds.shape[1]
+    # thresholds are sorted, so the ones at or below the wanted key come first
+    j = jnp.sum(counts <= ranks[:, None], axis=1, dtype=jnp.int32)
+    raise_low = j > 0
+    at = jnp.maximum(j - 1, 0)
+    low = jnp.where(raise_low, _take(thresholds, at), low)
+    below_low = jnp.where(raise_low, _take(counts, at), below_low)
+    lower_high = j < k
+    at = jnp.minimum(j, k - 1)
+    high = jnp.where(lower_high, _take(thresholds, at) - jnp.uint32(1), high)
+    upto_high = jnp.where(lower_high, _take(counts, at), upto_high)
+    return jnp.maximum(low, smallest), jnp.minimum(high, largest), below_low, upto_high
+
+
+def _select_keys(keys: jax.Array, valid, n: jax.Array, ranks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The ``ranks``-th smallest (valid) keys, exactly, and how many keys are ``<=`` each.
+
+    ``keys`` outside the selection must hold ``_TOP`` (see ``_masked_keys``); ``valid``
+    (or ``None``) only places the sample.
+
+    Each rank keeps an interval of keys known to hold it; every pass counts, in one sweep,
+    the keys below a few thresholds inside each interval, keeps the part between the
+    thresholds that holds the rank and shrinks it to the smallest and largest key present
+    (found in the same sweep). The first thresholds come from a sorted strided sample
+    (around where the rank falls in it, and just above that sample value, which settles
+    a rank inside a block of ties at once); later ones bracket a guess interpolated from
+    the counts at both ends, with the midpoint as a safeguard, until the interval holds a
+    single key. The result never depends on the sample or the guesses, only the number
+    of passes does (about 7 to 9 for float32 volumes; 1 for a rank inside a block of ties).
     """
-    lead = hist.shape[:-1]
-    blocks = hist.reshape(*lead, 256, 256)
-    upper = jnp.triu(jnp.ones((256, 256), jnp.int32))
-    within = jnp.matmul(blocks, upper)
-    totals = within[..., -1]
-    before = jnp.matmul(totals, upper) - totals
-    return (within + before[..., None]).reshape(hist.shape)
+    flat = keys.reshape(-1)
+    size = flat.shape[0]
+    stride = max(size // _DEVICE_SAMPLE, 1)
+    sample = flat[stride // 2 :: stride]
+    if valid is None:
+        in_sample = jnp.float32(sample.shape[0])
+    else:
+        chosen = valid.reshape(-1)[stride // 2 :: stride]
+        sample = jnp.where(chosen, sample, jnp.uint32(_TOP))  # left out: sorted last
+        in_sample = jnp.sum(chosen, dtype=jnp.int32).astype(jnp.float32)
+    sample = jnp.sort(sample)
+    # a rank's position in the sample varies by a binomial standard deviation: thresholds
+    # 3.5 of those (and 2 positions) on either side, and at the expected position
+    p = (ranks.astype(jnp.float32) + 0.5) / jnp.maximum(n, 1).astype(jnp.float32)
+    position = p * in_sample
+    margin = 2.0 + 3.5 * jnp.sqrt(in_sample * p * (1 - p))
+    at = jnp.stack([position - margin, position, position + margin], axis=1)
+    at = jnp.clip(jnp.round(at), 0, sample.shape[0] - 1).astype(jnp.int32)
+    first, middle, last = sample[at[:, 0]], sample[at[:, 1]], sample[at[:, 2]]
+    step = jnp.uint32(1)
+    thresholds = jnp.stack(
+        [first, middle, jnp.maximum(middle, middle + step), jnp.maximum(last, last + step)], axis=1
+    )
+    num = ranks.shape[0]
+    state = (
+        jnp.zeros(num, jnp.uint32),
+        jnp.full(num, _TOP, jnp.uint32),
+        jnp.zeros(num, jnp.int32),
+        jnp.broadcast_to(jnp.asarray(n, jnp.int32), (num,)),
+    )
+    state = _narrow(state, thresholds, ranks, keys, None)
+
+    def unresolved(state):
+        return jnp.any(state[0] < state[1])
+
+    def split(state):
+        low, high, below_low, upto_high = state
+        width = jnp.where(high > low, high - low, jnp.uint32(0))
+        # guess the key by linear interpolation of the counts at both ends (values are
+        # locally near uniform inside a narrow interval) and bracket the guess tightly;
+        # the midpoint at least halves the interval when the guess is off
+        span = jnp.maximum(upto_high - below_low, 1).astype(jnp.float32)
+        fraction = jnp.clip((ranks - below_low).astype(jnp.float32) + 0.5, 0.0, span) / span
+        extent = width.astype(jnp.float32)
+        guess = fraction * extent
+        window = extent * (1.0 / _WINDOW)
+        # at most the largest float32 below 2**32: its conversion stays in range
+        upper = jnp.minimum(extent, np.float32(4294967040.0))
+
+        def key_at(offset):
+            offset = jnp.clip(offset, 1.0, upper).astype(jnp.uint32)
+            return low + jnp.minimum(offset, width)
+
+        below, above = key_at(guess - window), key_at(guess + window)
+        midpoint = low + (width - width // 2)
+        thresholds = jnp.sort(jnp.stack([below, midpoint, above], axis=1), axis=1)
+        return _narrow(state, thresholds, ranks, keys, None)
+
+    low, _, _, upto = jax.lax.while_loop(unresolved, split, state)
+    return low, upto
+
+
+def _next_above(keys: jax.Array, valid, below: jax.Array) -> jax.Array:
+    """For each key of ``below``, the smallest (valid) key above it (``_TOP`` if none):
+    one pass, one variadic reduction."""
+    top = jnp.uint32(_TOP)
+    terms = []
+    for i in range(below.shape[0]):
+        above = keys > below[i]
+        terms.append(jnp.where(above if valid is None else above & valid, keys, top))
+    out = jax.lax.reduce(
+        terms,
+        [top] * len(terms),
+        lambda a, b: [jnp.minimum(u, v) for u, v in zip(a, b)],
+        tuple(range(keys.ndim)),
+    )
+    return jnp.stack(out)
+
+
+def _masked_keys(keys: jax.Array, valid) -> jax.Array:
+    """Keys outside the selection set to ``_TOP``: never below a threshold (every
+    threshold is at most ``_TOP``), so each pass counts the selection alone without
+    reading the mask again. A selected key equal to ``_TOP`` (a float NaN, or the largest
+    uint32) is then counted by no threshold either, which leaves the ranks of all the
+    others unchanged; a rank among those keys resolves to ``_TOP`` as it should."""
+    return keys if valid is None else jnp.where(valid, keys, jnp.uint32(_TOP))
 
 
 def order_statistics(x: ArrayLike, ranks: ArrayLike, *, mask: ArrayLike | None = None) -> jax.Array:
     """The ``ranks``-th smallest (0-based) of the (masked) values of ``x``. Jittable, exact.
 
-    Values are compared as float32. ``ranks`` (1D, int) may be traced; ranks outside
-    ``[0, n - 1]`` are clipped. With an empty selection the result is unspecified (NaN).
-    Meant for a few ranks: the second pass holds a 65536-bin histogram per rank.
+    Integers of up to 32 bits are compared exactly and returned in their dtype; other
+    values are compared and returned as float32. ``ranks`` (1D, int) may be traced;
+    ranks outside ``[0, n - 1]`` are clipped. With an empty selection the result is
+    unspecified. Meant for a few ranks: each pass over the values compares them with
+    three thresholds per rank (about 7 to 9 passes for float32 volumes).
     """
-    keys = _to_key(jnp.asarray(x).reshape(-1))
+    keys, decode = _keys(jnp.asarray(x))
     ranks = jnp.asarray(ranks, jnp.int32).reshape(-1)
-    num = ranks.shape[0]
     if mask is None:
         valid = None
-        n = keys.shape[0]
+        n = jnp.int32(keys.size)
     else:
-        valid = jnp.asarray(mask).reshape(-1).astype(bool)
+        valid = jnp.broadcast_to(jnp.asarray(mask), keys.shape).astype(bool)
         n = jnp.sum(valid, dtype=jnp.int32)
     ranks = jnp.clip(ranks, 0, jnp.maximum(n - 1, 0))
-    top = (keys >> 16).astype(jnp.int32)
-    low = (keys & jnp.uint32(0xFFFF)).astype(jnp.int32)
-    dump = _BINS
-    index = top if valid is None else jnp.where(valid, top, dump)
-    hist = jnp.zeros(_BINS + 1, jnp.int32).at[index].add(1, mode="promise_in_bounds")[:_BINS]
-    cum = _cumsum_bins(hist)
-    # first bin whose cumulative count exceeds the rank (a reduction: cheaper to compile
-    # than searchsorted)
-    bins = jnp.sum(cum[None, :] <= ranks[:, None], axis=1, dtype=jnp.int32)
-    within = ranks - (cum[bins] - hist[bins])
-    # second pass: one histogram row per distinct wanted bin (queries sharing a bin share
-    # its row: the first of the sorted bins equal to it); other voxels go to a dump bin
-    sorted_bins = jnp.sort(bins)
-    first = jnp.sum(sorted_bins[None, :] < bins[:, None], axis=1, dtype=jnp.int32)
-    slot = jnp.minimum(jnp.sum(sorted_bins[None, :] < top[:, None], axis=1, dtype=jnp.int32), num - 1)
-    hit = sorted_bins[slot] == top
-    if valid is not None:
-        hit &= valid
-    index2 = jnp.where(hit, slot * _BINS + low, num * _BINS)
-    hist2 = jnp.zeros(num * _BINS + 1, jnp.int32).at[index2].add(1, mode="promise_in_bounds")
-    rows = hist2[: num * _BINS].reshape(num, _BINS)[first]
-    cum2 = _cumsum_bins(rows)
-    lows = jnp.sum(cum2 <= within[:, None], axis=1, dtype=jnp.int32).astype(jnp.uint32)
-    key = (bins.astype(jnp.uint32) << 16) | lows
-    return _from_key(key)
+    return decode(_select_keys(_masked_keys(keys, valid), valid, n, ranks)[0])
 
 
 def _split_bits(value: float, bits: int, parts: int) -> list[float]:
@@ -418,56 +569,32 @@ def _position(m: jax.Array, fraction: float) -> tuple[jax.Array, jax.Array]:
     return whole + carry.astype(jnp.int32), frac - carry
 
 
-def _percentile_radix(x, q: np.ndarray, mask) -> jax.Array:
+def _percentile_device(x: jax.Array, q: np.ndarray, mask) -> jax.Array:
+    """Percentiles of traced values (see the module docstring), float32."""
+    # the percentiles carry no gradient (a selection of values by their bit patterns)
+    keys, decode = _keys(jax.lax.stop_gradient(x))
     if mask is None:
-        n = jnp.int32(np.size(x))
+        valid = None
+        n = jnp.int32(keys.size)
     else:
-        n = jnp.sum(jnp.asarray(mask).astype(bool), dtype=jnp.int32)
+        valid = jnp.asarray(mask).astype(bool)
+        n = jnp.sum(valid, dtype=jnp.int32)
     m = jnp.maximum(n - 1, 0)
     positions = [_position(m, float(f)) for f in q / 100.0]
     lo = jnp.stack([p[0] for p in positions])
     t = jnp.stack([p[1] for p in positions])
     hi = jnp.minimum(lo + 1, m)
-    stats = order_statistics(x, jnp.concatenate([lo, hi]), mask=mask)
-    a, b = stats[: q.size], stats[q.size :]
+    keys = _masked_keys(keys, valid)
+    low_key, upto = _select_keys(keys, valid, n, lo)
+    # the next order statistic: the same value unless the lower one ends at its rank (a
+    # key above it exists then; the _TOP of left-out keys is never below it)
+    high_key = jnp.where(hi < upto, low_key, _next_above(keys, None, low_key))
+    a = decode(low_key).astype(jnp.float32)
+    b = decode(high_key).astype(jnp.float32)
     diff = b - a
     out = jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
-    # an empty selection gives 0, as the host selection does (its order statistics are NaN)
+    # an empty selection gives 0 (not NaN, which would spread through a normalisation)
     return jnp.where(n > 0, jnp.where(a == b, a, out), 0.0)
-
-
-def _percentile_callback(x, q: np.ndarray, mask) -> jax.Array:
-    """The host selection called from the compiled program: on CPU the buffers are host
-    memory, read in place (no copy), and numpy's selection and counting passes are far
-    faster than XLA:CPU's scatter-based histograms."""
-
-    def host(ctx, out, values, *selection):
-        values = np.asarray(values)
-        values = _ravel(values) if not selection else _masked(values, np.asarray(selection[0]))
-        result = np.asarray(out)
-        if values.size == 0:
-            result[...] = 0  # empty selection: documented as 0 under jit
-        else:
-            result[...] = _percentile_values(values, q)
-
-    args = (x,) if mask is None else (x, mask.astype(bool))
-    out_type = jax.ShapeDtypeStruct((q.size,), jnp.float32)
-    return _buffer_callback(host, out_type, vmap_method="sequential")(*args)
-
-
-def _percentile_traced(x: jax.Array, q: np.ndarray, mask) -> jax.Array:
-    # the percentiles carry no gradient (as a selection of values by their bit patterns)
-    x = jax.lax.stop_gradient(x)
-    if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype in (jnp.float32, jnp.float64)):
-        x = x.astype(jnp.float32)
-    if _buffer_callback is None:
-        return _percentile_radix(x, q, mask)
-    return jax.lax.platform_dependent(
-        x,
-        mask,
-        cpu=lambda x, mask: _percentile_callback(x, q, mask),
-        default=lambda x, mask: _percentile_radix(x, q, mask),
-    )
 
 
 def percentile(x: ArrayLike, q: float | Sequence[float], *, mask: ArrayLike | None = None):
@@ -501,7 +628,7 @@ def percentile(x: ArrayLike, q: float | Sequence[float], *, mask: ArrayLike | No
             else np.broadcast_to(mask, np.shape(x))
         )
     if _is_traced(x, mask):
-        out = _percentile_traced(jnp.asarray(x), qa, mask)
+        out = _percentile_device(jnp.asarray(x), qa, mask)
     else:
         out = _percentile_host(np.asarray(x), qa, mask)
     return out[0] if scalar else out

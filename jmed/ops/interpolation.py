@@ -338,7 +338,8 @@ def pad_value_for(data: ArrayLike, rule: str | float, extent: ArrayLike | None =
     if rule == "mean":
         if weights is None:
             return _kept_apart(jnp.mean(border, axis=0))
-        return _kept_apart((weights @ border) / jnp.maximum(jnp.sum(weights), 1.0))
+        total = jnp.matmul(weights, border, precision=jax.lax.Precision.HIGHEST)
+        return _kept_apart(total / jnp.maximum(jnp.sum(weights), 1.0))
 
     def background_mean(values):
         w = jnp.ones(values.shape, jnp.float32) if weights is None else weights

@@ -185,11 +185,46 @@ def _choose(index: Any, options: Sequence[Any]) -> jax.Array:
     return out
 
 
+def _promoted_dtypes(branches: Sequence[Callable[[Any], Any]], operand: Any) -> Any:
+    """Per output leaf, the promotion of the dtypes that all ``branches`` give, or None
+    when the branches cannot be traced (eager-only transforms) or differ in structure."""
+    try:
+        shapes = [jax.eval_shape(b, operand) for b in branches]
+    except (jax.errors.JAXTypeError, jax.errors.ConcretizationTypeError, TypeError, ValueError):
+        return None
+    if len({jax.tree.structure(s) for s in shapes}) > 1:
+        return None
+    return jax.tree.map(lambda *leaves: jnp.result_type(*leaves), *shapes)
+
+
+def _cast_to(tree: Any, dtypes: Any) -> Any:
+    """Cast the data of every image in ``tree`` to the dtype of its twin in ``dtypes`` (the
+    tree of promoted dtypes); affines stay float64 on the host."""
+
+    def cast(a, d):
+        if not isinstance(a, Image):
+            return a
+        dtype = np.dtype(d.data)  # the promoted dtype stands where the data was
+        if a.data.dtype == dtype:
+            return a
+        data = a.data
+        return a.replace(
+            data=np.asarray(data).astype(dtype) if isinstance(data, np.ndarray) else data.astype(dtype)
+        )
+
+    return jax.tree.map(cast, tree, dtypes, is_leaf=lambda x: isinstance(x, Image))
+
+
 def _switch(
     index: Any, branches: Sequence[Callable[[Subject, Params], Subject]], subject: Subject, params: Params
 ) -> Any:
-    """``branches[index](subject, params)``; a Python call when ``index`` is concrete, else
-    ``lax.switch`` with outputs promoted to common dtypes.
+    """``branches[index](subject, params)`` with outputs promoted to the alternatives'
+    common dtypes.
+
+    One rule eagerly and under ``jit``: each output leaf has the promotion of the dtypes
+    every branch gives it (``RandomApply(RandomNoise())`` on a uint8 image gives float32
+    whether or not the noise is drawn). A Python call when ``index`` is concrete (branches
+    that cannot be traced then keep their own dtypes), else ``lax.switch``.
 
     Under ``lax.switch`` the arrays of ``subject`` and ``params`` are operands of jitted
     branches, not values they close over (other leaves stay static): batching a switch
@@ -199,7 +234,13 @@ def _switch(
     """
     i = _concrete_int(index)
     if i is not None:
-        return branches[i](subject, params)
+        out = branches[i](subject, params)
+        if len(branches) == 1:
+            return out
+        dtypes = _promoted_dtypes([lambda s, b=b: b(s, params) for b in branches], subject)
+        if dtypes is None or jax.tree.structure(out) != jax.tree.structure(dtypes):
+            return out
+        return _cast_to(out, dtypes)
     leaves, tree = jax.tree.flatten((subject, params))
     dynamic = [isinstance(leaf, jax.Array) for leaf in leaves]
     arrays = [leaf for leaf, d in zip(leaves, dynamic) if d]

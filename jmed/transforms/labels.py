@@ -3,9 +3,11 @@
 These act on label maps only (intensity images pass through). ``OneHot``,
 ``RemapLabels``, ``RemoveLabels`` and ``SequentialLabels`` (for ``uint8``/``uint16`` maps)
 are jittable. The connected-component transforms (``KeepLargestComponent``,
-``FillHoles``, ``RemoveSmallObjects``) are post-processing and run on the host with
-``jmed.ops.labels``; under ``jit`` they go through ``jax.pure_callback`` (one volume at a
-time under ``vmap``), so they still compose, but they are not meant for the accelerator.
+``FillHoles``, ``RemoveSmallObjects``) are post-processing: they run eagerly on the host
+with ``jmed.ops.labels`` (in the loader's ``preprocessing=``, or on a prediction) and
+raise ``TypeError`` when traced (``jax.jit``, ``jax.vmap``, ``jax.export``, a jitted
+augmentation). A host callback would tie the compiled program to the host: it could not
+be sharded, exported or run on an accelerator without a round trip per volume.
 
 Multi-channel label maps are processed channel by channel. Unless ``labels`` is given,
 the component transforms treat every nonzero label separately.
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmed import buckets
 from jmed.image import LABEL
 from jmed.ops import labels as label_ops
 from jmed.ops.crop_pad import valid_mask
@@ -77,14 +80,6 @@ def _concrete_extent(image) -> tuple[int, int, int] | None:
     if extent is None or _is_traced(extent):
         return None
     return tuple(int(v) for v in np.asarray(extent))
-
-
-def _on_host(fn, data):
-    """Run ``fn`` (numpy ``(x, y, z, c)`` -> same shape and dtype) eagerly or as a callback."""
-    if _is_traced(data):
-        shape = jax.ShapeDtypeStruct(data.shape, data.dtype)
-        return jax.pure_callback(lambda d: fn(np.asarray(d)), shape, data, vmap_method="sequential")
-    return fn(np.asarray(data))
 
 
 # --- encoding and remapping --------------------------------------------------------------
@@ -262,11 +257,24 @@ class _ComponentTransform(LabelTransform):
 
     def apply_image(self, image, params):
         data = image.data
-        if image.extent is not None:
+        if _is_traced(data) or _is_traced(image.extent):
+            if buckets.is_predicting_shapes():
+                return image  # the output has the input's shape and dtype
+            raise TypeError(
+                f"{type(self).__name__} computes connected components on the host and cannot be "
+                "traced (jax.jit, jax.vmap, jax.export, or a jitted augmentation): call it eagerly, "
+                "outside jit/vmap, on concrete arrays, e.g. in the loader's preprocessing= or on a "
+                "prediction after inference"
+            )
+        data = np.asarray(data)
+        extent = _concrete_extent(image)
+        if extent is not None:
             # components must end at the extent: the padding becomes background
-            mask = valid_mask(image.spatial_shape, image.extent)
-            data = jnp.where(mask, jnp.asarray(data), jnp.zeros((), jnp.asarray(data).dtype))
-        return image.replace(data=_on_host(self._host, data))
+            data = data.copy()
+            data[extent[0] :] = 0
+            data[:, extent[1] :] = 0
+            data[:, :, extent[2] :] = 0
+        return image.replace(data=self._host(data))
 
 
 class KeepLargestComponent(_ComponentTransform):
@@ -275,6 +283,10 @@ class KeepLargestComponent(_ComponentTransform):
     Args:
         labels: labels to process (others untouched); all nonzero labels by default.
         connectivity: 6 (faces, as TorchIO/SimpleITK's default) or 26.
+
+    Eager only: computed on the host from concrete arrays (the loader's
+    ``preprocessing=``, a prediction after inference). Traced (``jax.jit``, ``jax.vmap``,
+    ``jax.export``, the loader's jitted ``augmentation=``) it raises ``TypeError``.
 
     Examples:
         >>> import numpy as np, jmed
@@ -297,6 +309,10 @@ class RemoveSmallObjects(_ComponentTransform):
     Args:
         min_size: smallest component kept, in voxels.
         labels, connectivity: as ``KeepLargestComponent``.
+
+    Eager only: computed on the host from concrete arrays (the loader's
+    ``preprocessing=``, a prediction after inference). Traced (``jax.jit``, ``jax.vmap``,
+    ``jax.export``, the loader's jitted ``augmentation=``) it raises ``TypeError``.
     """
 
     def __init__(self, min_size: int, *, labels=None, connectivity: int = 6, include=None, exclude=None):
@@ -325,6 +341,10 @@ class FillHoles(_ComponentTransform):
 
     Args:
         labels, connectivity: as ``KeepLargestComponent`` (connectivity of the holes).
+
+    Eager only: computed on the host from concrete arrays (the loader's
+    ``preprocessing=``, a prediction after inference). Traced (``jax.jit``, ``jax.vmap``,
+    ``jax.export``, the loader's jitted ``augmentation=``) it raises ``TypeError``.
     """
 
     def process(self, volume):

@@ -91,7 +91,13 @@ def _rotation(degrees: jax.Array) -> jax.Array:
     rx = jnp.array([[one, zero, zero], [zero, ca, -sa], [zero, sa, ca]])
     ry = jnp.array([[cb, zero, sb], [zero, one, zero], [-sb, zero, cb]])
     rz = jnp.array([[cc, -sc, zero], [sc, cc, zero], [zero, zero, one]])
-    return rz @ ry @ rx
+    return _mm(_mm(rz, ry), rx)
+
+
+def _mm(a, b):
+    """``a @ b`` at full float32 precision whatever the platform's default (bfloat16
+    operands on TPUs, TF32 on GPUs, which would move the resampled voxels)."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def rigid_voxel_matrix(affine, spatial_shape, degrees, translation) -> jax.Array:
@@ -102,12 +108,12 @@ def rigid_voxel_matrix(affine, spatial_shape, degrees, translation) -> jax.Array
     centre.
     """
     affine = jnp.asarray(affine, jnp.float32)
-    centre = affine @ jnp.append(jnp.asarray((np.array(spatial_shape) - 1) / 2.0, jnp.float32), 1.0)
+    centre = _mm(affine, jnp.append(jnp.asarray((np.array(spatial_shape) - 1) / 2.0, jnp.float32), 1.0))
     rot = _rotation(degrees)
     world = jnp.eye(4, dtype=jnp.float32)
     world = world.at[:3, :3].set(rot)
-    world = world.at[:3, 3].set(centre[:3] - rot @ centre[:3] + translation)
-    return affine_lib.invert(affine) @ world @ affine
+    world = world.at[:3, 3].set(centre[:3] - _mm(rot, centre[:3]) + translation)
+    return _mm(_mm(affine_lib.invert(affine), world), affine)
 
 
 class RandomMotion(IntensityTransform):

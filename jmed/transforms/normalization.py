@@ -372,6 +372,13 @@ _QUANTILES = {
     "deciles": tuple(range(10, 100, 10)),
     "quartiles": (25, 50, 75),
 }
+# TorchIO treats percentiles closer than this (in intensity units) as tied
+_TIE_EPSILON = 1e-5
+
+
+def _torchio_percentiles(cutoff: np.ndarray) -> np.ndarray:
+    """The 13 percentiles of TorchIO's landmarks: the cutoffs, quartiles and deciles."""
+    return np.unique(np.concatenate([cutoff, _QUANTILES["quartiles"], _QUANTILES["deciles"]]).astype(float))
 
 
 def histogram_percentiles(
@@ -515,6 +522,10 @@ def load_landmarks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | No
     try:
         if path.endswith(".npy"):
             return np.load(path).astype(np.float64), None
+        if path.endswith(".txt"):  # TorchIO's text format: a name, then the values
+            with open(path) as f:
+                words = f.read().split()
+            return np.asarray(words[1:] if words and not _is_number(words[0]) else words, np.float64), None
         if path.endswith(".json"):
             with open(path) as f:
                 record = json.load(f)
@@ -522,27 +533,36 @@ def load_landmarks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | No
             return np.asarray(record["landmarks"], np.float64), None if p is None else np.asarray(p, float)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"cannot read landmarks from {path!r}: {err}") from err
-    raise ValueError(f"landmarks path must end with .npy or .json, got {path!r}")
+    raise ValueError(f"landmarks path must end with .npy, .json or .txt, got {path!r}")
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 @jax.jit
-def _piecewise_linear(data, xp, fp):
+def _piecewise_linear(data, xp, fp, epsilon: float = _TIE_EPSILON):
     """Map ``data`` through the piecewise-linear function through ``(xp, fp)``.
 
-    Beyond the first and last points the end segments are extended. A segment of zero
-    width (tied percentiles) is a jump at that point (values equal to it take the lower
-    side). Written as a chain of selects (each knot passed replaces the line), elementwise,
-    so XLA fuses it into one pass without gathers.
+    TorchIO's rule (``torchio.transforms.HistogramStandardization``): segment ``k`` runs
+    from knot ``k`` to knot ``k + 1``; a value belongs to the segment of the last inner knot
+    at or below it (the first segment below the second knot, the last segment above the
+    second-to-last knot, both extended beyond the end knots). A segment narrower than
+    ``epsilon`` (tied percentiles, e.g. a background of zeros) is flat at its first
+    landmark, so a value equal to tied knots maps to the last of their landmarks. Written
+    as a chain of selects, elementwise, so XLA fuses it into one pass without gathers.
     """
     x = data.astype(jnp.float32)
     width = xp[1:] - xp[:-1]
-    slope = jnp.where(width > 0, (fp[1:] - fp[:-1]) / jnp.where(width > 0, width, 1.0), 0.0)
+    flat = width < epsilon
+    slope = jnp.where(flat, 0.0, (fp[1:] - fp[:-1]) / jnp.where(flat, 1.0, width))
     out = fp[0] + slope[0] * (x - xp[0])
-    last = xp.shape[0] - 1
-    for k in range(1, last + 1):
-        # past knot k: the segment that starts there (past the last knot: the last
-        # segment's line, restarted at the last knot so that a final tie still jumps)
-        out = jnp.where(x > xp[k], fp[k] + slope[min(k, last - 1)] * (x - xp[k]), out)
+    for k in range(1, xp.shape[0] - 1):
+        out = jnp.where(x >= xp[k], fp[k] + slope[k] * (x - xp[k]), out)
     return out
 
 
@@ -551,15 +571,20 @@ class HistogramStandardization(IntensityTransform):
 
     Each image's percentiles (same ``cutoff``/``quantiles`` as in training, over the
     masked voxels) are mapped piecewise-linearly onto the landmarks; intensities below the
-    first or above the last percentile follow the end segments. Jittable (percentiles use
-    the exact traced selection of ``jmed.ops.histogram`` under ``jit``).
+    first or above the last percentile follow the end segments. Ties follow TorchIO: a
+    value equal to tied percentiles (a background of zeros filling the lowest percentiles)
+    maps to the last of their landmarks, and segments between percentiles closer than
+    1e-5 are flat. Jittable (percentiles use the exact traced selection of
+    ``jmed.ops.histogram`` under ``jit``).
 
     Padding-aware (exact): on a padded volume the percentiles are those of its valid
     (masked) voxels.
 
     Args:
-        landmarks: an array of landmarks, a ``.npy``/``.json`` path, or a mapping from
-            image names to either (images not in it pass through).
+        landmarks: an array of landmarks, a ``.npy``/``.json``/``.txt`` path, or a mapping
+            from image names to either (images not in it pass through). TorchIO's 13
+            landmarks (cutoffs, quartiles and deciles) are accepted: those of this
+            transform's percentiles are used, as TorchIO does.
         cutoff, quantiles: as ``train_histogram``; the number of landmarks must match.
         masking_method: see the module docstring.
 
@@ -607,6 +632,15 @@ class HistogramStandardization(IntensityTransform):
                 f"transform uses {self.percentiles.tolist()}"
             )
         k = self.percentiles.size
+        torchio = _torchio_percentiles(self.percentiles[[0, -1]])
+        if (
+            values.shape == torchio.shape
+            and values.shape != (k,)
+            and np.isin(self.percentiles, torchio).all()
+        ):
+            # landmarks trained by TorchIO (cutoffs, quartiles and deciles): keep those of
+            # this transform's percentiles, as TorchIO does when it applies them
+            values = values[np.isin(torchio, self.percentiles)]
         if values.shape != (k,):
             raise ValueError(
                 f"{name}: expected {k} landmarks for percentiles {self.percentiles.tolist()}, got "

@@ -21,6 +21,7 @@ Crop, pad and crop-or-pad transforms are invertible: their params are a
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 from collections.abc import Sequence
@@ -199,8 +200,11 @@ def _grid_for_spacing(shape: Sequence[int], affine: np.ndarray, spacing: np.ndar
     affine = np.asarray(affine, np.float64)
     old_spacing = affine_lib.spacing(affine)
     shape = np.asarray(shape)
-    # floor keeps the new extent within the old one (no extrapolation at the borders)
-    new_shape = np.floor(shape * old_spacing / spacing + 1e-6).astype(int)
+    # floor keeps the new extent within the old one (no extrapolation at the borders); the
+    # spacing read from a float32 header is off by a few parts in 10^7, so a ratio within
+    # a relative 1e-5 of the next integer is that integer (52 voxels stay 52, not 51)
+    ratio = shape * old_spacing / spacing
+    new_shape = np.floor(ratio + np.maximum(1e-6, 1e-5 * ratio)).astype(int)
     new_shape = np.maximum(np.where(shape == 1, 1, new_shape), 1)
     rotation = affine[:3, :3] / old_spacing
     centre = affine[:3, :3] @ ((shape - 1) / 2) + affine[:3, 3]
@@ -407,8 +411,11 @@ class Resize(Transform):
         matrix[:3, 3] = 0.5 * scale - 0.5
         order = self.label_order if image.kind == LABEL else self.image_order
         data = _resample_jit(image.data, matrix, output_shape=self.target_shape, order=order, pad_mode="edge")
-        xp = jnp if _is_traced(image.affine) else np
-        return image.replace(data=data, affine=xp.asarray(image.affine) @ xp.asarray(matrix))
+        if _is_traced(image.affine):
+            affine = jnp.matmul(image.affine, jnp.asarray(matrix), precision=jax.lax.Precision.HIGHEST)
+        else:
+            affine = np.asarray(image.affine) @ matrix
+        return image.replace(data=data, affine=affine)
 
 
 # --- crop and pad ------------------------------------------------------------------------
@@ -426,7 +433,8 @@ class WindowParams:
     __slots__ = ("input_shape", "output_shape", "start")
 
     def __init__(self, start: ArrayLike, input_shape: Sequence[int], output_shape: Sequence[int]):
-        self.start = start
+        # int32 eagerly as under jit (JAX's default integer), so both give the same params
+        self.start = start.astype(jnp.int32) if _is_traced(start) else np.asarray(start, np.int32)
         self.input_shape = tuple(int(n) for n in input_shape)
         self.output_shape = tuple(int(n) for n in output_shape)
 
@@ -445,6 +453,15 @@ class WindowParams:
             f"WindowParams(start={self.start}, input_shape={self.input_shape}, "
             f"output_shape={self.output_shape})"
         )
+
+
+# shapes as JSON: the params of a crop or pad in a history serialise with jax.export
+jax.export.register_pytree_node_serialization(
+    WindowParams,
+    serialized_name="jmed.WindowParams",
+    serialize_auxdata=lambda shapes: json.dumps(shapes).encode(),
+    deserialize_auxdata=lambda data: tuple(tuple(shape) for shape in json.loads(data.decode())),
+)
 
 
 class _Window(Transform):

@@ -22,6 +22,10 @@ points mapped by the later one by trilinear interpolation of the (smooth) field.
 elastic deformation that comes last in a chain is evaluated directly on the output grid
 (separable B-spline), so the usual "affine then elastic" costs no extra resampling.
 
+Every matrix product of the geometry (matrices, composition, B-spline fields) requests
+full float32 precision (``jax.lax.Precision.HIGHEST``): the default of TPUs (bfloat16
+operands) or GPUs (TF32) would move voxel coordinates by tenths of a voxel.
+
 Identity parameters give bit-exact identity mappings (``I + L^-1 (B - I) L`` is formed so
 that ``B = I`` gives exactly ``I``), hence the input back bit for bit, also under ``jit``.
 
@@ -104,6 +108,11 @@ def _as_f32(affine):
     return jnp.asarray(affine, jnp.float32)
 
 
+def _mm(a, b):
+    """``a @ b`` at full float32 precision on every platform (see the module doc)."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _matrix(linear, translation):
     m = jnp.eye(4, dtype=jnp.float32)
     return m.at[:3, :3].set(linear).at[:3, 3].set(translation)
@@ -114,7 +123,7 @@ def _with_grid(mapping: SpatialMapping, grid: OutputGrid | None) -> SpatialMappi
         return mapping
     g = grid.matrix()
     return compose_mappings(
-        mapping, SpatialMapping(g, None, None, grid.shape, _as_f32(mapping.output_affine) @ g)
+        mapping, SpatialMapping(g, None, None, grid.shape, _mm(_as_f32(mapping.output_affine), g))
     )
 
 
@@ -140,13 +149,13 @@ def compose_mappings(
     _check_mapping(first, "first")
     _check_mapping(second, "second")
     a1, a2 = first.matrix, second.matrix
-    matrix = a1 @ a2
+    matrix = _mm(a1, a2)
     shape, affine = second.output_shape, second.output_affine
     if first.displacement is None:
         if second.displacement is None:
             return SpatialMapping(matrix, None, None, shape, affine)
         d2 = jnp.eye(3) if second.displacement_matrix is None else second.displacement_matrix
-        return SpatialMapping(matrix, second.displacement, a1[:3, :3] @ d2, shape, affine)
+        return SpatialMapping(matrix, second.displacement, _mm(a1[:3, :3], d2), shape, affine)
     # the earlier field, evaluated (trilinear, edge) where the later mapping sends each voxel
     moved = resample(
         _dense(first.displacement),
@@ -162,7 +171,7 @@ def compose_mappings(
         return SpatialMapping(matrix, moved, first.displacement_matrix, shape, affine)
     d1 = jnp.eye(3) if first.displacement_matrix is None else first.displacement_matrix
     d2 = jnp.eye(3) if second.displacement_matrix is None else second.displacement_matrix
-    field = _dense(second.displacement) @ (a1[:3, :3] @ d2).T + moved @ d1.T
+    field = _mm(_dense(second.displacement), _mm(a1[:3, :3], d2).T) + _mm(moved, d1.T)
     return SpatialMapping(matrix, field, None, shape, affine)
 
 
@@ -180,13 +189,13 @@ def invert_mapping(mapping: SpatialMapping, iterations: int = 12) -> SpatialMapp
     if mapping.displacement is None:
         return mapping._replace(matrix=inv)
     d = jnp.eye(3) if mapping.displacement_matrix is None else mapping.displacement_matrix
-    to_voxels = -(inv[:3, :3] @ d)
+    to_voxels = -_mm(inv[:3, :3], d)
     field = _dense(mapping.displacement)
     shape = mapping.output_shape
 
     def step(_, e):
         f = resample(field, inv, shape, order=1, displacement=e, pad_mode="edge")
-        return f @ to_voxels.T
+        return _mm(f, to_voxels.T)
 
     e = jax.lax.fori_loop(0, iterations, step, jnp.zeros((*shape, 3), jnp.float32))
     return SpatialMapping(inv, e, None, shape, mapping.output_affine)
@@ -426,7 +435,7 @@ class RandomRot90(SpatialTransform):
                 step = np.eye(4, dtype=np.float32)
                 step[a, a], step[a, b], step[b, a], step[b, b] = 0, 1, -1, 0
                 step = jnp.asarray(step).at[b, 3].set(n)
-                m = m @ step
+                m = _mm(m, step)
             mats.append(m)
         matrix = _choose(params, mats)
         return _with_grid(SpatialMapping(matrix, None, None, tuple(shape), affine), grid)
@@ -436,52 +445,70 @@ class RandomRot90(SpatialTransform):
 
 
 def _rotation(degrees: jax.Array) -> jax.Array:
-    """``Rz @ Ry @ Rx`` for angles (degrees) about the world R, A and S axes."""
+    """``Rz @ Rx @ Ry`` for angles (degrees) about the world R, A and S axes.
+
+    The order of SimpleITK's ``Euler3DTransform`` (TorchIO's rotation): about A first,
+    then R, then S. TorchIO builds it in LPS with the R and A angles negated, which is
+    this same matrix in RAS.
+    """
     a, b, c = jnp.deg2rad(degrees[0]), jnp.deg2rad(degrees[1]), jnp.deg2rad(degrees[2])
     one, zero = jnp.ones(()), jnp.zeros(())
     rx = jnp.array([[one, zero, zero], [zero, jnp.cos(a), -jnp.sin(a)], [zero, jnp.sin(a), jnp.cos(a)]])
     ry = jnp.array([[jnp.cos(b), zero, jnp.sin(b)], [zero, one, zero], [-jnp.sin(b), zero, jnp.cos(b)]])
     rz = jnp.array([[jnp.cos(c), -jnp.sin(c), zero], [jnp.sin(c), jnp.cos(c), zero], [zero, zero, one]])
-    return rz @ ry @ rx
+    return _mm(_mm(rz, rx), ry)
 
 
 def affine_mapping(
     scales, degrees, translation, shape, affine, center: str = "image", *, extent=None
 ) -> SpatialMapping:
-    """Mapping of the world transform ``x -> R S (x - c) + c + t`` (content moves by it).
+    """Mapping of TorchIO's world transform ``x -> S R (x - c) + c + S t`` (content moves by it).
 
-    ``R = Rz Ry Rx`` (degrees about the world axes), ``S = diag(scales)``, ``t`` in mm,
-    ``c`` the image centre (world; of the valid region ``extent`` when given) or the
-    origin. The output pulls
-    ``in(B (y - c - t) + c)`` with ``B = S^-1 R^T``; in voxels
-    ``p_in = p + L^-1 (B - I) L p + L^-1 ((B - I)(o - c) - B t)`` where ``affine = [L o]``.
+    ``R = Rz Rx Ry`` (degrees about the world axes, SimpleITK's Euler order),
+    ``S = diag(scales)``, ``t`` in mm (scaled with the content, as in TorchIO), ``c`` the
+    image centre (world; of the valid region ``extent`` when given) or the origin. The
+    output pulls ``in(B (y - c - S t) + c)`` with ``B = R^T S^-1``; in voxels
+    ``p_in = p + L^-1 (B - I) L p + L^-1 ((B - I)(o - c) - R^T t)`` where ``affine = [L o]``.
+
+    A 2D image (one voxel along the third axis) gets no out-of-plane change, as in
+    TorchIO: the S scale is 1 and the R and A rotations and the S translation are 0.
     """
     _check_choice(center, ("image", "origin"), "center")
     a = _as_f32(affine)
     lin, origin = a[:3, :3], a[:3, 3]
     scales = jnp.asarray(scales, jnp.float32)
-    rotation = _rotation(jnp.asarray(degrees, jnp.float32))
-    b = rotation.T / scales[:, None]
+    degrees = jnp.asarray(degrees, jnp.float32)
+    translation = jnp.asarray(translation, jnp.float32)
+    if len(shape) == 3 and shape[2] == 1:
+        in_plane = jnp.array([1.0, 1.0, 0.0], jnp.float32)
+        scales = scales * in_plane + (1.0 - in_plane)
+        degrees = degrees * (1.0 - in_plane)
+        translation = translation * in_plane
+    rotation = _rotation(degrees)
+    b = rotation.T / scales[None, :]
     delta = b - jnp.eye(3)
     if center == "image":
-        c = lin @ ((_valid_shape(shape, extent) - 1.0) / 2.0) + origin
+        c = _mm(lin, (_valid_shape(shape, extent) - 1.0) / 2.0) + origin
     else:
         c = jnp.zeros(3)
     lin_inv = affine_lib.invert(lin)
-    matrix_lin = jnp.eye(3) + lin_inv @ delta @ lin
-    translation = lin_inv @ (delta @ (origin - c) - b @ jnp.asarray(translation, jnp.float32))
+    matrix_lin = jnp.eye(3) + _mm(_mm(lin_inv, delta), lin)
+    translation = _mm(lin_inv, _mm(delta, origin - c) - _mm(rotation.T, translation))
     return SpatialMapping(_matrix(matrix_lin, translation), None, None, tuple(shape), affine)
 
 
 class RandomAffine(SpatialTransform):
-    """Random scaling, rotation and translation in world space (TorchIO v1 semantics).
+    """Random scaling, rotation and translation in world space, as TorchIO 1.2.
+
+    For the same parameters the world map is TorchIO's: ``x -> S R (x - c) + c + S t``
+    with ``R = Rz Rx Ry`` (see ``affine_mapping``).
 
     Args:
         scales: scale factors: ``d`` -> ``U(1 - d, 1 + d)``; ``(a, b)`` -> ``U(a, b)``; 3 or
             6 values per axis. Factors > 1 enlarge the content. Must stay > 0.
         degrees: rotation angles about the world R, A, S axes: ``d`` -> ``U(-d, d)``, or
-            ranges as for ``scales``.
-        translation: mm along the world R, A, S axes, same rule.
+            ranges as for ``scales``; applied about A, then R, then S.
+        translation: mm along the world R, A, S axes, same rule (scaled with the content).
         isotropic: one scale factor for all axes (``scales`` must be one range).
         center: ``"image"`` (rotate/scale about the image centre) or ``"origin"`` (the
             world origin).
@@ -640,6 +667,8 @@ class RandomElasticDeformation(SpatialTransform):
                 return
             shape = tuple(int(v) for v in np.asarray(ref.extent))
         spacing_mm = bspline.control_spacing(shape, self.num_control_points) * np.asarray(ref.spacing, float)
+        # an axis of one voxel (a 2D image) gets no displacement: nothing can fold there
+        spacing_mm = np.where(np.asarray(shape) == 1, np.inf, spacing_mm)
         if np.any(np.asarray(self.max_displacement) > spacing_mm / 2):
             warnings.warn(
                 f"max_displacement {self.max_displacement} mm exceeds half the control-point "
@@ -680,7 +709,7 @@ class RandomElasticDeformation(SpatialTransform):
         )
         field = bspline.separable_field(params, weights)
         g = grid.matrix()
-        return SpatialMapping(g, field, to_voxels, tuple(grid.shape), _as_f32(affine) @ g)
+        return SpatialMapping(g, field, to_voxels, tuple(grid.shape), _mm(_as_f32(affine), g))
 
 
 # --- fusion -----------------------------------------------------------------------------
