@@ -8,7 +8,8 @@ of 8 subjects (float32 ``t1``, uint8 ``seg``, each with its own affine) in four 
   on a mesh of 8 devices with an ``Auto`` axis;
 * ``explicit``: the same on an ``Explicit`` axis (the default of ``jax.make_mesh``),
   inside ``jax.set_mesh``;
-* ``shard_map``: ``shard_map(vmap(t), in_specs=P("data"), out_specs=P("data"))``.
+* ``shard_map_auto`` and ``shard_map_explicit``: ``shard_map(vmap(t), in_specs=P("data"),
+  out_specs=P("data"))`` on either mesh.
 
 Results (images, affines and recorded params) must equal the reference bit for bit:
 every sample is computed independently, so sharding the batch changes nowhere which
@@ -69,7 +70,7 @@ EAGER_OR_TRACEABLE = {
     "RemoveSmallObjects": "eager",
 }
 NAMES = sorted(n for n in CASES if n not in ABSTRACT)
-MODES = ("auto", "explicit", "shard_map")
+MODES = ("auto", "explicit", "shard_map_auto", "shard_map_explicit")
 COLLECTIVES = re.compile(
     r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
 )
@@ -182,25 +183,21 @@ def run_mode(fn, keys, batch, mode, *, communicates=False):
             for i in range(NUM_DEVICES)
         ]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    if mode == "auto":
-        mesh = meshes()["auto"]
+    if mode.startswith("shard_map_"):
+        mesh = meshes()[mode.removeprefix("shard_map_")]
         args = shard((keys, batch), mesh)
-        compiled = jax.jit(mapped).lower(*args).compile()
-        if not communicates:
-            check_no_collectives(compiled, mode)
-        return compiled(*args)
-    mesh = meshes()["explicit"]
+        with _set_mesh(mesh):
+            return jax.jit(_shard_map(mapped, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(*args)
+    mesh = meshes()[mode]
     args = shard((keys, batch), mesh)
     with _set_mesh(mesh):
-        if mode == "explicit":
-            compiled = jax.jit(mapped).lower(*args).compile()
-            if not communicates:
-                check_no_collectives(compiled, mode)
-            out = compiled(*args)
-            check_sharded_outputs(out, mode)
-            return out
-        assert mode == "shard_map", mode
-        return jax.jit(_shard_map(mapped, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(*args)
+        compiled = jax.jit(mapped).lower(*args).compile()
+    if not communicates:
+        check_no_collectives(compiled, mode)
+    out = compiled(*args)
+    if mode == "explicit":
+        check_sharded_outputs(out, mode)
+    return out
 
 
 def transform_for(name):
