@@ -1643,6 +1643,19 @@ class VolumeLoader(_Loader):
         )
 
 
+def _sharded_like(keys: jax.Array, leaf: Any) -> jax.Array:
+    """``keys`` split over the devices along their first axis as ``leaf``'s first axis is,
+    when that axis is sharded over an explicit mesh axis: ``vmap`` needs the batch axes
+    of its inputs sharded alike there (the keys split from one key are replicated)."""
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or spec[0] is None:
+        return keys
+    return jax.sharding.reshard(
+        keys, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0]))
+    )
+
+
 def augment_and_sample(
     key: jax.Array,
     batch: Subject,
@@ -1657,7 +1670,10 @@ def augment_and_sample(
     ``key``), flattened to ``batch_size * num_patches`` patches: patch ``j`` of volume
     ``i`` is item ``i * num_patches + j``. Jittable (``sampler``, ``num_patches`` and
     ``augmentation`` are static configuration: close over them or use ``partial``).
-    Only numeric metadata may be present (drop strings before ``jit``).
+    Only numeric metadata may be present (drop strings before ``jit``). A batch sharded
+    along its first axis over a device mesh (``Auto`` or ``Explicit`` axes) stays sharded:
+    each device augments its volumes and samples their patches, with the same result as
+    on one device.
 
     Args:
         key: a JAX key.
@@ -1673,8 +1689,9 @@ def augment_and_sample(
     """
     if not isinstance(sampler, PatchSampler):
         raise TypeError(f"sampler must be a jmed patch sampler, got {sampler!r}")
-    batch_size = jax.tree.leaves(batch)[0].shape[0]
-    keys = jax.random.split(key, batch_size)
+    first = jax.tree.leaves(batch)[0]
+    batch_size = first.shape[0]
+    keys = _sharded_like(jax.random.split(key, batch_size), first)
 
     def one(k, subject):
         k_aug, k_sample = jax.random.split(k)

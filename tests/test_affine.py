@@ -108,3 +108,38 @@ def test_bad_affines_and_codes():
         A.orientation_transform("RAX", "RAS")
     with pytest.raises(ValueError, match="exactly once"):
         A.orientation_transform("RRS", "RAS")
+
+
+@settings(max_examples=25, deadline=None)
+@given(affines())
+def test_invert_matches_numpy(a):
+    """Closed-form float32 inverse against numpy's float64 LU inverse. Rounding the input
+    to float32 alone moves the inverse by about ``cond * 6e-8`` (relative); allowed: 1e-6."""
+    import jax.numpy as jnp
+
+    expected = np.linalg.inv(a)
+    tol = 1e-6 * np.linalg.cond(a[:3, :3]) * np.linalg.norm(expected[:3, :3])
+    got = np.asarray(A.invert(jnp.asarray(a, jnp.float32)), np.float64)
+    assert np.linalg.norm(got[:3, :3] - expected[:3, :3]) <= tol
+    assert np.linalg.norm(got[:3, 3] - expected[:3, 3]) <= tol * (1 + np.linalg.norm(a[:3, 3]))
+    np.testing.assert_array_equal(got[3], [0, 0, 0, 1])
+    linear = np.asarray(A.invert(jnp.asarray(a[:3, :3], jnp.float32)), np.float64)
+    assert np.linalg.norm(linear - expected[:3, :3]) <= tol
+
+
+def test_invert_batches_and_keeps_identity_exact():
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    stack = np.stack(
+        [A.from_spacing(rng.uniform(0.5, 3, 3), rng.uniform(-50, 50, 3), c) for c in A.ORIENTATIONS[:6]]
+    )
+    batched = np.asarray(A.invert(jnp.asarray(stack, jnp.float32)))
+    for item, one in zip(stack, batched):
+        np.testing.assert_array_equal(one, np.asarray(A.invert(jnp.asarray(item, jnp.float32))))
+        np.testing.assert_allclose(one, np.linalg.inv(item), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(jax.jit(A.invert)(jnp.eye(4))), np.eye(4))
+    np.testing.assert_array_equal(np.asarray(A.invert(np.eye(3, dtype=np.int32))), np.eye(3))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, 3\) or \(\.\.\., 4, 4\), got \(4, 3\)"):
+        A.invert(np.zeros((4, 3)))

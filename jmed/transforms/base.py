@@ -173,6 +173,18 @@ def _concrete_int(x: Any) -> int | None:
     return int(np.asarray(x))
 
 
+def _choose(index: Any, options: Sequence[Any]) -> jax.Array:
+    """``options[index]`` for a few same-shaped arrays and a traced integer ``index`` in
+    range, as elementwise selects (exact). Indexing a stacked table with a batched index
+    is a gather, which has no sharding rule for a batch sharded over an explicit mesh
+    axis; selects shard with the index."""
+    index = jnp.asarray(index)
+    out = jnp.asarray(options[0])
+    for k, option in enumerate(options[1:], 1):
+        out = jnp.where(index == k, option, out)
+    return out
+
+
 def _promoted_dtypes(branches: Sequence[Callable[[Any], Any]], operand: Any) -> Any:
     """Per output leaf, the promotion of the dtypes that all ``branches`` give, or None
     when the branches cannot be traced (eager-only transforms) or differ in structure."""
@@ -203,33 +215,56 @@ def _cast_to(tree: Any, dtypes: Any) -> Any:
     return jax.tree.map(cast, tree, dtypes, is_leaf=lambda x: isinstance(x, Image))
 
 
-def _switch(index: Any, branches: Sequence[Callable[[Any], Any]], operand: Any) -> Any:
-    """``branches[index](operand)`` with outputs promoted to the alternatives' common dtypes.
+def _switch(
+    index: Any, branches: Sequence[Callable[[Subject, Params], Subject]], subject: Subject, params: Params
+) -> Any:
+    """``branches[index](subject, params)`` with outputs promoted to the alternatives'
+    common dtypes.
 
     One rule eagerly and under ``jit``: each output leaf has the promotion of the dtypes
     every branch gives it (``RandomApply(RandomNoise())`` on a uint8 image gives float32
     whether or not the noise is drawn). A Python call when ``index`` is concrete (branches
     that cannot be traced then keep their own dtypes), else ``lax.switch``.
+
+    Under ``lax.switch`` the arrays of ``subject`` and ``params`` are operands of jitted
+    branches, not values they close over (other leaves stay static): batching a switch
+    whose branches close over batched values and hold array constants fails for a batch
+    sharded over an explicit mesh axis, in ``vmap`` and inside ``shard_map``, while a
+    jitted branch batches its own body.
     """
     i = _concrete_int(index)
     if i is not None:
-        out = branches[i](operand)
+        out = branches[i](subject, params)
         if len(branches) == 1:
             return out
-        dtypes = _promoted_dtypes(branches, operand)
+        dtypes = _promoted_dtypes([lambda s, b=b: b(s, params) for b in branches], subject)
         if dtypes is None or jax.tree.structure(out) != jax.tree.structure(dtypes):
             return out
         return _cast_to(out, dtypes)
-    shapes = [jax.eval_shape(b, operand) for b in branches]
+    leaves, tree = jax.tree.flatten((subject, params))
+    dynamic = [isinstance(leaf, jax.Array) for leaf in leaves]
+    arrays = [leaf for leaf, d in zip(leaves, dynamic) if d]
+
+    def rebuild(values):
+        values = iter(values)
+        return jax.tree.unflatten(tree, [next(values) if d else leaf for leaf, d in zip(leaves, dynamic)])
+
+    def call(branch):
+        return lambda values: branch(*rebuild(values))
+
+    shapes = [jax.eval_shape(call(b), arrays) for b in branches]
     structs = {jax.tree.structure(s) for s in shapes}
     if len(structs) > 1:
         raise ValueError("the alternatives of a random choice must return the same structure under jit")
     dtypes = jax.tree.map(lambda *leaves: jnp.result_type(*leaves), *shapes)
 
     def cast(branch):
-        return lambda x: jax.tree.map(lambda a, d: jnp.asarray(a).astype(d), branch(x), dtypes)
+        run = call(branch)
+        return jax.jit(
+            lambda values: jax.tree.map(lambda a, d: jnp.asarray(a).astype(d), run(values), dtypes)
+        )
 
-    return jax.lax.switch(jnp.asarray(index, jnp.int32), [cast(b) for b in branches], operand)
+    return jax.lax.switch(jnp.asarray(index, jnp.int32), [cast(b) for b in branches], arrays)
 
 
 def _check_transforms(transforms: Any, name: str) -> tuple[Transform, ...]:
@@ -394,18 +429,22 @@ class OneOf(Transform):
 
     def sample(self, key, subject):
         k_choice, *keys = _split(key, len(self.transforms) + 1)
-        index = jax.random.choice(k_choice, len(self.transforms), p=jnp.asarray(self.probabilities))
+        # the draw of ``jax.random.choice(k_choice, n, p=probabilities)``, with the
+        # search written as a count: its scan has no rule for explicitly sharded batches
+        cumulative = jnp.cumsum(jnp.asarray(self.probabilities, jnp.float32))
+        r = cumulative[-1] * (1 - jax.random.uniform(k_choice, (), jnp.float32))
+        index = jnp.sum(cumulative < r, dtype=jnp.int32)
         return index, tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
 
     def apply(self, subject, params):
         index, child = params
-        branches = [lambda s, t=t, p=p: t.apply(s, p) for t, p in zip(self.transforms, child)]
-        return _switch(index, branches, subject)
+        branches = [lambda s, c, t=t, k=k: t.apply(s, c[k]) for k, t in enumerate(self.transforms)]
+        return _switch(index, branches, subject, child)
 
     def inverse(self, subject, params):
         index, child = params
-        branches = [lambda s, t=t, p=p: t.inverse(s, p) for t, p in zip(self.transforms, child)]
-        return _switch(index, branches, subject)
+        branches = [lambda s, c, t=t, k=k: t.inverse(s, c[k]) for k, t in enumerate(self.transforms)]
+        return _switch(index, branches, subject, child)
 
 
 class RandomApply(Transform):
@@ -431,11 +470,11 @@ class RandomApply(Transform):
 
     def apply(self, subject, params):
         applied, child = params
-        return _switch(applied, [lambda s: s, lambda s: self.transform.apply(s, child)], subject)
+        return _switch(applied, [lambda s, c: s, self.transform.apply], subject, child)
 
     def inverse(self, subject, params):
         applied, child = params
-        return _switch(applied, [lambda s: s, lambda s: self.transform.inverse(s, child)], subject)
+        return _switch(applied, [lambda s, c: s, self.transform.inverse], subject, child)
 
 
 class SomeOf(Transform):
@@ -484,13 +523,13 @@ class SomeOf(Transform):
     def apply(self, subject, params):
         mask, child = params
         for i, (t, p) in enumerate(zip(self.transforms, child)):
-            subject = _switch(mask[i], [lambda s: s, lambda s, t=t, p=p: t.apply(s, p)], subject)
+            subject = _switch(mask[i], [lambda s, c: s, t.apply], subject, p)
         return subject
 
     def inverse(self, subject, params):
         mask, child = params
         for i, (t, p) in reversed(list(enumerate(zip(self.transforms, child)))):
-            subject = _switch(mask[i], [lambda s: s, lambda s, t=t, p=p: t.inverse(s, p)], subject)
+            subject = _switch(mask[i], [lambda s, c: s, t.inverse], subject, p)
         return subject
 
 

@@ -34,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmed import affine as affine_lib
 from jmed.ops import kspace
 from jmed.ops.interpolation import resample
 from jmed.transforms import _params
-from jmed.transforms.base import IntensityTransform
+from jmed.transforms.base import IntensityTransform, _choose
 
 __all__ = ["RandomGhosting", "RandomMotion", "RandomSpike"]
 
@@ -112,7 +113,7 @@ def rigid_voxel_matrix(affine, spatial_shape, degrees, translation) -> jax.Array
     world = jnp.eye(4, dtype=jnp.float32)
     world = world.at[:3, :3].set(rot)
     world = world.at[:3, 3].set(centre[:3] - _mm(rot, centre[:3]) + translation)
-    return _mm(_mm(jnp.linalg.inv(affine), world), affine)
+    return _mm(_mm(affine_lib.invert(affine), world), affine)
 
 
 class RandomMotion(IntensityTransform):
@@ -275,7 +276,9 @@ class RandomGhosting(IntensityTransform):
         k_n, k_axis, k_s = jax.random.split(key, 3)
         return {
             "num_ghosts": jax.random.randint(k_n, (), self.num_ghosts[0], self.num_ghosts[1] + 1, jnp.int32),
-            "axis": jnp.asarray(self.axes, jnp.int32)[jax.random.randint(k_axis, (), 0, len(self.axes))],
+            "axis": _choose(
+                jax.random.randint(k_axis, (), 0, len(self.axes)), np.asarray(self.axes, np.int32)
+            ),
             "intensity": _uniform(k_s, *self.intensity),
         }
 

@@ -95,6 +95,12 @@ def _is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def _traced_solve(affine: Any, other: Any) -> jax.Array:
+    # a closed-form inverse: LU pivoting has no sharding rule for a batch sharded over
+    # an explicit mesh axis
+    return jnp.matmul(affine_lib.invert(affine), jnp.asarray(other), precision=jax.lax.Precision.HIGHEST)
+
+
 def _require_concrete(value: Any, transform: str, why: str, instead: str) -> None:
     if _is_traced(value):
         raise TypeError(
@@ -217,8 +223,10 @@ def _antialias_sigmas(in_affine, out_affine):
     spacing along each input axis's direction: the length of one output voxel step
     projected on the input grid.
     """
-    xp = jnp if _is_traced(in_affine) or _is_traced(out_affine) else np
-    matrix = xp.linalg.solve(xp.asarray(in_affine), xp.asarray(out_affine))[:3, :3]
+    if _is_traced(in_affine) or _is_traced(out_affine):
+        xp, matrix = jnp, _traced_solve(in_affine, out_affine)[:3, :3]
+    else:
+        xp, matrix = np, np.linalg.solve(np.asarray(in_affine), np.asarray(out_affine))[:3, :3]
     # input voxels covered per output voxel along each input axis
     k = xp.max(xp.abs(matrix), axis=1)
     variance = (k**2 - 1) / (2 * np.sqrt(2 * np.log(2))) ** 2
@@ -353,7 +361,7 @@ class Resample(Transform):
     def _resample_image(self, image: Image, shape, out_affine) -> Image:
         order = self.label_order if image.kind == LABEL else self.image_order
         if _is_traced(image.affine) or _is_traced(out_affine):
-            matrix = jnp.linalg.solve(jnp.asarray(image.affine), jnp.asarray(out_affine))
+            matrix = _traced_solve(image.affine, out_affine)
         else:
             matrix = np.linalg.solve(np.asarray(image.affine, np.float64), np.asarray(out_affine, np.float64))
         data = image.data

@@ -45,11 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jmed import affine as affine_lib
 from jmed.image import Image, Subject
 from jmed.ops import bspline
 from jmed.ops.interpolation import PAD_VALUE_RULES, pad_value_for, resample
 from jmed.transforms import _params
-from jmed.transforms.base import Transform, _split
+from jmed.transforms.base import Transform, _choose, _split
 
 __all__ = [
     "OutputGrid",
@@ -184,7 +185,7 @@ def invert_mapping(mapping: SpatialMapping, iterations: int = 12) -> SpatialMapp
     sampling of the field plus the iteration residual.
     """
     _check_mapping(mapping, "mapping")
-    inv = jnp.linalg.inv(mapping.matrix)
+    inv = affine_lib.invert(mapping.matrix)
     if mapping.displacement is None:
         return mapping._replace(matrix=inv)
     d = jnp.eye(3) if mapping.displacement_matrix is None else mapping.displacement_matrix
@@ -446,7 +447,7 @@ class RandomRot90(SpatialTransform):
                 step = jnp.asarray(step).at[b, 3].set(n)
                 m = _mm(m, step)
             mats.append(m)
-        matrix = jnp.stack(mats)[params]
+        matrix = _choose(params, mats)
         return _with_grid(SpatialMapping(matrix, None, None, tuple(shape), affine), grid)
 
 
@@ -500,7 +501,7 @@ def affine_mapping(
         c = _mm(lin, (_valid_shape(shape, extent) - 1.0) / 2.0) + origin
     else:
         c = jnp.zeros(3)
-    lin_inv = jnp.linalg.inv(lin)
+    lin_inv = affine_lib.invert(lin)
     matrix_lin = jnp.eye(3) + _mm(_mm(lin_inv, delta), lin)
     translation = _mm(lin_inv, _mm(delta, origin - c) - _mm(rotation.T, translation))
     return SpatialMapping(_matrix(matrix_lin, translation), None, None, tuple(shape), affine)
@@ -694,7 +695,7 @@ class RandomElasticDeformation(SpatialTransform):
         return u * jnp.asarray(self.max_displacement, jnp.float32) * self._mask[..., None]
 
     def mapping(self, params, shape, affine, grid=None, *, extent=None):
-        to_voxels = jnp.linalg.inv(_as_f32(affine)[:3, :3])
+        to_voxels = affine_lib.invert(_as_f32(affine)[:3, :3])
         # 2D images (an axis of size 1): no displacement out of the slice
         flat_axes = np.array([n == 1 for n in shape])
         if flat_axes.any():
@@ -939,7 +940,7 @@ class RandomAnisotropy(Transform):
 
     def sample(self, key, subject):
         k_axis, k_factor = _split(key, 2)
-        axis = jnp.asarray(self.axes)[jax.random.randint(k_axis, (), 0, len(self.axes))]
+        axis = _choose(jax.random.randint(k_axis, (), 0, len(self.axes)), np.asarray(self.axes, np.int32))
         lo, hi = self.downsampling
         return {"axis": axis, "factor": jax.random.uniform(k_factor, (), minval=lo, maxval=hi)}
 
