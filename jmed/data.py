@@ -49,7 +49,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -62,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmed import buckets, compilation, io, runtime
+from jmed import _atomic, buckets, compilation, io, runtime
 from jmed.image import INTENSITY, LABEL, Image, Subject
 from jmed.sampling import PatchSampler
 
@@ -125,17 +124,6 @@ def _hash_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _content_crc(data: np.ndarray) -> int:
@@ -217,7 +205,7 @@ class _Cache:
         record = {**signature, "sha256": digest}
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(memo, json.dumps({**record, "seal": _seal(record)}))
+            _atomic.write_text(memo, json.dumps({**record, "seal": _seal(record)}))
         except OSError as err:
             self.warn_once(f"memo {memo}", err)
         return digest
@@ -275,7 +263,8 @@ class _Cache:
 
     def write(self, entry: Path, images: Mapping[str, Image]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
+        # a private folder of the shared atomic writer (temporaries of dead writers swept)
+        tmp = _atomic.temporary_folder(self.folder)
         try:
             items = {}
             for name, image in images.items():

@@ -328,7 +328,7 @@ def test_cache_decodes_once_and_invalidates(records, tmp_path, monkeypatch):
     assert loads == [] and hashes == []  # no image file read at all
     _assert_batches_equal(second, first)
     entries = [p for p in cache.iterdir() if p.name != "files"]
-    assert len(entries) == 2 and not any(p.name.startswith(".tmp") for p in cache.iterdir())
+    assert len(entries) == 2 and not any(p.name.startswith((".tmp", ".jmed-")) for p in cache.iterdir())
     assert all((p / "t1.npy").exists() and (p / "geometry.json").exists() for p in entries)
     # a changed preprocessing misses
     run(Scale(5.0))

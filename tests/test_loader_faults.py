@@ -441,8 +441,8 @@ def test_read_only_cache_folder_warns_and_continues(tmp_path, monkeypatch, caplo
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(cache))
 
     # what a folder without write permission does (the tests may run as root)
-    monkeypatch.setattr(jmed.data.tempfile, "mkstemp", refuse)
-    monkeypatch.setattr(jmed.data.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(jmed._atomic.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(jmed._atomic.tempfile, "mkdtemp", refuse)
     monkeypatch.setattr(jmed.data._Cache, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="jmed.data"):
         got = _volumes(records, cache_dir=cache)
