@@ -414,19 +414,20 @@ class SubjectsSource:
             subject = self._load(index)
         except Exception as err:
             message = f"cannot load subject {self.describe(index)}: {type(err).__name__}: {err}"
-            if self.skip_errors:
-                logger.warning("%s (skipped: skip_errors=True)", message)
-                return None
-            raise RuntimeError(message) from err
+            return self._bad_subject(message, RuntimeError(message), err)
         try:
             _check_one_grid(subject)
         except ValueError as err:
             message = f"subject {self.describe(index)}: {err}"
-            if self.skip_errors:
-                logger.warning("%s (skipped: skip_errors=True)", message)
-                return None
-            raise ValueError(message) from None
+            return self._bad_subject(message, ValueError(message), None)
         return subject
+
+    def _bad_subject(self, message: str, error: Exception, cause: BaseException | None) -> None:
+        """Skip the subject with a warning (``skip_errors``) or raise ``error``."""
+        if self.skip_errors:
+            logger.warning("%s (skipped: skip_errors=True)", message)
+            return None
+        raise error from cause
 
     def _load(self, index: int) -> Subject:
         record = self.records[index]

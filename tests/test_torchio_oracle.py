@@ -176,6 +176,21 @@ def test_histogram_standardization_with_torchio_landmarks(tmp_path):
     assert (np.asarray(image.data) == 0).mean() > 0.25  # the tie rule was exercised
 
 
+def _both_affines(ours, theirs, scales, degrees, translation, affine):
+    """jmed's RandomAffine and TorchIO's Affine with the same parameters, and the input
+    voxel each output voxel pulls (jmed's mapping)."""
+    params = {
+        "scales": np.asarray(scales, np.float32),
+        "degrees": np.asarray(degrees, np.float32),
+        "translation": np.asarray(translation, np.float32),
+    }
+    a = T.RandomAffine(default_pad_value=0.0).apply(ours, params)
+    b = tio.Affine(scales, degrees, translation, default_pad_value=0.0)(theirs)
+    matrix = np.asarray(T.RandomAffine().mapping(params, ours.spatial_shape, affine).matrix)
+    grid = np.stack(np.meshgrid(*map(np.arange, ours.spatial_shape), indexing="ij"), -1)
+    return a, b, grid @ matrix[:3, :3].T + matrix[:3, 3]
+
+
 @pytest.mark.parametrize(
     ("scales", "degrees", "translation"),
     [
@@ -190,17 +205,8 @@ def test_histogram_standardization_with_torchio_landmarks(tmp_path):
 def test_affine_with_fixed_parameters(scales, degrees, translation, header):
     affine = _affine(orientation="LPS") if header == "LPS" else _affine(degrees=14.0)
     ours, theirs = _pair((29, 25, 23), affine)
-    params = {
-        "scales": np.asarray(scales, np.float32),
-        "degrees": np.asarray(degrees, np.float32),
-        "translation": np.asarray(translation, np.float32),
-    }
-    a = T.RandomAffine(default_pad_value=0.0).apply(ours, params)
-    b = tio.Affine(scales, degrees, translation, default_pad_value=0.0)(theirs)
+    a, b, coords = _both_affines(ours, theirs, scales, degrees, translation, affine)
     # compare where the pulled input position lies inside the input grid
-    mapping = T.RandomAffine().mapping(params, ours.spatial_shape, affine)
-    grid = np.stack(np.meshgrid(*map(np.arange, ours.spatial_shape), indexing="ij"), -1)
-    coords = grid @ np.asarray(mapping.matrix)[:3, :3].T + np.asarray(mapping.matrix)[:3, 3]
     inside = np.all((coords >= 0.5) & (coords <= np.array(ours.spatial_shape) - 1.5), -1)
     assert inside.mean() > 0.3
     np.testing.assert_allclose(_data(a.t1)[inside], _data(b.t1)[inside], rtol=1e-4, atol=2e-3)
@@ -260,16 +266,7 @@ def test_affine_on_a_2d_image():
     ours = jmed.Subject(t1=jmed.ScalarImage(data[..., 0]))
     theirs = tio.Subject(t1=tio.ScalarImage(tensor=torch.from_numpy(data[None].copy())))
     scales, degrees, translation = (1.1, 0.9, 1.3), (20.0, -15.0, 25.0), (2.0, -1.0, 0.0)
-    params = {
-        "scales": np.asarray(scales, np.float32),
-        "degrees": np.asarray(degrees, np.float32),
-        "translation": np.asarray(translation, np.float32),
-    }
-    a = T.RandomAffine(default_pad_value=0.0).apply(ours, params)
-    b = tio.Affine(scales, degrees, translation, default_pad_value=0.0)(theirs)
-    mapping = T.RandomAffine().mapping(params, ours.spatial_shape, np.eye(4))
-    grid = np.stack(np.meshgrid(*map(np.arange, ours.spatial_shape), indexing="ij"), -1)
-    coords = grid @ np.asarray(mapping.matrix)[:3, :3].T + np.asarray(mapping.matrix)[:3, 3]
+    a, b, coords = _both_affines(ours, theirs, scales, degrees, translation, np.eye(4))
     np.testing.assert_allclose(coords[..., 2], 0.0, atol=1e-6)  # stays in the slice
     inside = np.all((coords[..., :2] >= 0.5) & (coords[..., :2] <= np.array(data.shape[:2]) - 1.5), -1)
     assert inside.mean() > 0.5
