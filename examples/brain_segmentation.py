@@ -47,7 +47,6 @@ import os
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 CLASS_NAMES = {1: "GM", 2: "WM"}  # label 0: background and CSF
@@ -278,23 +277,7 @@ def main(argv=None) -> dict:
     # replicated on every device of the mesh, the batch is split over them
     graphdef, state = nnx.split((model, optimizer))
     state = data_parallel.replicate(state, mesh)
-    replicated, split = data_parallel.replicated(mesh), data_parallel.batch_sharding(mesh)
-
-    def loss_fn(model, images, labels):
-        return jmed.metrics.dice_ce_loss(model(images), labels[..., 0])
-
-    # the old state is donated: its buffers hold the new one (no second copy of the weights)
-    @partial(
-        jax.jit,
-        in_shardings=(replicated, split, split),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    def train_step(state, images, labels):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
+    train_step = data_parallel.segmentation_train_step(graphdef, mesh)
 
     model_graphdef = nnx.graphdef(model)
     window = dict(patch_size=patch, overlap=patch // 2, batch_size=2, mode="hann", mesh=mesh)

@@ -181,3 +181,31 @@ def fetch(values: Any) -> Any:
     return jax.tree.map(
         lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, values
     )
+
+
+def segmentation_train_step(graphdef: Any, mesh: jax.sharding.Mesh):
+    """The data-parallel train step of the segmentation examples.
+
+    ``step(state, images, labels) -> (state, loss)`` with ``state`` the ``nnx.state`` of
+    ``(model, optimizer)`` (``graphdef`` from ``nnx.split``) replicated over ``mesh``, the
+    batch split over it, Dice + cross-entropy loss. The old state is donated: its buffers
+    hold the new one (no second copy of the weights).
+    """
+    from flax import nnx
+
+    import jmed
+
+    def loss_fn(model, images, labels):
+        return jmed.metrics.dice_ce_loss(model(images), labels[..., 0])
+
+    split, whole = batch_sharding(mesh), replicated(mesh)
+
+    def train_step(state, images, labels):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    return jax.jit(
+        train_step, in_shardings=(whole, split, split), out_shardings=(whole, whole), donate_argnums=0
+    )

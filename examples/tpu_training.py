@@ -47,7 +47,6 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 CLASS_NAMES = {1: "GM", 2: "WM"}
@@ -237,22 +236,7 @@ def main(argv=None) -> dict:
     graphdef, state = nnx.split((model, optimizer))
     model_graphdef = nnx.graphdef(model)
     state = data_parallel.replicate(state, mesh)
-    replicated, split = data_parallel.replicated(mesh), data_parallel.batch_sharding(mesh)
-
-    def loss_fn(model, images, labels):
-        return jmed.metrics.dice_ce_loss(model(images), labels[..., 0])
-
-    @partial(
-        jax.jit,
-        in_shardings=(replicated, split, split),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    def train_step(state, images, labels):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
+    train_step = data_parallel.segmentation_train_step(graphdef, mesh)
 
     window = dict(patch_size=patch, overlap=patch // 2, batch_size=args.batch_per_device, mode="hann")
 
@@ -266,8 +250,8 @@ def main(argv=None) -> dict:
     batch_shape = (global_batch, patch, patch, patch, 1)
     compiled_step = train_step.lower(
         state,
-        jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=split),
-        jax.ShapeDtypeStruct(batch_shape, jnp.uint8, sharding=split),
+        jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=data_parallel.batch_sharding(mesh)),
+        jax.ShapeDtypeStruct(batch_shape, jnp.uint8, sharding=data_parallel.batch_sharding(mesh)),
     ).compile()
     memory = {"train_step": memory_report("train step", compiled_step, verbose=process == 0)}
     model_state = nnx.state(nnx.merge(graphdef, state)[0])
