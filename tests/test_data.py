@@ -16,7 +16,7 @@ from absl import flags
 
 import jmed
 import jmed.data
-from jmed.data import _to_device_layout
+from jmed.data.load_and_sample import _to_device_layout
 from jmed.sampling import LabelSampler, UniformSampler
 from jmed.transforms import IntensityTransform
 
@@ -304,7 +304,7 @@ def test_cache_decodes_once_and_invalidates(records, tmp_path, monkeypatch):
     local = _write_subjects(folder, n=2)
     cache = tmp_path / "cache"
     loads, hashes = [], []
-    real_load, real_hash = jmed.io._load, jmed.data._hash_file
+    real_load, real_hash = jmed.io._load, jmed.data.cache._hash_file
     monkeypatch.setattr(
         # voxel reads; the Queue's shape plan reads headers only (lazy loads)
         jmed.io,
@@ -313,7 +313,9 @@ def test_cache_decodes_once_and_invalidates(records, tmp_path, monkeypatch):
             1
         ],
     )
-    monkeypatch.setattr(jmed.data, "_hash_file", lambda path: hashes.append(path.name) or real_hash(path))
+    monkeypatch.setattr(
+        jmed.data.cache, "_hash_file", lambda path: hashes.append(path.name) or real_hash(path)
+    )
 
     def run(preprocessing=Scale(2.0)):
         loads.clear()
@@ -434,7 +436,9 @@ def test_equal_loader_configurations_share_one_worker_program(records):
         )
         sampler = LabelSampler(4, "seg", {0: 1, 1: 1, 2: 1})
         names.clear()
-        out = jmed.data._AugmentAndSample(augmentation, sampler, 2, seed=3).map(((0, 0), subject))
+        out = jmed.data.load_and_sample._AugmentAndSample(augmentation, sampler, 2, seed=3).map(
+            ((0, 0), subject)
+        )
         return out, sum("_augment_and_sample_one" in n for n in names)
 
     jax.monitoring.register_event_duration_secs_listener(listener)

@@ -166,7 +166,11 @@ GUARDS = {
 @pytest.mark.parametrize("form", list(GUARDS))
 def test_main_guard_check_reads_the_calling_line(tmp_path, form):
     guarded = not form.startswith(("unguarded", "guard elsewhere"))
-    text = "import jmed.data\n" + GUARDS[form].format(call="jmed.data._check_main_guard()") + "\n"
+    text = (
+        "import jmed.data.processes\n"
+        + GUARDS[form].format(call="jmed.data.processes._check_main_guard()")
+        + "\n"
+    )
     path = tmp_path / "main.py"
     path.write_text(text)
     main = type(sys)("__main__")
@@ -222,9 +226,9 @@ def test_full_disk_while_caching(tmp_path, monkeypatch, caplog, target):
     cache = tmp_path / "cache"
     expected = _volumes(records)
     if target == "save":
-        monkeypatch.setattr(jmed.data.np, "save", _enospc)
+        monkeypatch.setattr(jmed.data.cache.np, "save", _enospc)
     else:
-        monkeypatch.setattr(jmed.data.os, "rename", _enospc)
+        monkeypatch.setattr(jmed.data.cache.os, "rename", _enospc)
     with caplog.at_level(logging.WARNING, logger="jmed.data"):
         batches = _volumes(records, cache_dir=cache)
     # documented fallback: the volumes are still delivered, uncached, with a warning
@@ -357,7 +361,7 @@ def test_resume_with_another_worker_count(tmp_path):
 def test_state_in_an_unknown_layout_refuses_another_worker_count(tmp_path):
     records = _write(tmp_path, n=2)
     it = iter(_queue(records))
-    state = {"format": jmed.data._STATE_FORMAT, "num_workers": 3, "pipeline": {"unknown": 1}}
+    state = {"format": jmed.data.state._STATE_FORMAT, "num_workers": 3, "pipeline": {"unknown": 1}}
     with pytest.raises(ValueError, match=r"num_workers=3.*num_workers=0"):
         it.set_state(state)
     it.close()
@@ -399,7 +403,7 @@ def test_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, caplog, damage):
         geometry = json.loads((entry / "geometry.json").read_text())
         geometry["images"]["seg"]["kind"] = "intensity"
         (entry / "geometry.json").write_text(json.dumps(geometry))
-    jmed.data._VERIFIED.clear()  # as in a new run
+    jmed.data.cache._VERIFIED.clear()  # as in a new run
     with caplog.at_level(logging.WARNING, logger="jmed.data"):
         got = _volumes(records, cache_dir=cache)
     for g, w in zip(got, expected, strict=True):
@@ -409,7 +413,7 @@ def test_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, caplog, damage):
     assert _warned(caplog, str(entry)), [r.getMessage() for r in caplog.records]
     # repaired: the next run reads the rebuilt entry without a warning
     caplog.clear()
-    jmed.data._VERIFIED.clear()
+    jmed.data.cache._VERIFIED.clear()
     with caplog.at_level(logging.WARNING, logger="jmed.data"):
         _volumes(records, cache_dir=cache)
     assert not _warned(caplog, "cache"), [r.getMessage() for r in caplog.records]
@@ -443,7 +447,7 @@ def test_read_only_cache_folder_warns_and_continues(tmp_path, monkeypatch, caplo
     # what a folder without write permission does (the tests may run as root)
     monkeypatch.setattr(jmed._atomic.tempfile, "mkstemp", refuse)
     monkeypatch.setattr(jmed._atomic.tempfile, "mkdtemp", refuse)
-    monkeypatch.setattr(jmed.data._Cache, "_warned", set())
+    monkeypatch.setattr(jmed.data.cache._Cache, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="jmed.data"):
         got = _volumes(records, cache_dir=cache)
     for g, w in zip(got, expected, strict=True):
