@@ -635,3 +635,177 @@ def test_memory_estimate(records):
 def test_queue_configuration_errors(records, change, match):
     with pytest.raises((ValueError, TypeError), match=match):
         _queue(records, **change)
+
+
+# --- option groups, checkpointing with orbax, progress --------------------------------------------
+
+
+def test_option_groups_equal_the_loose_keywords(records, tmp_path):
+    loose = _queue(
+        records,
+        label_names="seg",
+        cache_dir=tmp_path / "cache",
+        drop_remainder=False,
+        buckets=[(10, 9, 8)],
+        max_buckets=2,
+        worker_buffer_size=1,
+        compilation_cache_dir=None,
+    )
+    grouped = _queue(
+        records,
+        label_names=(),
+        preprocessing=None,
+        shard_index=None,
+        shard_count=None,
+        source_options=jmed.data.SourceOptions(
+            label_names=["seg"], preprocessing=loose.source.preprocessing, cache_dir=tmp_path / "cache"
+        ),
+        shard_options=jmed.data.ShardOptions(shard_index=0, shard_count=1, drop_remainder=False),
+        bucket_options=jmed.data.BucketOptions(buckets=[[10, 9, 8]], max_buckets=2),
+        worker_options=jmed.data.WorkerOptions(worker_buffer_size=1, compilation_cache_dir=None),
+    )
+    for name in ("source_options", "shard_options", "bucket_options", "worker_options"):
+        assert getattr(grouped, name) == getattr(loose, name), name
+    assert loose.bucket_options == jmed.data.BucketOptions(buckets=((10, 9, 8),), max_buckets=2)
+    assert (grouped.buckets, grouped.max_buckets, grouped.worker_buffer_size) == ((((10, 9, 8),)), 2, 1)
+    assert (grouped.shard_index, grouped.shard_count, grouped.compilation_cache_dir) == (0, 1, None)
+    assert repr(grouped) == repr(loose)
+    _assert_batches_equal(_collect(iter(grouped)), _collect(iter(loose)))
+    volumes = dict(label_names="seg", preprocessing=Scale(2.0), shard_index=0, shard_count=1, batch_size=2)
+    by_keywords = jmed.VolumeLoader(records, **volumes, worker_buffer_size=3)
+    by_group = jmed.VolumeLoader(
+        records, **volumes, worker_options=jmed.data.WorkerOptions(worker_buffer_size=3)
+    )
+    assert by_group.worker_options == by_keywords.worker_options
+    _assert_batches_equal(_collect(iter(by_group)), _collect(iter(by_keywords)))
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        (dict(shard_count=2, shard_options=jmed.data.ShardOptions(shard_count=2)), ValueError, "shard_count"),
+        (dict(max_buckets=2, bucket_options=jmed.data.BucketOptions()), ValueError, "max_buckets.*both"),
+        (
+            dict(shard_options=dict(shard_count=1)),
+            TypeError,
+            "shard_options must be a jmed.data.ShardOptions",
+        ),
+    ],
+)
+def test_option_groups_refuse_a_field_given_twice(records, kw, error, match):
+    with pytest.raises(error, match=match):
+        _queue(records, **{"shard_index": None, "shard_count": None, **kw})
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: jmed.data.ShardOptions(shard_index=-1), "shard_index must be an int >= 0, got -1"),
+        (lambda: jmed.data.ShardOptions(shard_count=0), "shard_count must be an int >= 1, got 0"),
+        (lambda: jmed.data.BucketOptions(max_buckets=0), "max_buckets must be an int >= 1"),
+        (lambda: jmed.data.BucketOptions(buckets=[(1, 2)]), r"buckets\[0\] must be 3 positive ints"),
+        (lambda: jmed.data.WorkerOptions(worker_buffer_size=True), "worker_buffer_size must be an int"),
+        (lambda: jmed.data.WorkerOptions(compilation_cache_dir=3), "compilation_cache_dir must be a folder"),
+    ],
+)
+def test_option_groups_validate_their_fields(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_orbax_checkpoints_model_and_loader_together(records, tmp_path):
+    """Model state and loader position saved by one orbax checkpoint, resumed bit-identically
+    (in a loader with another number of workers)."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    optax = pytest.importorskip("optax")
+    nn = pytest.importorskip("flax.linen")
+    import grain
+
+    model = nn.Dense(1)
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def train_step(state, t1, seg):
+        def loss(params):
+            prediction = model.apply(params, t1.reshape(t1.shape[0], -1))
+            return ((prediction[:, 0] - seg.reshape(seg.shape[0], -1).mean(axis=1)) ** 2).mean()
+
+        grads = jax.grad(loss)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+
+    def run(state, iterator, steps):
+        for _ in range(steps):
+            batch = next(iterator)
+            state = train_step(state, batch["t1"].data, batch["seg"].data.astype(np.float32))
+        return state
+
+    params = model.init(jax.random.key(0), np.zeros((1, 64), np.float32))
+    state = {"params": params, "opt_state": tx.init(params)}
+    iterator = iter(_queue(records, batch_size=2, num_workers=0))
+    assert isinstance(iterator, grain.DatasetIterator)
+    state = run(state, iterator, 3)
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+        manager.save(
+            3,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loader=grain.checkpoint.CheckpointSave(iterator)
+            ),
+        )
+        manager.wait_until_finished()
+    expected_batches = _collect(iterator, limit=3)
+    expected_state = run(state, iter(expected_batches), 3)
+    iterator.close()
+
+    fresh = iter(_queue(records, batch_size=2, num_workers=1))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+        assert manager.latest_step() == 3
+        restored = manager.restore(
+            3,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), loader=grain.checkpoint.CheckpointRestore(fresh)
+            ),
+        )
+    assert restored.loader is fresh
+    for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed_batches = _collect(fresh, limit=3)
+    _assert_batches_equal(resumed_batches, expected_batches)
+    resumed_state = run(restored.state, iter(resumed_batches), 3)
+    fresh.close()
+    for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(expected_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cache_building_progress(records, tmp_path, capfd):
+    quiet = jmed.SubjectsSource(records, label_names="seg", cache_dir=tmp_path / "a")
+    assert quiet.build_cache(progress=False) == [{"seg": SHAPE + (1,), "t1": SHAPE + (1,)}] * NUM_SUBJECTS
+    assert capfd.readouterr().err == ""
+    loud = jmed.SubjectsSource(records, label_names="seg", cache_dir=tmp_path / "b")
+    assert loud.build_cache([3, 1], progress=True) == [{"seg": SHAPE + (1,), "t1": SHAPE + (1,)}] * 2
+    err = capfd.readouterr().err
+    assert "caching subjects" in err and "2/2" in err
+    assert len(list((tmp_path / "b").glob("*/geometry.json"))) == 2
+    # the cache it built is the one a loader reads
+    for i in range(NUM_SUBJECTS):
+        np.testing.assert_array_equal(quiet[i]["t1"].data, loud[i]["t1"].data)
+    with pytest.raises(ValueError, match="cache_dir"):
+        jmed.SubjectsSource(records).build_cache()
+    with pytest.raises(TypeError, match="progress"):
+        quiet.build_cache(progress="yes")
+
+
+def test_queue_start_up_progress(records, capfd):
+    quiet = _collect(iter(_queue(records, progress=False)))
+    assert "planning" not in capfd.readouterr().err
+    loud_queue = _queue(records, progress=True)
+    loud = _collect(iter(loud_queue))
+    err = capfd.readouterr().err
+    assert "planning shape buckets: 100%" in err and f"{NUM_SUBJECTS}/{NUM_SUBJECTS}" in err
+    # the window of 7 patches needs 3 subjects of 3 patches before the first batch
+    assert loud_queue._subjects_for_first_batch() == 3
+    assert "first batch (0 workers)" in err and "3/3" in err
+    _assert_batches_equal(loud, quiet)
+    with pytest.raises(TypeError, match="progress"):
+        _queue(records, progress=1)
