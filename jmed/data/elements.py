@@ -23,15 +23,25 @@ def _numeric(value: Any) -> bool:
     return not isinstance(value, (str, bytes)) and value is not None
 
 
-def _subject_to_element(subject: Subject) -> dict:
-    """A plain dict of numpy arrays and strings (cheap to pickle between processes)."""
+def _element(subject: Subject, data: dict, affine: dict, **extra: Any) -> dict:
+    """An element of ``subject``'s image kinds and metadata with the arrays given."""
     return {
-        # C order: grain passes C-contiguous arrays through shared memory, others by pickling
-        "data": {n: np.ascontiguousarray(im.data) for n, im in subject.items()},
-        "affine": {n: np.asarray(im.affine) for n, im in subject.items()},
+        "data": data,
+        "affine": affine,
         "kind": {n: im.kind for n, im in subject.items()},
+        **extra,
         "metadata": {k: (np.asarray(v) if _numeric(v) else v) for k, v in subject.metadata.items()},
     }
+
+
+def _subject_to_element(subject: Subject) -> dict:
+    """A plain dict of numpy arrays and strings (cheap to pickle between processes)."""
+    return _element(
+        subject,
+        # C order: grain passes C-contiguous arrays through shared memory, others by pickling
+        {n: np.ascontiguousarray(im.data) for n, im in subject.items()},
+        {n: np.asarray(im.affine) for n, im in subject.items()},
+    )
 
 
 def _collate(elements: Sequence[dict]) -> Subject:

@@ -8,7 +8,6 @@ Both are grain maps that run in the worker processes (or in the main process wit
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import grain
@@ -17,12 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmed import buckets, compilation, runtime
-from jmed.data.elements import _numeric
+from jmed.data.elements import _element
 from jmed.data.shape_plan import _ShapePlan
 from jmed.data.source import SubjectsSource
 from jmed.image import Image, Subject
-
-logger = logging.getLogger(__name__)
 
 
 class _Load(grain.transforms.Map):
@@ -79,20 +76,7 @@ class _Load(grain.transforms.Map):
             return buckets.pad_subject(subject, bucket)
         except ValueError as err:
             message = f"subject {self.source.describe(index)}: {err}"
-            if self.source.skip_errors:
-                logger.warning("%s (skipped: skip_errors=True)", message)
-                return None
-            raise ValueError(message) from None
-
-
-class _EpochAndIndex:
-    """Position in the repeated, shuffled index stream -> (epoch, subject index)."""
-
-    def __init__(self, num_local: int):
-        self.num_local = num_local
-
-    def __call__(self, position: int, index: int) -> tuple[int, int]:
-        return position // self.num_local, int(index)
+            return self.source._bad_subject(message, ValueError(message), None)
 
 
 def _to_device_layout(data: Any) -> tuple[Any, bool]:
@@ -176,10 +160,9 @@ class _AugmentAndSample(grain.transforms.Map):
             _augment_and_sample_one, static, dynamic, name="the augmentation and sampling"
         )
         data, affine, location = program(*dynamic)
-        return {
-            "data": {n: np.asarray(v) for n, v in data.items()},
-            "affine": {n: np.asarray(v) for n, v in affine.items()},
-            "kind": {n: im.kind for n, im in subject.items()},
-            "location": np.asarray(location),
-            "metadata": {k: (np.asarray(v) if _numeric(v) else v) for k, v in subject.metadata.items()},
-        }
+        return _element(
+            subject,
+            {n: np.asarray(v) for n, v in data.items()},
+            {n: np.asarray(v) for n, v in affine.items()},
+            location=np.asarray(location),
+        )

@@ -18,7 +18,7 @@ from jmed import buckets, compilation
 from jmed._checks import is_int
 from jmed.data.elements import _CollateTo, _DropNones, _FromWorkers, _SplitPatches, _ToElement
 from jmed.data.iterator import LoaderIterator
-from jmed.data.load_and_sample import _AugmentAndSample, _EpochAndIndex, _Load
+from jmed.data.load_and_sample import _AugmentAndSample, _Load
 from jmed.data.processes import _check_main_guard, _ensure_absl_flags_parsed
 from jmed.data.shape_plan import _check_buckets, _plan_shapes, _ShapePlan
 from jmed.data.source import SubjectsSource
@@ -33,6 +33,16 @@ def _count(value: Any, name: str, *, minimum: int = 1) -> int:
     if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+class _EpochAndIndex:
+    """Position in the repeated, shuffled index stream -> (epoch, subject index)."""
+
+    def __init__(self, num_local: int):
+        self.num_local = num_local
+
+    def __call__(self, position: int, index: int) -> tuple[int, int]:
+        return position // self.num_local, int(index)
 
 
 def _shard(num_subjects: int, options: ShardOptions) -> tuple[np.ndarray, int, int]:

@@ -172,12 +172,13 @@ class SubjectsSource:
         metadata = {k: v for k, v in record.items() if k not in paths}
         metadata["subject_index"] = index
         kinds = {name: (path, self.kind_of(name)) for name, path in paths.items()}
+        image_kinds = {name: kind for name, (_, kind) in kinds.items()}
         if self.cache_dir is not None:
             from jmed.transforms import transform_key
 
             cache = _Cache(self.cache_dir, transform_key(self.preprocessing))
             entry = cache.entry(kinds)
-            images = cache.read(entry, {name: kind for name, (_, kind) in kinds.items()})
+            images = cache.read(entry, image_kinds)
             if images is not None:
                 return Subject(images, metadata=metadata)
         # in the file's order (see _preprocess): cheaper than C order for one jitted call
@@ -190,7 +191,7 @@ class SubjectsSource:
                 # the cache only saves time: a full or read-only disk must not stop training
                 cache.warn_once(f"entry {entry} of subject {index}", err)
             else:
-                images = cache.read(entry, {name: kind for name, (_, kind) in kinds.items()})
+                images = cache.read(entry, image_kinds)
                 if images is not None:
                     subject = subject.replace(images)
         return subject
