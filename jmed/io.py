@@ -464,11 +464,21 @@ def _nibabel_image(image: Image, ext: str, path: Path) -> Any:
     return out
 
 
-def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save(
+    image: Image,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    chunks: Any = None,
+    levels: int | None = None,
+) -> Path:
     """Write ``image`` to ``path`` atomically; returns the path written.
 
     The format follows the extension (``.nii``, ``.nii.gz``, ``.mgh``, ``.mgz``,
-    ``.hdr``/``.img``). Single-channel images are written as 3D, others as 4D. Analyze is
+    ``.hdr``/``.img``, and ``.nii.zarr``/``.zarr`` for NIfTI-Zarr, written by
+    ``jmed.chunked.save`` with ``chunks`` voxels per chunk (default 64) and ``levels``
+    pyramid levels; it needs ``pip install "jmed[zarr]"``). Single-channel images are
+    written as 3D, others as 4D. Analyze is
     written in its SPM2 flavour: the affine goes to a ``.mat`` file beside the header
     (an affine that does not survive the write raises ``ValueError``, nothing written).
 
@@ -485,6 +495,18 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
     """
     if not isinstance(image, Image):
         raise TypeError(f"save() takes a jmed.Image, got {type(image).__name__}")
+    if _is_chunked(path):
+        from jmed import chunked
+
+        return chunked.save(
+            image,
+            path,
+            chunks=chunked.DEFAULT_CHUNKS if chunks is None else chunks,
+            levels=levels,
+            overwrite=overwrite,
+        )
+    if chunks is not None or levels is not None:
+        raise ValueError(f"chunks and levels apply to chunked stores (.nii.zarr), not to {path}")
     path = Path(path)
     ext = _extension(path)
     if ext not in WRITE_EXTENSIONS:
