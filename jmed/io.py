@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - isal is a dependency, but optional at 
     _inflate = zlib
     _INFLATE_ERRORS = (zlib.error,)
 
-__all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "load", "save"]
+__all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "convert", "load", "save"]
 
 WRITE_EXTENSIONS = (".nii", ".nii.gz", ".mgh", ".mgz", ".hdr", ".img")
 READ_EXTENSIONS = WRITE_EXTENSIONS + (".mnc",)
@@ -555,3 +555,33 @@ def save(
             leftover.unlink()
         os.rmdir(tmp_dir)
     return path
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    kind: str = INTENSITY,
+    chunks: Any = 64,
+    levels: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Convert ``src`` to the format of ``dst`` (e.g. ``.nii.gz`` to ``.nii.zarr``) once, so
+    that patches are later read chunk by chunk; returns the path written.
+
+    See ``jmed.chunked.convert``: a NIfTI source keeps its stored dtype and scaling and is
+    streamed slab by slab into the store (with ``progress``, a progress bar);
+    ``chunks`` and ``levels`` set the store's chunk shape and pyramid levels. Writing a
+    chunked store needs ``pip install "jmed[zarr]"``.
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: unreadable ``src`` or unwritable ``dst`` (naming the path).
+    """
+    from jmed import chunked
+
+    return chunked.convert(
+        src, dst, kind=kind, chunks=chunks, levels=levels, overwrite=overwrite, progress=progress
+    )
