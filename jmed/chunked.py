@@ -380,6 +380,10 @@ def load(path: str | os.PathLike, kind: str = INTENSITY, *, level: int = 0) -> I
     """
     _checks.check_choice(kind, "kind", KINDS)
     text = _text(path)
+    if _is_url(text) and not text.rstrip("/").lower().endswith(".zarr"):
+        if level != 0:
+            raise ValueError(f"level must be 0 for a single-resolution file, got {level!r}")
+        return _load_remote_file(text, kind)
     volume = ChunkedVolume(text, _open(text))
     if volume.fallback_affine:
         warnings.warn(
@@ -389,6 +393,39 @@ def load(path: str | os.PathLike, kind: str = INTENSITY, *, level: int = 0) -> I
             stacklevel=3,
         )
     return volume.image(level, kind)
+
+
+def _load_remote_file(text: str, kind: str) -> Image:
+    """A lazy image of a remote NIfTI file: ``.nii`` read by byte ranges (a region reads
+    only its bytes), ``.nii.gz`` streamed and inflated whole on first use."""
+    name = text.split("?")[0].lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        raise ValueError(
+            f"{text}: remote files are read as NIfTI (.nii, .nii.gz) or chunked stores (.zarr); "
+            "convert other formats first"
+        )
+    compressed = name.endswith(".gz")
+    try:
+        import fsspec
+
+        opened = fsspec.open(text, "rb", compression="gzip" if compressed else None).open()
+    except ImportError as err:
+        raise ImportError(
+            f"reading {text} needs fsspec and its protocol's package ({err}): {INSTALL_HINT}"
+        ) from err
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no such image file: {text}") from err
+    except Exception as err:  # file systems raise many types
+        raise ValueError(f"{text}: cannot open the file ({type(err).__name__}: {err})") from err
+    try:
+        head = opened.read(4)
+        opened.seek(0)
+        sizes = (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+        klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+        img = klass.from_file_map(klass.make_file_map({"image": opened, "header": opened}))
+    except Exception as err:  # nibabel raises many types for bad headers
+        raise ValueError(f"{text}: cannot read image header ({type(err).__name__}: {err})") from err
+    return _io._from_nibabel(img, text, kind, lazy=True, file_order=False, compressed=compressed)
 
 
 def _volume_of(image: Image, what: str) -> LevelSource:

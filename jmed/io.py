@@ -261,25 +261,24 @@ def _read_data(
 _COMPRESSED_SUFFIXES = (".gz", ".mgz", ".bz2", ".zst")
 
 
-def _region_reader(img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_axis: int) -> Any:
+def _region_reader(
+    img: Any, path: Any, kind: str, shape: tuple[int, ...], channel_axis: int, compressed: bool | None = None
+) -> Any:
     """A function ``(start, stop) -> voxels`` reading one box of an uncompressed file through
-    a memory map (only the pages the box touches), or None for files it cannot serve
-    (compressed, RGB, MINC): those are read whole."""
+    a memory map (only the pages the box touches; for an open remote file, only the byte
+    ranges), or None for files it cannot serve (compressed, RGB, MINC): those are read whole."""
     proxy = img.dataobj
-    holder = img.file_map.get("image")
-    filename = getattr(holder, "filename", None) if holder is not None else None
-    if (
-        not isinstance(proxy, nib.arrayproxy.ArrayProxy)
-        or not isinstance(filename, str)
-        or filename.lower().endswith(_COMPRESSED_SUFFIXES)
-        or np.dtype(proxy.dtype).names
-        or channel_axis != len(proxy.shape) - 1
-    ):
+    if not isinstance(proxy, nib.arrayproxy.ArrayProxy) or np.dtype(proxy.dtype).names:
+        return None
+    source = proxy.file_like
+    if compressed is None:
+        compressed = not isinstance(source, str) or source.lower().endswith(_COMPRESSED_SUFFIXES)
+    if compressed or channel_axis != len(proxy.shape) - 1:
         return None
     file_shape = tuple(int(s) for s in proxy.shape)
     # the same bytes without the header's scaling, which is applied below as load() applies it
     raw_proxy = nib.arrayproxy.ArrayProxy(
-        filename, (file_shape, np.dtype(proxy.dtype), int(proxy.offset), 1.0, 0.0), order=proxy.order
+        source, (file_shape, np.dtype(proxy.dtype), int(proxy.offset), 1.0, 0.0), order=proxy.order
     )
 
     def read(start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
@@ -372,6 +371,14 @@ def _load(
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for bad headers
         raise ValueError(f"{path}: cannot read image header ({type(err).__name__}: {err})") from err
+    return _from_nibabel(img, path, kind, lazy=lazy, file_order=file_order)
+
+
+def _from_nibabel(
+    img: Any, path: Any, kind: str, *, lazy: bool, file_order: bool, compressed: bool | None = None
+) -> Image:
+    """An ``Image`` of an opened nibabel image (a file, or a file object of a remote file:
+    ``path`` names it in messages; ``compressed`` says whether it can be read by region)."""
     try:
         file_affine = img.affine
     except Exception as err:
@@ -419,7 +426,7 @@ def _load(
     if not lazy:
         # stored as read: no layout change for file_order
         return image.replace(data=read())
-    region = _region_reader(img, path, kind, shape, channel_axis)
+    region = _region_reader(img, path, kind, shape, channel_axis, compressed)
     return image.replace(data=_LazyData(shape, dtype, read, region=region, source=path))
 
 

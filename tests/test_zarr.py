@@ -398,3 +398,29 @@ def test_import_jmed_does_not_import_zarr_and_a_missing_extra_says_what_to_insta
     monkeypatch.setitem(sys.modules, "zarr", None)
     with pytest.raises(ImportError, match=r'pip install "jmed\[zarr\]"'):
         jmed.load(tmp_path / "x.nii.zarr")
+
+
+def test_remote_nifti_files_memory_and_http(tmp_path, http_root):
+    pytest.importorskip("aiohttp")
+    base, requests = http_root
+    gz, expected, affine = _ct(tmp_path)
+    plain, _, _ = _ct(tmp_path, name="ct.nii")
+    image = jmed.load(f"{base}/ct.nii.gz")
+    np.testing.assert_allclose(image.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(image.data)[..., 0], expected)
+    name = f"jmed-{uuid.uuid4().hex}"
+    memory = fsspec.filesystem("memory")
+    memory.put(str(plain), f"/{name}/ct.nii")
+    try:
+        image = jmed.load(f"memory://{name}/ct.nii", lazy=True)
+        assert image._data.reads_regions  # byte ranges of the remote file
+        np.testing.assert_array_equal(
+            image.read_region((3, 4, 5), (6, 7, 8))[..., 0], expected[3:9, 4:11, 5:13]
+        )
+        assert not image.is_loaded
+        with pytest.raises(FileNotFoundError, match="none.nii"):
+            jmed.load(f"memory://{name}/none.nii")
+    finally:
+        memory.rm(f"/{name}", recursive=True)
+    with pytest.raises(ValueError, match="remote files"):
+        jmed.load(f"{base}/ct.mgz")
