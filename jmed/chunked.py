@@ -44,6 +44,7 @@ replaced only with ``overwrite=True``. ``ChunkedWriter`` writes a store region b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io as _bytes
 import math
 import os
@@ -342,17 +343,20 @@ class ChunkedVolume:
                 f"level must be an int in [0, {len(self.levels) - 1}] for {self.path}, got {level!r}"
             )
         lv = self.levels[level]
-
-        def load_all() -> np.ndarray:
-            return self.read(level, kind, (0, 0, 0), lv.shape[:3])
-
-        def region(start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
-            return self.read(level, kind, start, stop)
-
+        # partials of methods (not closures), so a lazy image pickles (the store reopens)
+        load_all = functools.partial(self.read, level, kind, (0, 0, 0), lv.shape[:3])
+        region = functools.partial(self.read, level, kind)
         holder = _LazyData(
             lv.shape, self.dtype(kind), load_all, region=region, source=LevelSource(self, level)
         )
         return Image(holder, lv.affine, kind=kind)
+
+    def __reduce__(self) -> tuple:
+        return _reopen, (self.path,)
+
+
+def _reopen(text: str) -> ChunkedVolume:
+    return ChunkedVolume(text, _open(text))
 
 
 @dataclasses.dataclass(frozen=True)

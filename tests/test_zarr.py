@@ -6,6 +6,7 @@ import functools
 import http.server
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 import threading
@@ -424,3 +425,12 @@ def test_remote_nifti_files_memory_and_http(tmp_path, http_root):
         memory.rm(f"/{name}", recursive=True)
     with pytest.raises(ValueError, match="remote files"):
         jmed.load(f"{base}/ct.mgz")
+
+
+def test_a_lazy_store_image_pickles_and_reopens(tmp_path):
+    data = np.random.default_rng(7).standard_normal((9, 8, 7)).astype(np.float32)
+    path = jmed.save(jmed.ScalarImage(data, AFFINE), tmp_path / "p.nii.zarr", chunks=4)
+    image = pickle.loads(pickle.dumps(jmed.load(path)))
+    assert not image.is_loaded
+    np.testing.assert_array_equal(image.read_region((1, 2, 3), (4, 4, 4))[..., 0], data[1:5, 2:6, 3:7])
+    np.testing.assert_allclose(image.affine, AFFINE)
