@@ -341,6 +341,8 @@ def _is_chunked(path: Any) -> bool:
     text = os.fspath(path) if isinstance(path, os.PathLike) else path
     if not isinstance(text, str):
         return False
+    if text.startswith("file://"):
+        text = text[len("file://") :]
     return text.rstrip("/").lower().endswith(".zarr") or "://" in text
 
 
@@ -359,6 +361,8 @@ def _load(
         raise ValueError(
             f"level must be 0 for a single-resolution file, got {level!r}; pyramid levels are in .zarr stores"
         )
+    if isinstance(path, str) and path.startswith("file://"):
+        path = path[len("file://") :]
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; load() needs an image file")
