@@ -43,6 +43,7 @@ replaced only with ``overwrite=True``. ``ChunkedWriter`` writes a store region b
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import io as _bytes
@@ -237,12 +238,18 @@ class ChunkedVolume:
         ]
         self.format = "ome-zarr"
         affines = [_transform_matrix(whole, spatial_axes, unit_mm) @ m for m in physical]
-        if NIFTI_KEY in node:
+        draft = attrs.get(NIFTI_KEY)
+        if NIFTI_KEY in node or (isinstance(draft, dict) and "base64" in draft):
             self.format = "nifti-zarr"
             try:
-                raw = np.asarray(node[NIFTI_KEY][...]).tobytes()
+                if NIFTI_KEY in node:
+                    raw = np.asarray(node[NIFTI_KEY][...]).tobytes()
+                else:  # drafts before 1.0 kept the header base64-encoded in the group's attributes
+                    raw = base64.b64decode(draft["base64"])
             except Exception as err:
-                raise ValueError(f"{text}: cannot read the 'nifti' header array ({err})") from err
+                raise ValueError(
+                    f"{text}: cannot read the NIfTI header ({type(err).__name__}: {err})"
+                ) from err
             header = _nifti_header(raw, text)
             self.header = header
             header_affine = np.asarray(header.get_best_affine(), dtype=np.float64)

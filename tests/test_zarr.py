@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
 import os
@@ -434,3 +435,15 @@ def test_a_lazy_store_image_pickles_and_reopens(tmp_path):
     assert not image.is_loaded
     np.testing.assert_array_equal(image.read_region((1, 2, 3), (4, 4, 4))[..., 0], data[1:5, 2:6, 3:7])
     np.testing.assert_allclose(image.affine, AFFINE)
+
+
+def test_draft_store_with_a_base64_header_in_the_attributes(tmp_path):
+    data = np.random.default_rng(8).standard_normal((6, 5, 4)).astype(np.float32)
+    path = chunked.save(jmed.ScalarImage(data, AFFINE), tmp_path / "d.nii.zarr", chunks=4, zarr_format=2)
+    group = zarr.open_group(str(path), mode="r+")
+    header = np.asarray(group["nifti"][...]).tobytes()
+    del group["nifti"]
+    group.attrs["nifti"] = {"base64": base64.b64encode(header).decode()}
+    image = jmed.load(path)
+    np.testing.assert_allclose(image.affine, AFFINE)
+    np.testing.assert_array_equal(np.asarray(image.data)[..., 0], data)
