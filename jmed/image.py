@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 from jax.typing import ArrayLike
 
+from jmed import _checks
 from jmed import affine as affine_lib
 
 __all__ = [
@@ -120,12 +122,89 @@ def check_label_range(data: np.ndarray, dtype: Any, source: str = "label map") -
 
 
 class _LazyData:
-    """Voxel data read on first access (keeps the header available without reading)."""
+    """Voxel data read on use; the header (shape, dtype) is known without reading.
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], Any]):
-        self.shape = shape
+    ``load()`` reads the whole array once and keeps it in this holder, so every ``Image``
+    sharing the holder sees the same value and no ``Image`` changes when it is read.
+    ``read(start, stop)`` reads the box ``[start, stop)`` (inside the volume) through
+    ``region`` when the source can read regions (chunked stores, memory-mapped files),
+    without keeping anything; otherwise it slices the loaded array. ``source`` is the
+    opened store or file the data come from (for pyramid levels and chunk indexes).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        load: Callable[[], Any],
+        *,
+        region: Callable[[tuple[int, ...], tuple[int, ...]], np.ndarray] | None = None,
+        source: Any = None,
+    ):
+        self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
-        self.load = load
+        self._load = load
+        self._region = region
+        self.source = source
+        self._array = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """True once ``load`` has read the whole array."""
+        return self._array is not None
+
+    @property
+    def reads_regions(self) -> bool:
+        """True when a region is read without reading the whole array."""
+        return self._region is not None
+
+    def load(self) -> Any:
+        """The whole array, read on the first call and kept."""
+        if self._array is None:
+            with self._lock:
+                if self._array is None:
+                    self._array = self._load()
+        return self._array
+
+    def read(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+        """Voxels ``[start, stop)`` of the three spatial axes (within the volume), all channels."""
+        if self._array is None and self._region is not None:
+            return np.asarray(self._region(tuple(start), tuple(stop)))
+        index = tuple(slice(a, b) for a, b in zip(start, stop))
+        return np.asarray(self.load()[index])
+
+    def __getstate__(self) -> dict:
+        state = {name: value for name, value in self.__dict__.items() if name != "_lock"}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _read_box(
+    read: Callable[[tuple[int, ...], tuple[int, ...]], np.ndarray],
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    start: tuple[int, int, int],
+    size: tuple[int, int, int],
+    fill: float,
+) -> np.ndarray:
+    """The box ``[start, start + size)`` of a ``shape`` ``(x, y, z, c)`` volume, reading only
+    its part inside the volume through ``read(lo, hi)`` and filling the rest with ``fill``."""
+    spatial = shape[:3]
+    lo = tuple(min(max(s, 0), n) for s, n in zip(start, spatial))
+    hi = tuple(min(max(s + z, 0), n) for s, z, n in zip(start, size, spatial))
+    inside = all(b > a for a, b in zip(lo, hi))
+    if inside and lo == tuple(start) and tuple(b - a for a, b in zip(lo, hi)) == tuple(size):
+        return np.ascontiguousarray(read(lo, hi))
+    out = np.full((*size, shape[3]), fill, dtype=dtype)
+    if inside:
+        part = read(lo, hi)
+        where = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+        out[where] = part
+    return out
 
 
 @jax.tree_util.register_pytree_node_class
@@ -235,15 +314,61 @@ class Image:
     # -- data --------------------------------------------------------------------------
     @property
     def data(self):
-        """Voxel array ``(x, y, z, c)``; a lazily loaded image reads it here, once."""
+        """Voxel array ``(x, y, z, c)``.
+
+        A lazily loaded image reads its voxels on the first access and keeps them in its
+        lazy holder (shared by the images made from it with ``replace``); the image itself
+        does not change, so reading its data never changes its value or its pytree.
+        """
         if isinstance(self._data, _LazyData):
-            self._data = self._data.load()
+            return self._data.load()
         return self._data
 
     @property
     def is_loaded(self) -> bool:
-        """False while a lazily loaded image has not read its voxels yet."""
-        return not isinstance(self._data, _LazyData)
+        """False while a lazily loaded image has not read all its voxels yet (reading a
+        region with ``read_region`` does not load them)."""
+        return not isinstance(self._data, _LazyData) or self._data.loaded
+
+    def read_region(self, start: Any, size: Any, *, fill: float = 0) -> np.ndarray:
+        """The voxels of one box, as a numpy array ``(sx, sy, sz, c)``.
+
+        A lazily loaded image from a chunked store (NIfTI-Zarr, OME-Zarr, zarr) reads only
+        the chunks the box touches, and one from an uncompressed memory-mapped file
+        (``.nii``, ``.mgh``, ``.img``) only the bytes it needs; neither loads the whole
+        image (``is_loaded`` stays False). Other lazy images (compressed files) are loaded
+        whole first. Loaded images are sliced.
+
+        Voxels of the box outside the volume are ``fill`` (the box may lie partly or
+        wholly outside); the result always has the requested size.
+
+        Args:
+            start: first voxel of the box, an int (all axes) or 3 ints; may be negative.
+            size: voxels per axis, an int or 3 ints, each at least 1.
+            fill: value of the voxels outside the volume.
+
+        Returns:
+            numpy array of shape ``(*size, channels)`` and the image's dtype.
+
+        Raises:
+            ValueError: ``start`` or ``size`` not 3 integers, a size below 1.
+            TypeError: the data are traced (inside ``jit``): slice them instead.
+        """
+        start = _checks.int_triple(start, "start", minimum=-(2**62))
+        size = _checks.int_triple(size, "size", minimum=1)
+        data = self._data
+        if isinstance(data, _LazyData):
+            return _read_box(data.read, data.shape, data.dtype, start, size, fill)
+        if not _is_concrete(data):
+            raise TypeError("read_region() needs concrete data; inside jit slice image.data instead")
+        shape = tuple(int(s) for s in data.shape)
+        if len(shape) != 4:
+            raise ValueError(f"read_region() reads one image (x, y, z, c), got data of shape {shape}")
+
+        def read(lo, hi):
+            return np.asarray(data[tuple(slice(a, b) for a, b in zip(lo, hi))])
+
+        return _read_box(read, shape, np.dtype(data.dtype), start, size, fill)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - isal is a dependency, but optional at 
     _inflate = zlib
     _INFLATE_ERRORS = (zlib.error,)
 
-__all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "load", "save"]
+__all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "convert", "load", "save"]
 
 WRITE_EXTENSIONS = (".nii", ".nii.gz", ".mgh", ".mgz", ".hdr", ".img")
 READ_EXTENSIONS = WRITE_EXTENSIONS + (".mnc",)
@@ -204,6 +204,37 @@ def _rgb_channels(raw: np.ndarray) -> np.ndarray:
     return np.stack([raw[name].astype(np.float32) for name in raw.dtype.names], axis=-1)
 
 
+def _label_voxels(raw: np.ndarray, source: str) -> np.ndarray:
+    """Voxels read for a label map as integers (see the module docstring): floats must hold
+    finite integer values; values must fit the label dtype. ``source`` names the file."""
+    target = _label_dtype(raw.dtype)
+    if not np.issubdtype(raw.dtype, np.integer) and raw.dtype != np.bool_:
+        finite = np.isfinite(raw)
+        if not finite.all():
+            raise ValueError(
+                f"{source}: label map has non-finite values (e.g. {raw[~finite].flat[0]}); "
+                "load it with kind='intensity'"
+            )
+        rounded = np.rint(raw)
+        off = np.abs(raw - rounded) > 1e-3
+        if off.any():
+            raise ValueError(
+                f"{source}: label map has non-integer values (e.g. {raw[off].flat[0]}); "
+                "load it with kind='intensity'"
+            )
+        info = np.iinfo(target)
+        if rounded.size and (rounded.min() < info.min or rounded.max() > info.max):
+            bad = rounded.min() if rounded.min() < info.min else rounded.max()
+            raise ValueError(
+                f"{source}: label value {bad:g} does not fit in {target.name} (allowed "
+                f"{info.min}..{info.max}); renumber the labels"
+            )
+        raw = rounded
+    else:
+        check_label_range(raw, target, source)
+    return raw.astype(target, copy=False)
+
+
 def _read_data(
     img: Any, path: Path, kind: str, shape: tuple[int, ...], channel_axis: int, file_order: bool
 ) -> np.ndarray:
@@ -216,33 +247,7 @@ def _read_data(
         if kind == INTENSITY:
             data = np.asarray(_voxels(img, np.dtype(np.float32)))
         else:
-            raw = _voxels(img, None)
-            target = _label_dtype(raw.dtype)
-            if not np.issubdtype(raw.dtype, np.integer) and raw.dtype != np.bool_:
-                finite = np.isfinite(raw)
-                if not finite.all():
-                    raise ValueError(
-                        f"{path}: label map has non-finite values (e.g. {raw[~finite].flat[0]}); "
-                        "load it with kind='intensity'"
-                    )
-                rounded = np.rint(raw)
-                off = np.abs(raw - rounded) > 1e-3
-                if off.any():
-                    raise ValueError(
-                        f"{path}: label map has non-integer values (e.g. {raw[off].flat[0]}); "
-                        "load it with kind='intensity'"
-                    )
-                info = np.iinfo(target)
-                if rounded.size and (rounded.min() < info.min or rounded.max() > info.max):
-                    bad = rounded.min() if rounded.min() < info.min else rounded.max()
-                    raise ValueError(
-                        f"{path}: label value {bad:g} does not fit in {target.name} (allowed "
-                        f"{info.min}..{info.max}); renumber the labels"
-                    )
-                raw = rounded
-            else:
-                check_label_range(raw, target, str(path))
-            data = raw.astype(target, copy=False)
+            data = _label_voxels(_voxels(img, None), str(path))
     except (EOFError, OSError, gzip.BadGzipFile, *_INFLATE_ERRORS) as err:
         raise ValueError(
             f"{path}: cannot read voxel data (missing, truncated or corrupt file) ({err})"
@@ -253,13 +258,67 @@ def _read_data(
     return data if file_order else _host_layout(data)
 
 
-def load(path: str | os.PathLike, kind: str = INTENSITY, *, lazy: bool = False) -> Image:
+_COMPRESSED_SUFFIXES = (".gz", ".mgz", ".bz2", ".zst")
+
+
+def _region_reader(
+    img: Any, path: Any, kind: str, shape: tuple[int, ...], channel_axis: int, compressed: bool | None = None
+) -> Any:
+    """A function ``(start, stop) -> voxels`` reading one box of an uncompressed file through
+    a memory map (only the pages the box touches; for an open remote file, only the byte
+    ranges), or None for files it cannot serve (compressed, RGB, MINC): those are read whole."""
+    proxy = img.dataobj
+    if not isinstance(proxy, nib.arrayproxy.ArrayProxy) or np.dtype(proxy.dtype).names:
+        return None
+    source = proxy.file_like
+    if compressed is None:
+        compressed = not isinstance(source, str) or source.lower().endswith(_COMPRESSED_SUFFIXES)
+    if compressed or channel_axis != len(proxy.shape) - 1:
+        return None
+    file_shape = tuple(int(s) for s in proxy.shape)
+    # the same bytes without the header's scaling, which is applied below as load() applies it
+    raw_proxy = nib.arrayproxy.ArrayProxy(
+        source, (file_shape, np.dtype(proxy.dtype), int(proxy.offset), 1.0, 0.0), order=proxy.order
+    )
+
+    def read(start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+        spatial = tuple(slice(a, b) for a, b in zip(start, stop))
+        index = spatial[: len(file_shape)] if len(file_shape) <= 3 else (*spatial, slice(None))
+        size = tuple(b - a for a, b in zip(start, stop))
+        _check_file_holds_voxels(img, path)
+        try:
+            unscaled = np.asarray(raw_proxy[index])
+            if kind == INTENSITY:
+                data = _scaled(proxy, unscaled, np.dtype(np.float32))
+            else:
+                trivial = float(np.asarray(proxy.slope)) == 1 and float(np.asarray(proxy.inter)) == 0
+                data = unscaled if trivial else _scaled(proxy, unscaled, None)
+                data = _label_voxels(data, str(path))
+        except (EOFError, OSError, ValueError) as err:
+            if isinstance(err, ValueError) and str(err).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: cannot read voxel data ({err})") from err
+        return _host_layout(np.asarray(data).reshape(*size, shape[3]))
+
+    return read
+
+
+def load(path: str | os.PathLike, kind: str = INTENSITY, *, lazy: bool = False, level: int = 0) -> Image:
     """Read an image file into an ``Image`` (voxels in C order, see the module docstring).
 
+    Chunked stores (a path or URL ending in ``.zarr``: NIfTI-Zarr ``.nii.zarr``, OME-Zarr,
+    plain zarr arrays) and fsspec URLs (``https://``, ``s3://``, ``memory://``, ...) are
+    read by ``jmed.chunked.load`` (it needs ``pip install "jmed[zarr]"``), always lazily:
+    see ``jmed.chunked``.
+
     Args:
-        path: file to read (see the module docstring for formats).
+        path: file, store or URL to read (see the module docstring for formats).
         kind: ``"intensity"`` (float32, scaling applied) or ``"label"`` (integers kept).
-        lazy: read only the header now; voxels are read on first access to ``.data``.
+        lazy: read only the header now; voxels are read on first access to ``.data``, and
+            ``Image.read_region`` reads a box alone from chunked stores and uncompressed
+            (memory-mapped) files.
+        level: pyramid level of a chunked store (0: full resolution); other files have
+            level 0 only.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -274,14 +333,36 @@ def load(path: str | os.PathLike, kind: str = INTENSITY, *, lazy: bool = False) 
         >>> img.shape, img.orientation
         ((33, 41, 25, 1), 'LAS')
     """
-    return _load(path, kind, lazy=lazy, file_order=False)
+    return _load(path, kind, lazy=lazy, file_order=False, level=level)
 
 
-def _load(path: str | os.PathLike, kind: str, *, lazy: bool = False, file_order: bool) -> Image:
+def _is_chunked(path: Any) -> bool:
+    """True for a zarr store (a name ending in ``.zarr``) or any URL with a scheme."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(text, str):
+        return False
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return text.rstrip("/").lower().endswith(".zarr") or "://" in text
+
+
+def _load(
+    path: str | os.PathLike, kind: str, *, lazy: bool = False, file_order: bool, level: int = 0
+) -> Image:
     """``load``; with ``file_order``, voxels stay in the file's order (Fortran for NIfTI),
     for a caller that hands them to ``jit`` once, transposed (see ``jmed.data``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if _is_chunked(path):
+        from jmed import chunked
+
+        return chunked.load(path, kind, level=level)
+    if not (level == 0 and not isinstance(level, bool)):
+        raise ValueError(
+            f"level must be 0 for a single-resolution file, got {level!r}; pyramid levels are in .zarr stores"
+        )
+    if isinstance(path, str) and path.startswith("file://"):
+        path = path[len("file://") :]
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; load() needs an image file")
@@ -294,6 +375,14 @@ def _load(path: str | os.PathLike, kind: str, *, lazy: bool = False, file_order:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for bad headers
         raise ValueError(f"{path}: cannot read image header ({type(err).__name__}: {err})") from err
+    return _from_nibabel(img, path, kind, lazy=lazy, file_order=file_order)
+
+
+def _from_nibabel(
+    img: Any, path: Any, kind: str, *, lazy: bool, file_order: bool, compressed: bool | None = None
+) -> Image:
+    """An ``Image`` of an opened nibabel image (a file, or a file object of a remote file:
+    ``path`` names it in messages; ``compressed`` says whether it can be read by region)."""
     try:
         file_affine = img.affine
     except Exception as err:
@@ -339,8 +428,10 @@ def _load(path: str | os.PathLike, kind: str, *, lazy: bool = False, file_order:
 
     image = Image(_LazyData(shape, dtype, read), affine, kind=kind)
     if not lazy:
-        image.data  # noqa: B018 - reads now, stored as read (no layout change for file_order)
-    return image
+        # stored as read: no layout change for file_order
+        return image.replace(data=read())
+    region = _region_reader(img, path, kind, shape, channel_axis, compressed)
+    return image.replace(data=_LazyData(shape, dtype, read, region=region, source=path))
 
 
 def _storable(data: np.ndarray, path: Path) -> np.ndarray:
@@ -384,11 +475,21 @@ def _nibabel_image(image: Image, ext: str, path: Path) -> Any:
     return out
 
 
-def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save(
+    image: Image,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    chunks: Any = None,
+    levels: int | None = None,
+) -> Path:
     """Write ``image`` to ``path`` atomically; returns the path written.
 
     The format follows the extension (``.nii``, ``.nii.gz``, ``.mgh``, ``.mgz``,
-    ``.hdr``/``.img``). Single-channel images are written as 3D, others as 4D. Analyze is
+    ``.hdr``/``.img``, and ``.nii.zarr``/``.zarr`` for NIfTI-Zarr, written by
+    ``jmed.chunked.save`` with ``chunks`` voxels per chunk (default 64) and ``levels``
+    pyramid levels; it needs ``pip install "jmed[zarr]"``). Single-channel images are
+    written as 3D, others as 4D. Analyze is
     written in its SPM2 flavour: the affine goes to a ``.mat`` file beside the header
     (an affine that does not survive the write raises ``ValueError``, nothing written).
 
@@ -405,6 +506,18 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
     """
     if not isinstance(image, Image):
         raise TypeError(f"save() takes a jmed.Image, got {type(image).__name__}")
+    if _is_chunked(path):
+        from jmed import chunked
+
+        return chunked.save(
+            image,
+            path,
+            chunks=chunked.DEFAULT_CHUNKS if chunks is None else chunks,
+            levels=levels,
+            overwrite=overwrite,
+        )
+    if chunks is not None or levels is not None:
+        raise ValueError(f"chunks and levels apply to chunked stores (.nii.zarr), not to {path}")
     path = Path(path)
     ext = _extension(path)
     if ext not in WRITE_EXTENSIONS:
@@ -453,3 +566,33 @@ def save(image: Image, path: str | os.PathLike, *, overwrite: bool = False) -> P
             leftover.unlink()
         os.rmdir(tmp_dir)
     return path
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    kind: str = INTENSITY,
+    chunks: Any = 64,
+    levels: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Convert ``src`` to the format of ``dst`` (e.g. ``.nii.gz`` to ``.nii.zarr``) once, so
+    that patches are later read chunk by chunk; returns the path written.
+
+    See ``jmed.chunked.convert``: a NIfTI source keeps its stored dtype and scaling and is
+    streamed slab by slab into the store (with ``progress``, a progress bar);
+    ``chunks`` and ``levels`` set the store's chunk shape and pyramid levels. Writing a
+    chunked store needs ``pip install "jmed[zarr]"``.
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: unreadable ``src`` or unwritable ``dst`` (naming the path).
+    """
+    from jmed import chunked
+
+    return chunked.convert(
+        src, dst, kind=kind, chunks=chunks, levels=levels, overwrite=overwrite, progress=progress
+    )

@@ -19,6 +19,7 @@ import jmed.transforms as T
 MODULES = [
     "jmed",
     "jmed.affine",
+    "jmed.chunked",
     "jmed.cli",
     "jmed.data",
     "jmed.datasets",

@@ -1,6 +1,7 @@
 import gzip
 import os
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -575,3 +576,52 @@ def test_only_stale_temporaries_of_dead_writers_on_this_host_are_removed(tmp_pat
     left = {p.name for p in tmp_path.iterdir()}
     assert names["dead-old"] not in left
     assert {names[k] for k in names if k != "dead-old"} | {"new.nii.gz"} == left
+
+
+def test_reading_lazy_data_does_not_change_the_image(tmp_path):
+    path = tmp_path / "lazy.nii.gz"
+    data = np.random.default_rng(5).standard_normal((6, 7, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, ROTATED), path)
+    image = jmed.load(path, lazy=True)
+    holder = image._data
+    twin = image.replace(affine=np.asarray(image.affine))
+    first = image.data
+    assert image._data is holder  # the image is not rewritten by the read
+    assert twin.is_loaded and twin.data is first  # images sharing the holder share the read
+    np.testing.assert_array_equal(np.asarray(first)[..., 0], data)
+    leaves = jax.tree.leaves(image)
+    np.testing.assert_array_equal(leaves[0], first)
+    np.testing.assert_array_equal(image.read_region((4, 5, 6), (3, 3, 3))[:2, :2, :2, 0], data[4:6, 5:7, 6:8])
+
+
+@pytest.mark.parametrize("kind", ["intensity", "label"])
+def test_region_of_a_memory_mapped_nifti_matches_nibabel(tmp_path, kind):
+    raw = np.random.default_rng(6).integers(-50, 50, (12, 13, 14)).astype(np.int16)
+    img = nib.Nifti1Image(raw, ROTATED)
+    if kind == "intensity":
+        img.header.set_slope_inter(0.25, 3.0)
+    path = tmp_path / "mm.nii"
+    nib.save(img, path)
+    reference = np.asarray(nib.load(path).dataobj, dtype=np.float32 if kind == "intensity" else None)
+    image = jmed.load(path, kind=kind, lazy=True)
+    assert image._data.reads_regions
+    box = image.read_region((-2, 3, 10), (5, 4, 6))
+    want = np.zeros((5, 4, 6), reference.dtype)
+    want[2:, :, :4] = reference[:3, 3:7, 10:]
+    np.testing.assert_array_equal(box[..., 0], want)
+    assert box.dtype == (np.float32 if kind == "intensity" else np.int16)
+    assert box.flags.c_contiguous
+    assert not image.is_loaded  # the region was read alone
+    np.testing.assert_array_equal(np.asarray(image.data)[..., 0], reference)
+    full = jmed.load(path, kind=kind)
+    np.testing.assert_array_equal(full.read_region((0, 0, 0), (12, 13, 14)), np.asarray(full.data))
+
+
+def test_region_of_a_truncated_file_names_it(tmp_path):
+    path = tmp_path / "short.nii"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.eye(4)), path)
+    with open(path, "r+b") as f:
+        f.truncate(2000)
+    image = jmed.load(path, lazy=True)
+    with pytest.raises(ValueError, match="short.nii"):
+        image.read_region((0, 0, 0), 2)
