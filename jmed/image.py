@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -615,12 +616,16 @@ class Subject(Mapping):
     def apply_inverse_transform(self, *, warn: bool = True) -> Subject:
         """Undo the invertible steps of the history, last first: ``jmed.transforms.invert``.
 
-        Non-invertible steps (intensity changes) are skipped, with a warning unless
-        ``warn=False``. Returns a new subject with an empty history.
+        Non-invertible steps (intensity changes), also inside a ``Compose``, are skipped,
+        with a warning unless ``warn=False``. Returns a new subject with an empty history.
         """
         from jmed.transforms.base import invert
 
-        return invert(self, warn=warn)
+        with warnings.catch_warnings():
+            if not warn:
+                # Compose warns about its own non-invertible children
+                warnings.filterwarnings("ignore", message=r".* is not invertible; skipped when inverting")
+            return invert(self, warn=warn)
 
     def history_summary(self) -> str:
         """The history as text, one line per transform with its sampled parameters in

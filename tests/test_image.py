@@ -264,12 +264,13 @@ def test_apply_inverse_transform_is_invert():
     assert back.history == ()
     for name in ("t1", "seg"):  # flips are exact: the inverse restores every voxel
         np.testing.assert_array_equal(np.asarray(back[name].data), s[name].data)
-    noisy = T.RandomNoise()(jax.random.key(0), s)
-    with pytest.warns(UserWarning, match="not invertible"):
-        noisy.apply_inverse_transform()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        noisy.apply_inverse_transform(warn=False)
+    for noise in (T.RandomNoise(), T.Compose([T.RandomFlip(), T.RandomNoise()])):
+        noisy = noise(jax.random.key(0), s)
+        with pytest.warns(UserWarning, match="RandomNoise is not invertible"):
+            noisy.apply_inverse_transform()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            noisy.apply_inverse_transform(warn=False)
 
 
 def test_reprs_name_shape_spacing_orientation_without_reading(tmp_path):
