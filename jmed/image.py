@@ -314,9 +314,8 @@ class Image:
         """
         if self.is_loaded:
             return self
-        copy = self.replace()
-        copy.data  # noqa: B018 -- reads the voxels into the copy only
-        return copy
+        # read through a copy, so that nothing is stored in this image
+        return self.replace(data=self.replace().data)
 
     def plot(self, **kwargs: Any):
         """Orthogonal slices of this image: ``jmed.plot.plot_image(self, **kwargs)``.

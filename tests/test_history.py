@@ -16,6 +16,13 @@ def _steps(subject):
     return [(s.name, s.values, s.depth, s.applied) for s in describe_history(subject)]
 
 
+def _recorded(transform, subject, key=None):
+    """``subject`` with the history entry that ``transform(key, subject)`` records (the
+    params its ``sample`` draws), without applying it."""
+    key = jax.random.key(0) if key is None else key
+    return subject.replace(history=((transform, transform.sample(key, subject)),))
+
+
 def _only(subject) -> HistoryStep:
     (step,) = describe_history(subject)
     return step
@@ -39,24 +46,24 @@ def test_affine_parameters_are_the_fixed_values_passed(phantom, key):
     assert out.history_summary() == format_history(out) == format_history(out.history)
 
 
-def test_each_family_names_its_parameters_in_physical_units(phantom, key):
-    flip = _only(T.RandomFlip(axes=(0, 2), flip_probability=1.0)(key, phantom))
+def test_each_family_names_its_parameters_in_physical_units(phantom):
+    flip = _only(_recorded(T.RandomFlip(axes=(0, 2), flip_probability=1.0), phantom))
     assert flip.values == {"axes": (0, 2)}
-    assert _only(T.RandomFlip(axes=(0, 1), flip_probability=0.0)(key, phantom)).values == {"axes": ()}
+    assert _only(_recorded(T.RandomFlip(axes=(0, 1), flip_probability=0.0), phantom)).values == {"axes": ()}
 
-    noise = T.RandomNoise(mean=(0.1, 0.1), std=(0.2, 0.2))(key, phantom)
+    noise = _recorded(T.RandomNoise(mean=(0.1, 0.1), std=(0.2, 0.2)), phantom)
     assert set(_only(noise).values) == {"mean", "std"}  # the seed is not shown
     np.testing.assert_allclose(
         [_only(noise).values["mean"], _only(noise).values["std"]], [0.1, 0.2], rtol=1e-6
     )
     assert format_history(noise) == "RandomNoise(mean=0.1, std=0.2)"
 
-    blur = T.RandomBlur(std=(1.5, 1.5))(key, phantom)
+    blur = _recorded(T.RandomBlur(std=(1.5, 1.5)), phantom)
     assert format_history(blur) == "RandomBlur(std_mm=(1.50, 1.50, 1.50))"
-    voxels = T.RandomBlur(std=(0.5, 0.5), units="voxels")(key, phantom)
+    voxels = _recorded(T.RandomBlur(std=(0.5, 0.5), units="voxels"), phantom)
     assert format_history(voxels) == "RandomBlur(std_voxels=(0.5, 0.5, 0.5))"
 
-    motion = T.RandomMotion(degrees=(3, 3), translation=(4, 4), num_transforms=1)(key, phantom)
+    motion = _recorded(T.RandomMotion(degrees=(3, 3), translation=(4, 4), num_transforms=1), phantom)
     values = _only(motion).values
     np.testing.assert_allclose(values["degrees"], [[3, 3, 3]], rtol=1e-6)
     np.testing.assert_allclose(values["translation_mm"], [[4, 4, 4]], rtol=1e-6)
@@ -67,7 +74,7 @@ def test_each_family_names_its_parameters_in_physical_units(phantom, key):
     elastic = T.RandomElasticDeformation(
         num_control_points=5, max_displacement=(1.0, 2.0, 3.0), locked_borders=1
     )
-    out = elastic(key, phantom)
+    out = _recorded(elastic, phantom)
     values = _only(out).values
     field = np.asarray(out.history[0][1])  # (5, 5, 5, 3) control displacements in mm
     np.testing.assert_allclose(values["max_displacement_mm"], np.abs(field).reshape(-1, 3).max(0))
@@ -77,15 +84,15 @@ def test_each_family_names_its_parameters_in_physical_units(phantom, key):
     assert values["control_points"] == (5, 5, 5)
 
     cube = jmed.Subject(t1=jmed.ScalarImage(np.zeros((6, 6, 6), np.float32)))
-    rot = T.RandomRot90(axes=(0, 1))(key, cube)
+    rot = _recorded(T.RandomRot90(axes=(0, 1)), cube)
     k = int(rot.history[0][1])
     assert format_history(rot) == f"RandomRot90(axes=(0, 1), degrees={90 * k})"
 
-    gamma = T.RandomGamma(log_gamma=(0.2, 0.2))(key, phantom)
+    gamma = _recorded(T.RandomGamma(log_gamma=(0.2, 0.2)), phantom)
     np.testing.assert_allclose(_only(gamma).values["gamma"], np.exp(0.2), rtol=1e-6)
     assert format_history(gamma) == f"RandomGamma(gamma={np.exp(0.2):.3f})"
 
-    bias = T.RandomBiasField(order=3)(key, phantom)
+    bias = _recorded(T.RandomBiasField(order=3), phantom)
     coefficients = np.asarray(bias.history[0][1]["coefficients"])
     assert coefficients.size == 20  # summarised: more than 12 values
     match = re.fullmatch(
@@ -151,7 +158,8 @@ def test_batched_history_is_shown_per_item(phantom):
     keys = jax.random.split(jax.random.key(1), 2)
     batch = jmed.stack([phantom, phantom])
     t = T.RandomAffine(scales=0, degrees=(0, 0, 0, 0, -20, 20))
-    out = jax.vmap(t)(keys, batch)
+    params = jax.vmap(t.sample, in_axes=(0, None))(keys, phantom)  # what vmap(t) records
+    out = batch.replace(history=((t, params),))
     (step,) = describe_history(out)
     degrees = np.asarray(step.values["degrees"])
     assert degrees.shape == (2, 3)
