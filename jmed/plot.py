@@ -11,8 +11,9 @@ scans). Letters at the panel edges name the world directions. Oblique images are
 along their closest RAS axes.
 
 Each function returns a ``matplotlib.figure.Figure`` built without ``pyplot`` (no global
-state, safe in threads and scripts; notebooks display the returned figure). Pass
-``output="file.png"`` to save it.
+state, safe in threads and scripts); notebooks display the returned figure as a PNG,
+with or without pyplot. Pass ``output="file.png"`` to save it. ``Image`` and
+``Subject`` show themselves in notebooks through ``html_summary``.
 
 The voxel data shown is the image's first channel unless ``channel`` says otherwise.
 Intensity windows default to the 0.5th-99.5th percentiles.
@@ -21,6 +22,7 @@ Intensity windows default to the 0.5th-99.5th percentiles.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import os
@@ -41,15 +43,39 @@ VIEWS = {"sagittal": (0, 1, 2), "coronal": (1, 0, 2), "axial": (2, 0, 1)}
 _LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) end of each RAS axis
 
 
+@functools.cache
+def _figure_class() -> type:
+    """matplotlib's ``Figure`` with a PNG display for notebooks (made on first use, so
+    that importing jmed does not import matplotlib)."""
+    from matplotlib.figure import Figure
+
+    class _NotebookFigure(Figure):
+        # a figure made without pyplot has no display in Jupyter unless pyplot's inline
+        # backend happens to be active; this one shows itself
+        def _repr_png_(self) -> bytes:
+            return to_png(self)
+
+    _NotebookFigure.__module__ = __name__
+    _NotebookFigure.__qualname__ = "_NotebookFigure"  # found by pickle through __getattr__
+    return _NotebookFigure
+
+
+def __getattr__(name: str) -> Any:
+    # unpickling a figure looks its class up here by name
+    if name == "_NotebookFigure":
+        return _figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _figure(figsize):
     try:
-        from matplotlib.figure import Figure
+        import matplotlib.figure  # noqa: F401 -- checked on every call, not only the first
     except ImportError as err:
         raise ImportError(
             "jmed.plot needs matplotlib, which is not installed; install it with "
             "`pip install matplotlib` (or the jmed[examples] extra)"
         ) from err
-    return Figure(figsize=figsize, layout="constrained")
+    return _figure_class()(figsize=figsize, layout="constrained")
 
 
 def _ras(image: Image) -> tuple[np.ndarray, np.ndarray]:

@@ -233,3 +233,17 @@ def test_notebook_display_without_matplotlib(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     text = datasets.phantom(0, shape=(8, 8, 8))._repr_html_()
     assert "<img" not in text and "matplotlib is not installed" in text and "(8, 8, 8, 1)" in text
+
+
+def test_figures_show_themselves_in_notebooks_without_pyplot():
+    import pickle
+
+    from matplotlib.figure import Figure
+
+    fig = datasets.phantom(0, shape=(16, 16, 16)).plot()
+    assert isinstance(fig, Figure)
+    pixels = imread(io.BytesIO(fig._repr_png_()))  # what Jupyter shows for the returned figure
+    assert pixels.shape[:2] == (300, 900)  # 3 panels of 3 inches at the figure's 100 dpi
+    assert pixels[..., :3].std() > 0.05
+    again = pickle.loads(pickle.dumps(fig))
+    assert type(again) is type(fig) and len(again.axes) == 3
