@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -430,13 +431,43 @@ class Image:
     def numpy(self) -> np.ndarray:
         return np.asarray(self.data)
 
+    # -- TorchIO-style conveniences ----------------------------------------------------
+    def load(self) -> Image:
+        """A copy with the voxels read (TorchIO's ``load``); this image is left as it is.
+
+        An image that is already loaded is returned as it is (images are values).
+        """
+        if self.is_loaded:
+            return self
+        # read through a copy, so that nothing is stored in this image
+        return self.replace(data=self.replace().data)
+
+    def plot(self, **kwargs: Any):
+        """Orthogonal slices of this image: ``jmed.plot.plot_image(self, **kwargs)``.
+
+        Keyword arguments are those of ``jmed.plot.plot_image`` (``label=`` a label map
+        to overlay, ``point=``, ``views=``, ``radiological=``, ``output=``...). Returns the
+        matplotlib ``Figure`` (needs matplotlib).
+        """
+        from jmed import plot
+
+        return plot.plot_image(self, **kwargs)
+
+    def _repr_html_(self) -> str | None:
+        # Jupyter's rich display: geometry as text and orthogonal slices as a PNG
+        from jmed import plot
+
+        return plot.html_summary(self)
+
     def __repr__(self) -> str:
+        # header values only: a lazily loaded image is not read here
         geo = ""
         affine = self.affine
         if _is_concrete(affine) and getattr(affine, "shape", None) == (4, 4):
             try:
                 spacing = np.round(np.asarray(self.spacing, float), 3).tolist()
-                geo = f", spacing={tuple(spacing)}, orientation={self.orientation}"
+                origin = (np.round(np.asarray(self.origin, float), 2) + 0.0).tolist()  # no -0.0
+                geo = f", spacing={tuple(spacing)}, orientation={self.orientation}, origin={tuple(origin)}"
             except ValueError:
                 pass
         shape = getattr(self._data, "shape", None)
@@ -444,7 +475,8 @@ class Image:
         extent = ""
         if self.extent is not None and _is_concrete(self.extent):
             extent = f", extent={tuple(int(v) for v in np.asarray(self.extent))}"
-        return f"{type(self).__name__}(kind={self.kind!r}, shape={shape}, dtype={dtype}{extent}{geo})"
+        lazy = "" if self.is_loaded else ", loaded=False"
+        return f"{type(self).__name__}(kind={self.kind!r}, shape={shape}, dtype={dtype}{extent}{geo}{lazy})"
 
 
 def _check_extent(extent: Any, spatial_shape: tuple[int, ...]) -> Any:
@@ -653,10 +685,99 @@ class Subject(Mapping):
                         f"(max difference {diff:.3g} > tolerance {tolerance:g}):\n{a}\nvs\n{b}"
                     )
 
+    # -- TorchIO-style conveniences ----------------------------------------------------
+    def load(self) -> Subject:
+        """A copy with the voxels of every image read (TorchIO's ``load``).
+
+        Subjects are values: this subject is left as it is (its lazily loaded images stay
+        unread); the copy shares its metadata and history.
+        """
+        return self.replace({name: image.load() for name, image in self._images.items()})
+
+    def add_image(self, image: Image, name: str) -> Subject:
+        """A new subject with ``image`` added under ``name`` (replacing an image of that name).
+
+        Subjects are values: unlike TorchIO's ``add_image`` this subject is not changed;
+        use the returned one (``subject = subject.add_image(mask, "mask")``).
+
+        Raises:
+            TypeError: ``image`` is not a ``jmed.Image`` or ``name`` not a string.
+        """
+        if not isinstance(image, Image):
+            raise TypeError(f"image must be a jmed.Image, got {type(image).__name__}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty string, got {name!r}")
+        return self.replace({name: image})
+
+    def plot(self, **kwargs: Any):
+        """Orthogonal slices of every intensity image with the label map overlaid:
+        ``jmed.plot.plot_subject(self, **kwargs)``.
+
+        Keyword arguments are those of ``jmed.plot.plot_subject`` (``images=``,
+        ``overlay=``, ``point=``, ``views=``, ``radiological=``, ``output=``...). Returns
+        the matplotlib ``Figure`` (needs matplotlib).
+        """
+        from jmed import plot
+
+        return plot.plot_subject(self, **kwargs)
+
+    def get_composed_history(self):
+        """One deterministic transform that replays this subject's history with the same
+        params (TorchIO's ``get_composed_history``): a
+        ``jmed.transforms.history.ReplayHistory``.
+
+        Applied to the subject the history was recorded on, it reproduces this subject;
+        applied to another subject, it repeats the same augmentation.
+
+        Raises:
+            TypeError: a history restored from a serialized ``jax.export`` program (only
+                descriptions of its transforms are kept).
+        """
+        from jmed.transforms.history import ReplayHistory
+
+        return ReplayHistory(self.history)
+
+    def apply_inverse_transform(self, *, warn: bool = True) -> Subject:
+        """Undo the invertible steps of the history, last first: ``jmed.transforms.invert``.
+
+        Non-invertible steps (intensity changes), also inside a ``Compose``, are skipped,
+        with a warning unless ``warn=False``. Returns a new subject with an empty history.
+        """
+        from jmed.transforms.base import invert
+
+        with warnings.catch_warnings():
+            if not warn:
+                # Compose warns about its own non-invertible children
+                warnings.filterwarnings("ignore", message=r".* is not invertible; skipped when inverting")
+            return invert(self, warn=warn)
+
+    def history_summary(self) -> str:
+        """The history as text, one line per transform with its sampled parameters in
+        degrees and millimetres: ``jmed.transforms.history.format_history(self)``.
+        ``subject.history`` itself stays data (``(transform, params)`` pairs)."""
+        from jmed.transforms.history import format_history
+
+        return format_history(self)
+
+    def _repr_html_(self) -> str | None:
+        # Jupyter's rich display: a table of the images' geometry and orthogonal slices
+        from jmed import plot
+
+        return plot.html_summary(self)
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}={im!r}" for n, im in self._images.items())
         extra = f", metadata={self.metadata}" if self.metadata else ""
+        if self.history:
+            names = ", ".join(_transform_name(t) for t, _ in self.history)
+            extra += f", history=[{names}]"
         return f"Subject({inner}{extra})"
+
+
+def _transform_name(transform: Any) -> str:
+    if isinstance(transform, _DescribedTransform):
+        return transform.description.split("(", 1)[0]
+    return type(transform).__name__
 
 
 # --- jax.export serialization -----------------------------------------------------------

@@ -11,8 +11,9 @@ scans). Letters at the panel edges name the world directions. Oblique images are
 along their closest RAS axes.
 
 Each function returns a ``matplotlib.figure.Figure`` built without ``pyplot`` (no global
-state, safe in threads and scripts; notebooks display the returned figure). Pass
-``output="file.png"`` to save it.
+state, safe in threads and scripts); notebooks display the returned figure as a PNG,
+with or without pyplot. Pass ``output="file.png"`` to save it. ``Image`` and
+``Subject`` show themselves in notebooks through ``html_summary``.
 
 The voxel data shown is the image's first channel unless ``channel`` says otherwise.
 Intensity windows default to the 0.5th-99.5th percentiles.
@@ -20,32 +21,61 @@ Intensity windows default to the 0.5th-99.5th percentiles.
 
 from __future__ import annotations
 
+import base64
+import functools
+import html
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax.typing import ArrayLike
 
 from jmed import affine as affine_lib
 from jmed.image import Image, Subject, unstack
 
-__all__ = ["VIEWS", "plot_batch", "plot_image", "plot_subject", "plot_transform"]
+__all__ = ["VIEWS", "html_summary", "plot_batch", "plot_image", "plot_subject", "plot_transform", "to_png"]
 
 #: Orthogonal views: name -> (RAS axis held fixed, horizontal axis, vertical axis).
 VIEWS = {"sagittal": (0, 1, 2), "coronal": (1, 0, 2), "axial": (2, 0, 1)}
 _LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) end of each RAS axis
 
 
+@functools.cache
+def _figure_class() -> type:
+    """matplotlib's ``Figure`` with a PNG display for notebooks (made on first use, so
+    that importing jmed does not import matplotlib)."""
+    from matplotlib.figure import Figure
+
+    class _NotebookFigure(Figure):
+        # a figure made without pyplot has no display in Jupyter unless pyplot's inline
+        # backend happens to be active; this one shows itself
+        def _repr_png_(self) -> bytes:
+            return to_png(self)
+
+    _NotebookFigure.__module__ = __name__
+    _NotebookFigure.__qualname__ = "_NotebookFigure"  # found by pickle through __getattr__
+    return _NotebookFigure
+
+
+def __getattr__(name: str) -> Any:
+    # unpickling a figure looks its class up here by name
+    if name == "_NotebookFigure":
+        return _figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _figure(figsize):
     try:
-        from matplotlib.figure import Figure
+        import matplotlib.figure  # noqa: F401 -- checked on every call, not only the first
     except ImportError as err:
         raise ImportError(
             "jmed.plot needs matplotlib, which is not installed; install it with "
             "`pip install matplotlib` (or the jmed[examples] extra)"
         ) from err
-    return Figure(figsize=figsize, layout="constrained")
+    return _figure_class()(figsize=figsize, layout="constrained")
 
 
 def _ras(image: Image) -> tuple[np.ndarray, np.ndarray]:
@@ -425,8 +455,6 @@ def plot_transform(
     Returns:
         The figure, ``(1 + num_samples) x len(views)`` panels.
     """
-    import jax
-
     subject = _as_subject(subject)
     if getattr(transform, "is_random", True) and key is not None:
         keys = list(jax.random.split(key, num_samples))
@@ -459,3 +487,94 @@ def plot_transform(
     if title:
         fig.suptitle(title)
     return _save(fig, output)
+
+
+# --- notebook display ---------------------------------------------------------------------
+
+
+def to_png(fig, *, dpi: float | None = None) -> bytes:
+    """The figure as PNG bytes (``dpi``: the figure's own by default)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi or fig.dpi)
+    return buffer.getvalue()
+
+
+def _geometry(image: Image) -> dict[str, str]:
+    """Header values of ``image`` as text (never reads lazily loaded voxels)."""
+    row = {"kind": image.kind, "shape": str(tuple(image.shape)), "dtype": str(image.dtype)}
+    affine = image.affine
+    row["spacing (mm)"] = row["orientation"] = row["origin (mm)"] = "?"
+    if not isinstance(affine, jax.core.Tracer) and np.shape(affine) == (4, 4):
+        affine = np.asarray(affine, float)
+        try:
+            row["spacing (mm)"] = str(tuple((np.round(affine_lib.spacing(affine), 3) + 0.0).tolist()))
+            row["orientation"] = affine_lib.orientation(affine)
+            row["origin (mm)"] = str(tuple((np.round(affine[:3, 3], 2) + 0.0).tolist()))
+        except ValueError:
+            pass
+    elif np.ndim(affine) > 2:
+        row["spacing (mm)"] = row["orientation"] = row["origin (mm)"] = "(batch)"
+    return row
+
+
+def _drawable(subject: Subject) -> str | None:
+    """Why ``subject`` cannot be drawn (None when it can)."""
+    for name, image in subject.items():
+        if len(image.shape) != 4:
+            return f"{name!r} is a batch of shape {tuple(image.shape)}"
+        if image.is_loaded and isinstance(image.data, jax.core.Tracer):
+            return f"{name!r} holds traced values"
+        if isinstance(image.affine, jax.core.Tracer):
+            return f"{name!r} has a traced affine"
+    return None
+
+
+def html_summary(data: Subject | Image, *, slices: bool = True, dpi: float = 72) -> str:
+    """HTML describing an image or subject, as notebooks display them.
+
+    A table with each image's kind, shape, dtype, spacing, orientation and origin, the
+    subject's metadata and history (``format_history``), then, with ``slices``,
+    orthogonal slices of every image (``plot_subject``) as an embedded PNG. Drawing
+    reads the voxels of a lazily loaded image into a copy (the image itself stays
+    unread); batches, traced values, or a missing matplotlib give the table alone, with
+    a note saying why.
+
+    Args:
+        data: a ``Subject`` or an ``Image``.
+        slices: draw the slices.
+        dpi: resolution of the PNG.
+    """
+    subject = _as_subject(data)
+    rows = [(name if isinstance(data, Subject) else "", _geometry(image)) for name, image in subject.items()]
+    columns = list(rows[0][1])
+    head = "".join(
+        f"<th>{html.escape(c)}</th>" for c in (["name"] if isinstance(data, Subject) else []) + columns
+    )
+    body = ""
+    for name, row in rows:
+        cells = ([name] if isinstance(data, Subject) else []) + [row[c] for c in columns]
+        body += "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>"
+    title = type(data).__name__
+    parts = [f'<div class="jmed-repr"><strong>{html.escape(title)}</strong>']
+    parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    if isinstance(data, Subject):
+        if data.metadata:
+            metadata = ", ".join(f"{k}={v!r}" for k, v in data.metadata.items())
+            parts.append(f"<p>metadata: {html.escape(metadata)}</p>")
+        if data.history:
+            parts.append(f"<p>history:</p><pre>{html.escape(data.history_summary())}</pre>")
+    if slices:
+        reason = _drawable(subject)
+        if reason is None:
+            try:
+                fig = plot_subject(subject.load())
+                png = base64.b64encode(to_png(fig, dpi=dpi)).decode("ascii")
+                parts.append(f'<img src="data:image/png;base64,{png}" alt="orthogonal slices"/>')
+            except ImportError:
+                reason = "matplotlib is not installed"
+            except (TypeError, ValueError) as err:
+                reason = str(err)
+        if reason is not None:
+            parts.append(f"<p><em>slices not shown: {html.escape(reason)}</em></p>")
+    parts.append("</div>")
+    return "".join(parts)

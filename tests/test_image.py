@@ -1,3 +1,8 @@
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import nibabel as nib
@@ -5,6 +10,7 @@ import numpy as np
 import pytest
 
 import jmed
+import jmed.transforms as T
 from jmed import affine as A
 
 
@@ -196,3 +202,101 @@ def test_float64_is_kept_when_jax_computes_in_64_bits():
         jax.config.update("jax_enable_x64", previous)
     assert image.dtype == np.float64 and _jax_layout(image.data)
     np.testing.assert_array_equal(image.data[..., 0], values)
+
+
+# --- TorchIO-style conveniences and reprs ------------------------------------------------
+
+
+def _lazy_subject(tmp_path):
+    """A subject of two lazily loaded files, with the voxels nibabel reads from them."""
+    rng = np.random.default_rng(3)
+    affine = A.from_spacing((2.0, 1.0, 3.0), origin=(10, -20, 5), orientation="LPS")
+    t1 = rng.standard_normal((6, 5, 4)).astype(np.float32)
+    seg = rng.integers(0, 3, (6, 5, 4)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(t1, affine), tmp_path / "t1.nii.gz")
+    nib.save(nib.Nifti1Image(seg, affine), tmp_path / "seg.nii.gz")
+    subject = jmed.Subject(
+        t1=jmed.load(tmp_path / "t1.nii.gz", lazy=True),
+        seg=jmed.load(tmp_path / "seg.nii.gz", kind="label", lazy=True),
+    )
+    reference = {name: np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj) for name in ("t1", "seg")}
+    return subject, reference
+
+
+def test_load_returns_a_loaded_copy_and_leaves_the_original(tmp_path):
+    subject, reference = _lazy_subject(tmp_path)
+    assert not subject.t1.is_loaded and not subject.seg.is_loaded
+    loaded = subject.load()
+    assert loaded is not subject and loaded.t1.is_loaded and loaded.seg.is_loaded
+    assert not subject.t1.is_loaded and not subject.seg.is_loaded  # subjects are values
+    for name in ("t1", "seg"):
+        np.testing.assert_array_equal(np.asarray(loaded[name].data)[..., 0], reference[name])
+        np.testing.assert_array_equal(loaded[name].affine, subject[name].affine)
+        assert loaded[name].kind == subject[name].kind
+    image = subject.t1.load()
+    assert image.is_loaded and not subject.t1.is_loaded
+    np.testing.assert_array_equal(np.asarray(image.data)[..., 0], reference["t1"])
+    assert image.load() is image  # nothing left to read
+    with_meta = jmed.Subject(t1=subject.t1, metadata={"age": 40.0, "site": "B"}).load()
+    assert with_meta.metadata == {"age": 40.0, "site": "B"}
+
+
+def test_add_image_returns_a_new_subject():
+    s = _subject()
+    mask = jmed.LabelMap(np.ones((4, 5, 6), np.uint8))
+    bigger = s.add_image(mask, "mask")
+    assert sorted(bigger) == ["mask", "seg", "t1"] and bigger.mask is mask
+    assert sorted(s) == ["seg", "t1"]  # the original is unchanged
+    assert bigger.metadata == s.metadata and bigger.t1 is s.t1
+    replaced = s.add_image(mask, "seg")
+    assert replaced.seg is mask and s.seg is not mask
+    with pytest.raises(TypeError, match="image must be a jmed.Image, got ndarray"):
+        s.add_image(np.zeros((4, 5, 6)), "x")
+    with pytest.raises(TypeError, match="name must be a non-empty string, got 3"):
+        s.add_image(mask, 3)
+
+
+def test_apply_inverse_transform_is_invert():
+    s = _subject(A.from_spacing((1.0, 2.0, 3.0)))
+    out = T.RandomFlip(axes=(0, 2), flip_probability=1.0)(jax.random.key(0), s)
+    assert not np.array_equal(np.asarray(out.t1.data), s.t1.data)
+    back = out.apply_inverse_transform()
+    assert back.history == ()
+    for name in ("t1", "seg"):  # flips are exact: the inverse restores every voxel
+        np.testing.assert_array_equal(np.asarray(back[name].data), s[name].data)
+    for noise in (T.RandomNoise(), T.Compose([T.RandomFlip(), T.RandomNoise()])):
+        noisy = noise(jax.random.key(0), s)
+        with pytest.warns(UserWarning, match="RandomNoise is not invertible"):
+            noisy.apply_inverse_transform()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            noisy.apply_inverse_transform(warn=False)
+
+
+def test_reprs_name_shape_spacing_orientation_without_reading(tmp_path):
+    subject, _ = _lazy_subject(tmp_path)
+    text = repr(subject.t1)
+    assert text == (
+        "Image(kind='intensity', shape=(6, 5, 4, 1), dtype=float32, spacing=(2.0, 1.0, 3.0), "
+        "orientation=LPS, origin=(10.0, -20.0, 5.0), loaded=False)"
+    )
+    assert "kind='label'" in repr(subject) and "dtype=uint8" in repr(subject)
+    assert not subject.t1.is_loaded and not subject.seg.is_loaded
+    loaded = subject.load()
+    assert "loaded=False" not in repr(loaded.t1)
+    out = T.RandomFlip()(jax.random.key(0), loaded)
+    assert repr(out).endswith(", history=[RandomFlip])")
+
+
+def test_import_and_repr_do_not_import_matplotlib():
+    code = (
+        "import sys, numpy as np, jmed\n"
+        "s = jmed.Subject(t1=jmed.ScalarImage(np.zeros((3, 3, 3), np.float32)))\n"
+        "repr(s); repr(s.t1); s.history_summary()\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,8 +1,13 @@
+import base64
+import io
+import re
+
 import jax
 import numpy as np
 import pytest
 
 import jmed
+import jmed.transforms as T
 from jmed import datasets
 
 pytest.importorskip("matplotlib")
@@ -157,3 +162,88 @@ def test_missing_matplotlib(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot.plot_subject(datasets.phantom(0, shape=(8, 8, 8)))
+
+
+def test_image_and_subject_plot_are_the_plot_functions(tmp_path):
+    s = datasets.phantom(0, shape=(16, 16, 16))
+    fig = s.plot(output=tmp_path / "s.png")
+    assert len(fig.axes) == 3 and all(len(ax.images) == 2 for ax in fig.axes)  # t1 + seg overlay
+    reference = plot.plot_subject(s)
+    for ours, theirs in zip(fig.axes, reference.axes):
+        np.testing.assert_array_equal(ours.images[0].get_array(), theirs.images[0].get_array())
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    fig = s.t1.plot(views=["axial"])
+    assert len(fig.axes) == 1
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), s.t1.numpy()[:, :, 7, 0].T)
+    fig = s.t1.plot(label=s.seg)
+    assert all(len(ax.images) == 2 for ax in fig.axes)
+
+
+def _embedded_png(html):
+    match = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert match, "no embedded PNG"
+    return imread(io.BytesIO(base64.b64decode(match[1])))
+
+
+def test_notebook_display_shows_slices_and_geometry(tmp_path):
+    affine = jmed.affine.from_spacing((2.0, 1.0, 3.0), origin=(10, -20, 5), orientation="LPS")
+    data = np.zeros((20, 24, 16), np.float32)
+    data[5:15, 6:18, 4:12] = 1.0
+    path = tmp_path / "t1.nii.gz"
+    jmed.save(jmed.ScalarImage(data, affine), path)
+    image = jmed.load(path, lazy=True)
+    text = image._repr_html_()
+    assert not image.is_loaded  # drawn from a loaded copy
+    for value in ("(20, 24, 16, 1)", "(2.0, 1.0, 3.0)", "LPS", "(10.0, -20.0, 5.0)", "float32"):
+        assert value in text, value
+    pixels = _embedded_png(text)
+    # one row of three views, 3 inches each at 72 dpi
+    assert pixels.shape[:2] == (216, 648)
+    assert pixels[..., :3].std() > 0.05  # not a blank picture
+
+    s = datasets.phantom(0, shape=(16, 16, 16))
+    s = s.replace({"t2": jmed.ScalarImage(-s.t1.numpy()[..., 0], s.t1.affine)})
+    out = T.RandomAffine(degrees=(10, 10))(jax.random.key(0), s)
+    text = out._repr_html_()
+    assert text.count("<tr>") == 4  # header and one row per image
+    assert "<td>seg</td><td>label</td><td>(16, 16, 16, 1)</td><td>uint8</td>" in text
+    assert "degrees=(10.00, 10.00, 10.00)" in text  # the history
+    pixels = _embedded_png(text)
+    assert pixels.shape[:2] == (2 * 216, 648)  # two intensity rows, label overlaid
+    assert pixels[..., :3].std() > 0.05
+
+
+def test_notebook_display_of_a_batch_is_text_only():
+    batch = jmed.stack([datasets.phantom(i, shape=(8, 8, 8)) for i in range(2)])
+    text = batch._repr_html_()
+    assert "<img" not in text and "slices not shown" in text and "(2, 8, 8, 8, 1)" in text
+    assert "(batch)" in text
+
+
+def test_notebook_display_without_matplotlib(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    text = datasets.phantom(0, shape=(8, 8, 8))._repr_html_()
+    assert "<img" not in text and "matplotlib is not installed" in text and "(8, 8, 8, 1)" in text
+
+
+def test_figures_show_themselves_in_notebooks_without_pyplot():
+    import pickle
+
+    from matplotlib.figure import Figure
+
+    fig = datasets.phantom(0, shape=(16, 16, 16)).plot()
+    assert isinstance(fig, Figure)
+    pixels = imread(io.BytesIO(fig._repr_png_()))  # what Jupyter shows for the returned figure
+    assert pixels.shape[:2] == (300, 900)  # 3 panels of 3 inches at the figure's 100 dpi
+    assert pixels[..., :3].std() > 0.05
+    again = pickle.loads(pickle.dumps(fig))
+    assert type(again) is type(fig) and len(again.axes) == 3

@@ -1,5 +1,6 @@
 """Transforms: ``transform(key, subject) -> subject``; see ``jmed.transforms.base``."""
 
+from jmed.transforms import history as history  # the module: format_history, ReplayHistory
 from jmed.transforms._params import max_output_bytes, set_max_output_bytes
 from jmed.transforms.base import (
     Compose,
