@@ -168,6 +168,10 @@ class _LazyData:
                     self._array = self._load()
         return self._array
 
+    def read_all(self) -> Any:
+        """The whole array, without keeping it here (the kept one if already loaded)."""
+        return self._array if self._array is not None else self._load()
+
     def read(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
         """Voxels ``[start, stop)`` of the three spatial axes (within the volume), all channels."""
         if self._array is None and self._region is not None:
@@ -439,8 +443,8 @@ class Image:
         """
         if self.is_loaded:
             return self
-        # read through a copy, so that nothing is stored in this image
-        return self.replace(data=self.replace().data)
+        # read without keeping the array in the holder this image shares with its copies
+        return self.replace(data=self._data.read_all())
 
     def plot(self, **kwargs: Any):
         """Orthogonal slices of this image: ``jmed.plot.plot_image(self, **kwargs)``.
