@@ -12,6 +12,7 @@ needs it. ``from jmed import Image`` and ``jmed.Image`` work as usual.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -155,6 +156,9 @@ def __getattr__(name: str) -> Any:
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
+    if "jax" in sys.modules and "jmed.compilation" not in sys.modules:
+        # JAX is in use now: log its slow compilations (see jmed.compilation)
+        importlib.import_module("jmed.compilation")
     return value
 
 
