@@ -341,7 +341,9 @@ def cmd_transform(args: argparse.Namespace) -> None:
     except (OverflowError, ValueError, TypeError):
         raise CommandError(f"--seed must fit in a 64-bit integer, got {args.seed}") from None
     kind = "label" if args.label else "intensity"
-    header = _Header(args.input, kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jmed.load says the same about the header
+        header = _Header(args.input, kind)
     image = _load(args.input, kind)
     if not args.label and header.integer:
         distinct = _distinct_values(image.data, 256)

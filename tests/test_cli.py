@@ -508,3 +508,18 @@ def test_unexpected_errors_are_one_line_too(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_info", broken)
     err = _one_line_error(capsys, ["info", ANAT], "unexpected RuntimeError: something broke")
     assert "Traceback" not in err
+
+
+def test_header_warnings_are_one_line_once(tmp_path, capsys):
+    image = nib.Nifti1Image(np.arange(60, dtype=np.float32).reshape(5, 4, 3), np.eye(4))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    path = tmp_path / "no_orientation.nii"
+    nib.save(image, path)
+    for argv in (["info", str(path)], ["transform", str(path), str(tmp_path / "o.nii"), "RandomNoise"]):
+        assert cli.main(argv) == 0
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1, lines
+        assert (
+            lines[0].startswith(f"jmed {argv[0]}: warning: ") and "neither a qform nor an sform" in lines[0]
+        )
