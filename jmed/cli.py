@@ -155,8 +155,11 @@ class _Header:
             shape.append(shape.pop(_channel_axis(img)))
         shape += [1] * (4 - len(shape))
         self.file_dtype = np.dtype(img.get_data_dtype())
+        #: how the file stores its voxels, in words (``int16``, ``RGB``)
+        self.stored = self.file_dtype.name
         if self.file_dtype.names:
             shape[3] = len(self.file_dtype.names)
+            self.stored = "".join(self.file_dtype.names)
         if kind == "intensity":
             self.dtype = np.dtype(np.float32)
         elif self.file_dtype in (np.int64, np.uint64, np.uint32) or not (
@@ -294,9 +297,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     kind = "label" if args.label else "intensity"
     header = _Header(args.path, kind)
-    dtype = str(header.dtype)
-    if header.file_dtype != header.dtype:
-        dtype += f" (stored as {header.file_dtype})"
+    dtype = header.dtype.name
+    if header.stored != dtype:
+        dtype += f" (stored as {header.stored})"
     print(f"path:        {args.path}")
     print(f"kind:        {kind}")
     print(f"shape:       {header.shape} (x, y, z, channels)")
@@ -349,7 +352,7 @@ def cmd_transform(args: argparse.Namespace) -> None:
         distinct = _distinct_values(image.data, 256)
         if distinct is not None:
             warnings.warn(
-                f"{args.input} holds integers ({header.file_dtype}, {distinct} distinct values) and is "
+                f"{args.input} holds integers ({header.stored}, {distinct} distinct values) and is "
                 f"read as an intensity image: {args.name} will produce floats (interpolated, for a "
                 "spatial transform); pass --label if it is a label map",
                 UserWarning,

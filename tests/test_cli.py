@@ -381,6 +381,12 @@ def test_info_prints_the_header_facts(tmp_path, capsys):
     assert "dtype:       uint8" in capsys.readouterr().out
     assert cli.main(["info", str(tmp_path / "bytes.nii.gz")]) == 0
     assert "dtype:       float32 (stored as uint8)" in capsys.readouterr().out
+    assert cli.main(["info", ANAT]) == 0  # big-endian int16
+    assert "dtype:       float32 (stored as int16)" in capsys.readouterr().out
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    assert cli.main(["info", str(_write(tmp_path / "rgb.nii.gz", rgb))]) == 0
+    out = capsys.readouterr().out
+    assert "shape:       (4, 4, 4, 3)" in out and "dtype:       float32 (stored as RGB)" in out
 
 
 # --- transform: label files, the list of transforms, overwrite ----------------------------------
