@@ -124,6 +124,7 @@ def test_landmarks_and_cache(tmp_path):
     out = tmp_path / "landmarks.npy"
     result = _jmed("landmarks", *paths, "-o", out)
     assert result.returncode == 0, result.stderr
+    assert "train_histogram: 100%" in result.stderr and "2/2" in result.stderr  # a progress bar
     landmarks = np.load(out)
     expected = jmed.transforms.train_histogram(paths)
     np.testing.assert_allclose(landmarks, expected, rtol=1e-6)
