@@ -132,9 +132,15 @@ class _Header:
             affine = np.asarray(img.affine, dtype=np.float64)
         except Exception as err:
             raise CommandError(f"{file}: cannot compute the affine ({err})") from err
+        # the checks of jmed.affine.check_affine
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-        if not np.all(np.isfinite(affine)) or np.any(spacing == 0):
-            raise CommandError(f"{file}: unusable affine:\n{affine}")
+        if (
+            affine.shape != (4, 4)
+            or not np.all(np.isfinite(affine))
+            or np.any(spacing == 0)
+            or abs(np.linalg.det(affine[:3, :3] / spacing)) < 1e-6
+        ):
+            raise CommandError(f"{file}: unusable affine (not finite, or singular): {affine.tolist()}")
         header = img.header
         if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) and int(header["qform_code"]) == 0 == int(
             header["sform_code"]
@@ -505,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = one_line
         try:
             args.func(args)
-        except Exception as err:  # noqa: BLE001 - every error is one line (see the module docstring)
+        except Exception as err:  # every error is one line (see the module docstring)
             if os.environ.get("JMED_DEBUG") and not isinstance(err, CommandError):
                 raise
             print(f"{command}: error: {_error_line(err)}", file=sys.stderr)

@@ -504,6 +504,10 @@ def test_file_errors_are_one_line_with_status_1_for_every_command(tmp_path, caps
     bad = tmp_path / "bad.nii"
     bad.write_bytes(b"not an image at all")
     _one_line_error(capsys, ["info", bad], "bad.nii")
+    singular = nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    singular.set_sform(np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), code=1)
+    nib.save(singular, tmp_path / "singular.nii")
+    _one_line_error(capsys, ["info", tmp_path / "singular.nii"], "singular.nii", "singular")
     (tmp_path / "notes.txt").write_text("x")
     _one_line_error(capsys, ["info", tmp_path / "notes.txt"], "unsupported extension")
 
