@@ -11,6 +11,19 @@ need the same program at once one compiles it and the others load it from the ca
 The cache is keyed by JAX on the program, the JAX and XLA versions, the compile options
 and the device, so a stale entry is never used; entries are written atomically by JAX.
 Delete the folder to free the space.
+
+Slow compilations are logged: every XLA compilation in the process that takes longer
+than ``log_slow_compilations``'s threshold (5 s by default, or
+``$JMED_COMPILE_LOG_SECONDS``) gives one WARNING on the logger ``jmed.compilation``, e.g.
+``compiling the augmentation and sampling (Compose(RandomMotion, RandomNoise),
+UniformSampler) for shape (181, 217, 181, 1) took 12.3 s`` for a program of the loader,
+or ``compiling jit(train_step) took 31.0 s`` for a function jitted by the caller (JAX
+names it after the Python function). WARNING is shown without any logging set-up, so a
+long pause explains itself. Silence it with ``log_slow_compilations(None)``,
+``JMED_COMPILE_LOG_SECONDS=off`` or
+``logging.getLogger("jmed.compilation").setLevel(logging.ERROR)``. The listener is
+installed when this module is imported, which happens on first use of ``jmed.<name>``
+and by the loader.
 """
 
 from __future__ import annotations
@@ -18,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,12 +41,77 @@ from typing import Any
 
 import jax
 
-__all__ = ["compile_once", "default_cache_dir", "use_compilation_cache"]
+__all__ = ["compile_once", "default_cache_dir", "log_slow_compilations", "use_compilation_cache"]
 
 logger = logging.getLogger(__name__)
 
 _ENABLED: str | None = None
 _EXECUTABLES: dict[Any, Any] = {}
+
+#: the event JAX records (with the jitted function's name) for each XLA compilation
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_DEFAULT_LOG_SECONDS = 5.0
+
+
+def _threshold_from_environment() -> float | None:
+    text = os.environ.get("JMED_COMPILE_LOG_SECONDS", "").strip().lower()
+    if not text:
+        return _DEFAULT_LOG_SECONDS
+    if text in ("off", "none", "never", "inf"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        logger.warning("JMED_COMPILE_LOG_SECONDS must be a number of seconds or 'off', got %r", text)
+        return _DEFAULT_LOG_SECONDS
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+_LOG_SECONDS: float | None = _threshold_from_environment()
+# compile_once logs its own programs with a better name; the JAX listener stays quiet then
+_INSIDE = threading.local()
+
+
+def log_slow_compilations(seconds: float | None = _DEFAULT_LOG_SECONDS) -> float | None:
+    """Log every compilation that takes longer than ``seconds`` (``None``: log none).
+
+    Messages go to the logger ``jmed.compilation`` at WARNING level, one line each,
+    naming what was compiled and for which shapes when jmed compiled it (the loader), or
+    the jitted function's name when the caller did. The default comes from
+    ``$JMED_COMPILE_LOG_SECONDS`` (a number, or ``off``), else 5 s.
+
+    Returns:
+        The previous threshold, to restore it.
+    """
+    global _LOG_SECONDS
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+            raise ValueError(f"seconds must be a number >= 0 or None, got {seconds!r}")
+        seconds = float(seconds)
+    previous, _LOG_SECONDS = _LOG_SECONDS, seconds
+    return previous
+
+
+def _is_slow(seconds: float) -> bool:
+    return _LOG_SECONDS is not None and seconds > _LOG_SECONDS
+
+
+def _on_duration(event: str, duration: float, **metadata: Any) -> None:
+    if event != _BACKEND_COMPILE_EVENT or getattr(_INSIDE, "active", False) or not _is_slow(duration):
+        return
+    logger.warning("compiling %s took %.1f s", metadata.get("fun_name", "a program"), duration)
+
+
+def _install_listener() -> None:
+    global _INSTALLED
+    if not _INSTALLED:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _INSTALLED = True
+
+
+_INSTALLED = False
+
+_install_listener()
 
 
 def default_cache_dir() -> str:
@@ -99,24 +179,54 @@ def compile_once(
 
     Compiled once per process for each (``static``, shapes and dtypes of ``dynamic``);
     with the compilation cache in use, under a lock shared by all processes, so a program
-    another process is compiling is loaded from the cache when it is done. Programs that
-    take more than 5 s to compile are logged (logger ``jmed.compilation``) with ``name``.
-    Call the result with ``*dynamic``.
+    another process is compiling is loaded from the cache when it is done. A compilation
+    slower than ``log_slow_compilations``'s threshold is logged (logger
+    ``jmed.compilation``) with ``name``, the transforms and samplers in ``static`` and the
+    shapes of the volumes in ``dynamic``. Call the result with ``*dynamic``.
     """
     key = (jitted, static, _signature(dynamic))
     executable = _EXECUTABLES.get(key)
     if executable is not None:
         return executable
     start = time.perf_counter()
-    lowered = jitted.lower(*static, *dynamic)
-    if _ENABLED is None:
-        executable = lowered.compile()
-    else:
-        digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:32]
-        with _file_lock(Path(_ENABLED) / "locks" / f"{digest}.lock"):
+    _INSIDE.active = True
+    try:
+        lowered = jitted.lower(*static, *dynamic)
+        if _ENABLED is None:
             executable = lowered.compile()
+        else:
+            digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:32]
+            with _file_lock(Path(_ENABLED) / "locks" / f"{digest}.lock"):
+                executable = lowered.compile()
+    finally:
+        _INSIDE.active = False
     seconds = time.perf_counter() - start
-    if seconds > 5.0:
-        logger.info("compiled %s for %s in %.1f s", name, _signature(dynamic)[1], seconds)
+    if _is_slow(seconds):
+        logger.warning("compiling %s took %.1f s", _describe(name, static, dynamic), seconds)
     _EXECUTABLES[key] = executable
     return executable
+
+
+def _short(obj: Any) -> str | None:
+    """``RandomMotion``, ``Compose(RandomAffine, RandomNoise)``: jmed objects by class."""
+    if not type(obj).__module__.startswith("jmed."):
+        return None
+    children = getattr(obj, "transforms", None)
+    if isinstance(children, (tuple, list)) and children:
+        inner = [_short(child) or type(child).__name__ for child in children]
+        return f"{type(obj).__name__}({', '.join(inner)})"
+    return type(obj).__name__
+
+
+def _describe(name: str, static: tuple, dynamic: tuple) -> str:
+    """``name (transforms...) for shape (x, y, z, c)``."""
+    parts = [text for text in map(_short, static) if text]
+    shapes = []
+    for leaf in jax.tree.leaves(dynamic):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if len(shape) >= 3 and shape not in shapes:
+            shapes.append(shape)
+    text = name + (f" ({', '.join(parts)})" if parts else "")
+    if shapes:
+        text += " for shape" + ("s " if len(shapes) > 1 else " ") + ", ".join(map(str, shapes))
+    return text

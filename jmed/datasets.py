@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from jmed import affine as affine_lib
+from jmed._progress import progress_bar
 from jmed.image import KINDS, LabelMap, ScalarImage, Subject
 from jmed.io import READ_EXTENSIONS, load
 from jmed.transforms import _params
@@ -755,16 +756,20 @@ IXI_MD5 = {
 }
 
 
-def _download(url: str, target: Path, timeout: float) -> str:
-    """Stream ``url`` to ``target``; returns the md5 of what was written."""
+def _download(url: str, target: Path, timeout: float, progress: bool = False) -> str:
+    """Stream ``url`` to ``target`` (with a progress bar in bytes if ``progress``); returns
+    the md5 of what was written."""
     digest = hashlib.md5()
     with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as f:
         expected = response.headers.get("Content-Length")
         size = 0
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
+        total = int(expected) if expected is not None and expected.isdigit() else None
+        with progress_bar(progress, total=total, desc=target.name, unit="B", unit_scale=True) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                bar.update(len(chunk))
     if expected is not None and int(expected) != size:
         raise OSError(f"download of {url} is incomplete: {size} of {expected} bytes")
     return digest.hexdigest()
@@ -790,6 +795,7 @@ def download_ixi(
     url: str = IXI_URL,
     checksums: Mapping[str, str] | None = None,
     timeout: float = 60.0,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Download and extract the IXI dataset (about 600 healthy subjects' MRIs).
 
@@ -808,6 +814,7 @@ def download_ixi(
             a mirror serving other archives) is downloaded with a warning that it was not
             verified.
         timeout: seconds to wait for the server.
+        progress: show a progress bar (bytes) on stderr for each archive downloaded.
 
     Returns:
         Records ``{"subject_id": "IXI002-Guys-0828", "t1": path, ...}`` (keys are the
@@ -840,7 +847,7 @@ def download_ixi(
         try:
             archive = work / f"IXI-{modality}.tar"
             archive_url = f"{url}IXI-{modality}.tar"
-            md5 = _download(archive_url, archive, timeout)
+            md5 = _download(archive_url, archive, timeout, progress)
             if modality not in checksums:
                 warnings.warn(
                     f"{archive_url} was not verified: no md5 for {modality} in checksums (md5 {md5})",

@@ -127,3 +127,57 @@ def test_random_functions_take_key_first():
             assert params[:3] == ["self", "key", "subject"], f"{sampler.__name__}.{method}{params}"
     # the grid sampler is deterministic: no key
     assert list(inspect.signature(jmed.GridPatchSampler.__call__).parameters)[:2] == ["self", "subject"]
+
+
+# --- lazy imports ------------------------------------------------------------------------------
+
+# packages that only some users install; ``import jmed`` must not need or import them
+OPTIONAL_PACKAGES = ("matplotlib", "zarr", "fsspec", "torch", "flax", "pydicom", "nrrd", "h5py", "nilearn")
+
+
+def _modules_after(code):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    script = code + "\nimport sys\nprint(' '.join(sorted(m.partition('.')[0] for m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def test_import_jmed_imports_no_optional_package_and_not_jax():
+    loaded = _modules_after("import jmed")
+    assert not loaded & set(OPTIONAL_PACKAGES), sorted(loaded & set(OPTIONAL_PACKAGES))
+    # the names are imported on first use (PEP 562), so the command line starts fast
+    assert "jax" not in loaded and "nibabel" not in loaded
+    # touching one name imports what it needs, still without the optional packages
+    loaded = _modules_after("import jmed\njmed.Image\njmed.transforms.RandomAffine")
+    assert "jax" in loaded
+    assert not loaded & set(OPTIONAL_PACKAGES), sorted(loaded & set(OPTIONAL_PACKAGES))
+
+
+def test_lazy_names_are_the_defining_modules_objects():
+    import ast
+
+    for name in jmed.__all__:
+        value = getattr(jmed, name)
+        if inspect.ismodule(value):
+            assert value is importlib.import_module(f"jmed.{name}")
+        else:
+            module = importlib.import_module(jmed._LAZY_NAMES[name])
+            assert value is getattr(module, name), name
+    assert set(jmed._LAZY_NAMES) <= set(jmed.__all__)
+    assert set(jmed.__all__) <= set(dir(jmed))
+    from jmed import Queue, sliding_window_inference  # noqa: F401 - the from-import form
+
+    # the TYPE_CHECKING imports (what IDEs and type checkers see) name exactly __all__
+    tree = ast.parse(inspect.getsource(jmed))
+    block = next(
+        n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"
+    )
+    typed = {alias.asname or alias.name for node in block.body for alias in node.names}
+    assert typed == set(jmed.__all__), sorted(typed ^ set(jmed.__all__))
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        jmed.no_such_name  # noqa: B018
+    assert jmed.io is importlib.import_module("jmed.io")  # any submodule, as an attribute

@@ -401,6 +401,21 @@ def test_download_ixi(tmp_path, ixi_server):
     assert set(records[0]) == {"subject_id", "t1", "t2"}
 
 
+def test_download_ixi_progress(tmp_path, ixi_server, capsys):
+    url, served, requests = ixi_server
+    md5 = hashlib.md5((served / "IXI-T1.tar").read_bytes()).hexdigest()
+    quiet = datasets.download_ixi(tmp_path / "a", url=url, timeout=10, checksums={"T1": md5})
+    assert capsys.readouterr().err == ""
+    shown = datasets.download_ixi(tmp_path / "b", url=url, timeout=10, checksums={"T1": md5}, progress=True)
+    err = capsys.readouterr().err
+    size = (served / "IXI-T1.tar").stat().st_size
+    kilo = f"{size / 1000:.1f}k"
+    assert "IXI-T1.tar: 100%" in err and f"{kilo}/{kilo}" in err and "B/s" in err, err  # bytes, SI-scaled
+    assert [r["subject_id"] for r in shown] == [r["subject_id"] for r in quiet]
+    for a, b in zip(quiet, shown):
+        assert Path(a["t1"]).read_bytes() == Path(b["t1"]).read_bytes()
+
+
 def test_download_ixi_failures_leave_nothing(tmp_path, ixi_server):
     url, _, _ = ixi_server
     root = tmp_path / "ixi"

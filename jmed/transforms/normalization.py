@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -421,13 +420,6 @@ def _as_array(item: Any, what: str) -> np.ndarray:
     return arr if arr.ndim == 4 else arr[..., None]
 
 
-def _progress(done: int, total: int) -> None:
-    sys.stderr.write(f"\rtrain_histogram: {done}/{total} images")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 def train_histogram(
     images: Sequence[Any],
     *,
@@ -452,7 +444,7 @@ def train_histogram(
         output_range: standard scale of the cutoff landmarks.
         masks: optional: one mask per image (``Image``, array or path; nonzero voxels are
             used), or a callable ``f(data) -> bool array``.
-        progress: print progress to stderr.
+        progress: show a progress bar (one step per image) on stderr.
         output_path: optionally save the landmarks there (``.npy`` or ``.json``; see
             ``save_landmarks``).
 
@@ -472,8 +464,10 @@ def train_histogram(
         masks = list(masks)
         if len(masks) != len(images):
             raise ValueError(f"masks must be one per image: got {len(masks)} masks for {len(images)} images")
+    from jmed._progress import track
+
     mapped = []
-    for i, item in enumerate(images):
+    for i, item in enumerate(track(images, progress, desc="train_histogram", unit="image")):
         data = _as_array(item, f"images[{i}]")
         if masks is None:
             mask = None
@@ -491,8 +485,6 @@ def train_histogram(
                 f"train_histogram: image {i} has equal cutoff percentiles ({p[0]}); it cannot be standardised"
             )
         mapped.append(s1 + (p - p[0]) / (p[-1] - p[0]) * (s2 - s1))
-        if progress:
-            _progress(i + 1, len(images))
     landmarks = np.mean(mapped, axis=0)
     if output_path is not None:
         save_landmarks(landmarks, output_path, percentiles=percentiles)
