@@ -8,6 +8,7 @@ Subcommands::
     jmed plot PATH [--label SEG] -o OUT.png
     jmed landmarks PATHS... -o landmarks.npy [--mask MASK ...]
     jmed cache PATHS... --cache-dir DIR [--name NAME] [--label]
+    jmed convert IN OUT [--chunks N [N N]] [--levels L] [--label] [--overwrite]
 
 ``transform`` applies any transform of ``jmed.transforms`` by name to one file, like
 TorchIO's ``tiotr``; a random transform gets the key ``jax.random.key(seed)``, so the
@@ -15,7 +16,9 @@ result equals ``Transform(**kwargs)(jax.random.key(seed), image)`` in Python;
 ``transform --list`` prints the transforms it can apply. An input stored with integer
 voxels and at most 256 distinct values (a label map, most likely) read without
 ``--label`` is transformed as an intensity image (interpolated into floats), with a
-warning that says to pass ``--label``.
+warning that says to pass ``--label``. ``convert`` writes a file once in another format,
+e.g. ``.nii.gz`` to chunked NIfTI-Zarr (``.nii.zarr``, needs ``jmed[zarr]``), so that
+patches are later read chunk by chunk (see ``jmed.io.convert``).
 
 Exit status: 0 on success, 1 when an input is unusable (missing or damaged file, bad
 transform name or keyword arguments, refused overwrite) or an output cannot be written
@@ -421,12 +424,31 @@ def cmd_cache(args: argparse.Namespace) -> None:
     source = data.SubjectsSource(
         records, label_names=[args.name] if args.label else [], cache_dir=args.cache_dir
     )
-    for i, path in enumerate(args.paths):
-        try:
-            subject = source[i]
-        except (RuntimeError, ValueError) as err:
-            raise CommandError(str(err)) from err
-        print(f"{path}: {subject[args.name].shape} cached in {args.cache_dir}")
+    try:
+        shapes = source.build_cache(progress=True)
+    except (RuntimeError, ValueError) as err:
+        raise CommandError(str(err)) from err
+    for path, shape in zip(args.paths, shapes):
+        print(f"{path}: {shape[args.name]} cached in {args.cache_dir}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from jmed import io
+
+    if _same_file(args.input, args.output):
+        raise CommandError(f"output {args.output} is the input file; refusing to overwrite it")
+    _check_overwrite(args.output, args.overwrite)
+    chunks = args.chunks[0] if len(args.chunks) == 1 else tuple(args.chunks)
+    written = io.convert(
+        args.input,
+        args.output,
+        kind="label" if args.label else "intensity",
+        chunks=chunks,
+        levels=args.levels,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(f"{args.input} -> {written}")
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -482,6 +504,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="image", help="image name in the loader's records (default 'image')")
     p.add_argument("--label", action="store_true", help="the files are label maps")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser(
+        "convert", help="convert an image file once, e.g. .nii.gz to chunked NIfTI-Zarr (.nii.zarr)"
+    )
+    p.add_argument("input")
+    p.add_argument("output", help="output path; its extension chooses the format")
+    p.add_argument(
+        "--chunks", type=int, nargs="+", default=[64], help="chunk size: one int or 3 ints (default 64)"
+    )
+    p.add_argument("--levels", type=int, help="pyramid levels of a chunked store (default: automatic)")
+    p.add_argument("--label", action="store_true", help="the file is a label map")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

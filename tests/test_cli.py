@@ -115,6 +115,31 @@ def test_plot_writes_png(tmp_path):
     assert missing.returncode == 1 and "none.nii" in missing.stderr
 
 
+def test_convert_to_nifti_zarr(tmp_path):
+    pytest.importorskip("zarr")
+    out = tmp_path / "anat.nii.zarr"
+    result = _jmed("convert", ANAT, out, "--chunks", "16", "8", "16")
+    assert result.returncode == 0, result.stderr
+    assert "100%" in result.stderr  # a progress bar
+    converted = jmed.load(out)
+    reference = nib.load(ANAT)
+    np.testing.assert_array_equal(
+        np.asarray(converted.data)[..., 0], np.asarray(reference.get_fdata(), np.float32)
+    )
+    np.testing.assert_allclose(np.asarray(converted.affine), reference.affine, atol=1e-5)
+    assert converted._data.source is not None
+    refused = _jmed("convert", ANAT, out)
+    assert (
+        refused.returncode == 1
+        and "--overwrite" in refused.stderr
+        and len(refused.stderr.strip().splitlines()) == 1
+    )
+    bad = _jmed("convert", ANAT, tmp_path / "b.nii.zarr", "--chunks", "0")
+    assert bad.returncode == 1 and "chunks" in bad.stderr
+    missing = _jmed("convert", tmp_path / "none.nii.gz", tmp_path / "c.nii.zarr")
+    assert missing.returncode == 1 and "none.nii.gz" in missing.stderr
+
+
 def test_landmarks_and_cache(tmp_path):
     rng = np.random.default_rng(0)
     paths = [
