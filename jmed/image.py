@@ -33,6 +33,7 @@ from jax.typing import ArrayLike
 
 from jmed import _checks
 from jmed import affine as affine_lib
+from jmed import compilation as _compilation  # noqa: F401  (slow compilations are logged from the first image on)
 
 __all__ = [
     "AFFINE_TOLERANCE",
