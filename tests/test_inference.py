@@ -577,7 +577,7 @@ def test_flax_is_not_imported():
 
 def test_model_description_round_trip():
     # what a program is keyed on, and the arrays passed to it
-    from jmed.inference import _build, _split
+    from jmed.inference.model import _build, _split
 
     weight = jnp.arange(3.0)
     table = np.array([1.0, 2.0])
@@ -703,7 +703,7 @@ def test_sampler_patches():
     [
         (dict(patch_size=4, overlap=4), "overlap must be smaller than patch_size"),
         (dict(patch_size=(4, 0, 4)), "patch_size values must be >= 1"),
-        (dict(patch_size=(4, 4)), "patch_size must be an integer or 3 integers"),
+        (dict(patch_size=(4, 4)), "patch_size must be an int or 3 ints"),
         (dict(patch_size=4, overlap=-1), "overlap values must be >= 0"),
         (dict(patch_size=4, batch_size=0), "batch_size must be an integer >= 1"),
         (dict(patch_size=4, mode="max"), "mode must be one of"),
