@@ -769,6 +769,17 @@ def test_accumulator_factory_equals_host(tmp_path, kwargs):
     )
 
 
+@pytest.mark.parametrize("name", ["DeviceAccumulator", "HostAccumulator"])
+def test_builtin_accumulators_as_factories(name):
+    image = random_image((7, 6, 5), seed=57)
+    kwargs = dict(overlap=2, batch_size=3, mode="crop", argmax=True)
+    factory = getattr(jmed.inference, name)
+    out = sliding_window_inference(nonlinear, image, 4, accumulator=factory, **kwargs)
+    expected = sliding_window_inference(nonlinear, image, 4, **kwargs)
+    assert out.kind == jmed.LABEL and out.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(out.data), np.asarray(expected.data))
+
+
 def test_accumulator_factory_downsampling(tmp_path):
     affine = affine_lib.from_spacing((1.0, 2.0, 0.5), (10.0, -4.0, 3.0), "LPS")
     image = random_image((9, 8, 6), seed=51, affine=affine)

@@ -177,7 +177,9 @@ def _run_eager(predict_windows, arrays, data, config: _Config, accumulator, prog
         starts, valid = jax.device_put((starts, valid), split)
 
     with progress_bar(progress, total=num_windows, desc="sliding window", unit="window") as bar:
-        if isinstance(accumulator, DeviceAccumulator):
+        device = isinstance(accumulator, DeviceAccumulator)
+        if device and (accumulator._mesh, accumulator._axes) == (mesh, axes):
+            # weighted and added in one program: no weighted copy of the batch
             for i, (s, v) in enumerate(zip(starts, valid)):
                 outputs = predict_windows(arrays, programs.cut(padded, s))
                 accumulator._add_predictions(plan, outputs, s, v, config.label_only)
