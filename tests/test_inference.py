@@ -678,12 +678,16 @@ def _spec(**changes):
 
 
 @pytest.mark.parametrize("argmax", [False, True])
-@pytest.mark.parametrize("kind", ["device", "host"])
+@pytest.mark.parametrize("kind", ["device", "device-mesh", "host"])
 def test_accumulator_hand_computed(kind, argmax):
     from jmed.inference import Accumulator, DeviceAccumulator, HostAccumulator
 
     spec = _spec(argmax=argmax, kind=jmed.LABEL if argmax else jmed.INTENSITY)
-    accumulator = DeviceAccumulator(spec) if kind == "device" else HostAccumulator(spec)
+    if kind == "host":
+        accumulator = HostAccumulator(spec)
+    else:  # with a mesh: one block of rows per device, summed by finalize
+        mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2]) if kind == "device-mesh" else None
+        accumulator = DeviceAccumulator(spec, mesh=mesh)
     assert isinstance(accumulator, Accumulator)
     values = np.zeros((2, 2, 2, 2, 2), np.float32)
     values[0, ..., 0] = 1.0  # window A at (0, 0, 0): channel 0

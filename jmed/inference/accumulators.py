@@ -245,7 +245,13 @@ class DeviceAccumulator:
     def aggregate(self, values: ArrayLike, starts: ArrayLike) -> None:
         """Add weighted windows ``(b, qx, qy, qz, channels)`` at output-space ``starts`` ``(b, 3)``."""
         program = _add_weighted_program(self._mesh, self._axes)
-        self._acc = program(self._acc, values, jnp.asarray(starts, jnp.int32))
+        starts = (
+            np.asarray(starts, np.int32) if isinstance(starts, np.ndarray) else jnp.asarray(starts, jnp.int32)
+        )
+        if self._mesh is not None:  # where shard_map expects them (explicit-axis meshes too)
+            split = jax.sharding.NamedSharding(self._mesh, _batch_spec(self._axes))
+            values, starts = jax.device_put((values, starts), split)
+        self._acc = program(self._acc, values, starts)
 
     def _add_predictions(self, plan: _Plan, outputs, starts, valid, label_only: bool) -> None:
         """Weight predicted windows and add them in one program (no weighted copy)."""
