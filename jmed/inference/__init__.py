@@ -53,7 +53,7 @@ from jmed.inference.accumulators import Accumulator, DeviceAccumulator, HostAccu
 from jmed.inference.grid import GridAggregator, GridSampler
 from jmed.inference.plan import MODES, PADDING_MODES
 from jmed.inference.sliding_window import sliding_window_inference
-from jmed.sampling import grid_locations
+from jmed.sampling import grid_locations as grid_locations  # the rule every grid follows
 
 __all__ = [
     "MODES",
@@ -66,7 +66,3 @@ __all__ = [
     "OutputSpec",
     "sliding_window_inference",
 ]
-
-# ``jmed.inference.grid_locations`` stays importable: it is ``jmed.sampling``'s, the rule
-# that every grid follows (exported from ``jmed`` and ``jmed.sampling``)
-_ = grid_locations
