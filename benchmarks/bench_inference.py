@@ -9,6 +9,7 @@ warm-up; jmed's compile time (first call) is reported separately. Ratios are
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_inference.py [--data DIR] [--threads 2] [--devices 8]
+        [--sizes mni,256] [--no-anchors]
 
 ``--devices N`` (N > 1) also times the sharded path on N emulated CPU devices (all
 devices share the same cores, so this measures overhead, not scaling).
@@ -33,6 +34,9 @@ def _parse():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", type=int, default=1, help="emulated CPU devices for the sharded rows")
     parser.add_argument("--sizes", default="mni,256", help="comma list of 'mni' and/or cube sizes")
+    parser.add_argument(
+        "--no-anchors", dest="anchors", action="store_false", help="time jmed only (no TorchIO, MONAI)"
+    )
     return parser.parse_args()
 
 
@@ -168,8 +172,13 @@ def main():
     for name, image in volumes.items():
         for mode in ("hann", "gaussian", "average", "crop"):
             compile_s, mine, error = time_jmed(image, mode, args.repeats)
-            tio_t = time_torchio(image, tio_modes[mode], args.repeats) if tio_modes[mode] else None
-            monai_t = time_monai(image, monai_modes[mode], args.repeats) if monai_modes[mode] else None
+            anchors = args.anchors
+            tio_t = (
+                time_torchio(image, tio_modes[mode], args.repeats) if anchors and tio_modes[mode] else None
+            )
+            monai_t = (
+                time_monai(image, monai_modes[mode], args.repeats) if anchors and monai_modes[mode] else None
+            )
             print(
                 f"{name:24} {mode:9} {compile_s:9.2f} {_ms(mine)} {error:8.1e} "
                 f"{_ms(tio_t):>10} {_ratio(tio_t, mine):>8} {_ms(monai_t):>8} {_ratio(monai_t, mine):>10}"

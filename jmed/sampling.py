@@ -39,6 +39,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jmed import affine as affine_lib
+from jmed._checks import int_triple, is_int
 from jmed.image import Image, Subject
 from jmed.ops.crop_pad import valid_mask
 from jmed.ops.histogram import count_true
@@ -56,20 +57,11 @@ __all__ = [
 
 
 def _patch_size(value: Any, name: str = "patch_size") -> tuple[int, int, int]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (int(value),) * 3
-    try:
-        size = tuple(int(v) for v in value)
-        ok = len(size) == 3 and all(s >= 1 and s == v for s, v in zip(size, value))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}")
-    return size
+    return int_triple(value, name, minimum=1)
 
 
 def _num_patches(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"num_patches must be a positive int (static), got {value!r}")
     return int(value)
 
@@ -497,18 +489,24 @@ def grid_locations(
     if len(shape) != 3:
         raise ValueError(f"spatial_shape must have 3 values, got {spatial_shape!r}")
     patch = _patch_size(patch_size)
-    if isinstance(overlap, (int, np.integer)) and not isinstance(overlap, bool):
-        overlap = (int(overlap),) * 3
-    overlap = tuple(int(o) for o in overlap)
-    if len(overlap) != 3 or any(not 0 <= o < p for o, p in zip(overlap, patch)):
+    overlap = int_triple(overlap, "overlap", minimum=0)
+    if any(o >= p for o, p in zip(overlap, patch)):
         raise ValueError(f"overlap must be 3 ints with 0 <= overlap < patch_size {patch}, got {overlap!r}")
     _check_fits(shape, patch)
-    per_axis = []
-    for s, p, o in zip(shape, patch, overlap):
-        starts = list(range(0, s - p + 1, p - o))
-        starts.append(s - p)
-        per_axis.append(sorted(set(starts)))
+    per_axis = [_axis_starts(s, p, o) for s, p, o in zip(shape, patch, overlap)]
     return np.array(list(itertools.product(*per_axis)), dtype=np.int64).reshape(-1, 3)
+
+
+def _axis_starts(length: int, patch: int, overlap: int) -> np.ndarray:
+    """Window starts along one axis (the rule of ``grid_locations``), int64.
+
+    The one source of grid positions: ``jmed.inference`` plans its windows with it.
+    ``length >= patch`` and ``0 <= overlap < patch``.
+    """
+    starts = list(range(0, length - patch + 1, patch - overlap))
+    if starts[-1] != length - patch:
+        starts.append(length - patch)
+    return np.asarray(starts, dtype=np.int64)
 
 
 class GridPatchSampler(_values.Value):

@@ -577,7 +577,7 @@ def test_flax_is_not_imported():
 
 def test_model_description_round_trip():
     # what a program is keyed on, and the arrays passed to it
-    from jmed.inference import _build, _split
+    from jmed.inference.model import _build, _split
 
     weight = jnp.arange(3.0)
     table = np.array([1.0, 2.0])
@@ -628,6 +628,270 @@ def test_public_signatures():
         assert getattr(jmed, name) is getattr(jmed.inference, name)
         assert name in jmed.__all__ and name in jmed.inference.__all__
     assert jmed.grid_locations is jmed.sampling.grid_locations is jmed.inference.grid_locations
+
+
+# --- the grid plan: one source of window positions -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, patch, overlap, factor",
+    [
+        ((9, 7, 6), (4, 4, 4), (2, 2, 2), (1, 1, 1)),
+        ((13, 8, 96), (5, 3, 8), (2, 0, 3), (1, 1, 1)),
+        ((12, 8, 16), (4, 8, 8), (2, 4, 4), (2, 2, 4)),
+    ],
+)
+def test_plan_windows_are_grid_locations(shape, patch, overlap, factor):
+    from jmed.inference.plan import _Plan
+
+    plan = _Plan(shape, patch, overlap, factor, "hann")
+    out = [s // f for s, f in zip(shape, factor)]
+    q = [p // f for p, f in zip(patch, factor)]
+    o = [v // f for v, f in zip(overlap, factor)]
+    np.testing.assert_array_equal(plan.locations(), grid_locations(out, q, o) * np.asarray(factor))
+    # a value: equal configurations are equal plans and key the same programs
+    assert (
+        plan == _Plan(shape, patch, overlap, factor, "hann") != _Plan(shape, patch, overlap, factor, "crop")
+    )
+    assert hash(plan) == hash(_Plan(shape, patch, overlap, factor, "hann"))
+    sampler = GridSampler(random_image(shape), patch, overlap, downsampling=factor)
+    np.testing.assert_array_equal(sampler.locations, plan.locations())
+
+
+# --- accumulators ----------------------------------------------------------------------------------
+
+
+def _spec(**changes):
+    from jmed.inference import OutputSpec
+
+    fields = dict(
+        shape=(4, 4, 4),
+        channels=2,
+        dtype=np.dtype(np.float32),
+        crop=((1, 3), (0, 4), (0, 2)),
+        argmax=False,
+        label_dtype=np.dtype(np.uint8),
+        affine=np.diag([2.0, 1.0, 1.0, 1.0]),
+        kind=jmed.INTENSITY,
+    )
+    return OutputSpec(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("argmax", [False, True])
+@pytest.mark.parametrize("kind", ["device", "device-mesh", "host"])
+def test_accumulator_hand_computed(kind, argmax):
+    from jmed.inference import Accumulator, DeviceAccumulator, HostAccumulator
+
+    spec = _spec(argmax=argmax, kind=jmed.LABEL if argmax else jmed.INTENSITY)
+    if kind == "host":
+        accumulator = HostAccumulator(spec)
+    else:  # with a mesh: one block of rows per device, summed by finalize
+        mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2]) if kind == "device-mesh" else None
+        accumulator = DeviceAccumulator(spec, mesh=mesh)
+    assert isinstance(accumulator, Accumulator)
+    values = np.zeros((2, 2, 2, 2, 2), np.float32)
+    values[0, ..., 0] = 1.0  # window A at (0, 0, 0): channel 0
+    values[1, ..., 1] = 3.0  # window B at (1, 1, 1): channel 1
+    accumulator.aggregate(values, np.array([[0, 0, 0], [1, 1, 1]]))
+    expected = np.zeros((4, 4, 4, 2), np.float32)
+    expected[0:2, 0:2, 0:2, 0] += 1.0
+    expected[1:3, 1:3, 1:3, 1] += 3.0
+    expected = expected[1:4, 0:4, 0:2]
+    if argmax:
+        expected = np.argmax(expected, -1)[..., None].astype(np.uint8)
+    out = accumulator.finalize()
+    assert isinstance(out, jmed.Image) and out.kind == spec.kind
+    assert out.dtype == expected.dtype
+    np.testing.assert_array_equal(np.asarray(out.data), expected)
+    np.testing.assert_array_equal(np.asarray(out.affine), spec.affine)
+    assert isinstance(out.data, np.ndarray) == (kind == "host")
+
+
+class MemmapAccumulator:
+    """An accumulator on disk (a numpy memmap), written against the public protocol only."""
+
+    def __init__(self, spec, path):
+        self.spec = spec
+        self.windows = []
+        self.data = np.memmap(path, dtype=spec.dtype, mode="w+", shape=(*spec.shape, spec.channels))
+
+    def aggregate(self, values, starts):
+        values, starts = np.asarray(values), np.asarray(starts)
+        qx, qy, qz = values.shape[1:4]
+        for (x, y, z), value in zip(starts, values):
+            self.windows.append((int(x), int(y), int(z)))
+            self.data[x : x + qx, y : y + qy, z : z + qz] += value
+
+    def finalize(self):
+        out = np.array(self.data[tuple(slice(lo, lo + n) for lo, n in self.spec.crop)])
+        if self.spec.argmax:
+            out = np.argmax(out, axis=-1)[..., None].astype(self.spec.label_dtype)
+        return jmed.Image(out, self.spec.affine, kind=self.spec.kind)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mode="hann"),
+        dict(mode="gaussian", argmax=True),
+        dict(mode="crop", argmax=True),
+        dict(mode="average", accumulation_dtype=jnp.bfloat16),
+        dict(mode="hann", mesh=2),
+    ],
+    ids=["hann", "gaussian-argmax", "crop-labels", "bfloat16", "mesh"],
+)
+def test_accumulator_factory_equals_host(tmp_path, kwargs):
+    kwargs = dict(kwargs)
+    if "mesh" in kwargs:
+        kwargs["mesh"] = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    image = random_image((9, 7, 6), seed=50)
+    made = []
+
+    def factory(spec):
+        made.append(MemmapAccumulator(spec, tmp_path / f"acc{len(made)}.dat"))
+        return made[-1]
+
+    host = sliding_window_inference(
+        nonlinear, image, 4, overlap=2, batch_size=3, accumulator="host", **kwargs
+    )
+    disk = sliding_window_inference(
+        nonlinear, image, 4, overlap=2, batch_size=3, accumulator=factory, **kwargs
+    )
+    device = sliding_window_inference(nonlinear, image, 4, overlap=2, batch_size=3, **kwargs)
+    assert len(made) == 1
+    spec = made[0].spec
+    assert spec.shape == (9, 7, 6) and spec.crop == ((0, 9), (0, 7), (0, 6))
+    assert spec.kind == host.kind and disk.kind == host.kind
+    # every window of the grid exactly once, no dummy windows of the last batch
+    assert sorted(made[0].windows) == sorted(map(tuple, grid_locations((9, 7, 6), 4, 2).tolist()))
+    assert disk.dtype == host.dtype == device.dtype
+    np.testing.assert_array_equal(np.asarray(disk.data), host.data)
+    np.testing.assert_array_equal(np.asarray(disk.affine), np.asarray(host.affine))
+    tolerance = 0 if kwargs.get("argmax") else 1e-6
+    np.testing.assert_allclose(
+        np.asarray(host.data, np.float32), np.asarray(device.data, np.float32), atol=tolerance
+    )
+
+
+@pytest.mark.parametrize("name", ["DeviceAccumulator", "HostAccumulator"])
+def test_builtin_accumulators_as_factories(name):
+    image = random_image((7, 6, 5), seed=57)
+    kwargs = dict(overlap=2, batch_size=3, mode="crop", argmax=True)
+    factory = getattr(jmed.inference, name)
+    out = sliding_window_inference(nonlinear, image, 4, accumulator=factory, **kwargs)
+    expected = sliding_window_inference(nonlinear, image, 4, **kwargs)
+    assert out.kind == jmed.LABEL and out.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(out.data), np.asarray(expected.data))
+
+
+def test_accumulator_factory_downsampling(tmp_path):
+    affine = affine_lib.from_spacing((1.0, 2.0, 0.5), (10.0, -4.0, 3.0), "LPS")
+    image = random_image((9, 8, 6), seed=51, affine=affine)
+    made = []
+
+    def factory(spec):
+        made.append(MemmapAccumulator(spec, tmp_path / "acc.dat"))
+        return made[-1]
+
+    host = sliding_window_inference(_pool2, image, 4, overlap=2, batch_size=2, output_on_host=True)
+    disk = sliding_window_inference(_pool2, image, 4, overlap=2, batch_size=2, accumulator=factory)
+    assert made[0].spec.shape == (5, 4, 3)  # 9 padded to 10, halved
+    np.testing.assert_array_equal(np.asarray(disk.data), host.data)
+    np.testing.assert_allclose(np.asarray(disk.affine), np.asarray(host.affine))
+
+
+def test_accumulator_argument_errors():
+    image = random_image((5, 5, 5))
+    with pytest.raises(ValueError, match=r"accumulator must be one of \('device', 'host'\), got 'disk'"):
+        sliding_window_inference(identity, image, 4, accumulator="disk")
+    with pytest.raises(TypeError, match="accumulator must be one of .* or a callable factory"):
+        sliding_window_inference(identity, image, 4, accumulator=3)
+    with pytest.raises(TypeError, match="accumulator factory must return an object with aggregate"):
+        sliding_window_inference(identity, image, 4, accumulator=lambda spec: object())
+    with pytest.raises(ValueError, match="output_on_host=True means accumulator='host'"):
+        sliding_window_inference(identity, image, 4, accumulator=lambda spec: None, output_on_host=True)
+    with pytest.raises(TypeError, match="progress must be True or False, got 'yes'"):
+        sliding_window_inference(identity, image, 4, progress="yes")
+    for kwargs, match in [
+        (dict(output_on_host=True), "output_on_host=True cannot run under jax.jit"),
+        (dict(accumulator="host"), "accumulator='host' cannot run under jax.jit"),
+        (dict(progress=True), "progress=True cannot run under jax.jit"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            jax.jit(lambda data: sliding_window_inference(identity, jmed.Image(data), 4, **kwargs).data)(  # noqa: B023
+                image.data
+            )
+    with pytest.raises(TypeError, match="spec must be an OutputSpec"):
+        jmed.inference.DeviceAccumulator((4, 4, 4))
+
+
+def test_traced_parameters_without_jit_use_one_program():
+    # under grad the image is concrete but predict closes over a tracer: the loop is traced
+    image = random_image((6, 5, 4), seed=52)
+
+    def loss(scale):
+        return sliding_window_inference(lambda x: scale * x, image, 4, overlap=1).data.sum()
+
+    np.testing.assert_allclose(jax.grad(loss)(jnp.float32(2.0)), image.data.sum(), rtol=1e-5)
+
+
+def test_aggregator_output_twice_and_more_windows():
+    image = random_image((6, 6, 6), seed=53)
+    sampler = GridSampler(image, 4, 2)
+    aggregator = GridAggregator(sampler, mode="average")
+    batches = list(sampler.batches(4))
+    aggregator.add_batch(*batches[0])
+    first = np.asarray(aggregator.get_output().data)
+    np.testing.assert_array_equal(np.asarray(aggregator.get_output().data), first)
+    for patches, locations in batches[1:]:
+        aggregator.add_batch(patches, locations)
+    np.testing.assert_allclose(np.asarray(aggregator.get_output().data), image.data, atol=1e-6)
+
+
+# --- progress ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accumulator", ["device", "host"])
+def test_progress_bar(capfd, accumulator):
+    image = random_image((9, 7, 6), seed=54)
+    kwargs = dict(overlap=2, batch_size=4, mode="gaussian", accumulator=accumulator)
+    quiet = sliding_window_inference(nonlinear, image, 4, **kwargs)
+    assert capfd.readouterr().err == ""
+    with jax_programs() as seen:
+        shown = sliding_window_inference(nonlinear, image, 4, progress=True, **kwargs)
+    assert seen["lowered"] == [], seen["lowered"]  # the bar compiles nothing
+    err = capfd.readouterr().err
+    total = len(grid_locations((9, 7, 6), 4, 2))  # 4 * 3 * 2 windows in 6 batches
+    assert "sliding window" in err and f"{total}/{total}" in err, err
+    np.testing.assert_array_equal(np.asarray(shown.data), np.asarray(quiet.data))
+
+
+def test_progress_bar_device_accumulator_reads_nothing_back(capfd):
+    image = random_image((9, 7, 6), seed=55)
+    data = jax.device_put(image.data)
+    sliding_window_inference(nonlinear, image.replace(data=data), 4, overlap=2, batch_size=4)  # compile
+    # advancing the bar per dispatched batch needs no value from the device
+    with jax.transfer_guard_device_to_host("disallow"):
+        out = sliding_window_inference(
+            nonlinear, image.replace(data=data), 4, overlap=2, batch_size=4, progress=True
+        )
+    total = len(grid_locations((9, 7, 6), 4, 2))
+    assert f"{total}/{total}" in capfd.readouterr().err
+    expected = sliding_window_inference(nonlinear, image, 4, overlap=2, batch_size=4)
+    np.testing.assert_array_equal(np.asarray(out.data), np.asarray(expected.data))
+
+
+def test_grid_sampler_progress(capfd):
+    image = random_image((6, 5, 7), seed=56)
+    sampler = GridSampler(image, 4, 2)
+    quiet = [np.asarray(p) for p, _ in sampler.batches(4)]
+    assert capfd.readouterr().err == ""
+    shown = [np.asarray(p) for p, _ in sampler.batches(4, progress=True)]
+    err = capfd.readouterr().err
+    assert f"{len(sampler)}/{len(sampler)}" in err, err
+    for a, b in zip(quiet, shown):
+        np.testing.assert_array_equal(a, b)
+    assert sum(len(p) for p, _ in sampler.batches(4, drop_remainder=True)) == len(sampler) // 4 * 4
 
 
 # --- sharding ----------------------------------------------------------------------------------------
@@ -703,7 +967,7 @@ def test_sampler_patches():
     [
         (dict(patch_size=4, overlap=4), "overlap must be smaller than patch_size"),
         (dict(patch_size=(4, 0, 4)), "patch_size values must be >= 1"),
-        (dict(patch_size=(4, 4)), "patch_size must be an integer or 3 integers"),
+        (dict(patch_size=(4, 4)), "patch_size must be an int or 3 ints"),
         (dict(patch_size=4, overlap=-1), "overlap values must be >= 0"),
         (dict(patch_size=4, batch_size=0), "batch_size must be an integer >= 1"),
         (dict(patch_size=4, mode="max"), "mode must be one of"),

@@ -282,6 +282,22 @@ def test_grid_errors():
         GridPatchSampler(4, overlap=-1)
     with pytest.raises(ValueError, match="pad"):
         grid_locations((3, 10, 10), 4, 0)
+    # int-or-3-ints arguments are read as everywhere else in jmed (jmed._checks)
+    for patch, match in [
+        ((4, 4), r"patch_size must be an int or 3 ints, got \(4, 4\)"),
+        (4.0, "patch_size must be an int or 3 ints, got 4.0"),
+        (True, "patch_size must be an int or 3 ints, got True"),
+        ((4, 0, 4), r"patch_size values must be >= 1, got \(4, 0, 4\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            grid_locations((10, 10, 10), patch)
+    with pytest.raises(ValueError, match=r"overlap values must be >= 0, got \(1, -1, 0\)"):
+        grid_locations((10, 10, 10), 4, (1, -1, 0))
+    with pytest.raises(ValueError, match="overlap must be an int or 3 ints, got 1.5"):
+        GridPatchSampler(4, overlap=1.5)
+    np.testing.assert_array_equal(
+        grid_locations(np.array([9, 4, 4]), np.int64(4), [np.int32(1), 0, 0])[:, 0], [0, 3, 5]
+    )
 
 
 # --- samplers are values ------------------------------------------------------------------
