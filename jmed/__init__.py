@@ -24,6 +24,10 @@ _LAZY_NAMES = {
     "SubjectsSource": "jmed.data",
     "VolumeLoader": "jmed.data",
     "augment_and_sample": "jmed.data",
+    "WorkerOptions": "jmed.data",
+    "SourceOptions": "jmed.data",
+    "ShardOptions": "jmed.data",
+    "BucketOptions": "jmed.data",
     "AFFINE_TOLERANCE": "jmed.image",
     "INTENSITY": "jmed.image",
     "KINDS": "jmed.image",
@@ -39,6 +43,11 @@ _LAZY_NAMES = {
     "GridAggregator": "jmed.inference",
     "GridSampler": "jmed.inference",
     "sliding_window_inference": "jmed.inference",
+    "OutputSpec": "jmed.inference",
+    "HostAccumulator": "jmed.inference",
+    "DeviceAccumulator": "jmed.inference",
+    "ChunkedAccumulator": "jmed.inference",
+    "Accumulator": "jmed.inference",
     "READ_EXTENSIONS": "jmed.io",
     "WRITE_EXTENSIONS": "jmed.io",
     "load": "jmed.io",
@@ -56,10 +65,14 @@ _LAZY_NAMES = {
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from jmed import affine, buckets, datasets, formats, metrics, ops, plot, transforms
     from jmed.data import (
+        BucketOptions,
         LoaderIterator,
         Queue,
+        ShardOptions,
+        SourceOptions,
         SubjectsSource,
         VolumeLoader,
+        WorkerOptions,
         augment_and_sample,
     )
     from jmed.image import (
@@ -77,8 +90,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from jmed.inference import (
         MODES,
         PADDING_MODES,
+        Accumulator,
+        ChunkedAccumulator,
+        DeviceAccumulator,
         GridAggregator,
         GridSampler,
+        HostAccumulator,
+        OutputSpec,
         sliding_window_inference,
     )
     from jmed.io import (
@@ -99,6 +117,15 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
 
 __all__ = [
+    "Accumulator",
+    "BucketOptions",
+    "ChunkedAccumulator",
+    "DeviceAccumulator",
+    "HostAccumulator",
+    "OutputSpec",
+    "ShardOptions",
+    "SourceOptions",
+    "WorkerOptions",
     "datasets",
     "formats",
     "metrics",

@@ -1051,3 +1051,48 @@ def test_matches_torchio_aggregator(mode):
 
     out = sliding_window_inference(predict, image, patch, overlap=overlap, batch_size=4, mode=mode)
     np.testing.assert_allclose(np.asarray(out.data), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mode="hann"),
+        dict(mode="gaussian", argmax=True),
+        dict(mode="crop", argmax=True),
+        dict(mode="average", pad_borders=True),
+    ],
+    ids=["hann", "gaussian-argmax", "crop-labels", "padded"],
+)
+def test_chunked_accumulator_writes_the_host_output(tmp_path, kwargs):
+    pytest.importorskip("zarr")
+    image = random_image((11, 9, 7), seed=61)
+    path = tmp_path / "out.nii.zarr"
+    factory = jmed.ChunkedAccumulator.at(path, chunks=(4, 5, 3))
+    host = sliding_window_inference(
+        nonlinear, image, 4, overlap=2, batch_size=3, accumulator="host", **kwargs
+    )
+    disk = sliding_window_inference(
+        nonlinear, image, 4, overlap=2, batch_size=3, accumulator=factory, **kwargs
+    )
+    assert not disk.is_loaded and disk.kind == host.kind
+    np.testing.assert_array_equal(np.asarray(disk.data), np.asarray(host.data))
+    np.testing.assert_allclose(np.asarray(disk.affine), np.asarray(host.affine), atol=1e-6)
+    reread = jmed.load(path, kind=host.kind)
+    np.testing.assert_array_equal(np.asarray(reread.data), np.asarray(host.data))
+    # only the store is left beside it: no scratch or temporary folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.zarr"]
+
+
+def test_chunked_accumulator_refuses_to_overwrite(tmp_path):
+    pytest.importorskip("zarr")
+    image = random_image((6, 6, 5), seed=62)
+    path = tmp_path / "out.nii.zarr"
+    sliding_window_inference(nonlinear, image, 4, accumulator=jmed.ChunkedAccumulator.at(path))
+    with pytest.raises(FileExistsError, match="out.nii.zarr"):
+        sliding_window_inference(nonlinear, image, 4, accumulator=jmed.ChunkedAccumulator.at(path))
+    out = sliding_window_inference(
+        nonlinear, image, 4, accumulator=jmed.ChunkedAccumulator.at(path, overwrite=True)
+    )
+    expected = sliding_window_inference(nonlinear, image, 4, accumulator="host")
+    np.testing.assert_array_equal(np.asarray(out.data), np.asarray(expected.data))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.zarr"]

@@ -16,7 +16,8 @@ windows it predicted into its own copy of the output and the copies are summed w
 The package is split by concern: ``plan`` (the static grid: padding, window starts
 shared with ``jmed.sampling.grid_locations``, normalised weights), ``accumulators``
 (where weighted windows are added up: ``DeviceAccumulator``, ``HostAccumulator`` or any
-``Accumulator``, built from an ``OutputSpec``), ``model`` (how ``predict`` is compiled
+``Accumulator``, built from an ``OutputSpec``), ``on_disk`` (``ChunkedAccumulator``, into a
+NIfTI-Zarr store), ``model`` (how ``predict`` is compiled
 once and shared), ``sliding_window`` (the driver) and ``grid`` (TorchIO's
 ``GridSampler``/``GridAggregator`` pair).
 
@@ -51,11 +52,13 @@ underflow to 0/0 at volume corners.
 
 from jmed.inference.accumulators import Accumulator, DeviceAccumulator, HostAccumulator, OutputSpec
 from jmed.inference.grid import GridAggregator, GridSampler
+from jmed.inference.on_disk import ChunkedAccumulator
 from jmed.inference.plan import MODES, PADDING_MODES
 from jmed.inference.sliding_window import sliding_window_inference
 from jmed.sampling import grid_locations as grid_locations  # the rule every grid follows
 
 __all__ = [
+    "ChunkedAccumulator",
     "MODES",
     "PADDING_MODES",
     "Accumulator",
