@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jmed._checks import check_choice, is_traced
+
 __all__ = ["BOUNDARY_MODES", "gaussian_blur", "gaussian_kernel1d"]
 
 BOUNDARY_MODES = ("reflect", "mirror", "nearest", "wrap", "constant")
@@ -234,10 +236,6 @@ def _tap_loop(x, sigma, limit: int, axis: int, mode: str, truncate: float, cval,
     return jax.lax.fori_loop(-radius, radius + 1, body, jnp.zeros_like(x))
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def gaussian_blur(
     data: ArrayLike,
     sigma: ArrayLike,
@@ -283,14 +281,13 @@ def gaussian_blur(
     data = jnp.asarray(data)
     if data.ndim != 4:
         raise ValueError(f"data must be (x, y, z, c), got shape {data.shape}")
-    if mode not in BOUNDARY_MODES:
-        raise ValueError(f"mode must be one of {BOUNDARY_MODES}, got {mode!r}")
+    check_choice(mode, "mode", BOUNDARY_MODES)
     if not isinstance(truncate, numbers.Real) or truncate < 0:
         raise ValueError(f"truncate must be a number >= 0, got {truncate!r}")
     if not jnp.issubdtype(data.dtype, jnp.floating):
         data = data.astype(jnp.float32)
     sigma_arr = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (3,))
-    concrete = _is_concrete(sigma_arr)
+    concrete = not is_traced(sigma_arr)
     if concrete:
         s = np.asarray(sigma_arr, dtype=float)
         if np.any(s < 0) or not np.all(np.isfinite(s)):

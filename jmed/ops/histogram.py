@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jmed._checks import is_traced
+
 __all__ = ["check_percentiles", "count_true", "order_statistics", "percentile"]
 
 # host selection: below this many values a plain introselect; above, the two-stage
@@ -63,10 +65,6 @@ def check_percentiles(q: float | Sequence[float], name: str = "percentiles") -> 
     if np.any(arr < 0) or np.any(arr > 100):
         raise ValueError(f"{name} must lie in [0, 100], got {q!r}")
     return arr
-
-
-def _is_traced(*xs) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def _lerp(a, b, t):
@@ -623,11 +621,9 @@ def percentile(x: ArrayLike, q: float | Sequence[float], *, mask: ArrayLike | No
     qa = check_percentiles(q, "q").reshape(-1)
     if mask is not None:
         mask = (
-            jnp.broadcast_to(mask, jnp.shape(x))
-            if _is_traced(mask, x)
-            else np.broadcast_to(mask, np.shape(x))
+            jnp.broadcast_to(mask, jnp.shape(x)) if is_traced(mask, x) else np.broadcast_to(mask, np.shape(x))
         )
-    if _is_traced(x, mask):
+    if is_traced(x, mask):
         out = _percentile_device(jnp.asarray(x), qa, mask)
     else:
         out = _percentile_host(np.asarray(x), qa, mask)

@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jmed._checks import check_choice
 from jmed.ops.bspline import SeparableField
 from jmed.ops.crop_pad import valid_mask
 
@@ -215,8 +216,7 @@ def resample(
             ``displacement`` shape.
     """
     mode = _interpolation(order)
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    check_choice(pad_mode, "pad_mode", PAD_MODES)
     data = jnp.asarray(data)
     if data.ndim != 4:
         raise ValueError(f"data must be (x, y, z, c), got shape {data.shape}")
