@@ -57,6 +57,12 @@ ORIENTATIONS = tuple(
 )
 
 
+# below this determinant of the direction cosines (unit columns) an affine's axes are
+# treated as parallel: 1e-6 is an angle of about 1e-6 rad between two axes, far below
+# any real acquisition and far above float64 rounding
+_SINGULAR_DETERMINANT = 1e-6
+
+
 def _xp(*arrays):
     return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
@@ -116,7 +122,7 @@ def check_affine(affine: ArrayLike, name: str = "affine") -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite, got non-finite values:\n{a}")
     sp = np.sqrt((a[:3, :3] ** 2).sum(0))
-    if np.any(sp == 0) or abs(np.linalg.det(a[:3, :3] / sp)) < 1e-6:
+    if np.any(sp == 0) or abs(np.linalg.det(a[:3, :3] / sp)) < _SINGULAR_DETERMINANT:
         raise ValueError(f"{name} is singular (its 3x3 part is not invertible):\n{a}")
     return a
 

@@ -156,8 +156,8 @@ def _one_hot_pair(prediction, target, num_classes):
 def _overlap_counts(prediction, target, num_classes):
     """Per-class ``|P ∩ T|``, ``|P|`` and ``|T|`` over the spatial axes (float32 ``(..., C)``).
 
-    One compiled variadic reduction reads each voxel once; sums over materialised one-hot
-    maps (one per quantity) take 40-70x longer on CPU.
+    One compiled variadic reduction reads each voxel once, instead of one sum over a
+    materialised one-hot map per quantity.
     """
     pred, tgt = _one_hot_pair(prediction, target, num_classes)
     sums = count_true([pred & tgt, pred, tgt], axes=tuple(a % pred.ndim for a in _SPATIAL))
