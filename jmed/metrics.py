@@ -492,12 +492,40 @@ def surface_distances(
     return d_pred, jnp.asarray(s_pred), d_tgt, jnp.asarray(s_tgt)
 
 
-def _class_masks(prediction, target, num_classes, include_background):
-    pred, tgt = _one_hot_pair(prediction, target, num_classes)
-    pred = _drop_background(pred, include_background)
-    tgt = _drop_background(tgt, include_background)
-    # classes to the front, so the last three axes are spatial
-    return np.moveaxis(np.asarray(pred), -1, 0), np.moveaxis(np.asarray(tgt), -1, 0)
+def _host_label_pair(prediction, target, num_classes) -> tuple[np.ndarray, np.ndarray, int]:
+    """Hard prediction and target as numpy label maps ``(..., x, y, z)``, and ``C``.
+
+    The host twin of ``_one_hot_pair`` (same checks and messages), without one-hot maps.
+    """
+    prediction = np.asarray(prediction)
+    if np.issubdtype(prediction.dtype, np.integer) or prediction.dtype == np.bool_:
+        if num_classes is None:
+            raise ValueError("num_classes is required when prediction is an integer label map")
+        num_classes = _check_num_classes(num_classes)
+        pred = _squeeze_host(prediction, "prediction")
+    else:
+        if prediction.ndim < 4:
+            raise ValueError(
+                f"prediction must have shape (..., x, y, z, num_classes), got {prediction.shape}"
+            )
+        if num_classes is not None and num_classes != prediction.shape[-1]:
+            raise ValueError(
+                f"num_classes={num_classes} does not match the last axis of prediction {prediction.shape}"
+            )
+        num_classes = prediction.shape[-1]
+        pred = np.argmax(prediction, -1)
+    tgt = _squeeze_host(np.asarray(target), "labels")
+    if tgt.shape != pred.shape:
+        raise ValueError(f"prediction {pred.shape} and target {tgt.shape} must have the same spatial shape")
+    return pred, tgt, num_classes
+
+
+def _squeeze_host(labels: np.ndarray, name: str) -> np.ndarray:
+    if labels.ndim >= 4 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.ndim < 3:
+        raise ValueError(f"{name} must have at least 3 spatial dimensions, got shape {labels.shape}")
+    return labels
 
 
 def _pair_distances(pred: np.ndarray, tgt: np.ndarray, spacing, axes) -> tuple[np.ndarray, np.ndarray]:
@@ -527,25 +555,28 @@ def _surface_metric(
             f"{function} computes exact distance transforms on the host and cannot be traced "
             "(jit, vmap, grad): call it on concrete arrays"
         )
-    pred, tgt = _class_masks(prediction, target, num_classes, include_background)
+    pred, tgt, num_classes = _host_label_pair(prediction, target, num_classes)
+    classes = range(0 if include_background else 1, num_classes)
     axes = _surface_axes(pred.shape)
     flat_pred = pred.reshape(-1, *pred.shape[-3:])
     flat_tgt = tgt.reshape(-1, *tgt.shape[-3:])
-    out = np.empty(len(flat_pred), np.float32)
-    for i, (p, t) in enumerate(zip(flat_pred, flat_tgt)):
-        has_p, has_t = p.any(), t.any()
-        if not (has_p and has_t):
-            out[i] = np.inf if has_p or has_t else np.nan
-            continue
-        d_pt, d_tp = _pair_distances(p, t, spacing, axes)
-        d_pt, d_tp = d_pt.astype(np.float64), d_tp.astype(np.float64)
-        if percentile is not None:
-            out[i] = max(np.percentile(d_pt, percentile), np.percentile(d_tp, percentile))
-        elif symmetric:
-            out[i] = (d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size)
-        else:
-            out[i] = d_pt.mean()
-    return jnp.asarray(np.moveaxis(out.reshape(pred.shape[:-3]), 0, -1))
+    out = np.empty((len(flat_pred), len(classes)), np.float32)
+    for i, (p_labels, t_labels) in enumerate(zip(flat_pred, flat_tgt)):
+        for j, c in enumerate(classes):
+            p, t = p_labels == c, t_labels == c
+            has_p, has_t = p.any(), t.any()
+            if not (has_p and has_t):
+                out[i, j] = np.inf if has_p or has_t else np.nan
+                continue
+            d_pt, d_tp = _pair_distances(p, t, spacing, axes)
+            d_pt, d_tp = d_pt.astype(np.float64), d_tp.astype(np.float64)
+            if percentile is not None:
+                out[i, j] = max(np.percentile(d_pt, percentile), np.percentile(d_tp, percentile))
+            elif symmetric:
+                out[i, j] = (d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size)
+            else:
+                out[i, j] = d_pt.mean()
+    return jnp.asarray(out.reshape(*pred.shape[:-3], len(classes)))
 
 
 def hausdorff_distance(

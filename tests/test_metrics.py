@@ -385,3 +385,19 @@ def test_surface_metrics_match_monai_2d():
         monai_metrics.compute_average_surface_distance(p_t, t_t, symmetric=True, spacing=spacing).numpy()[0],
         rtol=1e-5,
     )
+
+
+def test_surface_metrics_from_scores_and_bad_inputs():
+    target = _random_labels(0, (12, 10, 8), 3)
+    pred = _random_labels(4, (12, 10, 8), 3)
+    logits = np.asarray(jax.nn.one_hot(pred, 3)) * 4.0 - 1.0
+    for fn in (metrics.hausdorff_distance, metrics.average_surface_distance):
+        from_labels = np.asarray(fn(pred[..., None], target, num_classes=3, include_background=True))
+        np.testing.assert_array_equal(fn(logits, target[..., None], include_background=True), from_labels)
+        assert from_labels.shape == (3,) and np.all(np.isfinite(from_labels))
+        with pytest.raises(ValueError, match="num_classes is required"):
+            fn(pred, target)
+        with pytest.raises(ValueError, match="must have the same spatial shape"):
+            fn(pred, target[:, :, :7], num_classes=3)
+        with pytest.raises(ValueError, match="num_classes=2 does not match"):
+            fn(logits, target, num_classes=2)
