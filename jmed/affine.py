@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+from nibabel import orientations as nib_orientations
+
+from jmed._checks import is_traced
 
 __all__ = [
     "AXIS_LABELS",
@@ -52,6 +55,12 @@ ORIENTATIONS = tuple(
     for perm in itertools.permutations(range(3))
     for signs in itertools.product((0, 1), repeat=3)
 )
+
+
+# below this determinant of the direction cosines (unit columns) an affine's axes are
+# treated as parallel: 1e-6 is an angle of about 1e-6 rad between two axes, far below
+# any real acquisition and far above float64 rounding
+_SINGULAR_DETERMINANT = 1e-6
 
 
 def _xp(*arrays):
@@ -97,7 +106,7 @@ def from_spacing(
     a = np.eye(4)
     a[:3, :3] = 0.0
     for data_axis, (world_axis, sign) in enumerate(codes):
-        a[world_axis, data_axis] = sign * float(spacing[data_axis])
+        a[int(world_axis), data_axis] = sign * float(spacing[data_axis])
     a[:3, 3] = np.asarray(origin, dtype=float)
     return a
 
@@ -113,7 +122,7 @@ def check_affine(affine: ArrayLike, name: str = "affine") -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite, got non-finite values:\n{a}")
     sp = np.sqrt((a[:3, :3] ** 2).sum(0))
-    if np.any(sp == 0) or abs(np.linalg.det(a[:3, :3] / sp)) < 1e-6:
+    if np.any(sp == 0) or abs(np.linalg.det(a[:3, :3] / sp)) < _SINGULAR_DETERMINANT:
         raise ValueError(f"{name} is singular (its 3x3 part is not invertible):\n{a}")
     return a
 
@@ -221,80 +230,64 @@ def translate_voxels(affine: ArrayLike, offset: ArrayLike) -> np.ndarray | jax.A
 # --- orientation -----------------------------------------------------------------------
 
 
-def _io_orientation(affine: np.ndarray) -> np.ndarray:
-    """For each data axis, the world axis it is closest to and the sign, shape (3, 2).
-
-    Takes the closest orthogonal matrix to the direction cosines (polar decomposition via
-    SVD), then assigns data axes to world axes greedily by largest absolute cosine,
-    taking the most clearly aligned data axes first (stable on ties), as nibabel does.
-    """
-    rzs = np.asarray(affine, dtype=np.float64)[:3, :3]
-    zooms = np.sqrt((rzs**2).sum(0))
-    zooms[zooms == 0] = 1.0
-    rs = rzs / zooms
-    u, s, vt = np.linalg.svd(rs)
-    keep = s > s.max() * 3 * np.finfo(np.float64).eps
-    r = u[:, keep] @ vt[keep]
-    out = np.full((3, 2), np.nan)
-    order = np.argsort(-np.max(r**2, axis=0), kind="stable")
-    for data_axis in order:
-        col = r[:, data_axis]
-        if np.allclose(col, 0):
-            continue
-        world_axis = int(np.argmax(np.abs(col)))
-        out[data_axis] = (world_axis, np.sign(col[world_axis]))
-        r[world_axis, :] = 0.0
-    return out
-
-
 def orientation(affine: ArrayLike) -> str:
     """Orientation code such as ``'RAS'`` or ``'LPS'``, equal to ``nibabel.aff2axcodes``.
 
     Letter ``i`` names the world direction that data axis ``i`` increases towards.
     Needs a concrete affine (raises ``TypeError`` under ``jit``).
     """
-    if isinstance(affine, jax.core.Tracer):
+    if is_traced(affine):
         raise TypeError(
             "orientation() needs a concrete affine, got a traced value; compute it "
             "outside jit (orientation decides permutations, which fix output shapes)"
         )
-    ornt = _io_orientation(np.asarray(affine))
-    letters = []
-    for world_axis, sign in ornt:
-        if np.isnan(world_axis):
-            raise ValueError(f"affine has a degenerate axis, no orientation:\n{affine}")
-        letters.append(AXIS_LABELS[int(world_axis)][0 if sign > 0 else 1])
-    return "".join(letters)
+    codes = nib_orientations.aff2axcodes(np.asarray(affine, dtype=np.float64))
+    if None in codes:
+        raise ValueError(f"affine has a degenerate axis, no orientation:\n{affine}")
+    return "".join(codes)
 
 
-def _parse_orientation(code: str, name: str) -> list[tuple[int, int]]:
+def _parse_orientation(code: str, name: str) -> np.ndarray:
+    """nibabel's orientation array ``(3, 2)`` (world axis, +-1 per data axis) of a code."""
     if not isinstance(code, str) or len(code) != 3:
         raise ValueError(f"{name} must be a 3-letter code like 'RAS' or 'LPS', got {code!r}")
     parsed = []
     for letter in code.upper():
         if letter not in _LETTER_TO_AXIS:
             raise ValueError(f"{name} {code!r} has unknown letter {letter!r}; allowed: R/L, A/P, S/I")
-        parsed.append(_LETTER_TO_AXIS[letter])
-    if sorted(axis for axis, _ in parsed) != [0, 1, 2]:
+        parsed.append(_LETTER_TO_AXIS[letter][0])
+    if sorted(parsed) != [0, 1, 2]:
         raise ValueError(f"{name} {code!r} must name each of R/L, A/P and S/I exactly once")
-    return parsed
+    return nib_orientations.axcodes2ornt(code.upper())
 
 
 def orientation_transform(current: str, target: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """Permutation and flips that take data in ``current`` orientation to ``target``.
 
     Returns ``(perm, flips)``: new data is ``transpose(data, perm)`` then flipped along
-    every output axis ``i`` with ``flips[i]``.
+    every output axis ``i`` with ``flips[i]``. This is ``nibabel.orientations.ornt_transform``
+    written as a transpose followed by flips.
     """
-    cur = _parse_orientation(current, "current orientation")
-    tgt = _parse_orientation(target, "target orientation")
-    world_to_cur = {axis: (i, sign) for i, (axis, sign) in enumerate(cur)}
-    perm, flips = [], []
-    for axis, sign in tgt:
-        i, cur_sign = world_to_cur[axis]
-        perm.append(i)
-        flips.append(cur_sign != sign)
+    ornt = nib_orientations.ornt_transform(
+        _parse_orientation(current, "current orientation"), _parse_orientation(target, "target orientation")
+    )
+    return _perm_flips(ornt)
+
+
+def _perm_flips(ornt: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    # nibabel flips input axis i, then moves it to output axis ornt[i, 0]
+    perm, flips = [0, 0, 0], [False, False, False]
+    for in_axis, (out_axis, sign) in enumerate(ornt):
+        perm[int(out_axis)] = in_axis
+        flips[int(out_axis)] = bool(sign < 0)
     return tuple(perm), tuple(flips)
+
+
+def _ornt(perm: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    ornt = np.empty((3, 2))
+    for out_axis, (in_axis, flip) in enumerate(zip(perm, flips)):
+        ornt[in_axis] = (out_axis, -1.0 if flip else 1.0)
+    return ornt
 
 
 def reorient_affine(
@@ -302,20 +295,11 @@ def reorient_affine(
 ) -> np.ndarray:
     """Affine of data that was transposed by ``perm`` then flipped by ``flips``.
 
-    Every voxel keeps its world position. ``spatial_shape`` is the shape before.
+    Every voxel keeps its world position (``affine @ nibabel.orientations.inv_ornt_aff``).
+    ``spatial_shape`` is the shape before.
     """
     a = np.asarray(affine, dtype=np.float64)
-    # new index j along output axis o maps to old index along axis perm[o]:
-    #   old = n - 1 - j if flipped else j
-    m = np.zeros((4, 4))
-    m[3, 3] = 1.0
-    for out_axis, (in_axis, flip) in enumerate(zip(perm, flips)):
-        if flip:
-            m[in_axis, out_axis] = -1.0
-            m[in_axis, 3] = spatial_shape[in_axis] - 1
-        else:
-            m[in_axis, out_axis] = 1.0
-    return a @ m
+    return a @ nib_orientations.inv_ornt_aff(_ornt(perm, flips), tuple(spatial_shape[:3]))
 
 
 def reorient(
@@ -324,6 +308,8 @@ def reorient(
     """Permute and flip channels-last ``data`` ``(x, y, z, ...)`` to orientation ``target``.
 
     Exact (no interpolation); the returned affine keeps every voxel's world position.
+    On numpy data this equals ``nibabel.orientations.apply_orientation``; JAX arrays stay
+    JAX arrays.
     """
     current = orientation(affine)
     perm, flips = orientation_transform(current, target)

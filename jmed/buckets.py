@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from jmed._checks import int_triple
 from jmed.image import Image, Subject
 from jmed.ops.crop_pad import valid_mask
 
@@ -50,13 +51,11 @@ Shape = tuple[int, int, int]
 
 
 def _as_shape(value: Any, name: str) -> Shape:
+    """A spatial shape: 3 positive ints (one int means a cube)."""
     try:
-        shape = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        shape = ()
-    if len(shape) != 3 or any(s < 1 for s in shape) or any(int(v) != v for v in value):
-        raise ValueError(f"{name} must be 3 positive ints, got {value!r}")
-    return shape
+        return int_triple(value, name)
+    except ValueError:
+        raise ValueError(f"{name} must be 3 positive ints, got {value!r}") from None
 
 
 def _round_up(shape: np.ndarray, multiple: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Segmentation metrics and losses, pure JAX and jittable.
+"""Segmentation metrics and losses.
 
 Array contract (channels last, as everywhere in jmed):
 
@@ -23,12 +23,12 @@ absent from both prediction and target contributes a loss of 0.
 millimetres, computed from the voxel ``spacing``. A class absent from both prediction and
 target gives ``nan``; absent from exactly one of them gives ``inf``. The surface of a mask
 is the set of its voxels with at least one of their 6 face neighbours outside the mask
-(voxels on the array border count as surface). Distances come from an exact Euclidean
-distance transform computed in JAX, separably along each axis (brute force for small
-volumes, the Felzenszwalb-Huttenlocher lower envelope for large ones) and jittable. On
-CPU it is slower than ``scipy.ndimage.distance_transform_edt`` (2x for one mask of
-``128^3``, more for whole-brain label maps); eager calls therefore crop each class to its
-bounding box first, which keeps the result exact.
+(voxels on the array border count as surface; an axis of length 1 has no neighbours, so a
+2D slice ``(x, y, 1)`` has its in-plane contour as surface). Distances come from an exact
+Euclidean distance transform (the ``edt`` package) on the bounding box of each class's
+prediction and target. These functions run on the host, on concrete arrays: they raise
+``TypeError`` when traced (under ``jit``, ``vmap`` or ``grad``). Dice, the losses and
+``one_hot`` are jittable.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import edt
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.typing import ArrayLike
 
+from jmed._checks import is_traced
 from jmed.ops.histogram import count_true
 
 __all__ = [
@@ -60,8 +61,6 @@ __all__ = [
 ]
 
 _SPATIAL = (-4, -3, -2)  # spatial axes of a channels-last (..., x, y, z, c) array
-# above n * size elements, the distance transform switches from brute force to the lower envelope
-_DIRECT_LIMIT = 2**24
 
 
 def _is_integer(x: jax.Array) -> bool:
@@ -157,8 +156,8 @@ def _one_hot_pair(prediction, target, num_classes):
 def _overlap_counts(prediction, target, num_classes):
     """Per-class ``|P ∩ T|``, ``|P|`` and ``|T|`` over the spatial axes (float32 ``(..., C)``).
 
-    One compiled variadic reduction reads each voxel once; sums over materialised one-hot
-    maps (one per quantity) take 40-70x longer on CPU.
+    One compiled variadic reduction reads each voxel once, instead of one sum over a
+    materialised one-hot map per quantity.
     """
     pred, tgt = _one_hot_pair(prediction, target, num_classes)
     sums = count_true([pred & tgt, pred, tgt], axes=tuple(a % pred.ndim for a in _SPATIAL))
@@ -380,90 +379,6 @@ def dice_ce_loss(
 # --- surface distances -------------------------------------------------------------------
 
 
-def _min_plus_axis(d2: jax.Array, axis: int, step: float) -> jax.Array:
-    """``out[i] = min_j d2[j] + (step (i - j))²`` along ``axis`` (exact).
-
-    Small arrays take the brute-force minimum over all ``j`` (one fused reduction);
-    large ones the lower envelope of parabolas, linear per line.
-    """
-    n = d2.shape[axis]
-    if n * d2.size > _DIRECT_LIMIT:
-        return _lower_envelope_axis(d2, axis, step)
-    moved = jnp.moveaxis(d2, axis, 0)
-    index = jnp.arange(n, dtype=d2.dtype)
-    parabola = ((index[:, None] - index[None, :]) * step) ** 2
-    out = jnp.min(moved[None] + parabola.reshape((n, n) + (1,) * (moved.ndim - 1)), axis=1)
-    return jnp.moveaxis(out, 0, axis)
-
-
-def _lower_envelope_axis(d2: jax.Array, axis: int, step: float) -> jax.Array:
-    """``_min_plus_axis`` by the lower envelope of parabolas, all lines at once.
-
-    For each line, the parabolas ``f(j) + (x - p_j)²`` of its finite samples are added
-    left to right, dropping those hidden by the new one; then every position reads the
-    parabola that is lowest there. Each step runs on every line in parallel.
-
-    References:
-        Felzenszwalb and Huttenlocher, "Distance transforms of sampled functions",
-        Theory of Computing 8, 2012.
-    """
-    moved = jnp.moveaxis(d2, axis, -1)
-    n = moved.shape[-1]
-    f = moved.reshape(-1, n)
-    lines = jnp.arange(f.shape[0])
-    pos = jnp.arange(n, dtype=f.dtype) * step
-    inf = jnp.asarray(jnp.inf, f.dtype)
-
-    def intersection(q, vk):
-        # where the parabola of sample q starts to lie below that of sample vk
-        fv, pv = f[lines, vk], pos[vk]
-        return ((f[:, q] + pos[q] ** 2) - (fv + pv**2)) / (2 * (pos[q] - pv))
-
-    def add(q, state):
-        v, z, k = state  # envelope samples, their left boundaries, index of the last
-        active = jnp.isfinite(f[:, q])
-        s = jnp.where(k >= 0, intersection(q, v[lines, jnp.maximum(k, 0)]), -inf)
-
-        def hidden(carry):
-            k, s = carry
-            return active & (k > 0) & (s <= z[lines, jnp.maximum(k, 0)])
-
-        def drop(carry):
-            k, s = carry
-            h = hidden(carry)
-            k = jnp.where(h, k - 1, k)
-            return k, jnp.where(h, intersection(q, v[lines, jnp.maximum(k, 0)]), s)
-
-        k, s = lax.while_loop(lambda c: jnp.any(hidden(c)), drop, (k, s))
-        k = jnp.where(active, k + 1, k)
-        kk = jnp.maximum(k, 0)
-        v = v.at[lines, kk].set(jnp.where(active, q, v[lines, kk]))
-        z = z.at[lines, kk].set(jnp.where(active, jnp.where(k == 0, -inf, s), z[lines, kk]))
-        return v, z, k
-
-    start = (
-        jnp.zeros(f.shape, jnp.int32),
-        jnp.full(f.shape, inf),
-        jnp.full(f.shape[:1], -1, jnp.int32),
-    )
-    v, z, last = lax.fori_loop(0, n, add, start)
-    z = jnp.concatenate([z, jnp.full(f.shape[:1] + (1,), inf)], axis=1)
-
-    def read(i, state):
-        j, out = state
-
-        def behind(j):
-            return (j < last) & (z[lines, j + 1] < pos[i])
-
-        j = lax.while_loop(lambda j: jnp.any(behind(j)), lambda j: jnp.where(behind(j), j + 1, j), j)
-        vj = v[lines, j]
-        value = (pos[i] - pos[vj]) ** 2 + f[lines, vj]
-        return j, out.at[:, i].set(jnp.where(last >= 0, value, inf))
-
-    _, out = lax.fori_loop(0, n, read, (jnp.zeros(f.shape[:1], jnp.int32), jnp.zeros_like(f)))
-    return jnp.moveaxis(out.reshape(moved.shape), -1, axis)
-
-
 def _check_spacing(spacing) -> tuple[float, float, float]:
     try:
         values = tuple(float(s) for s in spacing)
@@ -474,38 +389,71 @@ def _check_spacing(spacing) -> tuple[float, float, float]:
     return values
 
 
+def _host_bool(x: ArrayLike, name: str, function: str) -> np.ndarray:
+    """``x`` as a numpy boolean array; refuses tracers (surface distances run on the host)."""
+    if is_traced(x):
+        raise TypeError(
+            f"{function} computes exact distance transforms on the host and cannot be traced "
+            f"(jit, vmap, grad): call it on concrete arrays, got a traced {name}"
+        )
+    return np.asarray(x).astype(bool, copy=False)
+
+
+def _edt(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Distance (mm, float32) from each voxel of a 3D array to the nearest ``True`` voxel."""
+    if not mask.any():
+        return np.full(mask.shape, np.inf, np.float32)
+    return edt.edt(~mask, anisotropy=spacing, black_border=False).astype(np.float32, copy=False)
+
+
 def distance_transform(mask: ArrayLike, spacing: Sequence[float] | float = (1.0, 1.0, 1.0)) -> jax.Array:
     """Exact Euclidean distance (mm) from each voxel to the nearest ``True`` voxel of ``mask``.
 
-    ``mask`` is ``(..., x, y, z)`` boolean; the last three axes are spatial. This is
-    ``scipy.ndimage.distance_transform_edt(~mask, sampling=spacing)``; a mask with no
-    ``True`` voxel gives ``inf`` everywhere. Jittable (``spacing`` must be concrete).
+    ``mask`` is ``(..., x, y, z)`` boolean; the last three axes are spatial, leading axes
+    are independent masks. This is ``scipy.ndimage.distance_transform_edt(~mask,
+    sampling=spacing)`` in float32; a mask with no ``True`` voxel gives ``inf`` everywhere.
+    Computed on the host (``edt``), so ``mask`` must be concrete.
+
+    Raises:
+        ValueError: ``mask`` with fewer than 3 dimensions, or a bad ``spacing``.
+        TypeError: a traced ``mask`` (under ``jit``, ``vmap`` or ``grad``).
+
+    Examples:
+        >>> import numpy as np
+        >>> m = np.zeros((1, 4, 1), bool); m[0, 0, 0] = True
+        >>> distance_transform(m, spacing=(1.0, 2.0, 1.0))[0, :, 0].tolist()
+        [0.0, 2.0, 4.0, 6.0]
     """
-    mask = jnp.asarray(mask, bool)
+    mask = _host_bool(mask, "mask", "distance_transform")
     if mask.ndim < 3:
         raise ValueError(f"mask must have at least 3 dimensions (x, y, z), got shape {mask.shape}")
-    return _distance_transform(mask, _check_spacing(spacing))
+    spacing = _check_spacing(spacing)
+    flat = mask.reshape(-1, *mask.shape[-3:])
+    out = np.stack([_edt(m, spacing) for m in flat]) if len(flat) else np.zeros(flat.shape, np.float32)
+    return jnp.asarray(out.reshape(mask.shape))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _distance_transform(mask: jax.Array, spacing: tuple[float, float, float]) -> jax.Array:
-    d2 = jnp.where(mask, 0.0, jnp.inf).astype(jnp.float32)
-    for axis, step in zip((-3, -2, -1), spacing):
-        d2 = _min_plus_axis(d2, mask.ndim + axis, step)
-    return jnp.sqrt(d2)
+def _surface_axes(shape: Sequence[int]) -> tuple[int, ...]:
+    """Spatial axes along which a mask has a surface: those longer than one voxel.
+
+    A volume one voxel thick, ``(x, y, 1)``, is a 2D image: its surface is its in-plane
+    contour, not all of its voxels.
+    """
+    return tuple(axis for axis, n in enumerate(shape[-3:]) if n > 1)
 
 
-def _surface(mask: jax.Array) -> jax.Array:
-    """Voxels of ``mask`` with a face neighbour outside it (the border counts as outside)."""
-    padded = jnp.pad(mask, [(0, 0)] * (mask.ndim - 3) + [(1, 1)] * 3)
-    inner = slice(1, -1)
-    interior = mask
-    for axis in range(3):
-        for shifted in (slice(None, -2), slice(2, None)):
-            index = [inner, inner, inner]
-            index[axis] = shifted
-            interior = interior & padded[(..., *index)]
-    return mask & ~interior
+def _surface(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Voxels of a 3D ``mask`` with a face neighbour outside it along ``axes``.
+
+    Voxels on the array border count as surface (the outside is background).
+    """
+    padded = np.pad(mask, [(1, 1) if a in axes else (0, 0) for a in range(3)])
+    interior = padded.copy()
+    for axis in axes:
+        # the padding makes the wrapped-around neighbour background
+        interior &= np.roll(padded, 1, axis) & np.roll(padded, -1, axis)
+    inner = tuple(slice(1, -1) if a in axes else slice(None) for a in range(3))
+    return mask & ~interior[inner]
 
 
 def surface_distances(
@@ -515,99 +463,120 @@ def surface_distances(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Distances between the surfaces of two boolean masks ``(..., x, y, z)``.
 
+    The surface of a mask is the set of its voxels with a face neighbour outside it (the
+    array border counts as outside); along an axis of length 1 there is no neighbour, so
+    a 2D slice ``(x, y, 1)`` has its in-plane contour as surface. Computed on the host.
+
     Returns:
         ``(d_pred, pred_surface, d_target, target_surface)``: ``d_pred`` is, at every
         voxel, the distance (mm) to the nearest *target* surface voxel, to be read where
         ``pred_surface`` is True; ``d_target`` likewise to the prediction's surface.
+
+    Raises:
+        ValueError: masks of different shapes or with fewer than 3 dimensions.
+        TypeError: traced masks.
     """
-    prediction_mask = jnp.asarray(prediction_mask, bool)
-    target_mask = jnp.asarray(target_mask, bool)
-    if prediction_mask.shape != target_mask.shape:
-        raise ValueError(f"masks have different shapes: {prediction_mask.shape} vs {target_mask.shape}")
-    pred_surface = _surface(prediction_mask)
-    target_surface = _surface(target_mask)
-    spacing = _check_spacing(spacing)
-    d_pred = _distance_transform(target_surface, spacing)
-    d_target = _distance_transform(pred_surface, spacing)
-    return d_pred, pred_surface, d_target, target_surface
+    pred = _host_bool(prediction_mask, "prediction_mask", "surface_distances")
+    tgt = _host_bool(target_mask, "target_mask", "surface_distances")
+    if pred.shape != tgt.shape:
+        raise ValueError(f"masks have different shapes: {pred.shape} vs {tgt.shape}")
+    if pred.ndim < 3:
+        raise ValueError(f"masks must have at least 3 dimensions (x, y, z), got shape {pred.shape}")
+    axes = _surface_axes(pred.shape)
+    flat_p = pred.reshape(-1, *pred.shape[-3:])
+    flat_t = tgt.reshape(-1, *tgt.shape[-3:])
+    s_pred = np.stack([_surface(m, axes) for m in flat_p]).reshape(pred.shape)
+    s_tgt = np.stack([_surface(m, axes) for m in flat_t]).reshape(tgt.shape)
+    d_pred = distance_transform(s_tgt, spacing)
+    d_tgt = distance_transform(s_pred, spacing)
+    return d_pred, jnp.asarray(s_pred), d_tgt, jnp.asarray(s_tgt)
 
 
-def _class_masks(prediction, target, num_classes, include_background):
-    pred, tgt = _one_hot_pair(prediction, target, num_classes)
-    pred = _drop_background(pred, include_background)
-    tgt = _drop_background(tgt, include_background)
-    # classes to the front, so the last three axes are spatial
-    return jnp.moveaxis(pred, -1, 0), jnp.moveaxis(tgt, -1, 0)
+def _host_label_pair(prediction, target, num_classes) -> tuple[np.ndarray, np.ndarray, int]:
+    """Hard prediction and target as numpy label maps ``(..., x, y, z)``, and ``C``.
 
-
-def _flat_spatial(x: jax.Array) -> jax.Array:
-    return x.reshape(*x.shape[:-3], -1)
-
-
-def _empty_rule(value, n_pred, n_target):
-    value = jnp.where((n_pred == 0) | (n_target == 0), jnp.inf, value)
-    return jnp.where((n_pred == 0) & (n_target == 0), jnp.nan, value)
-
-
-@functools.partial(jax.jit, static_argnames=("spacing", "percentile", "symmetric"))
-def _mask_metric(pred, tgt, *, spacing, percentile, symmetric):
-    """HD (``percentile`` given) or ASD of boolean masks ``(..., x, y, z)``."""
-    d_pred, s_pred, d_tgt, s_tgt = surface_distances(pred, tgt, spacing)
-    s_pred, s_tgt = _flat_spatial(s_pred), _flat_spatial(s_tgt)
-    d_pred, d_tgt = _flat_spatial(d_pred), _flat_spatial(d_tgt)
-    n_pred, n_tgt = s_pred.sum(-1), s_tgt.sum(-1)
-    if percentile is not None:
-        a = jnp.nanpercentile(jnp.where(s_pred, d_pred, jnp.nan), percentile, axis=-1)
-        b = jnp.nanpercentile(jnp.where(s_tgt, d_tgt, jnp.nan), percentile, axis=-1)
-        value = jnp.maximum(a, b)
+    The host twin of ``_one_hot_pair`` (same checks and messages), without one-hot maps.
+    """
+    prediction = np.asarray(prediction)
+    if np.issubdtype(prediction.dtype, np.integer) or prediction.dtype == np.bool_:
+        if num_classes is None:
+            raise ValueError("num_classes is required when prediction is an integer label map")
+        num_classes = _check_num_classes(num_classes)
+        pred = _squeeze_host(prediction, "prediction")
     else:
-        sum_pred = jnp.sum(jnp.where(s_pred, d_pred, 0.0), -1)
-        if symmetric:
-            sum_tgt = jnp.sum(jnp.where(s_tgt, d_tgt, 0.0), -1)
-            value = (sum_pred + sum_tgt) / jnp.maximum(n_pred + n_tgt, 1)
-        else:
-            value = sum_pred / jnp.maximum(n_pred, 1)
-    return _empty_rule(value, n_pred, n_tgt)
+        if prediction.ndim < 4:
+            raise ValueError(
+                f"prediction must have shape (..., x, y, z, num_classes), got {prediction.shape}"
+            )
+        if num_classes is not None and num_classes != prediction.shape[-1]:
+            raise ValueError(
+                f"num_classes={num_classes} does not match the last axis of prediction {prediction.shape}"
+            )
+        num_classes = prediction.shape[-1]
+        pred = np.argmax(prediction, -1)
+    tgt = _squeeze_host(np.asarray(target), "labels")
+    if tgt.shape != pred.shape:
+        raise ValueError(f"prediction {pred.shape} and target {tgt.shape} must have the same spatial shape")
+    return pred, tgt, num_classes
 
 
-_CROP_MULTIPLE = 16  # crops are padded to multiples of this, so few shapes get compiled
+def _squeeze_host(labels: np.ndarray, name: str) -> np.ndarray:
+    if labels.ndim >= 4 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.ndim < 3:
+        raise ValueError(f"{name} must have at least 3 spatial dimensions, got shape {labels.shape}")
+    return labels
 
 
-def _cropped_metric(pred: np.ndarray, tgt: np.ndarray, **config) -> np.ndarray:
-    """``_mask_metric`` per mask on the bounding box of prediction and target (host).
+def _pair_distances(pred: np.ndarray, tgt: np.ndarray, spacing, axes) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from the prediction's surface voxels to the target's surface, and back.
 
-    Surfaces and the distances between them lie inside the bounding box of the two
-    masks, so cropping (keeping one background voxel around, padding with background)
-    gives exactly the full-volume result, much faster for small structures.
+    Both masks must be non-empty. Surfaces and the distances between them lie in the
+    bounding box of the two masks, so the work is done on that box. Exact: a mask voxel on
+    the box edge has background (or the array border) beyond it, which ``_surface``'s
+    padding reproduces.
     """
+    union = pred | tgt
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    box = tuple(box)
+    s_pred = _surface(pred[box], axes)
+    s_tgt = _surface(tgt[box], axes)
+    return _edt(s_tgt, spacing)[s_pred], _edt(s_pred, spacing)[s_tgt]
+
+
+def _surface_metric(
+    prediction, target, num_classes, include_background, function, *, spacing, percentile, symmetric
+):
+    if is_traced(prediction, target):
+        raise TypeError(
+            f"{function} computes exact distance transforms on the host and cannot be traced "
+            "(jit, vmap, grad): call it on concrete arrays"
+        )
+    pred, tgt, num_classes = _host_label_pair(prediction, target, num_classes)
+    classes = range(0 if include_background else 1, num_classes)
+    axes = _surface_axes(pred.shape)
     flat_pred = pred.reshape(-1, *pred.shape[-3:])
     flat_tgt = tgt.reshape(-1, *tgt.shape[-3:])
-    out = np.empty(len(flat_pred), np.float32)
-    for i, (p, t) in enumerate(zip(flat_pred, flat_tgt)):
-        union = p | t
-        if not union.any():
-            out[i] = np.nan
-            continue
-        box = []
-        for axis in range(3):
-            hits = np.nonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-            box.append(slice(max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, union.shape[axis])))
-        box = tuple(box)
-        size = [-(-(b.stop - b.start) // _CROP_MULTIPLE) * _CROP_MULTIPLE for b in box]
-        pad = [(0, n - (b.stop - b.start)) for n, b in zip(size, box)]
-        crop_p = np.pad(p[box], pad)
-        crop_t = np.pad(t[box], pad)
-        out[i] = float(_mask_metric(crop_p, crop_t, **config))
-    return out.reshape(pred.shape[:-3])
-
-
-def _surface_metric(prediction, target, num_classes, include_background, **config):
-    pred, tgt = _class_masks(prediction, target, num_classes, include_background)
-    if isinstance(pred, jax.core.Tracer) or isinstance(tgt, jax.core.Tracer):
-        value = _mask_metric(pred, tgt, **config)
-    else:
-        value = jnp.asarray(_cropped_metric(np.asarray(pred), np.asarray(tgt), **config))
-    return jnp.moveaxis(value, 0, -1)
+    out = np.empty((len(flat_pred), len(classes)), np.float32)
+    for i, (p_labels, t_labels) in enumerate(zip(flat_pred, flat_tgt)):
+        for j, c in enumerate(classes):
+            p, t = p_labels == c, t_labels == c
+            has_p, has_t = p.any(), t.any()
+            if not (has_p and has_t):
+                out[i, j] = np.inf if has_p or has_t else np.nan
+                continue
+            d_pt, d_tp = _pair_distances(p, t, spacing, axes)
+            d_pt, d_tp = d_pt.astype(np.float64), d_tp.astype(np.float64)
+            if percentile is not None:
+                out[i, j] = max(np.percentile(d_pt, percentile), np.percentile(d_tp, percentile))
+            elif symmetric:
+                out[i, j] = (d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size)
+            else:
+                out[i, j] = d_pt.mean()
+    return jnp.asarray(out.reshape(*pred.shape[:-3], len(classes)))
 
 
 def hausdorff_distance(
@@ -626,9 +595,8 @@ def hausdorff_distance(
     prediction's; the larger of the two. ``percentile=100`` is the classical Hausdorff
     distance. Percentiles interpolate linearly (``numpy.percentile``'s default).
 
-    Called on concrete arrays, each class is computed on the bounding box of its
-    prediction and target (exact, and fast for small structures); under ``jit`` the
-    whole volume is used.
+    Runs on the host: each class is computed on the bounding box of its prediction and
+    target (exact, and fast for small structures).
 
     Args:
         prediction: integer label map ``(..., x, y, z[, 1])`` or scores ``(..., x, y, z, C)``.
@@ -640,6 +608,17 @@ def hausdorff_distance(
 
     Returns:
         ``(..., C)`` (or ``C - 1``); ``nan``/``inf`` for empty classes (module docstring).
+
+    Raises:
+        ValueError: a bad ``spacing`` or ``percentile``, or mismatched shapes.
+        TypeError: traced inputs (under ``jit``, ``vmap`` or ``grad``).
+
+    Examples:
+        >>> import numpy as np
+        >>> p = np.zeros((1, 8, 1), int); t = np.zeros((1, 8, 1), int)
+        >>> p[0, 1, 0] = 1; t[0, 4, 0] = 1
+        >>> hausdorff_distance(p, t, spacing=(1.0, 2.0, 1.0), num_classes=2).tolist()
+        [6.0]
     """
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
@@ -648,6 +627,7 @@ def hausdorff_distance(
         target,
         num_classes,
         include_background,
+        "hausdorff_distance",
         spacing=_check_spacing(spacing),
         percentile=float(percentile),
         symmetric=True,
@@ -675,6 +655,7 @@ def average_surface_distance(
         target,
         num_classes,
         include_background,
+        "average_surface_distance",
         spacing=_check_spacing(spacing),
         percentile=None,
         symmetric=bool(symmetric),

@@ -1,10 +1,10 @@
-"""Process-level settings that make jmed (and JAX on CPU in general) faster.
+"""Process-level settings for jmed (and JAX on CPU in general).
 
 On CPU, XLA allocates every output buffer with the C library's ``malloc``. With glibc's
 defaults, a block larger than 32 MiB (one float32 volume of 197x233x189 is 35 MB) is
 mapped afresh from the kernel on each call and unmapped when freed, so every transform
-that writes a new volume pays for page faults on all of its pages: about 10-15 ms per
-volume, often more than the computation itself. :func:`tune_host_allocator` raises the
+that writes a new volume pays for page faults on all of its pages, often more than the
+computation itself (docs/performance.md). :func:`tune_host_allocator` raises the
 mmap and trim thresholds so that such blocks are served from, and returned to, the heap
 instead. The same setting speeds up NumPy and PyTorch code running in the process.
 

@@ -143,3 +143,28 @@ def test_invert_batches_and_keeps_identity_exact():
     np.testing.assert_array_equal(np.asarray(A.invert(np.eye(3, dtype=np.int32))), np.eye(3))
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, 3\) or \(\.\.\., 4, 4\), got \(4, 3\)"):
         A.invert(np.zeros((4, 3)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(affines(), st.sampled_from(A.ORIENTATIONS))
+def test_reorient_matches_nibabel_on_oblique_and_flipped_affines(a, target):
+    from nibabel import orientations as ornts
+
+    data = np.arange(2 * 3 * 4 * 2, dtype=np.float32).reshape(2, 3, 4, 2)
+    ornt = ornts.ornt_transform(ornts.io_orientation(a), ornts.axcodes2ornt(target))
+    out, out_affine = A.reorient(data, a, target)
+    np.testing.assert_array_equal(out, ornts.apply_orientation(data, ornt))
+    np.testing.assert_allclose(out_affine, a @ ornts.inv_ornt_aff(ornt, data.shape[:3]), atol=1e-9)
+    assert A.orientation(out_affine) == target == "".join(nib.aff2axcodes(out_affine))
+    perm, flips = A.orientation_transform(A.orientation(a), target)
+    assert sorted(perm) == [0, 1, 2] and len(flips) == 3
+
+
+def test_orientation_refuses_degenerate_and_traced_affines():
+    import jax
+
+    flat = np.diag([1.0, 1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="degenerate axis"):
+        A.orientation(flat)
+    with pytest.raises(TypeError, match="concrete affine"):
+        jax.jit(A.orientation)(np.eye(4))

@@ -5,7 +5,7 @@ from jmed.ops import labels
 
 ndimage = pytest.importorskip("scipy.ndimage")
 
-STRUCTURES = {6: None, 26: np.ones((3, 3, 3), bool)}
+STRUCTURES = {6: None, 18: ndimage.generate_binary_structure(3, 2), 26: np.ones((3, 3, 3), bool)}
 
 
 def _random_masks():
@@ -15,7 +15,7 @@ def _random_masks():
         yield rng.random(shape) < rng.uniform(0.1, 0.7)
 
 
-@pytest.mark.parametrize("connectivity", [6, 26])
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
 def test_connected_components_equals_scipy_on_random_masks(connectivity):
     for mask in _random_masks():
         out, num = labels.connected_components(mask, connectivity=connectivity)
@@ -24,7 +24,7 @@ def test_connected_components_equals_scipy_on_random_masks(connectivity):
         np.testing.assert_array_equal(out, expected)
 
 
-@pytest.mark.parametrize("connectivity", [6, 26])
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
 def test_connected_components_equals_scipy_on_smooth_blobs(connectivity):
     rng = np.random.default_rng(1)
     field = ndimage.gaussian_filter(rng.normal(size=(40, 36, 30)), 2.0)
@@ -66,5 +66,39 @@ def test_keep_largest_and_fill_holes():
     hollow = mask.copy()
     hollow[2:5, 2:5, 2:5] = False  # closed cavity
     np.testing.assert_array_equal(labels.fill_holes(hollow), mask)
-    with pytest.raises(ValueError, match="connectivity"):
+    with pytest.raises(ValueError, match=r"connectivity must be one of \(6, 18, 26\), got 8"):
         labels.connected_components(mask, connectivity=8)
+    with pytest.raises(ValueError, match="connectivity"):
+        labels.connected_components(mask, connectivity=True)
+    with pytest.raises(ValueError, match=r"mask must be 3D"):
+        labels.connected_components(mask[0])
+
+
+def test_hand_built_fixture_18_connectivity():
+    mask = np.zeros((4, 4, 4), bool)
+    mask[0, 0, 0] = mask[0, 1, 1] = True  # share an edge
+    mask[2, 2, 2] = mask[3, 3, 3] = True  # share a corner only
+    out, num = labels.connected_components(mask, connectivity=18)
+    assert num == 3
+    assert out[0, 0, 0] == out[0, 1, 1] == 1 and out[2, 2, 2] == 2 and out[3, 3, 3] == 3
+    assert out.dtype == np.int32 and out.shape == mask.shape
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_fill_holes_and_keep_largest_match_scipy(connectivity):
+    rng = np.random.default_rng(0)
+    field = ndimage.gaussian_filter(rng.normal(size=(24, 20, 18)), 1.5)
+    mask = field > -0.1
+    structure = STRUCTURES[connectivity]
+    background, num = ndimage.label(~mask, structure)
+    border = np.zeros(mask.shape, bool)
+    border[[0, -1]] = border[:, [0, -1]] = border[:, :, [0, -1]] = True
+    open_components = np.unique(background[border & ~mask])
+    expected = mask | ((background > 0) & ~np.isin(background, open_components))
+    assert num > len(open_components)  # the fixture has holes to fill
+    np.testing.assert_array_equal(labels.fill_holes(mask, connectivity=connectivity), expected)
+    fg, num = ndimage.label(mask, structure)
+    sizes = np.bincount(fg.ravel())[1:]
+    np.testing.assert_array_equal(
+        labels.keep_largest(mask, connectivity=connectivity), fg == np.argmax(sizes) + 1
+    )

@@ -166,24 +166,6 @@ def test_distance_transform_matches_scipy(spacing):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("density", [0.002, 0.05, 0.4])
-def test_lower_envelope_path_matches_scipy(density):
-    # the algorithm used for large volumes, called directly on a small one
-    rng = np.random.default_rng(1)
-    mask = np.zeros((2, 13, 17, 11), bool)
-    mask[0] = rng.random((13, 17, 11)) < density
-    mask[0, 3, 4, 5] = True
-    spacing = (0.7, 2.0, 1.3)
-    d2 = jnp.where(mask, 0.0, jnp.inf).astype(jnp.float32)
-    for axis, step in zip((1, 2, 3), spacing):
-        d2 = metrics._lower_envelope_axis(d2, axis, step)
-    ours = np.sqrt(np.asarray(d2))
-    np.testing.assert_allclose(
-        ours[0], ndimage.distance_transform_edt(~mask[0], sampling=spacing), rtol=1e-5, atol=1e-5
-    )
-    assert np.all(np.isinf(ours[1]))
-
-
 def test_distance_transform_batched_and_empty():
     masks = np.zeros((2, 5, 5, 5), bool)
     masks[0, 2, 2, 2] = True
@@ -253,11 +235,11 @@ def test_surface_distance_hand_computed_and_empty_classes():
     assert np.isinf(asd[1]) and np.isnan(asd[2])
 
 
-def test_surface_distances_jit_and_batch():
+def test_surface_distances_batch_and_traced_inputs_refused():
     target = np.stack([_random_labels(s, (12, 12, 8), 2) for s in range(2)])
     pred = np.stack([_random_labels(s + 5, (12, 12, 8), 2) for s in range(2)])
     fn = functools.partial(metrics.hausdorff_distance, spacing=(1.0, 1.2, 2.0), num_classes=2)
-    batched = np.asarray(jax.jit(fn)(pred, target))
+    batched = np.asarray(fn(pred, target))
     assert batched.shape == (2, 1)
     for b in range(2):
         np.testing.assert_allclose(batched[b], fn(pred[b], target[b]), rtol=1e-6)
@@ -265,10 +247,19 @@ def test_surface_distances_jit_and_batch():
         np.testing.assert_allclose(
             batched[b, 0], max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)), rtol=1e-5
         )
+    # exact distance transforms run on the host: traced inputs get a clear error
+    for call in (fn, functools.partial(metrics.average_surface_distance, num_classes=2)):
+        with pytest.raises(TypeError, match="cannot be traced"):
+            jax.jit(call)(pred, target)
+        with pytest.raises(TypeError, match="cannot be traced"):
+            jax.vmap(call)(pred, target)
+    with pytest.raises(TypeError, match="distance_transform .* traced mask"):
+        jax.jit(metrics.distance_transform)(pred == 1)
 
 
-def test_cropped_and_full_volume_paths_agree():
-    # eager calls crop each class to its bounding box; under jit the full volume is used
+def test_bounding_box_crop_equals_full_volume_reference():
+    # each class is computed on its bounding box; structures touching the array border
+    # and small ones far from it must give the full-volume result
     shape = (30, 26, 20)
     target = np.zeros(shape, np.int32)
     pred = np.zeros(shape, np.int32)
@@ -276,8 +267,137 @@ def test_cropped_and_full_volume_paths_agree():
     pred[_blob((6, 5, 4), (3, 3, 3), shape)] = 1
     target[25:30, 20:26, 15:20] = 2  # touching the array border
     pred[24:30, 21:26, 14:20] = 2
+    spacing = (1.2, 0.9, 2.0)
+    hd = np.asarray(metrics.hausdorff_distance(pred, target, spacing=spacing, num_classes=3))
+    assd = np.asarray(metrics.average_surface_distance(pred, target, spacing=spacing, num_classes=3))
+    for i, c in enumerate((1, 2)):
+        d_pt, d_tp = _reference_surface_distances(pred == c, target == c, spacing)
+        np.testing.assert_allclose(hd[i], max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)), rtol=1e-5)
+        np.testing.assert_allclose(assd[i], np.concatenate([d_pt, d_tp]).mean(), rtol=1e-5)
+    assert np.all(np.isfinite(hd)) and np.all(hd > 0)
+
+
+def test_surface_distances_full_volume_matches_scipy():
+    pred = np.zeros((2, 10, 9, 8), bool)
+    target = np.zeros((2, 10, 9, 8), bool)
+    pred[0, 2:7, 1:6, 0:5] = True  # touches the border along z
+    target[0, 3:9, 2:8, 1:6] = True
+    pred[1, 4, 4, 4] = True  # target 1 empty: distances to it are inf
+    spacing = (0.8, 1.0, 1.7)
+    d_pred, s_pred, d_tgt, s_tgt = (np.asarray(x) for x in metrics.surface_distances(pred, target, spacing))
+    d_pt, d_tp = _reference_surface_distances(pred[0], target[0], spacing)
+    np.testing.assert_allclose(d_pred[0][s_pred[0]], d_pt, rtol=1e-5)
+    np.testing.assert_allclose(d_tgt[0][s_tgt[0]], d_tp, rtol=1e-5)
+    assert s_pred[1].sum() == 1 and not s_tgt[1].any() and np.all(np.isinf(d_pred[1]))
+    with pytest.raises(ValueError, match="different shapes"):
+        metrics.surface_distances(pred, target[..., :7])
+
+
+def test_surface_distance_2d_slice_uses_the_in_plane_contour():
+    # a 2D image is one slice (x, y, 1): its surface is the contour of each region
+    pred = np.zeros((9, 9, 1), np.int32)
+    target = np.zeros((9, 9, 1), np.int32)
+    target[2:7, 2:7] = 1  # 5x5 square: 16 contour pixels, 9 inside
+    pred[2:7, 3:8] = 1  # the same square one pixel further along y
+    hd100 = float(metrics.hausdorff_distance(pred, target, num_classes=2, percentile=100)[0])
+    # hand-computed: every contour pixel of either square lies on, or one pixel along y
+    # from, the other square's contour
+    assert hd100 == 1.0
+    _, s_pred, _, s_tgt = metrics.surface_distances(pred == 1, target == 1)
+    assert int(np.asarray(s_tgt).sum()) == 16 and int(np.asarray(s_pred).sum()) == 16
+    # spacing along the missing axis plays no part; along y it scales the distances
+    hd_y = metrics.hausdorff_distance(pred, target, num_classes=2, percentile=100, spacing=(1.0, 2.5, 7.0))
+    np.testing.assert_allclose(hd_y, [2.5])
+    d_pt, d_tp = _reference_surface_distances_2d(pred[..., 0] == 1, target[..., 0] == 1, (1.0, 2.5))
+    assd = metrics.average_surface_distance(pred, target, num_classes=2, spacing=(1.0, 2.5, 7.0))
+    np.testing.assert_allclose(assd, [np.concatenate([d_pt, d_tp]).mean()], rtol=1e-6)
+
+
+def _reference_surface_distances_2d(pred, target, spacing):
+    def surface(m):
+        return m & ~ndimage.binary_erosion(m, border_value=0)
+
+    sp, st = surface(pred), surface(target)
+    return (
+        ndimage.distance_transform_edt(~st, sampling=spacing)[sp],
+        ndimage.distance_transform_edt(~sp, sampling=spacing)[st],
+    )
+
+
+def _monai_onehot(labels, num_classes):
+    torch = pytest.importorskip("torch")
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), num_classes)
+    return onehot.movedim(-1, 0)[None]
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 1.8, 1.2)])
+def test_surface_metrics_match_monai(spacing):
+    monai_metrics = pytest.importorskip("monai.metrics")
+    shape = (24, 20, 18)
+    target = np.zeros(shape, np.int32)
+    pred = np.zeros(shape, np.int32)
+    target[_blob((12, 10, 9), (7, 6, 5), shape)] = 1
+    target[_blob((5, 5, 5), (3, 3, 2), shape)] = 2
+    target[20:24, 0:5, 12:18] = 3  # at the array border
+    pred[_blob((13, 9, 9), (6, 7, 5), shape)] = 1
+    pred[_blob((6, 5, 4), (3, 2, 3), shape)] = 2
+    pred[19:24, 0:4, 13:18] = 3
+    pred[1:3, 16:18, 1:3] = 2  # a distant false positive
+    p_t, t_t = _monai_onehot(pred, 4), _monai_onehot(target, 4)
+    for percentile in (95, 100):
+        ours = np.asarray(
+            metrics.hausdorff_distance(pred, target, spacing=spacing, num_classes=4, percentile=percentile)
+        )
+        theirs = monai_metrics.compute_hausdorff_distance(p_t, t_t, percentile=percentile, spacing=spacing)
+        np.testing.assert_allclose(ours, theirs.numpy()[0], rtol=1e-5)
+    for symmetric in (True, False):
+        ours = np.asarray(
+            metrics.average_surface_distance(
+                pred, target, spacing=spacing, num_classes=4, symmetric=symmetric
+            )
+        )
+        theirs = monai_metrics.compute_average_surface_distance(
+            p_t, t_t, symmetric=symmetric, spacing=spacing
+        )
+        np.testing.assert_allclose(ours, theirs.numpy()[0], rtol=1e-5)
+
+
+def test_surface_metrics_match_monai_2d():
+    monai_metrics = pytest.importorskip("monai.metrics")
+    rng = np.random.default_rng(3)
+    target = (ndimage.gaussian_filter(rng.normal(size=(40, 36)), 3) > 0).astype(np.int32)
+    pred = (ndimage.gaussian_filter(rng.normal(size=(40, 36)), 3) > 0.02).astype(np.int32)
+    spacing = (0.9, 1.4)
+    p_t, t_t = _monai_onehot(pred, 2), _monai_onehot(target, 2)
+    hd = metrics.hausdorff_distance(
+        pred[..., None], target[..., None], spacing=(*spacing, 3.0), num_classes=2
+    )
+    np.testing.assert_allclose(
+        hd,
+        monai_metrics.compute_hausdorff_distance(p_t, t_t, percentile=95, spacing=spacing).numpy()[0],
+        rtol=1e-5,
+    )
+    assd = metrics.average_surface_distance(
+        pred[..., None], target[..., None], spacing=(*spacing, 3.0), num_classes=2
+    )
+    np.testing.assert_allclose(
+        assd,
+        monai_metrics.compute_average_surface_distance(p_t, t_t, symmetric=True, spacing=spacing).numpy()[0],
+        rtol=1e-5,
+    )
+
+
+def test_surface_metrics_from_scores_and_bad_inputs():
+    target = _random_labels(0, (12, 10, 8), 3)
+    pred = _random_labels(4, (12, 10, 8), 3)
+    logits = np.asarray(jax.nn.one_hot(pred, 3)) * 4.0 - 1.0
     for fn in (metrics.hausdorff_distance, metrics.average_surface_distance):
-        call = functools.partial(fn, spacing=(1.2, 0.9, 2.0), num_classes=3)
-        eager = np.asarray(call(pred, target))
-        np.testing.assert_allclose(eager, jax.jit(call)(pred, target), rtol=1e-5)
-        assert np.all(np.isfinite(eager)) and np.all(eager > 0)
+        from_labels = np.asarray(fn(pred[..., None], target, num_classes=3, include_background=True))
+        np.testing.assert_array_equal(fn(logits, target[..., None], include_background=True), from_labels)
+        assert from_labels.shape == (3,) and np.all(np.isfinite(from_labels))
+        with pytest.raises(ValueError, match="num_classes is required"):
+            fn(pred, target)
+        with pytest.raises(ValueError, match="must have the same spatial shape"):
+            fn(pred, target[:, :, :7], num_classes=3)
+        with pytest.raises(ValueError, match="num_classes=2 does not match"):
+            fn(logits, target, num_classes=2)

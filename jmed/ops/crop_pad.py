@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jmed._checks import check_choice, is_traced
+
 __all__ = [
     "PAD_MODES",
     "check_pad_mode",
@@ -44,8 +46,7 @@ PAD_MODES = _NUMPY_MODES + tuple(_STAT_MODES)
 
 def check_pad_mode(mode: str, name: str = "padding_mode") -> str:
     """Return the canonical name of padding ``mode`` or raise ``ValueError`` naming ``name``."""
-    if not isinstance(mode, str) or mode not in PAD_MODES:
-        raise ValueError(f"{name} must be one of {PAD_MODES}, got {mode!r}")
+    check_choice(mode, name, PAD_MODES)
     return _STAT_MODES.get(mode, mode)
 
 
@@ -133,10 +134,6 @@ def crop(data: ArrayLike, bounds: ArrayLike) -> jax.Array:
     return data[tuple(slice(int(lo), int(n - hi)) for n, (lo, hi) in zip(shape, b))]
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def window(
     data: ArrayLike,
     start: ArrayLike,
@@ -157,13 +154,13 @@ def window(
     size = tuple(int(s) for s in size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"size must be 3 positive ints, got {size}")
-    if _is_concrete(start) and isinstance(data, jax.Array) and not isinstance(data, jax.core.Tracer):
+    if not is_traced(start, data) and isinstance(data, jax.Array):
         if isinstance(value, (int, float)):
             # a concrete device array: one compiled program (cached per shapes, start and
             # mode) instead of a chain of eager slicing and padding ops
             start = tuple(int(v) for v in np.asarray(start).reshape(3))
             return _window_jit(data, start, size, mode, value)
-    if _is_concrete(start):
+    if not is_traced(start):
         s = np.asarray(start).astype(int).reshape(3)
         end = s + np.asarray(size)
         before = np.maximum(-s, 0)

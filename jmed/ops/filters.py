@@ -11,27 +11,20 @@ Boundary modes use scipy's names: ``"reflect"`` (``d c b a | a b c d | d c b a``
 
 ``sigma`` may be traced (under ``jit`` / ``vmap``). The kernel width then is not known
 when tracing. Each axis runs a sequence of two-way ``lax.switch`` es, one per compiled
-width (radius 4, 12 and 24 below the bound given by ``max_sigma``, then the bound
-itself; without a bound 8 times the axis length), each either the identity or that
-filter: exactly one of them filters, the one whose width covers scipy's radius for the
-actual ``sigma``. Beyond radius 24 the filter is a loop over the taps that radius needs
-(a run-time trip count, one folded gather per tap). Every variant zeroes the taps beyond
-scipy's radius, so the result is exact for any ``sigma`` within the bound. Under
-``vmap`` with per-sample ``sigma`` all variants run (a ``switch`` on a batched index is
-a select).
+width (the radii ``_BUCKETS`` below the bound given by ``max_sigma``, then the bound
+itself; without a bound ``_UNBOUNDED_RADIUS_LENGTHS`` times the axis length), each
+either the identity or that filter: exactly one of them filters, the one whose width
+covers scipy's radius for the actual ``sigma``. Beyond radius ``_MAX_SHIFT_RADIUS`` the
+filter is a loop over the taps that radius needs (a run-time trip count, one folded
+gather per tap). Every variant zeroes the taps beyond scipy's radius, so the result is
+exact for any ``sigma`` within the bound. Under ``vmap`` with per-sample ``sigma`` all
+variants run (a ``switch`` on a batched index is a select).
 
-Measured on 2 CPU cores, 197x233x189 float32, traced sigma without a bound (e.g.
-``RandomBlur`` in mm on an image whose affine is traced): 21 ms at sigma 1, 35-40 ms at
-sigma 2-3, 63 ms at sigma 5 voxels. Where the time went before: an n-way switch runs
-the filter fusions 2-3x slower than a two-way one with an identity branch, a banded
-``n x n`` matrix product branch slows every other branch down even when not taken
-(150 ms), fusing the padding into the taps re-evaluates it per tap (45 ms instead of
-13 ms per axis at ``r = 4``), and without run-time branches XLA fuses the three axes
-into one loop that recomputes the earlier axes (60 ms). So the padded copy is
-materialised, mirrored taps are added before weighting, and each axis stays behind its
-branches. ``lax.conv`` is about 100x slower on CPU. With a concrete ``sigma`` (eager,
-one compiled program per axis) shift-and-add runs up to ``r = 24`` and a banded matrix
-product, whose cost does not depend on ``r``, beyond.
+Each filter pads a materialised copy of the axis, adds mirrored taps before weighting
+them, and stays behind its branch, so XLA does not fuse the three axes into one loop.
+With a concrete ``sigma`` (eager, one compiled program per axis) shift-and-add runs up
+to radius ``_MAX_SHIFT_RADIUS`` and a banded matrix product, whose cost does not depend
+on the radius, beyond. Why these choices, with measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -43,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+from jmed._checks import check_choice, is_traced
 
 __all__ = ["BOUNDARY_MODES", "gaussian_blur", "gaussian_kernel1d"]
 
@@ -60,6 +55,10 @@ _PAD_MODES = {
 _MAX_SHIFT_RADIUS = 24
 # kernel radii compiled for a traced sigma (wider ones: a run-time loop over the taps)
 _BUCKETS = (4, 12, 24)
+# without max_sigma, the widest radius compiled for a traced sigma, in axis lengths:
+# a bound is needed for the loop's trip count, and the mirrored or wrapped kernel of a
+# sigma twice the axis length (at truncate 4) spans every voxel many times over
+_UNBOUNDED_RADIUS_LENGTHS = 8
 
 
 def _scipy_radius(sigma, truncate: float):
@@ -150,8 +149,8 @@ def _shift_add(x: jax.Array, w: jax.Array, radius: int, axis: int, mode: str, cv
         pad = [(0, 0)] * x.ndim
         pad[axis] = (radius, radius)
         kw = {"constant_values": cval} if mode == "constant" else {}
-        # materialised: fused into the taps, the padding is evaluated per tap and
-        # element (about 3x slower on CPU)
+        # materialised: fused into the taps, the padding would be evaluated again per
+        # tap and element
         p = jax.lax.optimization_barrier(jnp.pad(x, pad, mode=_PAD_MODES[mode], **kw))
     else:  # wider than the axis: fold indices explicitly
         p = jnp.take(x, jnp.asarray(_fold_index(np.arange(-radius, n + radius), n, mode)), axis=axis)
@@ -234,10 +233,6 @@ def _tap_loop(x, sigma, limit: int, axis: int, mode: str, truncate: float, cval,
     return jax.lax.fori_loop(-radius, radius + 1, body, jnp.zeros_like(x))
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def gaussian_blur(
     data: ArrayLike,
     sigma: ArrayLike,
@@ -283,14 +278,13 @@ def gaussian_blur(
     data = jnp.asarray(data)
     if data.ndim != 4:
         raise ValueError(f"data must be (x, y, z, c), got shape {data.shape}")
-    if mode not in BOUNDARY_MODES:
-        raise ValueError(f"mode must be one of {BOUNDARY_MODES}, got {mode!r}")
+    check_choice(mode, "mode", BOUNDARY_MODES)
     if not isinstance(truncate, numbers.Real) or truncate < 0:
         raise ValueError(f"truncate must be a number >= 0, got {truncate!r}")
     if not jnp.issubdtype(data.dtype, jnp.floating):
         data = data.astype(jnp.float32)
     sigma_arr = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (3,))
-    concrete = _is_concrete(sigma_arr)
+    concrete = not is_traced(sigma_arr)
     if concrete:
         s = np.asarray(sigma_arr, dtype=float)
         if np.any(s < 0) or not np.all(np.isfinite(s)):
@@ -312,7 +306,7 @@ def gaussian_blur(
             radius = int(truncate * float(s[axis]) + 0.5)
             out = _filter_static(out, sigma_arr[axis], radius, axis, mode, float(truncate), float(cval), size)
             continue
-        limit = int(truncate * bounds[axis] + 0.5) if bounds is not None else 8 * n
+        limit = int(truncate * bounds[axis] + 0.5) if bounds is not None else _UNBOUNDED_RADIUS_LENGTHS * n
         sig = sigma_arr[axis] if bounds is None else jnp.minimum(sigma_arr[axis], bounds[axis])
         needed = jnp.minimum(_scipy_radius(sig, truncate), limit)
         low = 0

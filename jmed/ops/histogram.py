@@ -45,14 +45,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jmed._checks import is_traced
+
 __all__ = ["check_percentiles", "count_true", "order_statistics", "percentile"]
 
 # host selection: below this many values a plain introselect; above, the two-stage
-# selection with a sample of n / 16 values, at most _SAMPLE_SIZE
+# selection with a sample of n / _SAMPLE_FRACTION values, at most _SAMPLE_SIZE
 _DIRECT_SIZE = 1 << 15
 _SAMPLE_SIZE = 1 << 16
+_SAMPLE_FRACTION = 16
+# values per pass of the chunked host scans (bounds their temporary boolean buffers)
 _CHUNK = 1 << 18
+# host bracket half-width around a rank's sample position, in units of sqrt(sample size)
+# (a rank's position in the sample has a standard deviation of at most sqrt(size) / 2, so
+# this is 3.5 standard deviations: a missed bracket, which costs a second pass, is rare)
 _MARGIN = 1.75
+# device bracket around a rank's expected sample position: this many binomial standard
+# deviations, plus a few positions for ranks at the ends of the sample
+_DEVICE_MARGIN_SD = 3.5
+_DEVICE_MARGIN_POSITIONS = 2.0
 
 
 def check_percentiles(q: float | Sequence[float], name: str = "percentiles") -> np.ndarray:
@@ -63,10 +74,6 @@ def check_percentiles(q: float | Sequence[float], name: str = "percentiles") -> 
     if np.any(arr < 0) or np.any(arr > 100):
         raise ValueError(f"{name} must lie in [0, 100], got {q!r}")
     return arr
-
-
-def _is_traced(*xs) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def _lerp(a, b, t):
@@ -86,8 +93,8 @@ _SIGNED = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
 
 def _int_keys(values: np.ndarray) -> np.ndarray:
     """Float32/64 bit patterns as signed integers in the order of the values (an
-    involution); other dtypes unchanged. Sorting integers is also faster than sorting
-    floats (several times, with many ties)."""
+    involution); other dtypes unchanged. Integer keys also sort faster than floats
+    (docs/performance.md)."""
     signed = _SIGNED.get(values.dtype)
     if signed is None:
         return values
@@ -101,8 +108,7 @@ def _from_int_keys(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _masked(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``x[mask]`` (same shapes; the order does not matter): a compress over the memory
-    order when both share it (boolean indexing is several times slower for scattered
-    masks)."""
+    order when both share it, which beats boolean indexing for scattered masks."""
     for a, m in ((x, mask), (x.T, mask.T)):
         if a.flags.c_contiguous and m.flags.c_contiguous:
             return np.compress(m.reshape(-1), a.reshape(-1))
@@ -185,7 +191,7 @@ def _order_statistics_host(
     if sample_size is None:
         if n < _DIRECT_SIZE:
             return _select(values, ranks)
-        sample_size = min(_SAMPLE_SIZE, n // 16)
+        sample_size = min(_SAMPLE_SIZE, n // _SAMPLE_FRACTION)
     elif n <= 2 * sample_size:
         return _select(values, ranks)
     stride = n // sample_size
@@ -433,10 +439,11 @@ def _select_keys(keys: jax.Array, valid, n: jax.Array, ranks: jax.Array) -> tupl
         in_sample = jnp.sum(chosen, dtype=jnp.int32).astype(jnp.float32)
     sample = jnp.sort(sample)
     # a rank's position in the sample varies by a binomial standard deviation: thresholds
-    # 3.5 of those (and 2 positions) on either side, and at the expected position
+    # _DEVICE_MARGIN_SD of those (and _DEVICE_MARGIN_POSITIONS) on either side, and at the
+    # expected position
     p = (ranks.astype(jnp.float32) + 0.5) / jnp.maximum(n, 1).astype(jnp.float32)
     position = p * in_sample
-    margin = 2.0 + 3.5 * jnp.sqrt(in_sample * p * (1 - p))
+    margin = _DEVICE_MARGIN_POSITIONS + _DEVICE_MARGIN_SD * jnp.sqrt(in_sample * p * (1 - p))
     at = jnp.stack([position - margin, position, position + margin], axis=1)
     at = jnp.clip(jnp.round(at), 0, sample.shape[0] - 1).astype(jnp.int32)
     first, middle, last = sample[at[:, 0]], sample[at[:, 1]], sample[at[:, 2]]
@@ -623,11 +630,9 @@ def percentile(x: ArrayLike, q: float | Sequence[float], *, mask: ArrayLike | No
     qa = check_percentiles(q, "q").reshape(-1)
     if mask is not None:
         mask = (
-            jnp.broadcast_to(mask, jnp.shape(x))
-            if _is_traced(mask, x)
-            else np.broadcast_to(mask, np.shape(x))
+            jnp.broadcast_to(mask, jnp.shape(x)) if is_traced(mask, x) else np.broadcast_to(mask, np.shape(x))
         )
-    if _is_traced(x, mask):
+    if is_traced(x, mask):
         out = _percentile_device(jnp.asarray(x), qa, mask)
     else:
         out = _percentile_host(np.asarray(x), qa, mask)
@@ -637,9 +642,9 @@ def percentile(x: ArrayLike, q: float | Sequence[float], *, mask: ArrayLike | No
 def count_true(masks: Sequence[ArrayLike], axes: Sequence[int]) -> list[jax.Array]:
     """Counts of ``True`` in each of several same-shaped boolean ``masks`` over ``axes``.
 
-    One variadic reduction: a single pass over the voxels, where one reduction per mask
-    reads them once per mask and runs about 10x slower on XLA:CPU. Jittable and
-    vmappable; returns int32 arrays with ``axes`` removed.
+    One variadic reduction: a single pass over the voxels (one reduction per mask would
+    read them once per mask). Jittable and vmappable; returns int32 arrays with ``axes``
+    removed.
 
     Examples:
         >>> import jax.numpy as jnp

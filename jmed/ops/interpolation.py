@@ -52,14 +52,11 @@ differ in the last bit. Two guards keep the result independent of that:
   artefact). This covers what the split products do not: displacement fields, and
   matrices computed in the same program.
 
-Performance: an affine-only mapping never builds a ``(3, X, Y, Z)`` grid; each coordinate
-is an outer sum of three 1D ramps that XLA fuses into the gathers. On CPU the fastest
-formulation measured was 8 scalar gathers on the flattened volume fused with the weight
-arithmetic (faster than ``jax.scipy.ndimage.map_coordinates`` with a materialised grid,
-much faster than a 2x2x2 window gather or gathering neighbour pairs, and faster than
-iterating over the output in 3D tiles, whose transpose back costs more than the locality
-gains). All arrays keep the trailing channel axis, so the loop writes the output in its
-final layout.
+Memory: an affine-only mapping never builds a ``(3, X, Y, Z)`` grid; each coordinate is
+an outer sum of three 1D ramps that XLA fuses into the gathers. Linear interpolation is
+8 scalar gathers on the flattened volume fused with the weight arithmetic. All arrays
+keep the trailing channel axis, so the loop writes the output in its final layout. The
+formulations compared for this choice: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -71,6 +68,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jmed._checks import check_choice
 from jmed.ops.bspline import SeparableField
 from jmed.ops.crop_pad import valid_mask
 
@@ -169,8 +167,7 @@ def _coordinates(matrix, output_shape, displacement, displacement_matrix) -> lis
 
 def _gather(flat: jax.Array, index: jax.Array, output_shape) -> jax.Array:
     # ``index`` is (X, Y, Z, 1). Everything stays channels-last: computed in 3D and given
-    # its channel axis at the end, the output is copied once more by XLA:CPU (about 30 %
-    # slower for a single-channel linear resampling)
+    # its channel axis at the end, the output would be copied once more by XLA:CPU
     if flat.ndim == 1:
         return jnp.take(flat, index, mode="clip")
     return jnp.take(flat, index.reshape(-1), axis=0, mode="clip").reshape(*output_shape, flat.shape[1])
@@ -215,8 +212,7 @@ def resample(
             ``displacement`` shape.
     """
     mode = _interpolation(order)
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    check_choice(pad_mode, "pad_mode", PAD_MODES)
     data = jnp.asarray(data)
     if data.ndim != 4:
         raise ValueError(f"data must be (x, y, z, c), got shape {data.shape}")
@@ -439,9 +435,9 @@ def pad_value_for(data: ArrayLike, rule: str | float, extent: ArrayLike | None =
 def _kept_apart(value: jax.Array) -> jax.Array:
     """``value`` (float32) unchanged, as an operation XLA:CPU's reduction fusion stops at.
 
-    XLA:CPU (jaxlib 0.10) fuses a reduction with the elementwise work that consumes its
-    result, which splits the resampling loop that uses the pad value into materialised
-    pieces: 100 ms instead of 40 ms for a linear resampling of a 197x233x189 volume.
-    Rounding float32 to float32's own precision is the identity and keeps them apart.
+    XLA:CPU may fuse a reduction with the elementwise work that consumes its result,
+    which splits the resampling loop that uses the pad value into materialised pieces
+    (docs/performance.md). Rounding float32 to float32's own precision is the identity
+    and keeps them apart.
     """
     return jax.lax.reduce_precision(value, exponent_bits=8, mantissa_bits=23)

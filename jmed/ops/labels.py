@@ -1,71 +1,44 @@
-"""Connected components of 3D binary masks, on the host (numpy, no scipy).
+"""Connected components of 3D binary masks, on the host.
 
-The labelling is run-based and vectorised (no per-voxel Python loop):
-
-1. each maximal run of foreground voxels along the last axis gets an id (a cumulative
-   sum over run starts);
-2. runs in neighbouring rows that touch (for 6-connectivity: share a face; for
-   26-connectivity: also an edge or a corner) are joined by an edge, found with shifted
-   boolean arrays (one edge per touching stretch, not per voxel);
-3. a union-find over runs with vectorised hooking (``numpy.minimum.at``) and pointer
-   jumping merges the runs into components;
-4. components are numbered ``1..n`` in the raster order of their first voxel, as
-   ``scipy.ndimage.label``.
-
-Work is restricted to the bounding box of the foreground. All functions take and return
-numpy arrays of shape ``(x, y, z)``.
+Labelling is ``cc3d.connected_components`` (connected-components-3d), run on the bounding
+box of the foreground. Components are numbered ``1..n`` in the C raster order of their first
+voxel, exactly as ``scipy.ndimage.label`` numbers them with the same connectivity. All
+functions take and return numpy arrays of shape ``(x, y, z)``; they run where values are
+concrete (in the loader's preprocessing, or on a prediction), not under ``jit``.
 """
 
 from __future__ import annotations
 
+import cc3d
 import numpy as np
 from numpy.typing import ArrayLike
 
+from jmed._checks import check_choice
+
 __all__ = ["CONNECTIVITIES", "component_sizes", "connected_components", "fill_holes", "keep_largest"]
 
-CONNECTIVITIES = (6, 26)
+# neighbours sharing a face (6), also an edge (18), also a corner (26)
+CONNECTIVITIES = (6, 18, 26)
 
 
 def check_connectivity(connectivity: int, name: str = "connectivity") -> int:
-    if connectivity not in CONNECTIVITIES:
-        raise ValueError(f"{name} must be 6 (faces) or 26 (faces, edges and corners), got {connectivity!r}")
+    """``connectivity`` as an int if it is 6, 18 or 26.
+
+    Raises:
+        ValueError: naming ``name``, the value and the allowed values.
+    """
+    if isinstance(connectivity, bool):
+        connectivity = None  # True == 1 is not a connectivity
+    check_choice(connectivity, name, CONNECTIVITIES)
     return int(connectivity)
 
 
-def _row_offsets(connectivity: int) -> list[tuple[int, int]]:
-    """Offsets (dx, dy) from a row to the neighbouring rows that come later in raster order."""
-    if connectivity == 6:
-        return [(1, 0), (0, 1)]
-    return [(0, 1), (1, -1), (1, 0), (1, 1)]
-
-
-def _find_roots(parent: np.ndarray) -> np.ndarray:
-    while True:
-        grand = parent[parent]
-        if np.array_equal(grand, parent):
-            return parent
-        parent = grand
-
-
-def _union(num: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Root (smallest member id) of every node of the graph with edges ``(a, b)``.
-
-    Each round hooks the larger root of every edge onto the smaller one, then compresses
-    paths fully; every root with an edge hooks or is hooked, so the number of components
-    with edges at least halves per round.
-    """
-    parent = np.arange(num, dtype=np.int32)
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    while True:
-        keep = lo != hi
-        if not keep.any():
-            break
-        lo, hi = lo[keep], hi[keep]
-        np.minimum.at(parent, hi, lo)
-        parent = _find_roots(parent)
-        lo, hi = parent[lo], parent[hi]
-        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-    return parent
+def _foreground_box(mask: np.ndarray) -> tuple[slice, ...]:
+    box = []
+    for axis in range(3):
+        profile = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(profile[0]), int(profile[-1]) + 1))
+    return tuple(box)
 
 
 def connected_components(mask: ArrayLike, *, connectivity: int = 6) -> tuple[np.ndarray, int]:
@@ -73,18 +46,21 @@ def connected_components(mask: ArrayLike, *, connectivity: int = 6) -> tuple[np.
 
     Args:
         mask: ``(x, y, z)`` array; nonzero voxels are foreground.
-        connectivity: 6 (neighbours share a face) or 26 (also an edge or a corner).
+        connectivity: 6 (neighbours share a face), 18 (also an edge) or 26 (also a corner).
 
     Returns:
         ``(labels, n)``: int32 labels (0 background, components ``1..n`` numbered in
         raster order of their first voxel, as ``scipy.ndimage.label``) and their count.
+
+    Raises:
+        ValueError: a connectivity other than 6, 18 or 26, or a mask that is not 3D.
 
     Examples:
         >>> m = np.zeros((3, 3, 3), bool); m[0, 0, 0] = m[1, 1, 1] = True
         >>> connected_components(m)[1], connected_components(m, connectivity=26)[1]
         (2, 1)
     """
-    check_connectivity(connectivity)
+    connectivity = check_connectivity(connectivity)
     full = np.asarray(mask)
     if full.ndim != 3:
         raise ValueError(f"mask must be 3D (x, y, z), got shape {full.shape}")
@@ -92,56 +68,14 @@ def connected_components(mask: ArrayLike, *, connectivity: int = 6) -> tuple[np.
     labels_full = np.zeros(full.shape, np.int32)
     if not full.any():
         return labels_full, 0
-    # bounding box of the foreground
-    box = []
-    for axis in range(3):
-        profile = np.flatnonzero(full.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(profile[0]), int(profile[-1]) + 1))
-    box = tuple(box)
-    # a zero border makes every neighbour index valid and stops runs at the box edges
-    m = np.pad(full[box], 1)
-    flat = m.reshape(-1)
-    sy, sx = m.shape[2], m.shape[1] * m.shape[2]
-    fg = np.flatnonzero(flat)
-    prev = flat[fg - 1]
-    # 1. runs along z, numbered in raster order
-    is_start = ~prev
-    run_of_fg = np.cumsum(is_start, dtype=np.int32) - 1
-    num_runs = int(run_of_fg[-1]) + 1
-    run_flat = np.empty(flat.size, np.int32)  # read only at foreground voxels
-    run_flat[fg] = run_of_fg
-    starts = fg[is_start]
-    ends = fg[~flat[fg + 1]]
-    run_ids = np.arange(num_runs, dtype=np.int32)
-    # 2. edges between touching runs of neighbouring rows
-    edges_a, edges_b = [], []
-    for dx, dy in _row_offsets(connectivity):
-        offset = dx * sx + dy * sy
-        nb = fg + offset
-        touch = flat[nb]
-        # consecutive touching voxels join the same two runs: keep the first of each stretch
-        keep = touch & ~(prev & flat[nb - 1])
-        edges_a.append(run_of_fg[keep])
-        edges_b.append(run_flat[nb[keep]])
-        if connectivity == 26:
-            # diagonal contacts along z not covered by a face contact happen only past the
-            # end or before the start of a run
-            for base, dz in ((ends, 1), (starts, -1)):
-                nb = base + offset + dz
-                touch = flat[nb]
-                edges_a.append(run_ids[touch])
-                edges_b.append(run_flat[nb[touch]])
-    a = np.concatenate(edges_a)
-    b = np.concatenate(edges_b)
-    # 3. union-find over runs
-    roots = _union(num_runs, a, b)
-    # 4. number components in raster order of their first run
-    is_root = roots == run_ids
-    component = np.cumsum(is_root, dtype=np.int32)[roots]
-    labels_p = np.zeros(flat.size, np.int32)
-    labels_p[fg] = component[run_of_fg]
-    labels_full[box] = labels_p.reshape(m.shape)[1:-1, 1:-1, 1:-1]
-    return labels_full, int(np.count_nonzero(is_root))
+    box = _foreground_box(full)
+    # cc3d numbers components in the raster order of its input's memory layout: C order
+    # gives scipy's numbering
+    labels, num = cc3d.connected_components(
+        np.ascontiguousarray(full[box]), connectivity=connectivity, return_N=True
+    )
+    labels_full[box] = labels
+    return labels_full, int(num)
 
 
 def component_sizes(labels: np.ndarray, num: int) -> np.ndarray:
@@ -162,7 +96,7 @@ def fill_holes(mask: ArrayLike, *, connectivity: int = 6, fillable: ArrayLike | 
 
     Args:
         mask: ``(x, y, z)`` foreground.
-        connectivity: connectivity of the background components.
+        connectivity: connectivity of the background components (6, 18 or 26).
         fillable: optional boolean array; a hole is filled only if all its voxels are
             fillable (e.g. unlabelled), else it is left alone.
 

@@ -1,9 +1,8 @@
 """Fast Gaussian noise fields: a keyed counter hash instead of ``jax.random``'s Threefry.
 
 Adding noise to a volume needs one random number per voxel. ``jax.random.normal`` draws
-them with Threefry-2x32 (20 rounds), which on a CPU costs about 100 ms for the 8.7 M
-voxels of an MNI-size volume: more than the rest of an intensity pipeline. Here the
-voxel with flat (C-order) index ``i`` gets the 32 bits
+them with Threefry-2x32 (20 rounds), which on a CPU costs more than the rest of an
+intensity pipeline (docs/performance.md). Here the voxel with flat (C-order) index ``i`` gets the 32 bits
 
     ``h(i) = mix(mix(i XOR k0) + k1)``
 
