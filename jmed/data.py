@@ -1400,6 +1400,18 @@ class Queue(_Loader):
             ``"auto"`` (default): ``jmed.compilation.default_cache_dir()``
             (``~/.cache/jmed/xla``); ``None``: no cache. It is turned on in the worker
             processes (and in this process with ``num_workers=0``).
+        patch_reads: patch-first reading (see ``jmed.patch_reads``): workers read only
+            each patch's region (patch plus ``patch_margin``) from region-readable files
+            (uncompressed ``.nii``, memory-mapped), never a whole volume; label-balanced
+            locations come from a per-block class index of the label map (stored under
+            ``cache_dir`` when given). Off by default, because spatial augmentations then
+            act on the region around each patch, not on the whole volume. ``True`` uses
+            ``jmed.patch_reads.open_region``; a callable ``opener(path, kind)`` returning a
+            ``jmed.patch_reads.RegionReader`` replaces it. Needs ``UniformSampler`` or
+            ``LabelSampler`` and no ``preprocessing``; ``buckets`` do not apply.
+        patch_margin: voxels read around each patch on each side for the augmentation
+            (an int or 3 ints); ``None``: 0 without augmentation, else a quarter of the
+            patch per axis. Only with ``patch_reads``.
 
     Iterating yields batched ``Subject`` s (see the module docstring). Each
     ``iter(queue)`` starts again at epoch 0.
@@ -1435,6 +1447,8 @@ class Queue(_Loader):
         as_jax: bool = False,
         worker_buffer_size: int = 2,
         compilation_cache_dir: str | os.PathLike | None = "auto",
+        patch_reads: bool | Callable = False,
+        patch_margin: int | Sequence[int] | None = None,
     ):
         if not callable(sampler) or not hasattr(sampler, "patch_size"):
             raise TypeError(f"sampler must be a jmed patch sampler, got {sampler!r}")
@@ -1469,19 +1483,37 @@ class Queue(_Loader):
                 compilation_cache_dir=compilation_cache_dir,
             ),
         )
+        # --- patch-first hook (jmed.patch_reads): configuration ---
+        self.patch_reads = patch_reads
+        self.patch_margin = None
+        if patch_reads is not False:
+            from jmed import patch_reads as _patch_reads
+
+            _patch_reads.check_queue(self)
+            self.patch_margin = _patch_reads.check_margin(patch_margin, sampler.patch_size, augmentation)
+        elif patch_margin is not None:
+            raise ValueError(f"patch_margin={patch_margin!r} needs patch_reads=True")
+        # --- end of the patch-first hook ---
 
     @property
     def dataset(self) -> grain.IterDataset:
         """The grain pipeline (an ``IterDataset`` of batches)."""
-        load = _Load(
-            self.source,
-            self.shape_plan,
-            self.sampler.patch_size,
-            compilation_cache_dir=self.compilation_cache_dir,
-        )
-        it = self._worker_stream(
-            _AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed), load
-        )
+        if self.patch_reads is not False:
+            # --- patch-first hook (jmed.patch_reads): the worker maps read regions only ---
+            from jmed import patch_reads as _patch_reads
+
+            open_regions, read_and_sample = _patch_reads.worker_maps(self)
+            it = self._worker_stream(read_and_sample, open_regions)
+        else:
+            load = _Load(
+                self.source,
+                self.shape_plan,
+                self.sampler.patch_size,
+                compilation_cache_dir=self.compilation_cache_dir,
+            )
+            it = self._worker_stream(
+                _AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed), load
+            )
         # flatten and shuffle in the main process, so the order is the same for any worker count
         it = grain.experimental.FlatMapIterDataset(it, _SplitPatches(self.samples_per_volume))
         if self.shuffle_patches and self.max_length > 1:
