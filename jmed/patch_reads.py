@@ -441,8 +441,13 @@ def check_queue(queue) -> None:
             raise TypeError(f"subjects[{i}] is a loaded jmed.Subject; patch_reads needs file paths")
     if queue.patch_reads is not True and not callable(queue.patch_reads):
         raise TypeError(
-            f"patch_reads must be a bool or an opener callable (path, kind), got {queue.patch_reads!r}"
+            f"patch_reads must be True, False or an opener callable (path, kind), got {queue.patch_reads!r}"
         )
+    # fail early on a format that cannot be read by region (headers of the first subject only)
+    opener = open_region if queue.patch_reads is True else queue.patch_reads
+    first = source.records[int(queue.indices[0])] if len(queue.indices) else source.records[0]
+    for name in source.image_names:
+        opener(first[name], source.kind_of(name))
 
 
 class OpenRegions(grain.transforms.Map):
