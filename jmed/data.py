@@ -1557,8 +1557,14 @@ class Queue(_Loader):
         least one) ``worker_buffer_size + 1`` volumes (input and augmented copy) and
         their patches. Array data only: each process's interpreter and JAX runtime
         (a few hundred MiB) come on top. Volume sizes come from ``subject`` or from loading the first
-        subject (with preprocessing).
+        subject (with preprocessing). With ``patch_reads`` and no ``subject``: the regions read
+        per patch instead of volumes (see ``jmed.patch_reads.max_memory``), from headers only.
         """
+        if self.patch_reads is not False and subject is None:
+            # patch-first hook (jmed.patch_reads): regions, not volumes, from headers only
+            from jmed import patch_reads as _patch_reads
+
+            return _patch_reads.max_memory(self)
         if subject is None:
             subject = self.source[int(self.indices[0])]
             if subject is None:

@@ -639,6 +639,34 @@ def _numeric(value: Any) -> bool:
     return not isinstance(value, (str, bytes)) and value is not None
 
 
+def max_memory(queue) -> int:
+    """``Queue.get_max_memory`` for the patch-first path: the patch window and a batch in
+    the main process and, per worker, ``worker_buffer_size + 1`` subjects' regions (read
+    and augmented) and patches plus one class-index block. Headers of the first subject
+    only; array data only."""
+    source = queue.source
+    opener = open_region if queue.patch_reads is True else queue.patch_reads
+    record = source.records[int(queue.indices[0])]
+    patch = math.prod(queue.sampler.patch_size)
+    region = math.prod(p + 2 * m for p, m in zip(queue.sampler.patch_size, queue.patch_margin))
+    patch_bytes = region_bytes = block_bytes = 0
+    for name in source.image_names:
+        reader = opener(record[name], source.kind_of(name))
+        voxel = reader.shape[3] * max(
+            np.dtype(reader.dtype).itemsize, 4 if queue.augmentation is not None else 1
+        )
+        patch_bytes += patch * voxel
+        region_bytes += region * voxel * (2 if queue.augmentation is not None else 1)
+        if source.kind_of(name) == LABEL:
+            block_bytes = max(
+                block_bytes, CLASS_INDEX_BLOCK**3 * reader.shape[3] * np.dtype(reader.dtype).itemsize
+            )
+    n = queue.samples_per_volume
+    main = patch_bytes * (queue.max_length + queue.batch_size) + n * patch_bytes
+    per_subject = n * (region_bytes + patch_bytes) + block_bytes
+    return int(main + max(queue.num_workers, 1) * (queue.worker_buffer_size + 1) * per_subject)
+
+
 def worker_maps(queue) -> tuple[grain.transforms.Map, grain.transforms.Map]:
     """The two worker maps of a patch-first ``Queue``: open the subject's readers, then
     read, augment and cut its patches."""

@@ -364,6 +364,19 @@ def test_patch_reads_are_deterministic_and_restorable(records):
     _assert_batches_equal(first[2:], rest)
 
 
+def test_max_memory_counts_regions_not_volumes(records, no_whole_reads):
+    queue = _queue(records)
+    patch = PATCH**3 * (4 + 1)  # float32 t1 + uint8 seg
+    block = 64**3 * 1  # one class-index block of the uint8 label map
+    per_subject = 3 * (patch + patch) + block  # 3 regions (no margin) and their patches
+    expected = patch * (7 + 4) + 3 * patch + 1 * (2 + 1) * per_subject
+    assert queue.get_max_memory() == expected
+    flipped = _queue(records, augmentation=FLIP, patch_margin=1, num_workers=2)
+    region = 8**3 * (4 + 4) * 2  # read and augmented, at least 4 bytes per voxel
+    per_subject = 3 * (region + PATCH**3 * 8) + block
+    assert flipped.get_max_memory() == PATCH**3 * 8 * (7 + 4 + 3) + 2 * 3 * per_subject
+
+
 # --- configuration errors ---------------------------------------------------------------------------
 
 
