@@ -95,7 +95,8 @@ class RegionReader(Protocol):
     ``read(start, size)`` returns the voxels of the box ``start .. start + size`` (3 ints
     each, inside the volume) as a numpy array ``(sx, sy, sz, c)``, reading only that box.
     A reader may also have ``cache_key``, a string that changes when its content changes,
-    used to store its class index on disk.
+    used to store its class index on disk (without it, the index is kept in memory under
+    the path the reader was opened from).
     """
 
     shape: tuple[int, int, int, int]
@@ -285,13 +286,16 @@ def build_class_index(
 _INDEXES: dict[tuple, ClassIndex] = {}
 
 
-def _class_index(reader: RegionReader, patch_size, block: int, cache_dir: str | None) -> ClassIndex:
+def _class_index(
+    reader: RegionReader, source_path: str, patch_size, block: int, cache_dir: str | None
+) -> ClassIndex:
     reader_key = getattr(reader, "cache_key", None)
-    key = None if reader_key is None else (reader_key, tuple(patch_size), block)
-    if key is not None and key in _INDEXES:
+    # without a content key the index is kept in memory only, under the path it was opened from
+    key = (reader_key or f"path:{source_path}", tuple(patch_size), block)
+    if key in _INDEXES:
         return _INDEXES[key]
     path = None
-    if key is not None and cache_dir is not None:
+    if reader_key is not None and cache_dir is not None:
         digest = hashlib.sha256(f"{_INDEX_VERSION}\n{key}".encode()).hexdigest()[:40]
         path = Path(cache_dir) / "class-index" / f"{digest}.npz"
         index = _read_index(path, key)
@@ -301,8 +305,7 @@ def _class_index(reader: RegionReader, patch_size, block: int, cache_dir: str | 
     index = build_class_index(reader, patch_size, block)
     if path is not None:
         _write_index(path, key, index)
-    if key is not None:
-        _INDEXES[key] = index
+    _INDEXES[key] = index
     return index
 
 
@@ -451,7 +454,7 @@ def check_queue(queue) -> None:
 
 
 class OpenRegions(grain.transforms.Map):
-    """(epoch, index) -> ((epoch, index), readers, metadata), in the workers: headers only."""
+    """(epoch, index) -> ((epoch, index), readers, metadata, paths), in the workers: headers only."""
 
     def __init__(
         self, source, opener: Callable[[str, str], RegionReader], patch_size, compilation_cache_dir=None
@@ -479,7 +482,8 @@ class OpenRegions(grain.transforms.Map):
             return self.source._bad_subject(message, error, err)
         metadata = {k: v for k, v in record.items() if k not in self.source.image_names}
         metadata["subject_index"] = index
-        return tagged, readers, metadata
+        paths = {name: str(record[name]) for name in self.source.image_names}
+        return tagged, readers, metadata, paths
 
 
 def _check_readers(readers: Mapping[str, RegionReader], patch_size) -> None:
@@ -548,7 +552,7 @@ def _read_padded(reader: RegionReader, start, size, kind: str) -> np.ndarray:
 
 
 class ReadAugmentAndSample(grain.transforms.Map):
-    """((epoch, index), readers, metadata) -> element of ``num_patches`` stacked patches,
+    """((epoch, index), readers, metadata, paths) -> element of ``num_patches`` stacked patches,
     the same element as the whole-volume path's (see ``jmed.data``)."""
 
     def __init__(self, augmentation, sampler, num_patches: int, seed: int, margin, cache_dir, kinds):
@@ -560,7 +564,7 @@ class ReadAugmentAndSample(grain.transforms.Map):
         self.cache_dir = cache_dir
         self.kinds = dict(kinds)
 
-    def starts(self, epoch: int, index: int, readers) -> np.ndarray:
+    def starts(self, epoch: int, index: int, readers, paths) -> np.ndarray:
         sampler, n = self.sampler, self.num_patches
         shape = next(iter(readers.values())).shape[:3]
         valid = np.array([s - p + 1 for s, p in zip(shape, sampler.patch_size)], np.int32)
@@ -576,7 +580,7 @@ class ReadAugmentAndSample(grain.transforms.Map):
                 raise ValueError(f"label_name is None and the subject has {len(labels)} label maps {labels}")
             name = labels[0]
         reader = readers[name]
-        index_ = _class_index(reader, sampler.patch_size, CLASS_INDEX_BLOCK, self.cache_dir)
+        index_ = _class_index(reader, paths[name], sampler.patch_size, CLASS_INDEX_BLOCK, self.cache_dir)
         columns, classes, weights = _class_columns(index_, sampler)
         if sampler.foreground_fraction is None:
             drawn, ok = _draw_by_class(u[:, :2], index_, reader, columns, classes, weights)
@@ -596,8 +600,8 @@ class ReadAugmentAndSample(grain.transforms.Map):
     def map(self, item):
         if item is None:
             return None
-        (epoch, index), readers, metadata = item
-        starts = self.starts(epoch, index, readers)
+        (epoch, index), readers, metadata, paths = item
+        starts = self.starts(epoch, index, readers, paths)
         patch = np.array(self.sampler.patch_size)
         margin = np.array(self.margin)
         data, affines = {}, {}

@@ -337,6 +337,36 @@ def test_class_index_is_stored_in_the_cache_folder(records, tmp_path, monkeypatc
     _assert_batches_equal(_collect(iter(_queue(records, cache_dir=tmp_path))), first)
 
 
+class _NoKey:
+    """A region reader without ``cache_key`` (e.g. a minimal adapter)."""
+
+    def __init__(self, reader):
+        self._reader = reader
+        self.shape, self.dtype, self.affine = reader.shape, reader.dtype, reader.affine
+
+    def read(self, start, size):
+        return self._reader.read(start, size)
+
+
+def _opener_without_key(path, kind):
+    return _NoKey(patch_reads.open_region(path, kind))
+
+
+def test_readers_without_cache_key_build_each_index_once(records, tmp_path, monkeypatch):
+    built = []
+    real = patch_reads.build_class_index
+    monkeypatch.setattr(
+        patch_reads, "build_class_index", lambda reader, *a: built.append(reader) or real(reader, *a)
+    )
+    reference = _collect(iter(_queue(records, num_epochs=2)))
+    batches = _collect(
+        iter(_queue(records, num_epochs=2, patch_reads=_opener_without_key, cache_dir=tmp_path))
+    )
+    _assert_batches_equal(batches, reference)
+    assert len(built) == 2 * NUM_SUBJECTS  # once per label file and opener, whatever the epochs
+    assert not (tmp_path / "class-index").exists()  # no content key: nothing stored on disk
+
+
 # --- Queue: determinism and resumption ------------------------------------------------------------
 
 
