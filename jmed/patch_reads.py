@@ -167,7 +167,20 @@ class NiftiRegionReader:
         if len(proxy.shape) == 4:
             box = (*box, slice(None))
         try:
-            raw = np.asanyarray(proxy[box])
+            # a mapping per read, released at once: only the pages the box touches are read,
+            # and they do not stay in this process's resident memory (nibabel's own slicing
+            # issues one read call per contiguous run of voxels: 4096 for a 64^3 box)
+            mapped = np.memmap(
+                self.path,
+                dtype=proxy.dtype,
+                mode="r",
+                offset=proxy.offset,
+                shape=proxy.shape,
+                order=proxy.order,
+            )
+            unscaled = np.array(mapped[box])
+            del mapped
+            raw = io._scaled(proxy, unscaled, np.dtype(np.float32) if self.kind == INTENSITY else None)
         except (EOFError, OSError, ValueError) as err:
             raise ValueError(f"{self.path}: cannot read voxels of the box {start} + {size} ({err})") from err
         if self.kind == INTENSITY:
@@ -555,14 +568,15 @@ class ReadAugmentAndSample(grain.transforms.Map):
     """((epoch, index), readers, metadata, paths) -> element of ``num_patches`` stacked patches,
     the same element as the whole-volume path's (see ``jmed.data``)."""
 
-    def __init__(self, augmentation, sampler, num_patches: int, seed: int, margin, cache_dir, kinds):
+    def __init__(self, source, augmentation, sampler, num_patches: int, seed: int, margin):
+        self.source = source
         self.augmentation = augmentation
         self.sampler = sampler
         self.num_patches = num_patches
         self.seed = seed
         self.margin = tuple(margin)
-        self.cache_dir = cache_dir
-        self.kinds = dict(kinds)
+        self.cache_dir = source.cache_dir
+        self.kinds = {name: source.kind_of(name) for name in source.image_names}
 
     def starts(self, epoch: int, index: int, readers, paths) -> np.ndarray:
         sampler, n = self.sampler, self.num_patches
@@ -600,7 +614,16 @@ class ReadAugmentAndSample(grain.transforms.Map):
     def map(self, item):
         if item is None:
             return None
-        (epoch, index), readers, metadata, paths = item
+        try:
+            return self._patches(*item)
+        except Exception as err:
+            (_, index), source = item[0], self.source
+            message = f"cannot read patches of subject {source.describe(index)}: {type(err).__name__}: {err}"
+            error = ValueError(message) if isinstance(err, ValueError) else RuntimeError(message)
+            return source._bad_subject(message, error, err)
+
+    def _patches(self, tagged, readers, metadata, paths):
+        epoch, index = tagged
         starts = self.starts(epoch, index, readers, paths)
         patch = np.array(self.sampler.patch_size)
         margin = np.array(self.margin)
@@ -676,16 +699,14 @@ def worker_maps(queue) -> tuple[grain.transforms.Map, grain.transforms.Map]:
     read, augment and cut its patches."""
     opener = open_region if queue.patch_reads is True else queue.patch_reads
     source = queue.source
-    kinds = {name: source.kind_of(name) for name in source.image_names}
     return (
         OpenRegions(source, opener, queue.sampler.patch_size, queue.compilation_cache_dir),
         ReadAugmentAndSample(
+            source,
             queue.augmentation,
             queue.sampler,
             queue.samples_per_volume,
             queue.seed,
             queue.patch_margin,
-            source.cache_dir,
-            kinds,
         ),
     )

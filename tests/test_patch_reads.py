@@ -165,6 +165,16 @@ def test_nifti_region_reader_matches_jmed_load(records, volumes):
         reader.read((20, 0, 0), (5, 1, 1))
 
 
+def test_nifti_region_reader_applies_the_header_scaling(tmp_path):
+    path = tmp_path / "scaled.nii"
+    image = nib.Nifti1Image(np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7), np.eye(4))
+    image.header.set_slope_inter(0.3, -7.0)
+    nib.save(image, path)
+    expected = np.asarray(jmed.load(path).data)[1:4, 2:6, 0:5]
+    assert not np.array_equal(expected, np.arange(5 * 6 * 7).reshape(5, 6, 7, 1)[1:4, 2:6, 0:5])
+    np.testing.assert_array_equal(NiftiRegionReader(path).read((1, 2, 0), (3, 4, 5)), expected)
+
+
 def test_open_region_refuses_compressed_files_naming_them(tmp_path):
     path = tmp_path / "t1.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path)
@@ -405,6 +415,17 @@ def test_max_memory_counts_regions_not_volumes(records, no_whole_reads):
     region = 8**3 * (4 + 4) * 2  # read and augmented, at least 4 bytes per voxel
     per_subject = 3 * (region + PATCH**3 * 8) + block
     assert flipped.get_max_memory() == PATCH**3 * 8 * (7 + 4 + 3) + 2 * 3 * per_subject
+
+
+def test_a_truncated_file_names_the_subject_or_is_skipped(records, tmp_path, caplog):
+    broken = _write_subjects(tmp_path, n=2)
+    path = tmp_path / "t1_1.nii"
+    path.write_bytes(path.read_bytes()[:1000])  # header intact, voxels cut
+    with pytest.raises((RuntimeError, ValueError), match=r"subject 1 .*t1_1\.nii"):
+        _collect(iter(_queue(broken, shuffle_subjects=False)))
+    batches = _collect(iter(_queue(broken, skip_errors=True, batch_size=1)))
+    assert {int(b.metadata["subject_index"][0]) for b in batches} == {0}
+    assert any("t1_1.nii" in r.getMessage() and "skip" in r.getMessage() for r in caplog.records)
 
 
 # --- configuration errors ---------------------------------------------------------------------------
