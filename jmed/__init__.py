@@ -5,7 +5,7 @@ jittable, vmappable functions driven by explicit PRNG keys, sample patches, feed
 through a grain loader and stitch patch-wise predictions back together.
 """
 
-from jmed import affine, buckets, datasets, formats, metrics, ops, plot, transforms
+from jmed import affine, buckets, datasets, formats, metrics, ops, patch_reads, plot, transforms
 from jmed.data import (
     LoaderIterator,
     Queue,
@@ -87,6 +87,7 @@ __all__ = [
     "grid_locations",
     "load",
     "ops",
+    "patch_reads",
     "save",
     "sliding_window_inference",
     "stack",

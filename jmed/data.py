@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmed import _atomic, buckets, compilation, io, runtime
+from jmed import patch_reads as _patch_reads
 from jmed.image import INTENSITY, LABEL, Image, Subject
 from jmed.sampling import PatchSampler
 
@@ -1487,8 +1488,6 @@ class Queue(_Loader):
         self.patch_reads = patch_reads
         self.patch_margin = None
         if patch_reads is not False:
-            from jmed import patch_reads as _patch_reads
-
             _patch_reads.check_queue(self)
             self.patch_margin = _patch_reads.check_margin(patch_margin, sampler.patch_size, augmentation)
         elif patch_margin is not None:
@@ -1500,8 +1499,6 @@ class Queue(_Loader):
         """The grain pipeline (an ``IterDataset`` of batches)."""
         if self.patch_reads is not False:
             # --- patch-first hook (jmed.patch_reads): the worker maps read regions only ---
-            from jmed import patch_reads as _patch_reads
-
             open_regions, read_and_sample = _patch_reads.worker_maps(self)
             it = self._worker_stream(read_and_sample, open_regions)
         else:
@@ -1562,8 +1559,6 @@ class Queue(_Loader):
         """
         if self.patch_reads is not False and subject is None:
             # patch-first hook (jmed.patch_reads): regions, not volumes, from headers only
-            from jmed import patch_reads as _patch_reads
-
             return _patch_reads.max_memory(self)
         if subject is None:
             subject = self.source[int(self.indices[0])]
