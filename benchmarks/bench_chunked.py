@@ -16,7 +16,7 @@ label-balanced 64^3 patches (labels 0-4 equally likely; ``LabelSampler``, no
 augmentation) from one volume, 3 epochs (the subject read again each epoch, as a Queue
 does). Rows: time to the first 16 patches in a fresh process (reading, compilation, for
 (b) building the class index), the time per further 16 patches, and the peak resident
-memory of the process (``ru_maxrss``) with its value right after the imports. For (b)
+memory of the process (``VmHWM``) with its value right after the imports. For (b)
 a second process finds the class index in its ``cache_dir``.
 
 Queue over several volumes: ``--volumes`` (default 8) such volumes as ``.nii``, the
@@ -149,6 +149,14 @@ STORAGES: dict[str, tuple] = {}
 
 
 def _maxrss() -> int:
+    """Peak resident memory of this process's address space (``VmHWM``); ``ru_maxrss``
+    would also count the parent's peak, which Linux carries over ``fork`` and ``exec``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return 1024 * int(line.split()[1])
+    except OSError:
+        pass
     return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
