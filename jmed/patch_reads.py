@@ -213,6 +213,14 @@ def _box(start, size, shape, where) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return start, size
 
 
+def _check_region_readable(path: str | os.PathLike) -> None:
+    if not Path(path).name.lower().endswith(REGION_EXTENSIONS):
+        raise ValueError(
+            f"{path}: patch reads need region-readable files ({', '.join(REGION_EXTENSIONS)}); convert "
+            "the dataset once (e.g. .nii.gz to uncompressed .nii) or pass patch_reads=False"
+        )
+
+
 def open_region(path: str | os.PathLike, kind: str) -> RegionReader:
     """The region reader of an image file (the default opener of ``patch_reads=True``).
 
@@ -220,13 +228,8 @@ def open_region(path: str | os.PathLike, kind: str) -> RegionReader:
         ValueError: a file format that cannot be read by region (e.g. ``.nii.gz``, whose
             voxels are compressed as one stream), naming the path and the formats allowed.
     """
-    name = Path(path).name.lower()
-    if name.endswith(REGION_EXTENSIONS):
-        return NiftiRegionReader(path, kind)
-    raise ValueError(
-        f"{path}: patch reads need region-readable files ({', '.join(REGION_EXTENSIONS)}); convert "
-        "the dataset once (e.g. .nii.gz to uncompressed .nii) or pass patch_reads=False"
-    )
+    _check_region_readable(path)
+    return NiftiRegionReader(path, kind)
 
 
 # --- class index -------------------------------------------------------------------------------
@@ -459,11 +462,12 @@ def check_queue(queue) -> None:
         raise TypeError(
             f"patch_reads must be True, False or an opener callable (path, kind), got {queue.patch_reads!r}"
         )
-    # fail early on a format that cannot be read by region (headers of the first subject only)
-    opener = open_region if queue.patch_reads is True else queue.patch_reads
-    first = source.records[int(queue.indices[0])] if len(queue.indices) else source.records[0]
-    for name in source.image_names:
-        opener(first[name], source.kind_of(name))
+    if queue.patch_reads is True:
+        # fail early on a format that cannot be read by region (names only: a missing or
+        # damaged file is reported, or skipped with skip_errors, when its subject is read)
+        for record in source.records:
+            for name in source.image_names:
+                _check_region_readable(record[name])
 
 
 class OpenRegions(grain.transforms.Map):

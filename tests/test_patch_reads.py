@@ -425,6 +425,10 @@ def test_a_truncated_file_names_the_subject_or_is_skipped(records, tmp_path, cap
         _collect(iter(_queue(broken, shuffle_subjects=False)))
     batches = _collect(iter(_queue(broken, skip_errors=True, batch_size=1)))
     assert {int(b.metadata["subject_index"][0]) for b in batches} == {0}
+    # a missing file of the first subject is skipped too, not refused when the Queue is built
+    missing = [{**broken[0], "seg": str(tmp_path / "gone.nii")}, broken[0]]
+    batches = _collect(iter(_queue(missing, skip_errors=True, batch_size=1)))
+    assert {int(b.metadata["subject_index"][0]) for b in batches} == {1}
     assert any("t1_1.nii" in r.getMessage() and "skip" in r.getMessage() for r in caplog.records)
 
 
