@@ -22,7 +22,7 @@ a second process finds the class index in its ``cache_dir``.
 Queue over several volumes: ``--volumes`` (default 8) such volumes as ``.nii``, the
 patch-first Queue with 2 workers, 16 patches per volume, batches of 16: patches/s and the
 peak resident memory of each process (main and workers, polled with psutil), next to the
-bytes of one volume (CT + labels).
+bytes of one volume (CT + labels) and to the same Queue reading whole volumes.
 
     PYTHONPATH=. python benchmarks/bench_chunked.py [--size 512] [--volumes 8] [--folder DIR]
         [--json FILE]
@@ -228,6 +228,8 @@ class _PeakPerProcess:
         while not self._stop.is_set():
             for p in [self._process, *self._process.children(recursive=True)]:
                 try:
+                    if p.pid not in self.peaks and "resource_tracker" in " ".join(p.cmdline()):
+                        continue  # multiprocessing's bookkeeping process, not a worker
                     self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), p.memory_info().rss)
                 except Exception:
                     pass
@@ -242,7 +244,7 @@ class _PeakPerProcess:
         self._thread.join()
 
 
-def _child_queue(records: list[dict], cache_dir: str, workers: int) -> dict:
+def _child_queue(records: list[dict], cache_dir: str, workers: int, patch_reads: bool) -> dict:
     sys.path.insert(0, str(ROOT))
     import jmed
 
@@ -257,8 +259,8 @@ def _child_queue(records: list[dict], cache_dir: str, workers: int) -> dict:
         num_epochs=1,
         shard_index=0,
         shard_count=1,
-        cache_dir=cache_dir,
-        patch_reads=True,
+        cache_dir=cache_dir if patch_reads else None,
+        patch_reads=patch_reads,
     )
     start = time.perf_counter()
     patches = 0
@@ -281,7 +283,7 @@ def _child(args) -> None:
     if spec["kind"] == "torchio":
         result = _child_torchio(spec["paths"])
     elif spec["kind"] == "queue":
-        result = _child_queue(spec["records"], spec["cache_dir"], spec["workers"])
+        result = _child_queue(spec["records"], spec["cache_dir"], spec["workers"], spec["patch_reads"])
     else:
         result = _child_jmed(
             spec["paths"], spec["kind"] == "jmed-patch", spec.get("cache_dir"), spec.get("opener")
@@ -343,9 +345,17 @@ def run(size: int, volumes: int, folder: Path, workers: int = 2) -> dict:
     for i in range(1, volumes):
         paths = write_ct(folder, f"ct{i}", size, i, storages=("nii",))["nii"]
         records.append({"ct": paths["ct"], "seg": paths["seg"]})
-    results[f"Queue, {volumes} volumes, patch reads, {workers} workers"] = _spawn(
-        {"kind": "queue", "records": records, "cache_dir": str(folder / "queue-cache"), "workers": workers}
-    )
+    for patch_reads in (True, False):
+        how = "patch reads" if patch_reads else "whole volumes (contrast)"
+        results[f"Queue, {volumes} volumes .nii, {how}, {workers} workers"] = _spawn(
+            {
+                "kind": "queue",
+                "records": records,
+                "cache_dir": str(folder / "queue-cache"),
+                "workers": workers,
+                "patch_reads": patch_reads,
+            }
+        )
     return results
 
 
@@ -420,13 +430,17 @@ def cases(quick: bool, volume) -> list:
 
     def queue(runs: int) -> dict:
         r = measured()
-        result = next((v for k, v in r.items() if k.startswith("Queue")), None)
+        result = next((v for k, v in r.items() if k.startswith("Queue") and "patch reads" in k), None)
+        whole = next((v for k, v in r.items() if k.startswith("Queue") and "whole" in k), None)
         if not isinstance(result, dict):
             return {"jmed": "failed"}
-        note = (
-            f"peak MiB per process: main {result['main_peak_bytes'] / 2**20:.0f}, workers "
-            f"{[round(b / 2**20) for b in result['worker_peak_bytes']]}; one volume {r['volume_bytes'] / 2**20:.0f} MiB"
-        )
+
+        def peaks(x):
+            return f"main {x['main_peak_bytes'] / 2**20:.0f}, workers {[round(b / 2**20) for b in x['worker_peak_bytes']]}"
+
+        note = f"peak MiB per process: {peaks(result)}; one volume {r['volume_bytes'] / 2**20:.0f} MiB"
+        if isinstance(whole, dict):
+            note += f"; whole-volume Queue on the same files: {peaks(whole)}"
         return {"jmed": Timing(1e3 * result["seconds"] / max(result["patches"], 1), 1, None, None, note)}
 
     what = f"{NUM_PATCHES} label-balanced {PATCH}^3 patches, {size}^3 CT"
