@@ -34,10 +34,11 @@ Preprocessing needs whole volumes and is refused: preprocess and store the data 
 beforehand (e.g. resampled, canonical, as uncompressed ``.nii``).
 
 Region readers: ``open_region(path, kind)`` opens uncompressed NIfTI files (``.nii``)
-memory-mapped through nibabel, which reads a box without reading the rest of the file.
-Any object with the ``RegionReader`` attributes can stand in (pass an opener callable as
-``patch_reads=``): a thin adapter over a chunked store (e.g. a NIfTI-Zarr image's
-``read_region``) plugs in that way.
+memory-mapped (``NiftiRegionReader``: a box reads only the pages it touches), and chunked
+stores (``.zarr``) and URLs as ``ImageRegionReader`` over the lazy image
+``jmed.load(path, kind, lazy=True)``, whose ``read_region`` reads only the chunks a box
+touches. Any object with the ``RegionReader`` attributes can stand in (pass an opener
+callable as ``patch_reads=``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from jmed.sampling import LabelSampler, UniformSampler, _uniform_starts
 __all__ = [
     "CLASS_INDEX_BLOCK",
     "ClassIndex",
+    "ImageRegionReader",
     "NiftiRegionReader",
     "RegionReader",
     "build_class_index",
@@ -80,6 +82,7 @@ CLASS_INDEX_BLOCK = 64
 
 _INDEX_VERSION = "jmed-class-index-1"
 REGION_EXTENSIONS = (".nii",)
+STORE_EXTENSIONS = (".zarr",)
 
 
 @runtime_checkable
@@ -213,22 +216,61 @@ def _box(start, size, shape, where) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return start, size
 
 
+class ImageRegionReader:
+    """A region reader over a lazy ``jmed.Image`` that reads boxes itself, through its
+    ``read_region(start, size)`` (e.g. an image of a chunked store, which reads only the
+    chunks a box touches).
+
+    Args:
+        image: the image; its ``shape`` ``(x, y, z, c)``, ``dtype`` and ``affine`` are
+            the reader's.
+        cache_key: a string that changes when the content changes (stores the class
+            index on disk); ``None``: the index is kept in memory only.
+    """
+
+    def __init__(self, image: Any, cache_key: str | None = None):
+        if not callable(getattr(image, "read_region", None)):
+            raise TypeError(f"image must have a read_region(start, size) method, got {type(image).__name__}")
+        self.image = image
+        self.shape = tuple(int(s) for s in image.shape)
+        self.dtype = np.dtype(image.dtype)
+        self.affine = np.asarray(image.affine, np.float64)
+        if cache_key is not None:
+            self.cache_key = str(cache_key)
+
+    def read(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        start, size = _box(start, size, self.shape[:3], repr(self))
+        return np.asarray(self.image.read_region(start, size)).reshape(*size, self.shape[3])
+
+    def __repr__(self) -> str:
+        return f"ImageRegionReader({type(self.image).__name__} {self.shape})"
+
+
+def _is_store(path: str | os.PathLike) -> bool:
+    text = os.fspath(path)
+    return text.rstrip("/").lower().endswith(STORE_EXTENSIONS) or "://" in text
+
+
 def _check_region_readable(path: str | os.PathLike) -> None:
-    if not Path(path).name.lower().endswith(REGION_EXTENSIONS):
+    if not (Path(path).name.lower().endswith(REGION_EXTENSIONS) or _is_store(path)):
         raise ValueError(
-            f"{path}: patch reads need region-readable files ({', '.join(REGION_EXTENSIONS)}); convert "
-            "the dataset once (e.g. .nii.gz to uncompressed .nii) or pass patch_reads=False"
+            f"{path}: patch reads need region-readable files ({', '.join(REGION_EXTENSIONS + STORE_EXTENSIONS)} "
+            "or URLs); convert the dataset once (e.g. .nii.gz to uncompressed .nii) or pass patch_reads=False"
         )
 
 
 def open_region(path: str | os.PathLike, kind: str) -> RegionReader:
-    """The region reader of an image file (the default opener of ``patch_reads=True``).
+    """The region reader of an image file (the default opener of ``patch_reads=True``):
+    ``NiftiRegionReader`` for ``.nii``; for chunked stores (``.zarr``) and URLs, an
+    ``ImageRegionReader`` over ``jmed.load(path, kind, lazy=True)``.
 
     Raises:
         ValueError: a file format that cannot be read by region (e.g. ``.nii.gz``, whose
             voxels are compressed as one stream), naming the path and the formats allowed.
     """
     _check_region_readable(path)
+    if _is_store(path):
+        return ImageRegionReader(io.load(path, kind, lazy=True))
     return NiftiRegionReader(path, kind)
 
 

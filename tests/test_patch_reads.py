@@ -175,6 +175,43 @@ def test_nifti_region_reader_applies_the_header_scaling(tmp_path):
     np.testing.assert_array_equal(NiftiRegionReader(path).read((1, 2, 0), (3, 4, 5)), expected)
 
 
+class _BoxImage:
+    """A lazy image stand-in that reads boxes through ``read_region`` and refuses ``data``."""
+
+    def __init__(self, path, kind):
+        self._reader = NiftiRegionReader(path, kind)
+        self.shape, self.dtype, self.affine = self._reader.shape, self._reader.dtype, self._reader.affine
+        self.boxes = []
+
+    def read_region(self, start, size):
+        self.boxes.append((tuple(start), tuple(size)))
+        return self._reader.read(start, size)
+
+    @property
+    def data(self):
+        raise AssertionError("the whole array was read")
+
+
+def _box_image_opener(path, kind):
+    return patch_reads.ImageRegionReader(_BoxImage(path, kind), cache_key=f"box:{path}")
+
+
+def test_image_region_reader_adapts_read_region(records, volumes):
+    image = _BoxImage(records[0]["seg"], "label")
+    reader = patch_reads.ImageRegionReader(image)
+    assert isinstance(reader, patch_reads.RegionReader) and not hasattr(reader, "cache_key")
+    np.testing.assert_array_equal(
+        reader.read((2, 3, 4), (5, 6, 7))[..., 0], volumes[0]["seg"][2:7, 3:9, 4:11]
+    )
+    assert image.boxes == [((2, 3, 4), (5, 6, 7))]
+    with pytest.raises(TypeError, match="read_region"):
+        patch_reads.ImageRegionReader(np.zeros((2, 2, 2, 1)))
+    # the Queue over such readers gives the patches of the .nii readers
+    _assert_batches_equal(
+        _collect(iter(_queue(records, patch_reads=_box_image_opener))), _collect(iter(_queue(records)))
+    )
+
+
 def test_open_region_refuses_compressed_files_naming_them(tmp_path):
     path = tmp_path / "t1.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path)
