@@ -55,6 +55,7 @@ MODULES = (
     "bench_pipeline",
     "bench_loader",
     "bench_heterogeneous",
+    "bench_chunked",
     "bench_device",
     "bench_inference",
     "bench_metrics",

@@ -63,7 +63,7 @@ _LAZY_NAMES = {
 }
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from jmed import affine, buckets, datasets, formats, metrics, ops, plot, transforms
+    from jmed import affine, buckets, datasets, formats, metrics, ops, patch_reads, plot, transforms
     from jmed.data import (
         BucketOptions,
         LoaderIterator,
@@ -161,6 +161,7 @@ __all__ = [
     "grid_locations",
     "load",
     "ops",
+    "patch_reads",
     "save",
     "sliding_window_inference",
     "stack",

@@ -28,6 +28,7 @@ MODULES = [
     "jmed.inference",
     "jmed.io",
     "jmed.metrics",
+    "jmed.patch_reads",
     "jmed.plot",
     "jmed.sampling",
     "jmed.transforms",

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jmed import buckets, compilation
+from jmed import patch_reads as _patch_reads
 from jmed._checks import is_int
 from jmed.data.elements import _CollateTo, _DropNones, _FromWorkers, _SplitPatches, _ToElement
 from jmed.data.iterator import LoaderIterator
@@ -429,6 +430,19 @@ class Queue(_Loader):
             planning (one header read per subject) and, for each new iterator, the
             subjects prepared until the first batch is ready (worker start-up and
             compilation included). Batches do not depend on it.
+        patch_reads: patch-first reading (see ``jmed.patch_reads``): workers read only
+            each patch's region (patch plus ``patch_margin``) from region-readable files
+            (uncompressed ``.nii``, memory-mapped; chunked NIfTI-Zarr and zarr stores,
+            local or remote), never a whole volume; label-balanced locations come from a
+            per-block class index of the label map (stored under ``cache_dir`` when
+            given). Off by default, because spatial augmentations then act on the region
+            around each patch, not on the whole volume. ``True`` uses
+            ``jmed.patch_reads.open_region``; a callable ``opener(path, kind)`` returning a
+            ``jmed.patch_reads.RegionReader`` replaces it. Needs ``UniformSampler`` or
+            ``LabelSampler`` and no ``preprocessing``; ``buckets`` do not apply.
+        patch_margin: voxels read around each patch on each side for the augmentation
+            (an int or 3 ints); ``None``: 0 without augmentation, else a quarter of the
+            patch per axis. Only with ``patch_reads``.
 
     An option group and the loose keywords it replaces are two spellings of one
     configuration: ``Queue(..., shard_options=ShardOptions(shard_count=2))`` equals
@@ -474,6 +488,8 @@ class Queue(_Loader):
         bucket_options: BucketOptions | None = None,
         worker_options: WorkerOptions | None = None,
         progress: bool = False,
+        patch_reads: bool | Callable = False,
+        patch_margin: int | Sequence[int] | None = None,
     ):
         if not callable(sampler) or not hasattr(sampler, "patch_size"):
             raise TypeError(f"sampler must be a jmed patch sampler, got {sampler!r}")
@@ -515,19 +531,31 @@ class Queue(_Loader):
             ),
             progress=progress,
         )
+        self.patch_reads = patch_reads
+        self.patch_margin = None
+        if patch_reads is not False:
+            _patch_reads.check_queue(self)
+            self.patch_margin = _patch_reads.check_margin(patch_margin, sampler.patch_size, augmentation)
+        elif patch_margin is not None:
+            raise ValueError(f"patch_margin={patch_margin!r} needs patch_reads=True")
 
     @property
     def dataset(self) -> grain.IterDataset:
         """The grain pipeline (an ``IterDataset`` of batches)."""
-        load = _Load(
-            self.source,
-            self.shape_plan,
-            self.sampler.patch_size,
-            compilation_cache_dir=self.compilation_cache_dir,
-        )
-        it = self._worker_stream(
-            _AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed), load
-        )
+        if self.patch_reads is not False:
+            # patch-first: the workers read each patch's region only
+            open_regions, read_and_sample = _patch_reads.worker_maps(self)
+            it = self._worker_stream(read_and_sample, open_regions)
+        else:
+            load = _Load(
+                self.source,
+                self.shape_plan,
+                self.sampler.patch_size,
+                compilation_cache_dir=self.compilation_cache_dir,
+            )
+            it = self._worker_stream(
+                _AugmentAndSample(self.augmentation, self.sampler, self.samples_per_volume, self.seed), load
+            )
         # flatten and shuffle in the main process, so the order is the same for any worker count
         it = grain.experimental.FlatMapIterDataset(it, _SplitPatches(self.samples_per_volume))
         if self.shuffle_patches and self.max_length > 1:
@@ -581,8 +609,11 @@ class Queue(_Loader):
         least one) ``worker_buffer_size + 1`` volumes (input and augmented copy) and
         their patches. Array data only: each process's interpreter and JAX runtime
         (a few hundred MiB) come on top. Volume sizes come from ``subject`` or from loading the first
-        subject (with preprocessing).
+        subject (with preprocessing). With ``patch_reads`` and no ``subject``: the regions read
+        per patch instead of volumes (see ``jmed.patch_reads.max_memory``), from headers only.
         """
+        if self.patch_reads is not False and subject is None:
+            return _patch_reads.max_memory(self)
         if subject is None:
             subject = self.source[int(self.indices[0])]
             if subject is None:
