@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
-from nibabel import orientations as nib_orientations
 
 from jmed._checks import is_traced
 
@@ -61,6 +60,14 @@ ORIENTATIONS = tuple(
 # treated as parallel: 1e-6 is an angle of about 1e-6 rad between two axes, far below
 # any real acquisition and far above float64 rounding
 _SINGULAR_DETERMINANT = 1e-6
+
+
+def _nib_orientations():
+    """``nibabel.orientations``, imported on first use: importing nibabel imports its
+    optional readers too (pydicom when installed), which ``import jmed`` stays free of."""
+    from nibabel import orientations
+
+    return orientations
 
 
 def _xp(*arrays):
@@ -241,7 +248,7 @@ def orientation(affine: ArrayLike) -> str:
             "orientation() needs a concrete affine, got a traced value; compute it "
             "outside jit (orientation decides permutations, which fix output shapes)"
         )
-    codes = nib_orientations.aff2axcodes(np.asarray(affine, dtype=np.float64))
+    codes = _nib_orientations().aff2axcodes(np.asarray(affine, dtype=np.float64))
     if None in codes:
         raise ValueError(f"affine has a degenerate axis, no orientation:\n{affine}")
     return "".join(codes)
@@ -258,7 +265,7 @@ def _parse_orientation(code: str, name: str) -> np.ndarray:
         parsed.append(_LETTER_TO_AXIS[letter][0])
     if sorted(parsed) != [0, 1, 2]:
         raise ValueError(f"{name} {code!r} must name each of R/L, A/P and S/I exactly once")
-    return nib_orientations.axcodes2ornt(code.upper())
+    return _nib_orientations().axcodes2ornt(code.upper())
 
 
 def orientation_transform(current: str, target: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
@@ -268,7 +275,7 @@ def orientation_transform(current: str, target: str) -> tuple[tuple[int, int, in
     every output axis ``i`` with ``flips[i]``. This is ``nibabel.orientations.ornt_transform``
     written as a transpose followed by flips.
     """
-    ornt = nib_orientations.ornt_transform(
+    ornt = _nib_orientations().ornt_transform(
         _parse_orientation(current, "current orientation"), _parse_orientation(target, "target orientation")
     )
     return _perm_flips(ornt)
@@ -299,7 +306,7 @@ def reorient_affine(
     ``spatial_shape`` is the shape before.
     """
     a = np.asarray(affine, dtype=np.float64)
-    return a @ nib_orientations.inv_ornt_aff(_ornt(perm, flips), tuple(spatial_shape[:3]))
+    return a @ _nib_orientations().inv_ornt_aff(_ornt(perm, flips), tuple(spatial_shape[:3]))
 
 
 def reorient(
