@@ -31,7 +31,7 @@ import numpy as np
 from jmed import affine as affine_lib
 from jmed._progress import progress_bar
 from jmed.image import KINDS, LabelMap, ScalarImage, Subject
-from jmed.io import READ_EXTENSIONS, load
+from jmed.io import is_image_path, load
 from jmed.transforms import _params
 
 __all__ = [
@@ -261,10 +261,6 @@ def MNI152() -> Subject:  # noqa: N802 - named like the template
 # --- records ----------------------------------------------------------------------------------
 
 
-def _is_image_path(value: Any) -> bool:
-    return isinstance(value, (str, os.PathLike)) and str(value).lower().endswith(READ_EXTENSIONS)
-
-
 def _wildcard_regex(pattern: str) -> re.Pattern:
     """Regex for a glob pattern with a capture group per ``*`` / ``?`` (``**`` matches folders)."""
     out, i = [], 0
@@ -436,7 +432,7 @@ def subjects_from_csv(
         image_columns = [
             c
             for c in columns
-            if c != id_column and any(r[c] for r in rows) and all(_is_image_path(r[c]) for r in rows if r[c])
+            if c != id_column and any(r[c] for r in rows) and all(is_image_path(r[c]) for r in rows if r[c])
         ]
         if not image_columns:
             raise ValueError(f"{path}: no column holds image paths; pass image_columns=")
@@ -557,7 +553,7 @@ def subjects_from_bids(
             for name, suffix in images.items():
                 matches = []
                 for path in files:
-                    if not _is_image_path(path):
+                    if not is_image_path(path):
                         continue
                     ents, file_suffix = _bids_entities(path.name)
                     if file_suffix == suffix and all(ents.get(k) == v for k, v in entities.items()):

@@ -48,10 +48,20 @@ except ImportError:  # pragma: no cover - isal is a dependency, but optional at 
     _inflate = zlib
     _INFLATE_ERRORS = (zlib.error,)
 
-__all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "convert", "load", "save"]
+__all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "convert", "is_image_path", "load", "save"]
 
 WRITE_EXTENSIONS = (".nii", ".nii.gz", ".mgh", ".mgz", ".hdr", ".img")
 READ_EXTENSIONS = WRITE_EXTENSIONS + (".mnc",)
+
+
+def is_image_path(value: Any) -> bool:
+    """True for a path or URL that ``load`` reads: a name ending in one of
+    ``READ_EXTENSIONS`` or in ``.zarr`` (a chunked store). Records of subjects use it to
+    tell image paths from other values."""
+    if not isinstance(value, (str, os.PathLike)):
+        return False
+    name = os.fspath(value).lower().rstrip("/")
+    return name.endswith(READ_EXTENSIONS) or name.endswith(".zarr")
 
 
 def _extension(path: Path) -> str:

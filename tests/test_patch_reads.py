@@ -1,6 +1,7 @@
 import contextlib
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -486,3 +487,21 @@ def test_patch_reads_refuse_what_needs_whole_volumes(records, tmp_path):
     compressed = _write_subjects(tmp_path, n=1, suffix=".nii.gz")
     with pytest.raises(ValueError, match=r"_0\.nii\.gz.*region-readable"):
         _queue(compressed)
+
+
+def test_chunked_stores_give_the_batches_of_their_nifti_files(records, tmp_path):
+    """NIfTI-Zarr copies of the subjects (``jmed.io.convert``) read by region give exactly the
+    batches of the uncompressed ``.nii`` originals, label-balanced and augmented."""
+    pytest.importorskip("zarr")
+    stores = []
+    for record in records:
+        copy = dict(record)
+        for name, kind in (("t1", "intensity"), ("seg", "label")):
+            target = tmp_path / (os.path.basename(os.fspath(record[name])) + ".zarr")
+            copy[name] = str(jmed.io.convert(record[name], target, kind=kind, chunks=8))
+        stores.append(copy)
+    options = dict(augmentation=FLIP, num_epochs=2)
+    from_nifti = _collect(iter(_queue(records, **options)))
+    from_stores = _collect(iter(_queue(stores, **options)))
+    assert len(from_stores) == len(from_nifti) == 6
+    _assert_batches_equal(from_stores, from_nifti)

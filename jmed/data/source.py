@@ -19,13 +19,6 @@ __all__ = ["SubjectsSource"]
 logger = logging.getLogger(__name__)
 
 
-def _is_image_path(value: Any) -> bool:
-    if not isinstance(value, (str, os.PathLike)):
-        return False
-    name = os.fspath(value).lower()
-    return any(name.endswith(ext) for ext in io.READ_EXTENSIONS)
-
-
 def _check_deterministic(preprocessing: Any) -> Any:
     if preprocessing is None:
         return None
@@ -112,15 +105,15 @@ class SubjectsSource:
             if isinstance(record, Subject):
                 record_names = tuple(record)
             elif isinstance(record, Mapping):
-                record_names = tuple(sorted(k for k, v in record.items() if _is_image_path(v)))
-                record = {k: (os.fspath(v) if _is_image_path(v) else v) for k, v in record.items()}
+                record_names = tuple(sorted(k for k, v in record.items() if io.is_image_path(v)))
+                record = {k: (os.fspath(v) if io.is_image_path(v) else v) for k, v in record.items()}
             else:
                 raise TypeError(
                     f"subjects[{i}] must be a mapping or a jmed.Subject, got {type(record).__name__}"
                 )
             if not record_names:
                 raise ValueError(
-                    f"subjects[{i}] has no image path (values ending in {', '.join(io.READ_EXTENSIONS)}): {record!r}"
+                    f"subjects[{i}] has no image path (values ending in {', '.join(io.READ_EXTENSIONS)} or .zarr): {record!r}"
                 )
             if names is None:
                 names = record_names
