@@ -8,8 +8,8 @@ slab by slab (never whole in memory) under a temporary folder as
 - (a) ``.nii.gz`` (gzip level 1): read whole, by jmed's whole-volume Queue and TorchIO;
 - (b) uncompressed ``.nii``: read memory-mapped by region, by jmed's patch-first Queue
   (``patch_reads=True``, see ``jmed.patch_reads``);
-- (c) NIfTI-Zarr with 64^3 chunks: the slot ``STORAGES["nii.zarr"]`` below, measured by
-  the same function as (b) once a writer and a region opener for it exist.
+- (c) NIfTI-Zarr with 64^3 chunks (converted once from (b) by ``jmed.io.convert``): read
+  by region (only the chunks a patch touches) by the same patch-first Queue as (b).
 
 Each measurement runs in its own subprocess (peak memories do not mix): 16
 label-balanced 64^3 patches (labels 0-4 equally likely; ``LabelSampler``, no
@@ -137,12 +137,23 @@ def write_ct(folder: Path, stem: str, size: int, seed: int, storages=("nii", "ni
     return {s: {k: str(p) for k, p in pair.items()} for s, pair in paths.items()}
 
 
-# (c) NIfTI-Zarr slot: STORAGES["nii.zarr"] = (writer, opener) with
-# writer(folder, stem, size, seed) -> {"ct": path, "seg": path} (64^3 chunks, e.g. converting
-# the .nii files just written) and opener "module:function" (a Queue(patch_reads=opener)
-# callable) or None when patch_reads=True opens the format itself; measured by _child_jmed
-# exactly as (b).
-STORAGES: dict[str, tuple] = {}
+def write_zarr(folder: Path, stem: str, size: int, seed: int) -> dict:
+    """(c): the ``.nii`` files of ``write_ct`` converted once to NIfTI-Zarr with 64^3 chunks
+    (``jmed.io.convert``, slab by slab)."""
+    sys.path.insert(0, str(ROOT))
+    import jmed
+
+    out = {}
+    for key, kind in (("ct", "intensity"), ("seg", "label")):
+        source = folder / f"{stem}_{key}.nii"
+        out[key] = str(jmed.io.convert(source, folder / f"{stem}_{key}.nii.zarr", kind=kind, chunks=64))
+    return out
+
+
+# more storages read by region: name -> (writer(folder, stem, size, seed) -> {"ct", "seg"} paths,
+# opener "module:function" for Queue(patch_reads=opener), or None when patch_reads=True opens
+# the format itself); each measured by _child_jmed exactly as (b)
+STORAGES: dict[str, tuple] = {"nii.zarr": (write_zarr, None)}
 
 
 # --- children (one per measurement) ------------------------------------------------------------------
@@ -428,6 +439,13 @@ def cases(quick: bool, volume) -> list:
             "torchio": cell(r["TorchIO (a) .nii.gz"]),
         }
 
+    def zarr(runs: int) -> dict:
+        r = measured()
+        return {
+            "jmed": cell(r["jmed (nii.zarr), patch reads"]),
+            "torchio": cell(r["TorchIO (a) .nii.gz"]),
+        }
+
     def queue(runs: int) -> dict:
         r = measured()
         result = next((v for k, v in r.items() if k.startswith("Queue") and "patch reads" in k), None)
@@ -451,6 +469,13 @@ def cases(quick: bool, volume) -> list:
             "chunked",
             f"{what}, .nii patch reads (b)",
             measure=nii,
+            unit=f"first {NUM_PATCHES} patches",
+            note=note,
+        ),
+        Case(
+            "chunked",
+            f"{what}, NIfTI-Zarr 64^3 chunks (c)",
+            measure=zarr,
             unit=f"first {NUM_PATCHES} patches",
             note=note,
         ),
