@@ -221,21 +221,33 @@ def _options(cls: type, given: Any, argument: str, keywords: Mapping[str, Any]) 
     return given
 
 
-def _loader_options(
-    source_options: SourceOptions | None,
-    shard_options: ShardOptions | None,
-    worker_options: WorkerOptions | None,
-    **keywords: Any,
-) -> dict[str, Any]:
-    """The option groups of a loader, from the objects given or from the loose keywords."""
-    out = {}
-    for argument, cls, given in (
-        ("source_options", SourceOptions, source_options),
-        ("shard_options", ShardOptions, shard_options),
-        ("worker_options", WorkerOptions, worker_options),
+# settings every loader passes to ``_Loader._setup`` as they are
+_SHARED_SETTINGS = (
+    "batch_size",
+    "num_workers",
+    "seed",
+    "num_epochs",
+    "shuffle_subjects",
+    "drop_last",
+    "as_jax",
+    "progress",
+)
+
+
+def _setup_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``_Loader._setup`` from a loader constructor's ``locals()``:
+    the shared settings, and the option groups from the objects given or from the loose
+    keywords."""
+    out = {name: arguments[name] for name in _SHARED_SETTINGS}
+    for argument, cls in (
+        ("source_options", SourceOptions),
+        ("shard_options", ShardOptions),
+        ("worker_options", WorkerOptions),
     ):
         names = [field.name for field in dataclasses.fields(cls)]
-        out[argument] = _options(cls, given, argument, {name: keywords[name] for name in names})
+        out[argument] = _options(
+            cls, arguments[argument], argument, {name: arguments[name] for name in names}
+        )
     return out
 
 
@@ -506,31 +518,7 @@ class Queue(_Loader):
         self.buckets = self.bucket_options.buckets
         self.max_buckets = self.bucket_options.max_buckets
         self._plan = None
-        self._setup(
-            subjects,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            num_epochs=num_epochs,
-            shuffle_subjects=shuffle_subjects,
-            drop_last=drop_last,
-            as_jax=as_jax,
-            **_loader_options(
-                source_options,
-                shard_options,
-                worker_options,
-                label_names=label_names,
-                preprocessing=preprocessing,
-                cache_dir=cache_dir,
-                skip_errors=skip_errors,
-                shard_index=shard_index,
-                shard_count=shard_count,
-                drop_remainder=drop_remainder,
-                worker_buffer_size=worker_buffer_size,
-                compilation_cache_dir=compilation_cache_dir,
-            ),
-            progress=progress,
-        )
+        self._setup(subjects, **_setup_arguments(locals()))
         self.patch_reads = patch_reads
         self.patch_margin = None
         if patch_reads is not False:
@@ -691,31 +679,7 @@ class VolumeLoader(_Loader):
         worker_options: WorkerOptions | None = None,
         progress: bool = False,
     ):
-        self._setup(
-            subjects,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            num_epochs=num_epochs,
-            shuffle_subjects=shuffle_subjects,
-            drop_last=drop_last,
-            as_jax=as_jax,
-            **_loader_options(
-                source_options,
-                shard_options,
-                worker_options,
-                label_names=label_names,
-                preprocessing=preprocessing,
-                cache_dir=cache_dir,
-                skip_errors=skip_errors,
-                shard_index=shard_index,
-                shard_count=shard_count,
-                drop_remainder=drop_remainder,
-                worker_buffer_size=worker_buffer_size,
-                compilation_cache_dir=compilation_cache_dir,
-            ),
-            progress=progress,
-        )
+        self._setup(subjects, **_setup_arguments(locals()))
 
     @property
     def dataset(self) -> grain.IterDataset:
