@@ -45,6 +45,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jmed import _header
+
 __all__ = ["available_transforms", "main", "parse_kwargs"]
 
 
@@ -104,10 +106,6 @@ def _load(path: str, kind: str, *, lazy: bool = False):
 # --- header facts without JAX ------------------------------------------------------------------
 
 
-# ``jmed.io.READ_EXTENSIONS``, longest first (``jmed.io`` imports JAX)
-_READ_EXTENSIONS = (".nii.gz", ".nii", ".mgh", ".mgz", ".hdr", ".img", ".mnc")
-
-
 class _Header:
     """What ``jmed.load(path, kind, lazy=True)`` reports about a file, read with nibabel
     and numpy only (``jmed.load`` would import JAX)."""
@@ -121,11 +119,10 @@ class _Header:
             raise CommandError(f"{file} is a directory; an image file is needed")
         if not file.exists():
             raise CommandError(f"no such image file: {file}")
-        name = file.name.lower()
-        ext = next((e for e in _READ_EXTENSIONS if name.endswith(e)), "".join(file.suffixes[-2:]) or "(none)")
-        if ext not in _READ_EXTENSIONS:
+        ext = _header.extension(file)
+        if ext not in _header.READ_EXTENSIONS:
             raise CommandError(
-                f"{file}: unsupported extension {ext!r}; readable: {', '.join(_READ_EXTENSIONS)}"
+                f"{file}: unsupported extension {ext!r}; readable: {', '.join(_header.READ_EXTENSIONS)}"
             )
         try:
             img = nib.load(str(file))
@@ -161,7 +158,7 @@ class _Header:
                 f"{file}: image has {len(shape)} dimensions {tuple(shape)}; jmed reads 2D, 3D and 4D images"
             )
         if len(shape) == 4:
-            shape.append(shape.pop(_channel_axis(img)))
+            shape.append(shape.pop(_header.channel_axis(img)))
         shape += [1] * (4 - len(shape))
         self.file_dtype = np.dtype(img.get_data_dtype())
         #: how the file stores its voxels, in words (``int16``, ``RGB``)
@@ -186,18 +183,6 @@ class _Header:
         self.spacing = spacing
         self.origin = affine[:3, 3]
         self.orientation = "".join(nib.orientations.aff2axcodes(affine))
-
-
-def _channel_axis(img: Any) -> int:
-    """The axis of a 4D file that ``jmed.load`` turns into channels (see ``jmed.io``)."""
-    minc_file = getattr(getattr(img, "dataobj", None), "minc_file", None)
-    if minc_file is not None and len(img.shape) == 4:
-        names = list(getattr(minc_file, "_dim_names", ()))
-        spatial = set(getattr(minc_file, "_spatial_dims", ()))
-        other = [i for i, n in enumerate(names) if n not in spatial]
-        if len(other) == 1:
-            return other[0]
-    return len(img.shape) - 1
 
 
 # --- transforms ----------------------------------------------------------------------------------

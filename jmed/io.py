@@ -36,8 +36,9 @@ import nibabel as nib
 import numpy as np
 from nibabel.volumeutils import apply_read_scaling
 
-from jmed import _atomic
+from jmed import _atomic, _header
 from jmed import affine as affine_lib
+from jmed._header import READ_EXTENSIONS, WRITE_EXTENSIONS
 from jmed.image import INTENSITY, KINDS, Image, _aligned_empty, _host_layout, _LazyData, check_label_range
 
 try:  # ISA-L inflates gzip about twice as fast as zlib; same format and checks
@@ -50,9 +51,6 @@ except ImportError:  # pragma: no cover - isal is a dependency, but optional at 
 
 __all__ = ["READ_EXTENSIONS", "WRITE_EXTENSIONS", "convert", "is_image_path", "load", "save"]
 
-WRITE_EXTENSIONS = (".nii", ".nii.gz", ".mgh", ".mgz", ".hdr", ".img")
-READ_EXTENSIONS = WRITE_EXTENSIONS + (".mnc",)
-
 
 def is_image_path(value: Any) -> bool:
     """True for a path or URL that ``load`` reads: a name ending in one of
@@ -62,27 +60,6 @@ def is_image_path(value: Any) -> bool:
         return False
     name = os.fspath(value).lower().rstrip("/")
     return name.endswith(READ_EXTENSIONS) or name.endswith(".zarr")
-
-
-def _extension(path: Path) -> str:
-    name = path.name.lower()
-    for ext in sorted(READ_EXTENSIONS, key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    return "".join(path.suffixes[-2:]) or "(none)"
-
-
-def _channel_axis(img: Any) -> int:
-    """Axis of a 4D file that holds channels/time: the last, except for MINC, whose
-    non-spatial dimension (e.g. time) usually comes first."""
-    minc_file = getattr(getattr(img, "dataobj", None), "minc_file", None)
-    if minc_file is not None and len(img.shape) == 4:
-        names = list(getattr(minc_file, "_dim_names", ()))
-        spatial = set(getattr(minc_file, "_spatial_dims", ()))
-        other = [i for i, n in enumerate(names) if n not in spatial]
-        if len(other) == 1:
-            return other[0]
-    return len(img.shape) - 1
 
 
 def _to_channels_last(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
@@ -378,7 +355,7 @@ def _load(
         raise IsADirectoryError(f"{path} is a directory; load() needs an image file")
     if not path.exists():
         raise FileNotFoundError(f"no such image file: {path}")
-    ext = _extension(path)
+    ext = _header.extension(path)
     if ext not in READ_EXTENSIONS:
         raise ValueError(f"{path}: unsupported extension {ext!r}; readable: {', '.join(READ_EXTENSIONS)}")
     try:
@@ -417,7 +394,7 @@ def _from_nibabel(
         raise ValueError(
             f"{path}: the header has dimensions {tuple(file_shape)}; every axis needs at least one voxel"
         )
-    channel_axis = _channel_axis(img)
+    channel_axis = _header.channel_axis(img)
     if len(file_shape) == 4:
         file_shape.append(file_shape.pop(channel_axis))
     shape = _to_channels_last(tuple(file_shape), path)
@@ -529,7 +506,7 @@ def save(
     if chunks is not None or levels is not None:
         raise ValueError(f"chunks and levels apply to chunked stores (.nii.zarr), not to {path}")
     path = Path(path)
-    ext = _extension(path)
+    ext = _header.extension(path)
     if ext not in WRITE_EXTENSIONS:
         raise ValueError(f"{path}: cannot write extension {ext!r}; writable: {', '.join(WRITE_EXTENSIONS)}")
     if path.is_dir():
