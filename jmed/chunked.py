@@ -1075,11 +1075,22 @@ def save(
         overwrite=overwrite,
         zarr_format=zarr_format,
     )
+    return _write_slabs(
+        writer,
+        lambda z0, z1: image.read_region((0, 0, z0), (shape[0], shape[1], z1 - z0)),
+        progress,
+        f"write {writer.path.name}",
+    )
+
+
+def _write_slabs(writer: ChunkedWriter, read_slab: Any, progress: bool, desc: str) -> Path:
+    """Fill ``writer`` one slab of chunks along z at a time from ``read_slab(z0, z1)``, then
+    commit it; returns the path written."""
     with writer:
-        slabs = list(_slabs(shape, writer.chunks[2]))
-        with progress_bar(progress, total=len(slabs), desc=f"write {writer.path.name}", unit="slab") as bar:
+        slabs = list(_slabs(writer.shape, writer.chunks[2]))
+        with progress_bar(progress, total=len(slabs), desc=desc, unit="slab") as bar:
             for z0, z1 in slabs:
-                writer.write_region((0, 0, z0), image.read_region((0, 0, z0), (shape[0], shape[1], z1 - z0)))
+                writer.write_region((0, 0, z0), read_slab(z0, z1))
                 bar.update(1)
         writer.commit(progress=progress)
     return writer.path
@@ -1171,15 +1182,10 @@ def convert(
         zarr_format=zarr_format,
         scaling=scaling,
     )
-    with writer:
-        slabs = list(_slabs(shape, writer.chunks[2]))
-        with progress_bar(
-            progress, total=len(slabs), desc=f"convert {Path(src_text).name}", unit="slab"
-        ) as bar:
-            for z0, z1 in slabs:
-                index = (slice(None), slice(None), slice(z0, z1))
-                block = np.asarray(proxy[index if len(proxy.shape) == 3 else (*index, slice(None))])
-                writer.write_region((0, 0, z0), block.astype(dtype, copy=False))
-                bar.update(1)
-        writer.commit(progress=progress)
-    return writer.path
+
+    def read_slab(z0: int, z1: int) -> np.ndarray:
+        index = (slice(None), slice(None), slice(z0, z1))
+        block = np.asarray(proxy[index if len(proxy.shape) == 3 else (*index, slice(None))])
+        return block.astype(dtype, copy=False)
+
+    return _write_slabs(writer, read_slab, progress, f"convert {Path(src_text).name}")

@@ -149,7 +149,9 @@ def test_plot_transform_before_after(tmp_path):
     assert offsets[0] != offsets[1]
 
 
-def test_missing_matplotlib(monkeypatch):
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """Every import of matplotlib fails, as where it is not installed."""
     import builtins
 
     real_import = builtins.__import__
@@ -160,6 +162,9 @@ def test_missing_matplotlib(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_missing_matplotlib(no_matplotlib):
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot.plot_subject(datasets.phantom(0, shape=(8, 8, 8)))
 
@@ -220,17 +225,7 @@ def test_notebook_display_of_a_batch_is_text_only():
     assert "(batch)" in text
 
 
-def test_notebook_display_without_matplotlib(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("no matplotlib")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+def test_notebook_display_without_matplotlib(no_matplotlib):
     text = datasets.phantom(0, shape=(8, 8, 8))._repr_html_()
     assert "<img" not in text and "matplotlib is not installed" in text and "(8, 8, 8, 1)" in text
 
