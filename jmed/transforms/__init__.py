@@ -1,14 +1,21 @@
-"""Transforms: ``transform(key, subject) -> subject``; see ``jmed.transforms.base``."""
+"""Transforms: ``transform(key, subject) -> subject``; see ``jmed.transforms.base`` for the
+protocol and ``jmed.transforms.params`` for the parameter rules."""
 
-from jmed.transforms._params import max_output_bytes, set_max_output_bytes
+from jmed.transforms import params
 from jmed.transforms.base import (
+    ApplyFn,
     Compose,
     IntensityTransform,
+    InverseFn,
     Lambda,
+    MissingKeyError,
     OneOf,
     RandomApply,
+    RandomTransform,
+    SampleFn,
     SomeOf,
     Transform,
+    TransformFn,
     invert,
     replay,
     transform_key,
@@ -51,6 +58,7 @@ from jmed.transforms.normalization import (
     save_landmarks,
     train_histogram,
 )
+from jmed.transforms.params import max_output_bytes, set_max_output_bytes
 from jmed.transforms.preprocessing import (
     CopyAffine,
     Crop,
@@ -88,6 +96,7 @@ from jmed.transforms.tta import (
 )
 
 __all__ = [
+    "ApplyFn",
     "Clamp",
     "Compose",
     "CopyAffine",
@@ -98,10 +107,12 @@ __all__ = [
     "FillHoles",
     "HistogramStandardization",
     "IntensityTransform",
+    "InverseFn",
     "KeepLargestComponent",
     "LabelTransform",
     "Lambda",
     "Mask",
+    "MissingKeyError",
     "OneHot",
     "OneOf",
     "OutputGrid",
@@ -124,6 +135,7 @@ __all__ = [
     "RandomRot90",
     "RandomSpike",
     "RandomSwap",
+    "RandomTransform",
     "RemapLabels",
     "RemoveLabels",
     "RemoveSmallObjects",
@@ -131,6 +143,7 @@ __all__ = [
     "Resample",
     "RescaleIntensity",
     "Resize",
+    "SampleFn",
     "SequentialLabels",
     "SomeOf",
     "Spatial",
@@ -138,6 +151,7 @@ __all__ = [
     "SpatialTransform",
     "ToCanonical",
     "Transform",
+    "TransformFn",
     "WindowParams",
     "ZNormalization",
     "affine_mapping",
@@ -150,6 +164,7 @@ __all__ = [
     "max_output_bytes",
     "nnunet_augmentation",
     "nnunet_intensity_augmentation",
+    "params",
     "predict_with_tta",
     "replay",
     "save_landmarks",
