@@ -145,8 +145,9 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform, RandomTransform):
         rician: if True, ``sqrt((x + n1)**2 + n2**2)`` with ``n1, n2 ~ N(μ, σ)``
             (magnitude of complex Gaussian noise; non-negative output), else ``x + n1``.
 
-    The noise values come from ``jmed.ops.noise.normal`` (a keyed counter hash, about
-    10x cheaper on CPU than ``jax.random.normal``).
+    The noise values come from ``jmed.ops.noise.normal`` (a keyed counter hash, not
+    ``jax.random.normal``: see docs/performance.md), so a key gives other noise values
+    than ``jax.random.normal`` would.
 
     Params: ``{"mean", "std", "seed"}``; each selected image gets independent noise.
 
@@ -271,11 +272,18 @@ class RandomBlur(IntensityTransform, RandomTransform):
 
 
 # -- gamma -----------------------------------------------------------------------------
+# nnU-Net's (batchgenerators') guards against a constant channel in its gamma transform:
+# added to the intensity range before dividing, and to the std when restoring statistics
+_NNUNET_RANGE_EPSILON = 1e-7
+_NNUNET_STD_EPSILON = 1e-8
+
+
 def _safe_power(base: jax.Array, exponent: jax.Array) -> jax.Array:
     """``base ** exponent`` for ``base >= 0`` with a finite gradient at 0.
 
-    Computed as ``exp(exponent * log(base))``: XLA's general ``pow`` (which handles
-    negative bases and integer exponents) is about 4x slower on CPU.
+    Computed as ``exp(exponent * log(base))`` rather than with XLA's general ``pow``
+    (which also handles negative bases and integer exponents; slower, see
+    docs/performance.md).
     """
     positive = base > 0
     return jnp.where(positive, jnp.exp(exponent * jnp.log(jnp.where(positive, base, 1.0))), 0.0)
@@ -352,13 +360,13 @@ class RandomGamma(IntensityTransform, RandomTransform):
             mean, std = _channel_stats(x, mask)
         if self.rescale:
             low, high = _channel_min_max(x, mask)
-            width = high - low + 1e-7
+            width = high - low + _NNUNET_RANGE_EPSILON
             y = _safe_power(jnp.clip((x - low) / width, 0.0, None), gamma) * width + low
         else:
             y = jnp.sign(x) * _safe_power(jnp.abs(x), gamma)
         if self.retain_stats:
             y_mean, y_std = _channel_stats(y, mask)
-            y = (y - y_mean) / (y_std + 1e-8) * std + mean
+            y = (y - y_mean) / (y_std + _NNUNET_STD_EPSILON) * std + mean
         if self.invert:
             y = -y
         return image.replace(data=y)
@@ -596,7 +604,7 @@ class RandomSwap(IntensityTransform, RandomTransform):
 
         # The patches of swap i + 1 are read at the end of step i, from the updated
         # volume: reading them at the start of a step makes XLA keep the old volume
-        # alive and copy the whole volume at every step (~25x slower).
+        # alive and copy the whole volume at every step (see docs/performance.md).
         def swap(i, carry):
             x, patch1, patch2 = carry
             x = jax.lax.dynamic_update_slice(x, patch2, (*locations[i, 0], zero))

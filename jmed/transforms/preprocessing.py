@@ -60,6 +60,10 @@ __all__ = [
 # 1e-9 is far below float32's resolution of voxel coordinates (6e-5 at 1000)
 _SAME_GRID_ATOL = 1e-9
 
+# tolerance of a voxel count computed from float32 header spacings (see _grid_for_spacing)
+_SHAPE_RATIO_RTOL = 1e-5
+_SHAPE_RATIO_ATOL = 1e-6
+
 INTERPOLATIONS = {"nearest": 0, "linear": 1, "partial_volume": "partial_volume"}
 
 # One compiled kernel per (input shape, output shape, order, padding): eager calls with
@@ -184,9 +188,9 @@ def _grid_for_spacing(shape: Sequence[int], affine: np.ndarray, spacing: np.ndar
     shape = np.asarray(shape)
     # floor keeps the new extent within the old one (no extrapolation at the borders); the
     # spacing read from a float32 header is off by a few parts in 10^7, so a ratio within
-    # a relative 1e-5 of the next integer is that integer (52 voxels stay 52, not 51)
+    # _SHAPE_RATIO_RTOL of the next integer is that integer (52 voxels stay 52, not 51)
     ratio = shape * old_spacing / spacing
-    new_shape = np.floor(ratio + np.maximum(1e-6, 1e-5 * ratio)).astype(int)
+    new_shape = np.floor(ratio + np.maximum(_SHAPE_RATIO_ATOL, _SHAPE_RATIO_RTOL * ratio)).astype(int)
     new_shape = np.maximum(np.where(shape == 1, 1, new_shape), 1)
     rotation = affine[:3, :3] / old_spacing
     centre = affine[:3, :3] @ ((shape - 1) / 2) + affine[:3, 3]

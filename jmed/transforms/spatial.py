@@ -197,7 +197,12 @@ def compose_mappings(
     return SpatialMapping(matrix, field, None, shape, affine)
 
 
-def invert_mapping(mapping: SpatialMapping, iterations: int = 12) -> SpatialMapping:
+# fixed-point steps of invert_mapping: each multiplies the error by about the field's
+# Lipschitz constant (< 1 for the non-folding fields RandomElasticDeformation makes)
+INVERSE_ITERATIONS = 12
+
+
+def invert_mapping(mapping: SpatialMapping, iterations: int = INVERSE_ITERATIONS) -> SpatialMapping:
     """Inverse of a mapping whose output grid equals its input grid.
 
     Affine mappings are inverted exactly (matrix inverse). With a displacement field the
