@@ -487,7 +487,7 @@ class Compose(Transform):
         self.fuse = bool(fuse)
         self._stages = _fused_stages(self.transforms) if self.fuse else None
 
-    def sample_and_apply(self, key, subject):
+    def sample_and_apply(self, key: PRNGKey | None, subject: Subject) -> tuple[Subject, Params]:
         keys = _split(key, len(self.transforms))
         if self._stages is None:
             params = []
@@ -508,7 +508,7 @@ class Compose(Transform):
                 params.extend(run)
         return subject, tuple(params)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         """The children's params, as ``Compose(...)(key, subject)`` records them.
 
         Each child samples from its own key. A child whose ``sample`` reads the subject
@@ -536,7 +536,7 @@ class Compose(Transform):
     def sample_reads_subject(self) -> bool:  # type: ignore[override]
         return any(t.sample_reads_subject for t in self.transforms)
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         if self._stages is None:
             for t, p in zip(self.transforms, params):
                 subject = t.apply(subject, p)
@@ -548,7 +548,7 @@ class Compose(Transform):
                 subject = fused.apply(subject, tuple(params[start:stop]))
         return subject
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         stages = self._stages or [(None, i, i + 1) for i in range(len(self.transforms))]
         for fused, start, stop in reversed(stages):
             step = self.transforms[start] if fused is None else fused
@@ -616,7 +616,7 @@ class OneOf(RandomTransform):
     def sample_reads_subject(self) -> bool:  # type: ignore[override]
         return any(t.sample_reads_subject for t in self.transforms)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_choice, *keys = _split(key, len(self.transforms) + 1)
         # the draw of ``jax.random.choice(k_choice, n, p=probabilities)``, with the
         # search written as a count: its scan has no rule for explicitly sharded batches
@@ -625,12 +625,12 @@ class OneOf(RandomTransform):
         index = jnp.sum(cumulative < r, dtype=jnp.int32)
         return index, tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         index, child = params
         branches = [lambda s, c, t=t, k=k: t.apply(s, c[k]) for k, t in enumerate(self.transforms)]
         return _switch(index, branches, subject, child)
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         index, child = params
         branches = [lambda s, c, t=t, k=k: t.inverse(s, c[k]) for k, t in enumerate(self.transforms)]
         return _switch(index, branches, subject, child)
@@ -656,15 +656,15 @@ class RandomApply(RandomTransform):
     def sample_reads_subject(self) -> bool:  # type: ignore[override]
         return self.transform.sample_reads_subject
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_apply, k_child = _split(key, 2)
         return jax.random.bernoulli(k_apply, self.p), self.transform.sample(k_child, subject)
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         applied, child = params
         return _switch(applied, [lambda s, c: s, self.transform.apply], subject, child)
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         applied, child = params
         return _switch(applied, [lambda s, c: s, self.transform.inverse], subject, child)
 
@@ -707,7 +707,7 @@ class SomeOf(RandomTransform):
     def sample_reads_subject(self) -> bool:  # type: ignore[override]
         return any(t.sample_reads_subject for t in self.transforms)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_count, k_perm, *keys = _split(key, len(self.transforms) + 2)
         lo, hi = self.num_transforms
         count = jax.random.randint(k_count, (), lo, hi + 1)
@@ -715,13 +715,13 @@ class SomeOf(RandomTransform):
         mask = rank < count
         return mask, tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         mask, child = params
         for i, (t, p) in enumerate(zip(self.transforms, child)):
             subject = _switch(mask[i], [lambda s, c: s, t.apply], subject, p)
         return subject
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         mask, child = params
         for i, (t, p) in reversed(list(enumerate(zip(self.transforms, child)))):
             subject = _switch(mask[i], [lambda s, c: s, t.inverse], subject, p)
@@ -755,7 +755,7 @@ class Lambda(Transform):
         self.function = function
         self.kinds = kinds
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         return image.replace(data=self.function(image.data))
 
 

@@ -45,7 +45,7 @@ from jmed.ops import noise as noise_ops
 from jmed.ops.crop_pad import valid_mask
 from jmed.ops.filters import gaussian_blur
 from jmed.transforms import params as _params
-from jmed.transforms.base import IntensityTransform, RandomTransform
+from jmed.transforms.base import IntensityTransform, Params, PRNGKey, RandomTransform
 from jmed.transforms.params import ImageNames, IntTripleLike, PerAxisRangeLike, RangeLike
 
 __all__ = [
@@ -123,7 +123,7 @@ def _key_from_seed(seed: jax.Array, index: int = 0):
 class _PerImageKeyMixin:
     """Apply ``_apply_data(data, params, key, extent)`` to each selected image with its own key."""
 
-    def apply(self, subject: Subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         names = self.selected(subject)
         out = {}
         for i, name in enumerate(names):
@@ -172,7 +172,7 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform, RandomTransform):
         self.std = _params.parse_nonnegative_range(std, "std")
         self.rician = bool(rician)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_mean, k_std, k_noise = jax.random.split(key, 3)
         return {
             "mean": _params.uniform(k_mean, *self.mean),
@@ -241,10 +241,10 @@ class RandomBlur(IntensityTransform, RandomTransform):
         self.mode = mode
         gaussian_blur(np.zeros((1, 1, 1, 1), np.float32), 0.0, mode=mode)  # validates mode
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         return {"std": _params.uniform(key, self.std[:, 0], self.std[:, 1], (3,))}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         if self.units == "voxels":
             data = gaussian_blur(
                 image.data,
@@ -345,12 +345,12 @@ class RandomGamma(IntensityTransform, RandomTransform):
         self.retain_stats = bool(retain_stats)
         self.rescale = bool(rescale) or self.invert
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         if self.gamma is not None:
             return {"gamma": _nnunet_factor(key, *self.gamma)}
         return {"gamma": jnp.exp(_params.uniform(key, *self.log_gamma))}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         gamma = jnp.asarray(params["gamma"], x.dtype)
         if self.invert:
@@ -391,10 +391,10 @@ class RandomBrightness(IntensityTransform, RandomTransform):
         super().__init__(include=include, exclude=exclude)
         self.multiplier = _params.parse_range(multiplier, "multiplier", centre=1.0, min_value=0.0)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         return {"multiplier": _params.uniform(key, *self.multiplier)}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         return image.replace(data=x * jnp.asarray(params["multiplier"], x.dtype))
 
@@ -428,10 +428,10 @@ class RandomContrast(IntensityTransform, RandomTransform):
         self.contrast = _params.parse_range(contrast, "contrast", centre=1.0, min_value=0.0)
         self.preserve_range = bool(preserve_range)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         return {"factor": _nnunet_factor(key, *self.contrast)}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         mask = _valid(image)
         mean = _channel_mean(x, mask)
@@ -531,18 +531,18 @@ class RandomBiasField(IntensityTransform, RandomTransform):
         self.coefficients = _params.parse_range(coefficients, "coefficients")
         self.order = _params.as_positive_int(order, "order", minimum=0)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         n = len(_monomials(self.order))
         return {"coefficients": _params.uniform(key, *self.coefficients, (n,))}
 
     def _field(self, image, params):
         return bias_field(params["coefficients"], image.spatial_shape, self.order, image.extent)
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         return image.replace(data=x * self._field(image, params).astype(x.dtype))
 
-    def inverse_image(self, image, params):
+    def inverse_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         return image.replace(data=x / self._field(image, params).astype(x.dtype))
 
@@ -583,11 +583,11 @@ class RandomSwap(IntensityTransform, RandomTransform):
         self.patch_size = _params.int_triple(patch_size, "patch_size")
         self.num_iterations = _params.as_positive_int(num_iterations, "num_iterations", minimum=0)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         high = _extent_high(subject, self.patch_size, "patch_size")
         return {"locations": jax.random.randint(key, (self.num_iterations, 2, 3), 0, high, jnp.int32)}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         _check_fits(self.patch_size, image.spatial_shape, "patch_size")
         x = _params.as_floating(image.data)
         size = (*self.patch_size, x.shape[-1])
@@ -644,11 +644,11 @@ class RandomCoarseDropout(IntensityTransform, RandomTransform):
         self.hole_size = _params.int_triple(hole_size, "hole_size")
         self.fill_value = _params.finite_number(fill_value, "fill_value")
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         high = _extent_high(subject, self.hole_size, "hole_size")
         return {"corners": jax.random.randint(key, (self.num_holes, 3), 0, high, jnp.int32)}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         masks = []
         for axis, n in enumerate(image.spatial_shape):
@@ -703,8 +703,8 @@ class RandomLabelsToImage(RandomTransform):
         num_labels: int | None = None,
         mean: Sequence[Any] | None = None,
         std: Sequence[Any] | None = None,
-        default_mean=(0.1, 0.9),
-        default_std=(0.01, 0.1),
+        default_mean: RangeLike = (0.1, 0.9),
+        default_std: RangeLike = (0.01, 0.1),
         ignore_background: bool = False,
         image_key: str = "image_from_labels",
     ):
@@ -743,7 +743,7 @@ class RandomLabelsToImage(RandomTransform):
             raise ValueError(f"{name} has {len(own)} entries but the label map has {count} labels")
         return np.array(own, dtype=np.float32)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         if self.label_key not in subject:
             raise KeyError(f"label_key {self.label_key!r} is not in the subject; images: {list(subject)}")
         count = self._count(subject[self.label_key])
@@ -756,7 +756,7 @@ class RandomLabelsToImage(RandomTransform):
             "seed": _seed(k_noise),
         }
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         label = subject[self.label_key]
         count = self._count(label)
         noise = noise_ops.normal(

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmed import buckets
-from jmed.image import LABEL
+from jmed.image import LABEL, Image, Subject
 from jmed.ops import labels as label_ops
 from jmed.ops.crop_pad import valid_mask
 from jmed.transforms import params as _params
-from jmed.transforms.base import Transform
+from jmed.transforms.base import Params, Transform
 from jmed.transforms.params import ImageNames
 
 __all__ = [
@@ -116,7 +116,7 @@ class OneHot(LabelTransform):
         self.num_classes = num_classes
         self.dtype = jnp.dtype(dtype)
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         if image.num_channels != 1:
             raise ValueError(f"OneHot needs a single-channel label map, got {image.num_channels} channels")
         data = image.data
@@ -176,10 +176,10 @@ class RemapLabels(LabelTransform):
             out[name] = image.replace(data=result)
         return subject.replace(out)
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         return self._remap(subject, self.mapping)
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         if not self.invertible:
             raise TypeError(f"RemapLabels({self.mapping}) is not one-to-one, so not invertible")
         return self._remap(subject, {v: k for k, v in self.mapping.items()})
@@ -224,7 +224,7 @@ class SequentialLabels(LabelTransform):
             raise ValueError(f"max_label must be a non-negative int or None, got {max_label!r}")
         self.max_label = max_label
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         data = image.data
         if not _params.is_traced(data) and not _params.is_traced(image.extent):
             values = np.asarray(data)
@@ -295,7 +295,7 @@ class _ComponentTransform(LabelTransform):
 
     padding_aware = True
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         data = image.data
         if _params.is_traced(data) or _params.is_traced(image.extent):
             if buckets.is_predicting_shapes():

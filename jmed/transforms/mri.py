@@ -29,16 +29,19 @@ Examples:
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jmed import affine as affine_lib
+from jmed.image import Image, Subject
 from jmed.ops import kspace
 from jmed.ops.interpolation import resample
 from jmed.transforms import params as _params
-from jmed.transforms.base import IntensityTransform, RandomTransform, _choose
+from jmed.transforms.base import IntensityTransform, Params, PRNGKey, RandomTransform, _choose
 from jmed.transforms.params import AxesLike, CountRangeLike, ImageNames, PerAxisRangeLike, RangeLike
 from jmed.transforms.spatial import _mm, _rotation
 
@@ -46,7 +49,9 @@ __all__ = ["RandomGhosting", "RandomMotion", "RandomSpike"]
 
 
 # -- motion ------------------------------------------------------------------------------
-def rigid_voxel_matrix(affine, spatial_shape, degrees, translation) -> jax.Array:
+def rigid_voxel_matrix(
+    affine: ArrayLike, spatial_shape: Sequence[int], degrees: ArrayLike, translation: ArrayLike
+) -> jax.Array:
     """Output-voxel -> input-voxel 4x4 matrix of a rigid motion in world space.
 
     The world map is ``p -> R (p - c) + c + t`` with ``R`` from ``degrees`` (about the
@@ -132,7 +137,7 @@ class RandomMotion(IntensityTransform, RandomTransform):
         self.magnitude = bool(magnitude)
         self.pad_mode = pad_mode
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         n = self.num_transforms
         k_deg, k_tr, k_time = jax.random.split(key, 3)
         return {
@@ -151,7 +156,7 @@ class RandomMotion(IntensityTransform, RandomTransform):
         source = jnp.where(segment == centre, 0, 1 + jnp.where(segment < centre, segment, segment - 1))
         return jnp.fft.ifftshift(source)  # acquisition order -> FFT order
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         shape = image.spatial_shape
         moved = [
@@ -218,7 +223,7 @@ class RandomGhosting(IntensityTransform, RandomTransform):
             raise ValueError(f"restore must be None or a number in [0, 1], got {restore!r}")
         self.restore = None if restore is None else float(restore)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_n, k_axis, k_s = jax.random.split(key, 3)
         return {
             "num_ghosts": jax.random.randint(k_n, (), self.num_ghosts[0], self.num_ghosts[1] + 1, jnp.int32),
@@ -247,7 +252,7 @@ class RandomGhosting(IntensityTransform, RandomTransform):
         out = kspace.attenuate_planes(x, freqs, weights, axis)
         return out - jnp.where(every, intensity, 0.0).astype(out.dtype) * x
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         if len(self.axes) == 1:
             out = jnp.where(params["axis"] == self.axes[0], self._attenuate(x, self.axes[0], params), x)
@@ -298,7 +303,7 @@ class RandomSpike(IntensityTransform, RandomTransform):
         self.num_spikes = _params.parse_count_range(num_spikes, "num_spikes")
         self.intensity = _params.parse_range(intensity, "intensity")
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         high = self.num_spikes[1]
         k_n, k_pos, k_r = jax.random.split(key, 3)
         count = jax.random.randint(k_n, (), self.num_spikes[0], high + 1)
@@ -314,7 +319,7 @@ class RandomSpike(IntensityTransform, RandomTransform):
         n = jnp.asarray(shape, jnp.int32)
         return jnp.floor(positions * n).astype(jnp.int32) - n // 2
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         x = _params.as_floating(image.data)
         if params["positions"].shape[0] == 0:
             return image.replace(data=x)

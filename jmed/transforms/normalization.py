@@ -41,7 +41,7 @@ from jmed.image import Image, Subject
 from jmed.ops import histogram
 from jmed.ops.crop_pad import valid_mask
 from jmed.transforms import params as _params
-from jmed.transforms.base import IntensityTransform
+from jmed.transforms.base import IntensityTransform, Params
 from jmed.transforms.params import ImageNames
 
 __all__ = [
@@ -338,7 +338,7 @@ class Clamp(IntensityTransform):
         self.out_min = out_min
         self.out_max = out_max
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         return image.replace(data=jnp.clip(jnp.asarray(image.data, jnp.float32), self.out_min, self.out_max))
 
 
@@ -366,7 +366,7 @@ class Mask(IntensityTransform):
         self.masking_method = _check_masking_method(masking_method, allow_none=False)
         self.outside_value = _params.finite_number(outside_value, "outside_value")
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         out = {}
         for name in self.selected(subject):
             image = subject[name]
@@ -669,7 +669,7 @@ class HistogramStandardization(IntensityTransform):
             raise ValueError(f"{name} must be finite and non-decreasing, got {values.tolist()}")
         return values
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         out = {}
         for name in self.selected(subject):
             if isinstance(self.landmarks, dict):

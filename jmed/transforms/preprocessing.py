@@ -39,7 +39,7 @@ from jmed.ops import crop_pad
 from jmed.ops.filters import gaussian_blur
 from jmed.ops.interpolation import resample as _resample
 from jmed.transforms import params as _params
-from jmed.transforms.base import Transform
+from jmed.transforms.base import Params, PRNGKey, Transform
 from jmed.transforms.params import ImageNames
 
 __all__ = [
@@ -560,13 +560,13 @@ class Crop(_Window):
         super().__init__(include=include, exclude=exclude)
         self.cropping = _as_bounds(cropping, "cropping")
 
-    def output_shape(self, shape):
+    def output_shape(self, shape: tuple[int, int, int]):
         out = tuple(int(n) for n in np.asarray(shape) - self.cropping.sum(1))
         if min(out) < 1:
             raise ValueError(f"cropping {self.cropping.ravel().tolist()} leaves nothing of shape {shape}")
         return out
 
-    def window_start(self, subject, shape):
+    def window_start(self, subject: Subject, shape: tuple[int, int, int]):
         self.output_shape(shape)
         return self.cropping[:, 0].copy()
 
@@ -595,10 +595,10 @@ class Pad(_Window):
         super().__init__(padding_mode=padding_mode, include=include, exclude=exclude)
         self.padding = _as_bounds(padding, "padding")
 
-    def output_shape(self, shape):
+    def output_shape(self, shape: tuple[int, int, int]):
         return tuple(int(n) for n in np.asarray(shape) + self.padding.sum(1))
 
-    def window_start(self, subject, shape):
+    def window_start(self, subject: Subject, shape: tuple[int, int, int]):
         return -self.padding[:, 0]
 
 
@@ -661,10 +661,10 @@ class CropOrPad(_Window):
             raise TypeError(f"mask_name must be an image name, got {mask_name!r}")
         self.mask_name = mask_name
 
-    def output_shape(self, shape):
+    def output_shape(self, shape: tuple[int, int, int]):
         return self.target_shape
 
-    def window_start(self, subject, shape):
+    def window_start(self, subject: Subject, shape: tuple[int, int, int]):
         centred = crop_pad.crop_or_pad_bounds(shape, self.target_shape)
         if self.mask_name is None:
             return centred
@@ -706,13 +706,13 @@ class EnsureShapeMultiple(_Window):
             raise ValueError(f"method must be 'pad' or 'crop', got {method!r}")
         self.method = method
 
-    def output_shape(self, shape):
+    def output_shape(self, shape: tuple[int, int, int]):
         m = np.asarray(self.target_multiple)
         n = np.asarray(shape)
         count = -(-n // m) if self.method == "pad" else np.maximum(n // m, 1)
         return tuple(int(v) for v in count * m)
 
-    def window_start(self, subject, shape):
+    def window_start(self, subject: Subject, shape: tuple[int, int, int]):
         return crop_pad.crop_or_pad_bounds(shape, self.output_shape(shape))
 
 
@@ -749,7 +749,7 @@ class CropForeground(_Window):
             raise ValueError(f"margin must be a non-negative int or 3 of them, got {margin!r}")
         self.margin = np.asarray(margin, int)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         shape = _selected_shape(self, subject)
         name = self.mask_name
         if name is None:
@@ -796,7 +796,7 @@ class CopyAffine(Transform):
             raise TypeError(f"target must be the name of an image, got {target!r}")
         self.target = target
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         ref = subject[self.target]
         out = {}
         for name in self.selected(subject):

@@ -50,7 +50,7 @@ from jmed.image import Image, Subject
 from jmed.ops import bspline
 from jmed.ops.interpolation import PAD_VALUE_RULES, pad_value_for, resample
 from jmed.transforms import params as _params
-from jmed.transforms.base import RandomTransform, Transform, _choose, _split
+from jmed.transforms.base import Params, PRNGKey, RandomTransform, Transform, _choose, _split
 from jmed.transforms.params import (
     AxesLike,
     FloatTripleLike,
@@ -377,14 +377,14 @@ class SpatialTransform(Transform[P]):
             image.data, m.matrix, m.output_shape, order=order, pad_mode=pad_mode, pad_value=pad, **kw
         )
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         names, ref = self._reference(subject)
         if ref is None:
             return subject
         mapping = self.mapping(params, ref.spatial_shape, ref.affine, extent=ref.extent)
         return self._resample(subject, names, mapping)
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         names, ref = self._reference(subject)
         if ref is None:
             return subject
@@ -459,7 +459,7 @@ class RandomFlip(SpatialTransform, RandomTransform):
     def sample_reads_subject(self) -> bool:  # type: ignore[override]
         return any(isinstance(a, str) for a in self.axes)  # anatomical names read the affine
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         draws = jax.random.bernoulli(key, self.flip_probability, (len(self.axes),))
         _, ref = self._reference(subject)
         direction = jnp.abs(_as_f32(ref.affine)[:3, :3]) if ref is not None else jnp.eye(3)
@@ -470,7 +470,14 @@ class RandomFlip(SpatialTransform, RandomTransform):
             flips = flips | ((jnp.arange(3) == axis) & draw)
         return flips
 
-    def mapping(self, params, shape, affine, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         sign = jnp.where(params, -1.0, 1.0)
         offset = jnp.where(params, _valid_shape(shape, extent) - 1.0, 0.0)
         return SpatialMapping(_matrix(jnp.diag(sign), offset), None, None, tuple(shape), affine)
@@ -500,10 +507,17 @@ class RandomRot90(SpatialTransform, RandomTransform):
             raise ValueError(f"axes must be two different data axes in 0..2, got {axes!r}")
         self.axes = tuple(int(a) for a in axes)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         return jax.random.randint(key, (), 0, 4)
 
-    def mapping(self, params, shape, affine, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         a, b = self.axes
         if shape[a] != shape[b]:
             raise ValueError(f"RandomRot90 axes {self.axes} must have equal sizes, got shape {tuple(shape)}")
@@ -550,7 +564,14 @@ def _rotation(degrees: jax.Array, order: str = "zxy") -> jax.Array:
 
 
 def affine_mapping(
-    scales, degrees, translation, shape, affine, center: str = "image", *, extent=None
+    scales: ArrayLike,
+    degrees: ArrayLike,
+    translation: ArrayLike,
+    shape: tuple[int, int, int],
+    affine: ArrayLike,
+    center: str = "image",
+    *,
+    extent: ArrayLike | None = None,
 ) -> SpatialMapping:
     """Mapping of TorchIO's world transform ``x -> S R (x - c) + c + S t`` (content moves by it).
 
@@ -648,14 +669,21 @@ class RandomAffine(SpatialTransform, RandomTransform):
         self.isotropic = bool(isotropic)
         self.center = _params.check_choice(center, "center", ("image", "origin"))
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         ranges = jnp.asarray(np.stack([self.scales, self.degrees, self.translation]), jnp.float32)
         u = jax.random.uniform(key, (3, 3))
         values = ranges[..., 0] + u * (ranges[..., 1] - ranges[..., 0])
         scales = jnp.broadcast_to(values[0, 0], (3,)) if self.isotropic else values[0]
         return {"scales": scales, "degrees": values[1], "translation": values[2]}
 
-    def mapping(self, params, shape, affine, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         return affine_mapping(
             params["scales"],
             params["degrees"],
@@ -752,7 +780,7 @@ class RandomElasticDeformation(SpatialTransform, RandomTransform):
                 stacklevel=3,
             )
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         self._check_folding(subject)
         u = jax.random.uniform(key, (*self.num_control_points, 3), minval=-1.0, maxval=1.0)
         return u * jnp.asarray(self.max_displacement, jnp.float32) * self._mask[..., None]
@@ -766,7 +794,14 @@ class RandomElasticDeformation(SpatialTransform, RandomTransform):
             to_voxels = jnp.where(flat_axes[:, None], 0.0, to_voxels)
         return to_voxels
 
-    def mapping(self, params, shape, affine, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         to_voxels = self._to_voxels(shape, affine)
         if extent is not None:
             # the control grid spans the valid region; its spline continues over the padding
@@ -780,7 +815,15 @@ class RandomElasticDeformation(SpatialTransform, RandomTransform):
         field = bspline.separable_field(params, weights)
         return SpatialMapping(jnp.eye(4, dtype=jnp.float32), field, to_voxels, tuple(shape), affine)
 
-    def mapping_on_grid(self, params, shape, affine, grid, *, extent=None):
+    def mapping_on_grid(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        grid: OutputGrid,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         # evaluate the spline directly at the output grid's positions (still separable)
         to_voxels = self._to_voxels(shape, affine)
         weights = tuple(
@@ -835,14 +878,29 @@ class _FusedChain(SpatialTransform):
     def sample_reads_subject(self) -> bool:  # type: ignore[override]
         return any(t.sample_reads_subject for t in self.transforms)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         keys = _split(key, len(self.transforms))
         return tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
 
-    def mapping(self, params, shape, affine, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         return self._chain(params, shape, affine, None, extent)
 
-    def mapping_on_grid(self, params, shape, affine, grid, *, extent=None):
+    def mapping_on_grid(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        grid: OutputGrid,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         return self._chain(params, shape, affine, grid, extent)
 
     def _chain(self, params, shape, affine, grid, extent):
@@ -926,7 +984,7 @@ class Spatial(_FusedChain):
         self._changes_grid = output_shape is not None or output_spacing is not None
         self.invertible = self.invertible and not self._changes_grid
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         if self._changes_grid:
             raise TypeError(
                 "Spatial with output_shape/output_spacing changes the grid: its inverse would need "
@@ -964,13 +1022,20 @@ class Spatial(_FusedChain):
             offset = jnp.where(room >= 0, jnp.floor(offset_fraction * (jnp.floor(room) + 1.0)), centred)
         return OutputGrid(tuple(out_shape), scale, offset)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_children, k_crop = _split(key, 2)
         children = super().sample(k_children, subject)
         fraction = jax.random.uniform(k_crop, (3,)) if self.crop == "random" else jnp.zeros(3)
         return children, fraction
 
-    def mapping(self, params, shape, affine, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         if extent is not None:
             raise ValueError(
                 "Spatial changes the output grid and does not take padded volumes (an extent); "
@@ -982,7 +1047,15 @@ class Spatial(_FusedChain):
             return self._chain(children, shape, affine, None, None)
         return _on_grid(self, self._chain(children, shape, affine, own, None), own)
 
-    def mapping_on_grid(self, params, shape, affine, grid, *, extent=None):
+    def mapping_on_grid(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        grid: OutputGrid,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         raise ValueError("Spatial with its own output grid cannot take another grid")
 
     def __repr__(self):
@@ -1023,13 +1096,13 @@ class RandomAnisotropy(RandomTransform):
         self.axes = _params.as_axes(axes, "axes")
         self.downsampling = _params.parse_range(downsampling, "downsampling", min_value=1.0)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_axis, k_factor = _split(key, 2)
         axis = _choose(jax.random.randint(k_axis, (), 0, len(self.axes)), np.asarray(self.axes, np.int32))
         lo, hi = self.downsampling
         return {"axis": axis, "factor": jax.random.uniform(k_factor, (), minval=lo, maxval=hi)}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         data = image.data
         extent = image.extent
         branches = [
