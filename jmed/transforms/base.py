@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmed.image import INTENSITY, KINDS, LABEL, Image, Subject
+from jmed.image import INTENSITY, KINDS, Image, Subject
 from jmed.transforms import _values
 from jmed.transforms import params as _params
 from jmed.transforms.params import ImageNames
@@ -750,8 +750,7 @@ class Lambda(Transform):
             raise TypeError(f"function must be callable, got {function!r}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         for k in kinds:
-            if k not in (INTENSITY, LABEL):
-                raise ValueError(f"kinds must be among {KINDS}, got {k!r}")
+            _params.check_choice(k, "kinds", KINDS)
         self.function = function
         self.kinds = kinds
 

@@ -231,9 +231,7 @@ class RandomBlur(IntensityTransform, RandomTransform):
         exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
-        if units not in ("mm", "voxels"):
-            raise ValueError(f"units must be 'mm' or 'voxels', got {units!r}")
-        self.units = units
+        self.units = _params.check_choice(units, "units", ("mm", "voxels"))
         self.std = _params.parse_nonnegative_range_per_axis(std, "std")
         if not _params.is_number(truncate) or not truncate >= 0 or not np.isfinite(truncate):
             raise ValueError(f"truncate must be a finite number >= 0, got {truncate!r}")

@@ -132,8 +132,7 @@ class RandomMotion(IntensityTransform, RandomTransform):
         if isinstance(phase_encoding_axis, bool) or not isinstance(phase_encoding_axis, numbers.Integral):
             raise ValueError(f"phase_encoding_axis must be one int in [0, 2], got {phase_encoding_axis!r}")
         self.phase_encoding_axis = _params.as_axes(phase_encoding_axis, "phase_encoding_axis")[0]
-        if pad_mode not in ("edge", "constant"):
-            raise ValueError(f"pad_mode must be 'edge' or 'constant', got {pad_mode!r}")
+        _params.check_choice(pad_mode, "pad_mode", ("edge", "constant"))
         self.magnitude = bool(magnitude)
         self.pad_mode = pad_mode
 

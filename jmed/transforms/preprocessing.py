@@ -137,9 +137,7 @@ def _parse_padding_mode(mode: Any) -> tuple[str, float]:
 
 
 def _interpolation(value: str, name: str) -> int:
-    if value not in INTERPOLATIONS:
-        raise ValueError(f"{name} must be one of {tuple(INTERPOLATIONS)}, got {value!r}")
-    return INTERPOLATIONS[value]
+    return INTERPOLATIONS[_params.check_choice(value, name, tuple(INTERPOLATIONS))]
 
 
 # --- reorientation -----------------------------------------------------------------------
@@ -702,9 +700,7 @@ class EnsureShapeMultiple(_Window):
     ):
         super().__init__(padding_mode=padding_mode, include=include, exclude=exclude)
         self.target_multiple = _params.int_triple(target_multiple, "target_multiple")
-        if method not in ("pad", "crop"):
-            raise ValueError(f"method must be 'pad' or 'crop', got {method!r}")
-        self.method = method
+        self.method = _params.check_choice(method, "method", ("pad", "crop"))
 
     def output_shape(self, shape: tuple[int, int, int]):
         m = np.asarray(self.target_multiple)
