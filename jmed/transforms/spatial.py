@@ -777,7 +777,7 @@ class RandomElasticDeformation(SpatialTransform, RandomTransform):
                 f"max_displacement {self.max_displacement} mm exceeds half the control-point "
                 f"spacing {tuple(float(s) for s in np.round(spacing_mm, 2))} mm: the deformation may fold",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # past sample and its key check
             )
 
     def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
