@@ -32,7 +32,7 @@ from jmed import affine as affine_lib
 from jmed._progress import progress_bar
 from jmed.image import KINDS, LabelMap, ScalarImage, Subject
 from jmed.io import is_image_path, load
-from jmed.transforms import _params
+from jmed.transforms import params as _params
 
 __all__ = [
     "IXI_MODALITIES",

@@ -34,10 +34,50 @@ MODULES = [
     "jmed.transforms",
 ]
 
-# constructors whose optional parameters may still be passed positionally: only the
-# primary argument of a container transform
+# constructors whose optional parameters may be passed positionally: the primary argument
+# of a container transform, and TorchIO's leading parameters where jmed has them under the
+# same names, in TorchIO's order (``RescaleIntensity((0, 1))``, ``RandomAffine(0.2)``)
 POSITIONAL_OPTIONAL_ALLOWED = {
     "Spatial": {"transforms"},
+    "Clamp": {"out_min", "out_max"},
+    "CropOrPad": {"padding_mode", "mask_name"},
+    "HistogramStandardization": {"masking_method"},
+    "Mask": {"outside_value"},
+    "OneHot": {"num_classes"},
+    "Pad": {"padding_mode"},
+    "RandomAffine": {
+        "scales",
+        "degrees",
+        "translation",
+        "isotropic",
+        "center",
+        "default_pad_value",
+        "default_pad_label",
+        "image_interpolation",
+        "label_interpolation",
+    },
+    "RandomAnisotropy": {"axes", "downsampling"},
+    "RandomBiasField": {"coefficients", "order"},
+    "RandomBlur": {"std"},
+    "RandomElasticDeformation": {
+        "num_control_points",
+        "max_displacement",
+        "locked_borders",
+        "image_interpolation",
+        "label_interpolation",
+    },
+    "RandomFlip": {"axes", "flip_probability"},
+    "RandomGamma": {"log_gamma"},
+    "RandomGhosting": {"num_ghosts", "axes", "intensity", "restore"},
+    "RandomMotion": {"degrees", "translation", "num_transforms"},
+    "RandomNoise": {"mean", "std"},
+    "RandomSpike": {"num_spikes", "intensity"},
+    "RandomSwap": {"patch_size", "num_iterations"},
+    "RemoveLabels": {"background_label"},
+    "Resample": {"target", "image_interpolation", "label_interpolation"},
+    "RescaleIntensity": {"out_min_max", "percentiles", "masking_method", "in_min_max"},
+    "Resize": {"image_interpolation", "label_interpolation"},
+    "ZNormalization": {"masking_method"},
 }
 
 
@@ -182,3 +222,51 @@ def test_lazy_names_are_the_defining_modules_objects():
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         jmed.no_such_name  # noqa: B018
     assert jmed.io is importlib.import_module("jmed.io")  # any submodule, as an attribute
+
+
+def _positional(cls) -> list[str]:
+    return [
+        p.name
+        for p in list(inspect.signature(cls).parameters.values())
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(transform_classes()))
+def test_positional_parameters_follow_torchio(name):
+    """jmed's positional parameters are TorchIO's leading ones, same names, same order."""
+    tio = pytest.importorskip("torchio")
+    ours = _positional(transform_classes()[name])
+    theirs_cls = getattr(tio, name, None)
+    if theirs_cls is None or not ours:
+        return
+    theirs = _positional(theirs_cls)
+    common = 0
+    while common < min(len(ours), len(theirs)) and ours[common] == theirs[common]:
+        common += 1
+    # beyond the shared prefix only a required primary argument may differ in name
+    # (RemapLabels' ``mapping`` is TorchIO's ``remapping``)
+    optional = positional_optional(transform_classes()[name])
+    extra = [n for n in ours[common:] if n in optional]
+    assert not extra, f"{name}: positional {extra} not in TorchIO's order {theirs}"
+    # where TorchIO continues with a parameter jmed has too, jmed takes it positionally
+    names = set(inspect.signature(transform_classes()[name]).parameters)
+    if common == len(ours) and len(ours) < len(theirs):
+        assert theirs[len(ours)] not in names, (
+            f"{name}: {theirs[len(ours)]!r} could be positional as in TorchIO"
+        )
+
+
+def test_torchio_style_positional_calls():
+    assert T.RescaleIntensity((0, 1)).out_min_max == (0.0, 1.0)
+    assert T.RescaleIntensity((0, 1), (1, 99)).percentiles == (1.0, 99.0)
+    assert T.RandomAffine(0.2).scales.tolist() == [[0.8, 1.2]] * 3
+    assert T.RandomAffine(0.2, 15).degrees.tolist() == [[-15.0, 15.0]] * 3
+    assert T.RandomFlip((0, 1)).axes == (0, 1)
+    assert T.RandomFlip(("LR",), 1.0).flip_probability == 1.0
+    assert T.Resample(1) == T.Resample(target=1) == T.Resample()
+    assert T.CropOrPad((4, 5, 6), 0).padding_mode == 0
+    assert T.RandomNoise(0, 0.5).std == (0.0, 0.5)
+    assert T.RandomBiasField(0.3, 2).order == 2
+    assert T.Clamp(0, 1) == T.Clamp(out_min=0, out_max=1)
+    assert T.OneHot() == T.OneHot(-1) == T.OneHot(None)

@@ -301,7 +301,13 @@ VALUE_CASES = {
         lambda: T.ZNormalization(masking_method="seg"),
     ),
 }
-ABSTRACT_TRANSFORMS = {"IntensityTransform", "LabelTransform", "SpatialTransform", "Transform"}
+ABSTRACT_TRANSFORMS = {
+    "IntensityTransform",
+    "LabelTransform",
+    "RandomTransform",
+    "SpatialTransform",
+    "Transform",
+}
 
 
 def test_every_transform_has_a_value_case():
@@ -558,3 +564,205 @@ def test_random_apply_dtype_is_the_same_eager_and_under_jit():
         np.testing.assert_allclose(np.asarray(eager.t1.data), np.asarray(jitted.t1.data), atol=1e-5)
         np.testing.assert_allclose(np.asarray(eager.t1.affine), image.affine)
     np.testing.assert_array_equal(np.asarray(never(jax.random.key(0), subject).t1.data), image.data)
+
+
+# -- the typed protocol ------------------------------------------------------------------
+
+
+def _volume(shape=(10, 10, 10), seed=0):
+    data = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    return jmed.Subject(t1=jmed.ScalarImage(data), seg=jmed.LabelMap((data > 0).astype(np.uint8)))
+
+
+class VoxelShift(T.SpatialTransform):
+    """Pulls input voxel ``p + (1, 0, 0)``: implements its own mapping only."""
+
+    def mapping(self, params, shape, affine, *, extent=None):
+        matrix = jnp.eye(4, dtype=jnp.float32).at[0, 3].set(1.0)
+        return T.SpatialMapping(matrix, None, None, tuple(shape), affine)
+
+
+class IgnoresGrid(VoxelShift):
+    """Overrides mapping_on_grid and (wrongly) ignores the grid."""
+
+    def mapping_on_grid(self, params, shape, affine, grid, *, extent=None):
+        return self.mapping(params, shape, affine, extent=extent)
+
+
+def test_spatial_base_applies_the_output_grid():
+    subject = _volume()
+    out = T.Spatial([VoxelShift()], output_shape=(4, 4, 4))(subject)
+    assert out["t1"].spatial_shape == (4, 4, 4)
+    # centred crop: offset floor((9 - 3) / 2) = 3 per axis, then the shift along axis 0
+    expected = np.asarray(subject["t1"].data)[4:8, 3:7, 3:7]
+    np.testing.assert_allclose(np.asarray(out["t1"].data), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["seg"].data), np.asarray(subject["seg"].data)[4:8, 3:7, 3:7])
+    # the output affine keeps world positions: output voxel 0 sits at input voxel (3, 3, 3)
+    np.testing.assert_allclose(np.asarray(out["t1"].affine)[:3, 3], [3.0, 3.0, 3.0], atol=1e-6)
+
+
+def test_a_mapping_that_ignores_the_grid_is_refused():
+    with pytest.raises(TypeError, match=r"IgnoresGrid.mapping_on_grid .* output shape \(10, 10, 10\)"):
+        T.Spatial([IgnoresGrid()], output_shape=(4, 4, 4))(_volume())
+
+
+def test_elastic_on_a_grid_equals_elastic_then_crop():
+    """RandomElasticDeformation evaluates its spline on the grid itself: same values as
+    the full-size result cropped to the grid."""
+    subject = _volume((12, 12, 12))
+    elastic = T.RandomElasticDeformation(num_control_points=5, max_displacement=1.0)
+    key = jax.random.key(3)
+    params = elastic.sample(key, subject)
+    full = elastic.apply(subject, params)
+    cropped = T.Spatial([elastic], output_shape=(6, 6, 6)).apply(subject, ((params,), jnp.zeros(3)))
+    np.testing.assert_allclose(
+        np.asarray(cropped["t1"].data), np.asarray(full["t1"].data)[3:9, 3:9, 3:9], atol=1e-5
+    )
+
+
+class ForgotIsRandom(IntensityTransform):
+    def sample(self, key, subject):
+        return jax.random.uniform(key)
+
+    def apply_image(self, image, params):
+        return image.replace(data=image.data + params)
+
+
+def test_missing_key_errors_name_the_transform():
+    subject = _volume()
+    with pytest.raises(T.MissingKeyError, match="RandomNoise is random and needs a JAX key"):
+        T.RandomNoise().sample(None, subject)
+    with pytest.raises(T.MissingKeyError, match="ForgotIsRandom.is_random is False"):
+        ForgotIsRandom()(subject)
+    # inside a composition the message still names the child
+    with pytest.raises(T.MissingKeyError, match="ForgotIsRandom"):
+        Compose([T.Clamp(), ForgotIsRandom()])(subject)
+    with pytest.raises(T.MissingKeyError, match="RandomGamma: key must be a JAX key"):
+        T.RandomGamma().sample(0, subject)
+    with pytest.raises(ValueError, match="RandomNoise is random"):
+        T.RandomNoise()(subject)
+    assert isinstance(T.RandomNoise(), T.RandomTransform) and not isinstance(T.Clamp(), T.RandomTransform)
+
+
+class Scale(T.RandomTransform, IntensityTransform):
+    """Multiplies intensities by a factor in [1, 2): invertible image by image."""
+
+    def sample(self, key, subject):
+        return jax.random.uniform(key, minval=1.0, maxval=2.0)
+
+    def apply_image(self, image, params):
+        return image.replace(data=image.data * params)
+
+    def inverse_image(self, image, params):
+        return image.replace(data=image.data / params)
+
+
+def test_inverse_image_makes_a_transform_invertible():
+    assert Scale.invertible and Scale.is_random and not T.RandomNoise.invertible
+    subject = _volume()
+    out = Scale()(jax.random.key(0), subject)
+    factor = float(out.history[-1][1])
+    np.testing.assert_allclose(out["t1"].data, np.asarray(subject["t1"].data) * factor, rtol=1e-6)
+    np.testing.assert_array_equal(out["seg"].data, subject["seg"].data)  # labels pass through
+    np.testing.assert_allclose(invert(out)["t1"].data, subject["t1"].data, rtol=1e-6, atol=1e-6)
+    # RandomBiasField's inverse comes from its inverse_image
+    biased = T.RandomBiasField(0.5)(jax.random.key(1), subject)
+    np.testing.assert_allclose(invert(biased)["t1"].data, subject["t1"].data, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="RandomNoise is not invertible"):
+        T.RandomNoise().inverse(subject, None)
+
+
+def test_compose_sample_samples_without_applying():
+    calls = []
+
+    def record(x):
+        calls.append(1)
+        return x
+
+    augment = Compose([Lambda(record), T.RandomAffine(), T.RandomNoise(), T.RandomGamma()])
+    subject = _volume()
+    key = jax.random.key(5)
+    params = augment.sample(key, subject)
+    assert calls == []  # no child reads the subject in sample: nothing is applied
+    out = augment(key, subject)
+    assert_trees_close(params, out.history[-1][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_compose_sample_follows_earlier_outputs(fuse):
+    """Params that depend on earlier outputs (a swap after a crop) equal those recorded by
+    the call, and the call is unchanged by sampling (bit-identical to applying the
+    sampled params)."""
+    augment = Compose(
+        [T.RandomFlip(("LR",)), T.RandomAffine(), T.CropOrPad((6, 7, 8)), T.RandomSwap(2, 5)], fuse=fuse
+    )
+    subject = _volume()
+    key = jax.random.key(7)
+    params = augment.sample(key, subject)
+    out = augment(key, subject)
+    assert_trees_close(params, out.history[-1][1], rtol=0, atol=0)
+    assert int(np.max(np.asarray(params[3]["locations"])[..., 0])) <= 6 - 2  # drawn in the cropped shape
+    again = augment.apply(subject, params)
+    np.testing.assert_array_equal(np.asarray(again["t1"].data), np.asarray(out["t1"].data))
+
+
+def test_resample_reads_a_reference_file_once(tmp_path):
+    subject = _volume()
+    reference = jmed.ScalarImage(np.zeros((5, 6, 7), np.float32), jmed.affine.from_spacing((2.0, 1.5, 1.0)))
+    path = tmp_path / "ref.nii.gz"
+    jmed.save(reference, path)
+    from_file = T.Resample(str(path))
+    path.unlink()  # applying reads no file
+    out = from_file(subject)
+    expected = T.Resample(reference)(subject)
+    assert out["t1"].spatial_shape == (5, 6, 7)
+    np.testing.assert_allclose(np.asarray(out["t1"].affine), np.asarray(reference.affine), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["t1"].data), np.asarray(expected["t1"].data))
+    assert from_file == T.Resample(str(path))  # the public target stays the path
+    with pytest.raises(ValueError, match="neither an image of the subject"):
+        T.Resample(str(tmp_path / "missing.nii.gz"))(subject)
+
+
+def test_one_hot_infers_num_classes_eagerly_only():
+    labels = np.array([0, 2, 1, 2], np.uint8).reshape(4, 1, 1)
+    subject = jmed.Subject(seg=jmed.LabelMap(labels))
+    out = T.OneHot()(subject)
+    np.testing.assert_array_equal(
+        np.asarray(out["seg"].data)[:, 0, 0], np.eye(3, dtype=np.uint8)[[0, 2, 1, 2]]
+    )
+    with pytest.raises(TypeError, match="pass num_classes"):
+        jax.jit(lambda s: T.OneHot()(s))(subject)
+    assert jax.jit(lambda s: T.OneHot(3)(s))(subject)["seg"].shape == (4, 1, 1, 3)
+
+
+def test_params_module_is_the_one_home_of_parsing():
+    from jmed.transforms import params
+
+    assert not (Path(T.__file__).parent / "_params.py").exists()
+    assert params.parse_range(0.1, "scales", centre=1.0) == (0.9, 1.1)
+    assert params.parse_nonnegative_range(2, "std") == (0.0, 2.0)
+    assert params.parse_count_range(3, "num_spikes") == (0, 3)
+    assert params.int_triple(4, "patch_size") == (4, 4, 4)
+    assert params.float_triple((1, 2, 3), "max_displacement") == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match=r"patch_size must be positive .* got \(4, 0, 4\)"):
+        params.int_triple((4, 0, 4), "patch_size")
+    with pytest.raises(ValueError, match=r"crop must be one of \('center', 'random'\), got 'middle'"):
+        T.Spatial([], crop="middle")
+    draws = np.asarray(params.uniform(jax.random.key(0), 2.0, 3.0, (1000,)))
+    assert draws.dtype == np.float32 and draws.min() >= 2.0 and draws.max() < 3.0
+    # no module of jmed.transforms keeps its own copy of these helpers
+    source = "".join(p.read_text() for p in Path(T.__file__).parent.glob("*.py"))
+    for name in (
+        "def _as_size3",
+        "def _as_shape",
+        "def _per_axis",
+        "def _check_choice",
+        "def _uniform(",
+        "def _float(",
+        "def _is_number(",
+        "def _is_traced(",
+        "def _std_range",
+        "def _count_range",
+    ):
+        assert name not in source, f"{name} is back in jmed.transforms; use jmed.transforms.params"
+    assert source.count("def _rotation(") == 1

@@ -180,7 +180,7 @@ NOT_PADDING_AWARE = {
 # host-only (connected components): eager calls, they refuse jit and vmap
 EAGER_ONLY = {"KeepLargestComponent", "RemoveSmallObjects", "FillHoles"}
 # abstract bases: not used as transforms themselves
-BASES = {"Transform", "IntensityTransform", "LabelTransform", "SpatialTransform"}
+BASES = {"Transform", "IntensityTransform", "LabelTransform", "RandomTransform", "SpatialTransform"}
 
 
 def _case_class(name: str) -> str:

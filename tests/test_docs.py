@@ -81,3 +81,46 @@ def test_torchio_page_names_samplers_loaders_and_cli():
     missing = [n for n in names if f"jmed.{n}" not in text]
     assert not missing, f"missing from docs/torchio.md: {missing}"
     assert "`tiotr" in text and "jmed transform" in text
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def test_extension_guide_runs():
+    """The worked examples of docs/extending.md run as one script (their own asserts
+    compare with numpy)."""
+    blocks = _python_blocks(DOCS / "extending.md")
+    assert len(blocks) >= 2, "docs/extending.md lost its worked examples"
+    namespace: dict = {"__name__": "extending_guide"}
+    exec(compile("\n".join(blocks), str(DOCS / "extending.md"), "exec"), namespace)  # noqa: S102
+    random_cls, spatial_cls = namespace["RandomScaleIntensity"], namespace["RandomShear"]
+    assert issubclass(random_cls, jmed.transforms.RandomTransform) and random_cls.invertible
+    assert issubclass(spatial_cls, jmed.transforms.SpatialTransform)
+
+
+def _torchio_table_names() -> set[str]:
+    """Transforms named in the jmed column of docs/torchio.md's tables."""
+    names = set()
+    for line in (DOCS / "torchio.md").read_text().splitlines():
+        cells = line.split("|")
+        if line.startswith("|") and len(cells) > 3:
+            names |= set(re.findall(r"`T\.(\w+)", cells[2]))
+    return names
+
+
+def test_every_exported_transform_has_a_docs_row_and_an_api_page():
+    rows = _torchio_table_names()
+    assert {"RandomAffine", "Compose", "Transform"} <= rows  # the check below can fail
+    missing = [n for n in _transform_names() if n not in rows]
+    assert not missing, (
+        f"exported transforms without a row in docs/torchio.md's transform table: {missing}. "
+        "Add a row '| `tio.Name` (or —) | `T.Name` | notes |' to that table"
+    )
+    pages = {p.stem for p in (DOCS / "api").glob("transforms.*.md")}
+    for name in _transform_names():
+        module = getattr(jmed.transforms, name).__module__
+        assert module.startswith("jmed.transforms."), (name, module)
+        page = module.removeprefix("jmed.")
+        assert page in pages, f"{name} lives in {module}, which has no docs/api/{page}.md page: add one"
+        assert f"::: {module}" in (DOCS / "api" / f"{page}.md").read_text()

@@ -66,13 +66,3 @@ def test_torchio_paper_pipeline(key):
     pipeline = torchio_paper_augmentation()
     out = pipeline(key, make_phantom((16, 14, 12)))
     assert np.all(np.isfinite(out["t1"].data))
-
-
-def test_missing_transform_raises_import_error():
-    missing = [
-        n for n in ("RandomAffine", "RandomAnisotropy", "RandomFlip") if not hasattr(jmed.transforms, n)
-    ]
-    if not missing:
-        pytest.skip("all spatial transforms are available")
-    with pytest.raises(ImportError, match=missing[0]):
-        nnunet_augmentation()

@@ -1,15 +1,22 @@
-"""Transforms: ``transform(key, subject) -> subject``; see ``jmed.transforms.base``."""
+"""Transforms: ``transform(key, subject) -> subject``; see ``jmed.transforms.base`` for the
+protocol and ``jmed.transforms.params`` for the parameter rules."""
 
 from jmed.transforms import history as history  # the module: format_history, ReplayHistory
-from jmed.transforms._params import max_output_bytes, set_max_output_bytes
+from jmed.transforms import params
 from jmed.transforms.base import (
+    ApplyFn,
     Compose,
     IntensityTransform,
+    InverseFn,
     Lambda,
+    MissingKeyError,
     OneOf,
     RandomApply,
+    RandomTransform,
+    SampleFn,
     SomeOf,
     Transform,
+    TransformFn,
     invert,
     replay,
     transform_key,
@@ -52,6 +59,7 @@ from jmed.transforms.normalization import (
     save_landmarks,
     train_histogram,
 )
+from jmed.transforms.params import max_output_bytes, set_max_output_bytes
 from jmed.transforms.preprocessing import (
     CopyAffine,
     Crop,
@@ -89,6 +97,7 @@ from jmed.transforms.tta import (
 )
 
 __all__ = [
+    "ApplyFn",
     "Clamp",
     "Compose",
     "CopyAffine",
@@ -99,10 +108,12 @@ __all__ = [
     "FillHoles",
     "HistogramStandardization",
     "IntensityTransform",
+    "InverseFn",
     "KeepLargestComponent",
     "LabelTransform",
     "Lambda",
     "Mask",
+    "MissingKeyError",
     "OneHot",
     "OneOf",
     "OutputGrid",
@@ -125,6 +136,7 @@ __all__ = [
     "RandomRot90",
     "RandomSpike",
     "RandomSwap",
+    "RandomTransform",
     "RemapLabels",
     "RemoveLabels",
     "RemoveSmallObjects",
@@ -132,6 +144,7 @@ __all__ = [
     "Resample",
     "RescaleIntensity",
     "Resize",
+    "SampleFn",
     "SequentialLabels",
     "SomeOf",
     "Spatial",
@@ -139,6 +152,7 @@ __all__ = [
     "SpatialTransform",
     "ToCanonical",
     "Transform",
+    "TransformFn",
     "WindowParams",
     "ZNormalization",
     "affine_mapping",
@@ -151,6 +165,7 @@ __all__ = [
     "max_output_bytes",
     "nnunet_augmentation",
     "nnunet_intensity_augmentation",
+    "params",
     "predict_with_tta",
     "replay",
     "save_landmarks",

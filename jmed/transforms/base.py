@@ -6,42 +6,146 @@ deterministic transforms accept ``key=None`` or no key at all). It also accepts 
 
 Random transforms split the work in two: ``sample(key, subject) -> params`` draws the
 parameters (a pytree of arrays), ``apply(subject, params) -> subject`` uses them
-deterministically. Invertible transforms add ``inverse(subject, params)``. Calling a
-transform on a ``Subject`` appends ``(transform, params)`` to ``subject.history``, which
-``replay`` and ``invert`` use. Unlike TorchIO, randomness comes only from the key: same
-key and input give the same output, eager, under ``jit`` and under ``vmap``.
+deterministically. Invertible transforms add ``inverse(subject, params)`` (or, for a
+rule applied image by image, ``inverse_image(image, params)``). Calling a transform on a
+``Subject`` appends ``(transform, params)`` to ``subject.history``, which ``replay`` and
+``invert`` use. Unlike TorchIO, randomness comes only from the key: same key and input
+give the same output, eager, under ``jit`` and under ``vmap``.
+
+The public protocol, typed:
+
+* ``Transform[P]``: the base class; ``P`` is the type of its params.
+* ``RandomTransform[P]``: a transform that draws its params from a key
+  (``is_random = True``; ``sample`` must be implemented).
+* ``IntensityTransform`` / ``jmed.transforms.labels.LabelTransform``: act on one image
+  kind.
+* ``jmed.transforms.spatial.SpatialTransform``: a transform described by a mapping of
+  voxel coordinates (subclasses return their own mapping; the base class applies output
+  grids and resamples).
+* ``SampleFn``, ``ApplyFn``, ``InverseFn``, ``TransformFn``: ``typing.Protocol`` classes for the
+  four call signatures, for code that takes transforms or their methods as values.
 
 Transforms apply by image kind (``kinds``: intensity transforms skip label maps) and honour
-``include=`` / ``exclude=`` lists of image names.
+``include=`` / ``exclude=`` lists of image names. The parameter parsers that every
+constructor uses are public in ``jmed.transforms.params``; docs/extending.md walks
+through writing a new transform.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmed.image import INTENSITY, KINDS, LABEL, Image, Subject
-from jmed.transforms import _params, _values
+from jmed.image import INTENSITY, KINDS, Image, Subject
+from jmed.transforms import _values
+from jmed.transforms import params as _params
+from jmed.transforms.params import ImageNames
 
 __all__ = [
+    "ApplyFn",
     "Compose",
     "IntensityTransform",
+    "InverseFn",
     "Lambda",
+    "MissingKeyError",
     "OneOf",
+    "PRNGKey",
+    "Params",
     "RandomApply",
+    "RandomTransform",
+    "SampleFn",
     "SomeOf",
     "Transform",
+    "TransformFn",
     "invert",
     "replay",
     "transform_key",
 ]
 
-Params = Any
+PRNGKey: TypeAlias = jax.Array
+"""A JAX random key: a typed key array (``jax.random.key``) or a raw ``uint32[2]`` key
+(``jax.random.PRNGKey``); a traced one under ``jit`` / ``vmap``."""
+
+Params: TypeAlias = Any
+"""Params of a transform: a pytree of arrays (or ``None`` for deterministic transforms).
+Each transform documents its structure under "Params"; generic code types them with the
+``P`` of ``Transform[P]``."""
+
+P = TypeVar("P")
+P_co = TypeVar("P_co", covariant=True)
+P_contra = TypeVar("P_contra", contravariant=True)
+
+
+class SampleFn(Protocol[P_co]):
+    """``sample(key, subject) -> params``: draws params from ``key`` (pure)."""
+
+    def __call__(self, key: PRNGKey | None, subject: Subject, /) -> P_co: ...
+
+
+class ApplyFn(Protocol[P_contra]):
+    """``apply(subject, params) -> subject``: deterministic given params (pure)."""
+
+    def __call__(self, subject: Subject, params: P_contra, /) -> Subject: ...
+
+
+class InverseFn(Protocol[P_contra]):
+    """``inverse(subject, params) -> subject``: undoes ``apply`` with the same params."""
+
+    def __call__(self, subject: Subject, params: P_contra, /) -> Subject: ...
+
+
+class TransformFn(Protocol):
+    """``transform(key, data) -> data``: what every transform is as a callable (``data``
+    a ``Subject`` or an ``Image``; ``key`` may be omitted for deterministic transforms)."""
+
+    def __call__(
+        self, key: PRNGKey | Subject | Image | None, data: Subject | Image | None = None, /
+    ) -> Any: ...
+
+
+class MissingKeyError(TypeError):
+    """A transform that draws random numbers got no key (or not a key): raised by
+    ``sample`` with the name of the transform, before anything reaches JAX."""
+
+
+def _guard_key(sample: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a ``sample`` method so that a missing or malformed key gives an error naming
+    the transform, instead of JAX's "unexpected PRNG key type" from deep inside a draw."""
+
+    @functools.wraps(sample)
+    def guarded(self: Transform, key: PRNGKey | None, subject: Subject) -> Any:
+        name = type(self).__name__
+        if key is None:
+            if self.is_random:
+                raise MissingKeyError(
+                    f"{name} is random and needs a JAX key, got None: call it as "
+                    f"transform(key, subject) or {name}.sample(key, subject), with "
+                    "key = jax.random.key(seed)"
+                )
+            try:
+                return sample(self, key, subject)
+            except TypeError as err:
+                if isinstance(err, MissingKeyError) or "PRNG key" not in str(err):
+                    raise
+                raise MissingKeyError(
+                    f"{name}.sample draws random numbers but {name}.is_random is False, so it "
+                    f"was called without a key; set is_random = True in the class (or derive "
+                    f"it from jmed.transforms.RandomTransform) and call it as transform(key, subject)"
+                ) from err
+        if not isinstance(key, (jax.Array, np.ndarray)):
+            raise MissingKeyError(
+                f"{name}: key must be a JAX key (jax.random.key(seed)), got {type(key).__name__} {key!r}"
+            )
+        return sample(self, key, subject)
+
+    guarded.__jmed_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
 
 
 def _as_subject(data: Any) -> tuple[Subject, bool]:
@@ -63,12 +167,17 @@ def _check_names(value: Any, name: str) -> tuple[str, ...] | None:
     return values
 
 
-class Transform(_values.Value):
-    """Base class of all transforms.
+class Transform(_values.Value, Generic[P]):
+    """Base class of all transforms; ``P`` is the type of the params.
 
     Subclasses set ``is_random`` / ``invertible`` / ``kinds`` and implement ``sample``
-    (random ones), and ``apply_image`` (same rule for every selected image) or ``apply``
-    (whole subject).
+    (random ones: or derive from ``RandomTransform``), and ``apply_image`` (same rule
+    for every selected image) or ``apply`` (whole subject). Invertible ones implement
+    ``inverse_image`` (per image; ``invertible`` is then set for them) or ``inverse``.
+
+    ``sample`` is checked on every call: a random transform called with ``key=None``,
+    or one that draws random numbers without declaring ``is_random``, raises a
+    ``MissingKeyError`` (a ``TypeError``) naming the transform.
 
     ``padding_aware = True`` declares that the transform respects ``Image.extent``: on a
     volume padded to a bucket shape (``jmed.buckets``) its valid voxels come out as they
@@ -93,6 +202,14 @@ class Transform(_values.Value):
     padding_aware: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = KINDS
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        sample = cls.__dict__.get("sample")
+        if sample is not None and not getattr(sample, "__jmed_guarded__", False):
+            cls.sample = _guard_key(sample)
+        if "inverse_image" in cls.__dict__ and "invertible" not in cls.__dict__:
+            cls.invertible = True
+
     def __init__(
         self, *, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None
     ):
@@ -104,7 +221,10 @@ class Transform(_values.Value):
             )
 
     # -- protocol ----------------------------------------------------------------------
-    def __call__(self, key: Any, data: Any = None, /) -> Any:
+    def __call__(self, key: PRNGKey | Subject | Image | None, data: Subject | Image | None = None, /) -> Any:
+        """``transform(key, subject) -> subject`` (or an ``Image`` for an ``Image``);
+        deterministic transforms also take ``transform(subject)``. The subject's history
+        gets ``(self, params)``."""
         if data is None and isinstance(key, (Subject, Image)):
             key, data = None, key
         subject, single = _as_subject(data)
@@ -115,21 +235,48 @@ class Transform(_values.Value):
             return out["image"]
         return out.replace(history=subject.history + ((self, params),))
 
-    def sample(self, key: Any, subject: Subject) -> Params:
-        """Draw this transform's parameters (a pytree of arrays) from ``key``."""
-        return None
+    @property
+    def sample_reads_subject(self) -> bool:
+        """Whether ``sample`` reads the subject (shapes, affines or values): true for every
+        transform that implements ``sample``, unless its class sets
+        ``sample_reads_subject = False`` (params drawn from the key alone).
+        ``Compose.sample`` brings the subject up to date (applies the earlier children)
+        only for children that read it."""
+        return type(self).sample is not Transform.sample
 
-    def apply(self, subject: Subject, params: Params) -> Subject:
+    def sample(self, key: PRNGKey | None, subject: Subject) -> P:
+        """Draw this transform's parameters (a pytree of arrays) from ``key``.
+
+        Deterministic transforms return ``None`` (or params computed from the subject,
+        such as a crop window)."""
+        return None  # type: ignore[return-value]
+
+    def apply(self, subject: Subject, params: P) -> Subject:
         """Apply with given parameters: by default ``apply_image`` on each selected image."""
         return subject.replace({n: self.apply_image(subject[n], params) for n in self.selected(subject)})
 
-    def apply_image(self, image: Image, params: Params) -> Image:
+    def apply_image(self, image: Image, params: P) -> Image:
+        """The rule applied to each selected image (the default ``apply`` calls it)."""
         raise NotImplementedError(f"{type(self).__name__} must implement apply or apply_image")
 
-    def inverse(self, subject: Subject, params: Params) -> Subject:
+    def inverse(self, subject: Subject, params: P) -> Subject:
+        """Undo ``apply(subject, params)``: by default ``inverse_image`` on each selected
+        image.
+
+        Raises:
+            TypeError: the transform is not invertible.
+        """
+        if type(self).inverse_image is Transform.inverse_image:
+            raise TypeError(f"{type(self).__name__} is not invertible")
+        return subject.replace({n: self.inverse_image(subject[n], params) for n in self.selected(subject)})
+
+    def inverse_image(self, image: Image, params: P) -> Image:
+        """The inverse of ``apply_image`` for one image; implementing it makes the
+        transform invertible (the default ``inverse`` applies it to each selected image)."""
         raise TypeError(f"{type(self).__name__} is not invertible")
 
-    def sample_and_apply(self, key: Any, subject: Subject) -> tuple[Subject, Params]:
+    def sample_and_apply(self, key: PRNGKey | None, subject: Subject) -> tuple[Subject, P]:
+        """``(apply(subject, params), params)`` with ``params = sample(key, subject)``."""
         params = self.sample(key, subject)
         return self.apply(subject, params), params
 
@@ -155,20 +302,34 @@ class Transform(_values.Value):
         return f"{type(self).__name__}({inner})"
 
 
-class IntensityTransform(Transform):
+class RandomTransform(Transform[P]):
+    """Base class of transforms that draw their params from a key.
+
+    Subclasses implement ``sample(key, subject) -> P`` (drawing with ``key`` only: no
+    global random state) and ``apply_image`` or ``apply``. Calling one without a key
+    raises a ``MissingKeyError`` naming it.
+    """
+
+    is_random: ClassVar[bool] = True
+
+    def sample(self, key: PRNGKey | None, subject: Subject) -> P:
+        raise NotImplementedError(f"{type(self).__name__} must implement sample(key, subject)")
+
+
+class IntensityTransform(Transform[P]):
     """A transform that acts on intensity images only (label maps pass through)."""
 
     kinds = (INTENSITY,)
 
 
-def _split(key: Any, n: int) -> list[Any]:
+def _split(key: PRNGKey | None, n: int) -> list[PRNGKey | None]:
     if key is None:
         return [None] * n
     return list(jax.random.split(key, n))
 
 
 def _concrete_int(x: Any) -> int | None:
-    if isinstance(x, jax.core.Tracer):
+    if _params.is_traced(x):
         return None
     return int(np.asarray(x))
 
@@ -326,7 +487,7 @@ class Compose(Transform):
         self.fuse = bool(fuse)
         self._stages = _fused_stages(self.transforms) if self.fuse else None
 
-    def sample_and_apply(self, key, subject):
+    def sample_and_apply(self, key: PRNGKey | None, subject: Subject) -> tuple[Subject, Params]:
         keys = _split(key, len(self.transforms))
         if self._stages is None:
             params = []
@@ -347,10 +508,35 @@ class Compose(Transform):
                 params.extend(run)
         return subject, tuple(params)
 
-    def sample(self, key, subject):
-        return self.sample_and_apply(key, subject)[1]
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
+        """The children's params, as ``Compose(...)(key, subject)`` records them.
 
-    def apply(self, subject, params):
+        Each child samples from its own key. A child whose ``sample`` reads the subject
+        (``sample_reads_subject``: crop windows, swap locations, label counts, anatomical
+        flip axes) sees the subject as the earlier children leave it, so its params can
+        depend on their outputs: the earlier children are applied for it, and only up
+        to the last child that reads the subject. Children whose params ignore the
+        subject (most augmentations) cost no application, so a pipeline of them is
+        sampled without touching the images."""
+        keys = _split(key, len(self.transforms))
+        readers = [i for i, t in enumerate(self.transforms) if t.sample_reads_subject]
+        last_reader = readers[-1] if readers else -1
+        stages = self._stages or [(None, i, i + 1) for i in range(len(self.transforms))]
+        params = []
+        for fused, start, stop in stages:
+            # as in sample_and_apply: a fused run samples on the subject it starts from
+            run = [t.sample(k, subject) for t, k in zip(self.transforms[start:stop], keys[start:stop])]
+            params.extend(run)
+            if stop - 1 < last_reader:
+                step = self.transforms[start] if fused is None else fused
+                subject = step.apply(subject, run[0] if fused is None else tuple(run))
+        return tuple(params)
+
+    @property
+    def sample_reads_subject(self) -> bool:  # type: ignore[override]
+        return any(t.sample_reads_subject for t in self.transforms)
+
+    def apply(self, subject: Subject, params: Params) -> Subject:
         if self._stages is None:
             for t, p in zip(self.transforms, params):
                 subject = t.apply(subject, p)
@@ -362,7 +548,7 @@ class Compose(Transform):
                 subject = fused.apply(subject, tuple(params[start:stop]))
         return subject
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         stages = self._stages or [(None, i, i + 1) for i in range(len(self.transforms))]
         for fused, start, stop in reversed(stages):
             step = self.transforms[start] if fused is None else fused
@@ -394,7 +580,7 @@ def _weights(probabilities: Any, n: int, name: str) -> np.ndarray:
     return p / p.sum()
 
 
-class OneOf(Transform):
+class OneOf(RandomTransform):
     """Apply one transform chosen at random (weighted).
 
     Args:
@@ -406,7 +592,6 @@ class OneOf(Transform):
     structure is static under ``jit``) and only the chosen child is applied.
     """
 
-    is_random = True
     padding_aware = True
 
     def __init__(
@@ -427,7 +612,11 @@ class OneOf(Transform):
         self.probabilities = _weights(probabilities, len(self.transforms), "probabilities")
         self.invertible = all(t.invertible for t in self.transforms)
 
-    def sample(self, key, subject):
+    @property
+    def sample_reads_subject(self) -> bool:  # type: ignore[override]
+        return any(t.sample_reads_subject for t in self.transforms)
+
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_choice, *keys = _split(key, len(self.transforms) + 1)
         # the draw of ``jax.random.choice(k_choice, n, p=probabilities)``, with the
         # search written as a count: its scan has no rule for explicitly sharded batches
@@ -436,24 +625,23 @@ class OneOf(Transform):
         index = jnp.sum(cumulative < r, dtype=jnp.int32)
         return index, tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         index, child = params
         branches = [lambda s, c, t=t, k=k: t.apply(s, c[k]) for k, t in enumerate(self.transforms)]
         return _switch(index, branches, subject, child)
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         index, child = params
         branches = [lambda s, c, t=t, k=k: t.inverse(s, c[k]) for k, t in enumerate(self.transforms)]
         return _switch(index, branches, subject, child)
 
 
-class RandomApply(Transform):
+class RandomApply(RandomTransform):
     """Apply ``transform`` with probability ``p``.
 
     Params: ``(applied, child_params)`` with ``applied`` a boolean array.
     """
 
-    is_random = True
     padding_aware = True
 
     def __init__(self, transform: Transform, *, p: float = 0.5):
@@ -464,20 +652,24 @@ class RandomApply(Transform):
         self.p = _params.check_probability(p, "p")
         self.invertible = transform.invertible
 
-    def sample(self, key, subject):
+    @property
+    def sample_reads_subject(self) -> bool:  # type: ignore[override]
+        return self.transform.sample_reads_subject
+
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_apply, k_child = _split(key, 2)
         return jax.random.bernoulli(k_apply, self.p), self.transform.sample(k_child, subject)
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         applied, child = params
         return _switch(applied, [lambda s, c: s, self.transform.apply], subject, child)
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         applied, child = params
         return _switch(applied, [lambda s, c: s, self.transform.inverse], subject, child)
 
 
-class SomeOf(Transform):
+class SomeOf(RandomTransform):
     """Apply a random subset of the transforms, in the order given.
 
     Args:
@@ -488,7 +680,6 @@ class SomeOf(Transform):
     Params: ``(mask, children_params)``; ``mask[i]`` says whether child ``i`` applies.
     """
 
-    is_random = True
     padding_aware = True
 
     def __init__(
@@ -512,7 +703,11 @@ class SomeOf(Transform):
         self.num_transforms = (lo, hi)
         self.invertible = all(t.invertible for t in self.transforms)
 
-    def sample(self, key, subject):
+    @property
+    def sample_reads_subject(self) -> bool:  # type: ignore[override]
+        return any(t.sample_reads_subject for t in self.transforms)
+
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_count, k_perm, *keys = _split(key, len(self.transforms) + 2)
         lo, hi = self.num_transforms
         count = jax.random.randint(k_count, (), lo, hi + 1)
@@ -520,13 +715,13 @@ class SomeOf(Transform):
         mask = rank < count
         return mask, tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         mask, child = params
         for i, (t, p) in enumerate(zip(self.transforms, child)):
             subject = _switch(mask[i], [lambda s, c: s, t.apply], subject, p)
         return subject
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         mask, child = params
         for i, (t, p) in reversed(list(enumerate(zip(self.transforms, child)))):
             subject = _switch(mask[i], [lambda s, c: s, t.inverse], subject, p)
@@ -547,20 +742,19 @@ class Lambda(Transform):
         function: Callable[[jax.Array], jax.Array],
         *,
         kinds: Sequence[str] = KINDS,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         if not callable(function):
             raise TypeError(f"function must be callable, got {function!r}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         for k in kinds:
-            if k not in (INTENSITY, LABEL):
-                raise ValueError(f"kinds must be among {KINDS}, got {k!r}")
+            _params.check_choice(k, "kinds", KINDS)
         self.function = function
         self.kinds = kinds
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         return image.replace(data=self.function(image.data))
 
 

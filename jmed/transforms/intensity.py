@@ -5,7 +5,7 @@ All transforms here keep the shape, so they are jittable and vmappable with per-
 parameters; they act on intensity images only (label maps pass through). Outputs are
 floating point (integer input becomes ``float32``) and are not clipped unless stated.
 
-Parameter ranges follow ``jmed.transforms._params`` (a scalar ``d`` means
+Parameter ranges follow ``jmed.transforms.params`` (a scalar ``d`` means
 ``U(-d, d)`` around the natural centre, a pair ``(a, b)`` means ``U(a, b)``), except
 standard deviations, where a scalar ``d`` means ``U(0, d)`` as in TorchIO.
 
@@ -32,7 +32,6 @@ Examples:
 from __future__ import annotations
 
 import itertools
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,8 +44,9 @@ from jmed.image import INTENSITY, LABEL, Image, Subject
 from jmed.ops import noise as noise_ops
 from jmed.ops.crop_pad import valid_mask
 from jmed.ops.filters import gaussian_blur
-from jmed.transforms import _params
-from jmed.transforms.base import IntensityTransform, Transform
+from jmed.transforms import params as _params
+from jmed.transforms.base import IntensityTransform, Params, PRNGKey, RandomTransform
+from jmed.transforms.params import ImageNames, IntTripleLike, PerAxisRangeLike, RangeLike
 
 __all__ = [
     "RandomBiasField",
@@ -62,46 +62,12 @@ __all__ = [
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _std_range(value: Any, name: str) -> tuple[float, float]:
-    """TorchIO's rule for standard deviations: ``d`` -> ``(0, d)``; ``(a, b)`` -> ``(a, b)``."""
-    if _is_number(value):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-        value = (0.0, float(value))
-    return _params.parse_range(value, name, min_value=0.0)
-
-
-def _std_range_per_axis(value: Any, name: str) -> np.ndarray:
-    """1, 2, 3 or 6 values -> ``(3, 2)`` per-axis ``(low, high)`` with the std rule."""
-    if _is_number(value) or (isinstance(value, Sequence) and len(value) == 2):
-        return np.array([_std_range(value, name)] * 3)
-    if isinstance(value, Sequence) and len(value) == 3:
-        return np.array([_std_range(v, f"{name}[{i}]") for i, v in enumerate(value)])
-    if isinstance(value, Sequence) and len(value) == 6:
-        return np.array([_std_range(tuple(value[2 * i : 2 * i + 2]), name) for i in range(3)])
-    raise ValueError(f"{name} must be a number, a (low, high) pair, 3 or 6 values, got {value!r}")
-
-
-def _uniform(key, low, high, shape=()) -> jax.Array:
-    low, high = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
-    return jax.random.uniform(key, shape, jnp.float32) * (high - low) + low
-
-
-def _float(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
-
-
 def _nnunet_factor(key, low: float, high: float) -> jax.Array:
     """nnU-Net's draw for factors around 1: with probability 1/2 ``U(low, 1)`` (if
     ``low < 1``), else ``U(max(low, 1), high)``."""
     k_side, k_value = jax.random.split(key)
-    below = _uniform(k_value, low, min(1.0, high))
-    above = _uniform(k_value, max(low, 1.0), high)
+    below = _params.uniform(k_value, low, min(1.0, high))
+    above = _params.uniform(k_value, max(low, 1.0), high)
     if low >= 1.0:
         return above
     if high <= 1.0:
@@ -139,7 +105,7 @@ def _extent_high(subject: Subject, size, name: str) -> jax.Array:
     extent = subject.extent
     if extent is None:
         return jnp.asarray([n - p + 1 for n, p in zip(shape, size)], jnp.int32)
-    if not isinstance(extent, jax.core.Tracer):
+    if not _params.is_traced(extent):
         _check_fits(size, tuple(int(v) for v in np.asarray(extent)), name)
     # a traced extent smaller than the box cannot raise: the corner is then 0
     return jnp.maximum(jnp.asarray(extent, jnp.int32) - jnp.asarray(size, jnp.int32) + 1, 1)
@@ -157,18 +123,20 @@ def _key_from_seed(seed: jax.Array, index: int = 0):
 class _PerImageKeyMixin:
     """Apply ``_apply_data(data, params, key, extent)`` to each selected image with its own key."""
 
-    def apply(self, subject: Subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         names = self.selected(subject)
         out = {}
         for i, name in enumerate(names):
             image = subject[name]
             key = _key_from_seed(params["seed"], i)
-            out[name] = image.replace(data=self._apply_data(_float(image.data), params, key, image.extent))
+            out[name] = image.replace(
+                data=self._apply_data(_params.as_floating(image.data), params, key, image.extent)
+            )
         return subject.replace(out)
 
 
 # -- noise -----------------------------------------------------------------------------
-class RandomNoise(_PerImageKeyMixin, IntensityTransform):
+class RandomNoise(_PerImageKeyMixin, IntensityTransform, RandomTransform):
     """Add Gaussian (or Rician) noise.
 
     Args:
@@ -177,8 +145,9 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform):
         rician: if True, ``sqrt((x + n1)**2 + n2**2)`` with ``n1, n2 ~ N(μ, σ)``
             (magnitude of complex Gaussian noise; non-negative output), else ``x + n1``.
 
-    The noise values come from ``jmed.ops.noise.normal`` (a keyed counter hash, about
-    10x cheaper on CPU than ``jax.random.normal``).
+    The noise values come from ``jmed.ops.noise.normal`` (a keyed counter hash, not
+    ``jax.random.normal``: see docs/performance.md), so a key gives other noise values
+    than ``jax.random.normal`` would.
 
     Params: ``{"mean", "std", "seed"}``; each selected image gets independent noise.
 
@@ -186,20 +155,28 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform):
         ValueError: negative or empty ranges.
     """
 
-    is_random = True
+    sample_reads_subject = False
     padding_aware = True
 
-    def __init__(self, *, mean=0.0, std=(0.0, 0.25), rician: bool = False, include=None, exclude=None):
+    def __init__(
+        self,
+        mean: RangeLike = 0.0,
+        std: RangeLike = (0.0, 0.25),
+        *,
+        rician: bool = False,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
         self.mean = _params.parse_range(mean, "mean")
-        self.std = _std_range(std, "std")
+        self.std = _params.parse_nonnegative_range(std, "std")
         self.rician = bool(rician)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_mean, k_std, k_noise = jax.random.split(key, 3)
         return {
-            "mean": _uniform(k_mean, *self.mean),
-            "std": _uniform(k_std, *self.std),
+            "mean": _params.uniform(k_mean, *self.mean),
+            "std": _params.uniform(k_std, *self.std),
             "seed": _seed(k_noise),
         }
 
@@ -214,7 +191,7 @@ class RandomNoise(_PerImageKeyMixin, IntensityTransform):
 
 
 # -- blur ------------------------------------------------------------------------------
-class RandomBlur(IntensityTransform):
+class RandomBlur(IntensityTransform, RandomTransform):
     """Separable Gaussian blur with a random standard deviation per axis, in mm.
 
     Args:
@@ -240,34 +217,32 @@ class RandomBlur(IntensityTransform):
     Params: ``{"std": (3,)}`` in ``units``.
     """
 
-    is_random = True
+    sample_reads_subject = False
     padding_aware = True
 
     def __init__(
         self,
+        std: PerAxisRangeLike = (0.0, 2.0),
         *,
-        std=(0.0, 2.0),
         truncate: float = 4.0,
         mode: str = "reflect",
         units: str = "mm",
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
-        if units not in ("mm", "voxels"):
-            raise ValueError(f"units must be 'mm' or 'voxels', got {units!r}")
-        self.units = units
-        self.std = _std_range_per_axis(std, "std")
-        if not _is_number(truncate) or not truncate >= 0 or not np.isfinite(truncate):
+        self.units = _params.check_choice(units, "units", ("mm", "voxels"))
+        self.std = _params.parse_nonnegative_range_per_axis(std, "std")
+        if not _params.is_number(truncate) or not truncate >= 0 or not np.isfinite(truncate):
             raise ValueError(f"truncate must be a finite number >= 0, got {truncate!r}")
         self.truncate = float(truncate)
         self.mode = mode
         gaussian_blur(np.zeros((1, 1, 1, 1), np.float32), 0.0, mode=mode)  # validates mode
 
-    def sample(self, key, subject):
-        return {"std": _uniform(key, self.std[:, 0], self.std[:, 1], (3,))}
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
+        return {"std": _params.uniform(key, self.std[:, 0], self.std[:, 1], (3,))}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         if self.units == "voxels":
             data = gaussian_blur(
                 image.data,
@@ -280,7 +255,7 @@ class RandomBlur(IntensityTransform):
             return image.replace(data=data)
         spacing = affine_lib.spacing(image.affine)
         max_sigma = None
-        if not isinstance(spacing, jax.core.Tracer):
+        if not _params.is_traced(spacing):
             max_sigma = self.std[:, 1] / np.asarray(spacing, dtype=float)
         sigma = params["std"] / jnp.asarray(spacing, jnp.float32)
         data = gaussian_blur(
@@ -295,11 +270,18 @@ class RandomBlur(IntensityTransform):
 
 
 # -- gamma -----------------------------------------------------------------------------
+# nnU-Net's (batchgenerators') guards against a constant channel in its gamma transform:
+# added to the intensity range before dividing, and to the std when restoring statistics
+_NNUNET_RANGE_EPSILON = 1e-7
+_NNUNET_STD_EPSILON = 1e-8
+
+
 def _safe_power(base: jax.Array, exponent: jax.Array) -> jax.Array:
     """``base ** exponent`` for ``base >= 0`` with a finite gradient at 0.
 
-    Computed as ``exp(exponent * log(base))``: XLA's general ``pow`` (which handles
-    negative bases and integer exponents) is about 4x slower on CPU.
+    Computed as ``exp(exponent * log(base))`` rather than with XLA's general ``pow``
+    (which also handles negative bases and integer exponents; slower, see
+    docs/performance.md).
     """
     positive = base > 0
     return jnp.where(positive, jnp.exp(exponent * jnp.log(jnp.where(positive, base, 1.0))), 0.0)
@@ -312,7 +294,7 @@ def _channel_stats(x: jax.Array, mask: jax.Array | None = None):
     return mean, jnp.sqrt(_channel_mean(jnp.square(x - mean), mask))
 
 
-class RandomGamma(IntensityTransform):
+class RandomGamma(IntensityTransform, RandomTransform):
     """Gamma correction ``x -> x ** γ``.
 
     Args:
@@ -334,25 +316,25 @@ class RandomGamma(IntensityTransform):
     Params: ``{"gamma": ()}``.
     """
 
-    is_random = True
+    sample_reads_subject = False
     padding_aware = True
 
     def __init__(
         self,
+        log_gamma: RangeLike = (-0.3, 0.3),
         *,
-        log_gamma=(-0.3, 0.3),
         gamma: tuple[float, float] | None = None,
         invert: bool = False,
         retain_stats: bool = False,
         rescale: bool = False,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         self.log_gamma = _params.parse_range(log_gamma, "log_gamma")
         self.gamma = None
         if gamma is not None:
-            if _is_number(gamma):
+            if _params.is_number(gamma):
                 raise ValueError(f"gamma must be a (low, high) pair, got {gamma!r}")
             self.gamma = _params.parse_range(gamma, "gamma")
             if self.gamma[0] <= 0:
@@ -361,13 +343,13 @@ class RandomGamma(IntensityTransform):
         self.retain_stats = bool(retain_stats)
         self.rescale = bool(rescale) or self.invert
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         if self.gamma is not None:
             return {"gamma": _nnunet_factor(key, *self.gamma)}
-        return {"gamma": jnp.exp(_uniform(key, *self.log_gamma))}
+        return {"gamma": jnp.exp(_params.uniform(key, *self.log_gamma))}
 
-    def apply_image(self, image, params):
-        x = _float(image.data)
+    def apply_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
         gamma = jnp.asarray(params["gamma"], x.dtype)
         if self.invert:
             x = -x
@@ -376,20 +358,20 @@ class RandomGamma(IntensityTransform):
             mean, std = _channel_stats(x, mask)
         if self.rescale:
             low, high = _channel_min_max(x, mask)
-            width = high - low + 1e-7
+            width = high - low + _NNUNET_RANGE_EPSILON
             y = _safe_power(jnp.clip((x - low) / width, 0.0, None), gamma) * width + low
         else:
             y = jnp.sign(x) * _safe_power(jnp.abs(x), gamma)
         if self.retain_stats:
             y_mean, y_std = _channel_stats(y, mask)
-            y = (y - y_mean) / (y_std + 1e-8) * std + mean
+            y = (y - y_mean) / (y_std + _NNUNET_STD_EPSILON) * std + mean
         if self.invert:
             y = -y
         return image.replace(data=y)
 
 
 # -- brightness / contrast ---------------------------------------------------------------
-class RandomBrightness(IntensityTransform):
+class RandomBrightness(IntensityTransform, RandomTransform):
     """Multiply intensities by a random factor (nnU-Net's multiplicative brightness).
 
     Args:
@@ -398,22 +380,24 @@ class RandomBrightness(IntensityTransform):
     Params: ``{"multiplier": ()}``. Padding-aware (pointwise).
     """
 
-    is_random = True
+    sample_reads_subject = False
     padding_aware = True
 
-    def __init__(self, *, multiplier=(0.75, 1.25), include=None, exclude=None):
+    def __init__(
+        self, *, multiplier: RangeLike = (0.75, 1.25), include: ImageNames = None, exclude: ImageNames = None
+    ):
         super().__init__(include=include, exclude=exclude)
         self.multiplier = _params.parse_range(multiplier, "multiplier", centre=1.0, min_value=0.0)
 
-    def sample(self, key, subject):
-        return {"multiplier": _uniform(key, *self.multiplier)}
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
+        return {"multiplier": _params.uniform(key, *self.multiplier)}
 
-    def apply_image(self, image, params):
-        x = _float(image.data)
+    def apply_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
         return image.replace(data=x * jnp.asarray(params["multiplier"], x.dtype))
 
 
-class RandomContrast(IntensityTransform):
+class RandomContrast(IntensityTransform, RandomTransform):
     """Scale each channel about its mean: ``(x - mean) * f + mean`` (nnU-Net).
 
     Args:
@@ -427,19 +411,26 @@ class RandomContrast(IntensityTransform):
     Params: ``{"factor": ()}``.
     """
 
-    is_random = True
+    sample_reads_subject = False
     padding_aware = True
 
-    def __init__(self, *, contrast=(0.75, 1.25), preserve_range: bool = True, include=None, exclude=None):
+    def __init__(
+        self,
+        *,
+        contrast: RangeLike = (0.75, 1.25),
+        preserve_range: bool = True,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
         self.contrast = _params.parse_range(contrast, "contrast", centre=1.0, min_value=0.0)
         self.preserve_range = bool(preserve_range)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         return {"factor": _nnunet_factor(key, *self.contrast)}
 
-    def apply_image(self, image, params):
-        x = _float(image.data)
+    def apply_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
         mask = _valid(image)
         mean = _channel_mean(x, mask)
         y = (x - mean) * jnp.asarray(params["factor"], x.dtype) + mean
@@ -501,7 +492,7 @@ def bias_field(
     return jnp.exp(poly)[..., None]
 
 
-class RandomBiasField(IntensityTransform):
+class RandomBiasField(IntensityTransform, RandomTransform):
     """Multiply by a smooth multiplicative field, the exponential of a polynomial.
 
     The field is ``exp(sum a_ijk x^i y^j z^k)`` over the monomials with
@@ -522,54 +513,45 @@ class RandomBiasField(IntensityTransform):
         the brain", IEEE TMI 1999; NiftyNet; TorchIO.
     """
 
-    is_random = True
+    sample_reads_subject = False
     invertible = True
     padding_aware = True
 
-    def __init__(self, *, coefficients=0.5, order: int = 3, include=None, exclude=None):
+    def __init__(
+        self,
+        coefficients: RangeLike = 0.5,
+        order: int = 3,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
         self.coefficients = _params.parse_range(coefficients, "coefficients")
         self.order = _params.as_positive_int(order, "order", minimum=0)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         n = len(_monomials(self.order))
-        return {"coefficients": _uniform(key, *self.coefficients, (n,))}
+        return {"coefficients": _params.uniform(key, *self.coefficients, (n,))}
 
     def _field(self, image, params):
         return bias_field(params["coefficients"], image.spatial_shape, self.order, image.extent)
 
-    def apply_image(self, image, params):
-        x = _float(image.data)
+    def apply_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
         return image.replace(data=x * self._field(image, params).astype(x.dtype))
 
-    def inverse(self, subject, params):
-        out = {}
-        for name in self.selected(subject):
-            image = subject[name]
-            x = _float(image.data)
-            out[name] = image.replace(data=x / self._field(image, params).astype(x.dtype))
-        return subject.replace(out)
+    def inverse_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
+        return image.replace(data=x / self._field(image, params).astype(x.dtype))
 
 
 # -- patch swapping ----------------------------------------------------------------------
-def _as_size3(value: Any, name: str) -> tuple[int, int, int]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value,) * 3
-    try:
-        out = tuple(_params.as_positive_int(v, name) for v in value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}") from None
-    if len(out) != 3:
-        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}")
-    return out
-
-
 def _check_fits(size, shape, name):
     if any(p > n for p, n in zip(size, shape)):
         raise ValueError(f"{name} {size} is larger than the image spatial shape {tuple(shape)}")
 
 
-class RandomSwap(IntensityTransform):
+class RandomSwap(IntensityTransform, RandomTransform):
     """Swap pairs of random patches, ``num_iterations`` times in sequence.
 
     Args:
@@ -585,21 +567,27 @@ class RandomSwap(IntensityTransform):
         context restoration", MedIA 2019.
     """
 
-    is_random = True
     padding_aware = True
 
-    def __init__(self, *, patch_size=15, num_iterations: int = 100, include=None, exclude=None):
+    def __init__(
+        self,
+        patch_size: IntTripleLike = 15,
+        num_iterations: int = 100,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
-        self.patch_size = _as_size3(patch_size, "patch_size")
+        self.patch_size = _params.int_triple(patch_size, "patch_size")
         self.num_iterations = _params.as_positive_int(num_iterations, "num_iterations", minimum=0)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         high = _extent_high(subject, self.patch_size, "patch_size")
         return {"locations": jax.random.randint(key, (self.num_iterations, 2, 3), 0, high, jnp.int32)}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         _check_fits(self.patch_size, image.spatial_shape, "patch_size")
-        x = _float(image.data)
+        x = _params.as_floating(image.data)
         size = (*self.patch_size, x.shape[-1])
         locations = params["locations"]
         n = self.num_iterations
@@ -614,7 +602,7 @@ class RandomSwap(IntensityTransform):
 
         # The patches of swap i + 1 are read at the end of step i, from the updated
         # volume: reading them at the start of a step makes XLA keep the old volume
-        # alive and copy the whole volume at every step (~25x slower).
+        # alive and copy the whole volume at every step (see docs/performance.md).
         def swap(i, carry):
             x, patch1, patch2 = carry
             x = jax.lax.dynamic_update_slice(x, patch2, (*locations[i, 0], zero))
@@ -626,7 +614,7 @@ class RandomSwap(IntensityTransform):
 
 
 # -- coarse dropout ----------------------------------------------------------------------
-class RandomCoarseDropout(IntensityTransform):
+class RandomCoarseDropout(IntensityTransform, RandomTransform):
     """Fill random boxes with a constant value.
 
     Args:
@@ -638,23 +626,28 @@ class RandomCoarseDropout(IntensityTransform):
     subject (padding-aware, exact).
     """
 
-    is_random = True
     padding_aware = True
 
     def __init__(
-        self, *, num_holes: int = 1, hole_size=8, fill_value: float = 0.0, include=None, exclude=None
+        self,
+        *,
+        num_holes: int = 1,
+        hole_size: IntTripleLike = 8,
+        fill_value: float = 0.0,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         self.num_holes = _params.as_positive_int(num_holes, "num_holes", minimum=0)
-        self.hole_size = _as_size3(hole_size, "hole_size")
+        self.hole_size = _params.int_triple(hole_size, "hole_size")
         self.fill_value = _params.finite_number(fill_value, "fill_value")
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         high = _extent_high(subject, self.hole_size, "hole_size")
         return {"corners": jax.random.randint(key, (self.num_holes, 3), 0, high, jnp.int32)}
 
-    def apply_image(self, image, params):
-        x = _float(image.data)
+    def apply_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
         masks = []
         for axis, n in enumerate(image.spatial_shape):
             idx = jnp.arange(n)[None, :]
@@ -667,7 +660,7 @@ class RandomCoarseDropout(IntensityTransform):
 
 
 # -- labels to image ---------------------------------------------------------------------
-class RandomLabelsToImage(Transform):
+class RandomLabelsToImage(RandomTransform):
     """Synthesise an intensity image from a label map (SynthSeg-style Gaussian mixture).
 
     Each label ``l`` gets a mean ``μ_l`` and a std ``σ_l`` drawn from its range; each
@@ -698,7 +691,6 @@ class RandomLabelsToImage(Transform):
         resolution without retraining", MedIA 2023.
     """
 
-    is_random = True
     padding_aware = True
     kinds = (LABEL,)
 
@@ -709,8 +701,8 @@ class RandomLabelsToImage(Transform):
         num_labels: int | None = None,
         mean: Sequence[Any] | None = None,
         std: Sequence[Any] | None = None,
-        default_mean=(0.1, 0.9),
-        default_std=(0.01, 0.1),
+        default_mean: RangeLike = (0.1, 0.9),
+        default_std: RangeLike = (0.01, 0.1),
         ignore_background: bool = False,
         image_key: str = "image_from_labels",
     ):
@@ -721,11 +713,15 @@ class RandomLabelsToImage(Transform):
         self.image_key = image_key
         self.num_labels = None if num_labels is None else _params.as_positive_int(num_labels, "num_labels")
         self.default_mean = _params.parse_range(default_mean, "default_mean")
-        self.default_std = _std_range(default_std, "default_std")
+        self.default_std = _params.parse_nonnegative_range(default_std, "default_std")
         self.mean = (
             None if mean is None else [_params.parse_range(m, f"mean[{i}]") for i, m in enumerate(mean)]
         )
-        self.std = None if std is None else [_std_range(s, f"std[{i}]") for i, s in enumerate(std)]
+        self.std = (
+            None
+            if std is None
+            else [_params.parse_nonnegative_range(s, f"std[{i}]") for i, s in enumerate(std)]
+        )
         for name, ranges in (("mean", self.mean), ("std", self.std)):
             if ranges is not None and self.num_labels is not None and len(ranges) != self.num_labels:
                 raise ValueError(f"{name} must have num_labels={self.num_labels} entries, got {len(ranges)}")
@@ -745,7 +741,7 @@ class RandomLabelsToImage(Transform):
             raise ValueError(f"{name} has {len(own)} entries but the label map has {count} labels")
         return np.array(own, dtype=np.float32)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         if self.label_key not in subject:
             raise KeyError(f"label_key {self.label_key!r} is not in the subject; images: {list(subject)}")
         count = self._count(subject[self.label_key])
@@ -753,12 +749,12 @@ class RandomLabelsToImage(Transform):
         stds = self._ranges(self.std, self.default_std, count, "std")
         k_mean, k_std, k_noise = jax.random.split(key, 3)
         return {
-            "mean": _uniform(k_mean, means[:, 0], means[:, 1], (count,)),
-            "std": _uniform(k_std, stds[:, 0], stds[:, 1], (count,)),
+            "mean": _params.uniform(k_mean, means[:, 0], means[:, 1], (count,)),
+            "std": _params.uniform(k_std, stds[:, 0], stds[:, 1], (count,)),
             "seed": _seed(k_noise),
         }
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         label = subject[self.label_key]
         count = self._count(label)
         noise = noise_ops.normal(
@@ -768,12 +764,14 @@ class RandomLabelsToImage(Transform):
             index = jnp.clip(label.data.astype(jnp.int32), 0, count - 1)
             values = params["mean"][index] + params["std"][index] * noise
         else:
-            probs = _float(label.data).astype(jnp.float32)
+            probs = _params.as_floating(label.data).astype(jnp.float32)
             per_label = params["mean"] + params["std"] * noise
             values = jnp.sum(probs * per_label, -1, keepdims=True)
         if self.ignore_background:
             old = (
-                _float(subject[self.image_key].data) if self.image_key in subject else jnp.zeros_like(values)
+                _params.as_floating(subject[self.image_key].data)
+                if self.image_key in subject
+                else jnp.zeros_like(values)
             )
             if label.num_channels == 1:
                 values = jnp.where(index == 0, old, values)

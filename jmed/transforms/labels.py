@@ -21,7 +21,6 @@ holes end at the extent whatever the padding holds.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmed import buckets
-from jmed.image import LABEL
+from jmed.image import LABEL, Image, Subject
 from jmed.ops import labels as label_ops
 from jmed.ops.crop_pad import valid_mask
-from jmed.transforms.base import Transform
+from jmed.transforms import params as _params
+from jmed.transforms.base import Params, Transform
+from jmed.transforms.params import ImageNames
 
 __all__ = [
     "FillHoles",
@@ -47,24 +48,16 @@ __all__ = [
 ]
 
 
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool)
-
-
 def _check_labels(labels: Any, name: str = "labels") -> tuple[int, ...] | None:
     if labels is None:
         return None
-    if _is_int(labels):
+    if _params.is_int(labels):
         labels = (labels,)
     try:
         out = tuple(labels)
     except TypeError:
         raise ValueError(f"{name} must be an int or a sequence of ints, got {labels!r}") from None
-    if not out or not all(_is_int(v) for v in out):
+    if not out or not all(_params.is_int(v) for v in out):
         raise ValueError(f"{name} must be an int or a non-empty sequence of ints, got {labels!r}")
     return tuple(int(v) for v in out)
 
@@ -77,7 +70,7 @@ class LabelTransform(Transform):
 
 def _concrete_extent(image) -> tuple[int, int, int] | None:
     extent = image.extent
-    if extent is None or _is_traced(extent):
+    if extent is None or _params.is_traced(extent):
         return None
     return tuple(int(v) for v in np.asarray(extent))
 
@@ -89,37 +82,66 @@ class OneHot(LabelTransform):
     """One channel per class: ``(x, y, z, 1)`` integer labels -> ``(x, y, z, num_classes)``.
 
     Args:
-        num_classes: number of classes (labels ``0 .. num_classes - 1``).
+        num_classes: number of classes (labels ``0 .. num_classes - 1``). ``None`` (or
+            ``-1``, TorchIO's spelling) infers it from the labels, as TorchIO does: the
+            largest label of the map plus one. Inference needs concrete labels (eager, in
+            the loader); under ``jit``/``vmap`` pass ``num_classes``.
         dtype: output dtype (``uint8`` by default; cast to float for losses).
 
-    Jittable. Eagerly, labels outside ``[0, num_classes)`` raise ``ValueError``; under
-    ``jit`` they give all-zero voxels. On a padded map only the valid voxels are checked.
+    Jittable with ``num_classes`` given. Eagerly, labels outside ``[0, num_classes)``
+    raise ``ValueError``; under ``jit`` they give all-zero voxels. On a padded map only the
+    valid voxels are checked (and counted when inferring).
+
+    Raises:
+        TypeError: ``num_classes`` is not given and the labels are traced.
     """
 
     padding_aware = True
 
-    def __init__(self, num_classes: int, *, dtype: Any = jnp.uint8, include=None, exclude=None):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        *,
+        dtype: Any = jnp.uint8,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
-        if not _is_int(num_classes) or num_classes < 1:
-            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-        self.num_classes = int(num_classes)
+        if num_classes is not None and not (_params.is_int(num_classes) and num_classes == -1):
+            if not _params.is_int(num_classes) or num_classes < 1:
+                raise ValueError(f"num_classes must be an int >= 1 or None (infer), got {num_classes!r}")
+            num_classes = int(num_classes)
+        else:
+            num_classes = None
+        self.num_classes = num_classes
         self.dtype = jnp.dtype(dtype)
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         if image.num_channels != 1:
             raise ValueError(f"OneHot needs a single-channel label map, got {image.num_channels} channels")
         data = image.data
-        if not _is_traced(data):
+        num_classes = self.num_classes
+        if _params.is_traced(data):
+            if num_classes is None:
+                raise TypeError(
+                    "OneHot() infers the number of classes from the label values, which are traced "
+                    "here (inside jit/vmap): pass num_classes, e.g. OneHot(num_classes=4)"
+                )
+        else:
             values = np.asarray(data)
             extent = _concrete_extent(image)
             if extent is not None:
                 values = values[: extent[0], : extent[1], : extent[2]]
-            if values.size and (values.min() < 0 or values.max() >= self.num_classes):
+            if num_classes is None:
+                if values.size and values.min() < 0:
+                    raise ValueError(f"OneHot: labels must be >= 0, got a minimum of {values.min()}")
+                num_classes = int(values.max()) + 1 if values.size else 1
+            if values.size and (values.min() < 0 or values.max() >= num_classes):
                 raise ValueError(
-                    f"OneHot(num_classes={self.num_classes}): labels must be in [0, {self.num_classes}), "
+                    f"OneHot(num_classes={num_classes}): labels must be in [0, {num_classes}), "
                     f"got values in [{values.min()}, {values.max()}]"
                 )
-        out = jax.nn.one_hot(jnp.asarray(data)[..., 0], self.num_classes, dtype=self.dtype)
+        out = jax.nn.one_hot(jnp.asarray(data)[..., 0], num_classes, dtype=self.dtype)
         return image.replace(data=out)
 
 
@@ -132,9 +154,11 @@ class RemapLabels(LabelTransform):
 
     padding_aware = True
 
-    def __init__(self, mapping: Mapping[int, int], *, include=None, exclude=None):
+    def __init__(self, mapping: Mapping[int, int], *, include: ImageNames = None, exclude: ImageNames = None):
         super().__init__(include=include, exclude=exclude)
-        if not isinstance(mapping, Mapping) or not all(_is_int(k) and _is_int(v) for k, v in mapping.items()):
+        if not isinstance(mapping, Mapping) or not all(
+            _params.is_int(k) and _params.is_int(v) for k, v in mapping.items()
+        ):
             raise ValueError(f"mapping must be a dict of int labels to int labels, got {mapping!r}")
         self.mapping = {int(k): int(v) for k, v in mapping.items()}
         new = list(self.mapping.values())
@@ -152,10 +176,10 @@ class RemapLabels(LabelTransform):
             out[name] = image.replace(data=result)
         return subject.replace(out)
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         return self._remap(subject, self.mapping)
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         if not self.invertible:
             raise TypeError(f"RemapLabels({self.mapping}) is not one-to-one, so not invertible")
         return self._remap(subject, {v: k for k, v in self.mapping.items()})
@@ -164,9 +188,16 @@ class RemapLabels(LabelTransform):
 class RemoveLabels(RemapLabels):
     """Set ``labels`` to ``background_label`` (0 by default). Jittable, not invertible."""
 
-    def __init__(self, labels: int | Sequence[int], *, background_label: int = 0, include=None, exclude=None):
+    def __init__(
+        self,
+        labels: int | Sequence[int],
+        background_label: int = 0,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         labels = _check_labels(labels)
-        if not _is_int(background_label):
+        if not _params.is_int(background_label):
             raise ValueError(f"background_label must be an int, got {background_label!r}")
         super().__init__({label: int(background_label) for label in labels}, include=include, exclude=exclude)
         self.labels = labels
@@ -185,15 +216,17 @@ class SequentialLabels(LabelTransform):
 
     padding_aware = True
 
-    def __init__(self, *, max_label: int | None = None, include=None, exclude=None):
+    def __init__(
+        self, *, max_label: int | None = None, include: ImageNames = None, exclude: ImageNames = None
+    ):
         super().__init__(include=include, exclude=exclude)
-        if max_label is not None and (not _is_int(max_label) or max_label < 0):
+        if max_label is not None and (not _params.is_int(max_label) or max_label < 0):
             raise ValueError(f"max_label must be a non-negative int or None, got {max_label!r}")
         self.max_label = max_label
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         data = image.data
-        if not _is_traced(data) and not _is_traced(image.extent):
+        if not _params.is_traced(data) and not _params.is_traced(image.extent):
             values = np.asarray(data)
             extent = _concrete_extent(image)
             if extent is None:
@@ -227,7 +260,14 @@ class SequentialLabels(LabelTransform):
 
 
 class _ComponentTransform(LabelTransform):
-    def __init__(self, *, labels=None, connectivity: int = 6, include=None, exclude=None):
+    def __init__(
+        self,
+        *,
+        labels: int | Sequence[int] | None = None,
+        connectivity: int = 6,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
         self.labels = _check_labels(labels)
         self.connectivity = label_ops.check_connectivity(connectivity)
@@ -255,9 +295,9 @@ class _ComponentTransform(LabelTransform):
 
     padding_aware = True
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         data = image.data
-        if _is_traced(data) or _is_traced(image.extent):
+        if _params.is_traced(data) or _params.is_traced(image.extent):
             if buckets.is_predicting_shapes():
                 return image  # the output has the input's shape and dtype
             raise TypeError(
@@ -282,7 +322,7 @@ class KeepLargestComponent(_ComponentTransform):
 
     Args:
         labels: labels to process (others untouched); all nonzero labels by default.
-        connectivity: 6 (faces, as TorchIO/SimpleITK's default) or 26.
+        connectivity: 6 (faces, as TorchIO/SimpleITK's default), 18 (faces and edges) or 26.
 
     Eager only: computed on the host from concrete arrays (the loader's
     ``preprocessing=``, a prediction after inference). Traced (``jax.jit``, ``jax.vmap``,
@@ -315,9 +355,17 @@ class RemoveSmallObjects(_ComponentTransform):
     ``jax.export``, the loader's jitted ``augmentation=``) it raises ``TypeError``.
     """
 
-    def __init__(self, min_size: int, *, labels=None, connectivity: int = 6, include=None, exclude=None):
+    def __init__(
+        self,
+        min_size: int,
+        *,
+        labels: int | Sequence[int] | None = None,
+        connectivity: int = 6,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(labels=labels, connectivity=connectivity, include=include, exclude=exclude)
-        if not _is_int(min_size) or min_size < 1:
+        if not _params.is_int(min_size) or min_size < 1:
             raise ValueError(f"min_size must be an int >= 1, got {min_size!r}")
         self.min_size = int(min_size)
 

@@ -29,78 +29,29 @@ Examples:
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jmed import affine as affine_lib
+from jmed.image import Image, Subject
 from jmed.ops import kspace
 from jmed.ops.interpolation import resample
-from jmed.transforms import _params
-from jmed.transforms.base import IntensityTransform, _choose
+from jmed.transforms import params as _params
+from jmed.transforms.base import IntensityTransform, Params, PRNGKey, RandomTransform, _choose
+from jmed.transforms.params import AxesLike, CountRangeLike, ImageNames, PerAxisRangeLike, RangeLike
+from jmed.transforms.spatial import _mm, _rotation
 
 __all__ = ["RandomGhosting", "RandomMotion", "RandomSpike"]
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _count_range(value, name: str) -> tuple[int, int]:
-    """TorchIO's rule for counts: ``d`` -> ``{0..d}``, ``(a, b)`` -> ``{a..b}``; ints >= 0."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (0, int(value))
-    try:
-        low, high = value
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a (low, high) pair of ints, got {value!r}") from None
-    for v in (low, high):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise ValueError(f"{name} must be an int or a (low, high) pair of ints, got {value!r}")
-    if low < 0 or high < low:
-        raise ValueError(f"{name} must be >= 0 with low <= high, got {value!r}")
-    return int(low), int(high)
-
-
-def _positive_range(value, name: str) -> tuple[float, float]:
-    """``d`` -> ``(0, d)``, ``(a, b)`` -> ``(a, b)``, all >= 0."""
-    if _is_number(value):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-        value = (0.0, float(value))
-    return _params.parse_range(value, name, min_value=0.0)
-
-
-def _uniform(key, low, high, shape=()):
-    low, high = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
-    return jax.random.uniform(key, shape, jnp.float32) * (high - low) + low
-
-
-def _float(x):
-    x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
-
-
 # -- motion ------------------------------------------------------------------------------
-def _rotation(degrees: jax.Array) -> jax.Array:
-    """``Rz @ Ry @ Rx`` for angles in degrees about the world x, y, z axes."""
-    a, b, c = jnp.deg2rad(degrees)
-    ca, sa, cb, sb, cc, sc = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b), jnp.cos(c), jnp.sin(c)
-    one, zero = jnp.ones_like(a), jnp.zeros_like(a)
-    rx = jnp.array([[one, zero, zero], [zero, ca, -sa], [zero, sa, ca]])
-    ry = jnp.array([[cb, zero, sb], [zero, one, zero], [-sb, zero, cb]])
-    rz = jnp.array([[cc, -sc, zero], [sc, cc, zero], [zero, zero, one]])
-    return _mm(_mm(rz, ry), rx)
-
-
-def _mm(a, b):
-    """``a @ b`` at full float32 precision whatever the platform's default (bfloat16
-    operands on TPUs, TF32 on GPUs, which would move the resampled voxels)."""
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-
-
-def rigid_voxel_matrix(affine, spatial_shape, degrees, translation) -> jax.Array:
+def rigid_voxel_matrix(
+    affine: ArrayLike, spatial_shape: Sequence[int], degrees: ArrayLike, translation: ArrayLike
+) -> jax.Array:
     """Output-voxel -> input-voxel 4x4 matrix of a rigid motion in world space.
 
     The world map is ``p -> R (p - c) + c + t`` with ``R`` from ``degrees`` (about the
@@ -109,14 +60,14 @@ def rigid_voxel_matrix(affine, spatial_shape, degrees, translation) -> jax.Array
     """
     affine = jnp.asarray(affine, jnp.float32)
     centre = _mm(affine, jnp.append(jnp.asarray((np.array(spatial_shape) - 1) / 2.0, jnp.float32), 1.0))
-    rot = _rotation(degrees)
+    rot = _rotation(degrees, "zyx")
     world = jnp.eye(4, dtype=jnp.float32)
     world = world.at[:3, :3].set(rot)
     world = world.at[:3, 3].set(centre[:3] - _mm(rot, centre[:3]) + translation)
     return _mm(_mm(affine_lib.invert(affine), world), affine)
 
 
-class RandomMotion(IntensityTransform):
+class RandomMotion(IntensityTransform, RandomTransform):
     """Simulate rigid head motion during a (3D, Cartesian) acquisition.
 
     The image is resampled under ``num_transforms`` random rigid motions; k-space is then
@@ -160,19 +111,19 @@ class RandomMotion(IntensityTransform):
         specific uncertainty", MIDL 2019.
     """
 
-    is_random = True
+    sample_reads_subject = False
 
     def __init__(
         self,
-        *,
-        degrees=10.0,
-        translation=10.0,
+        degrees: PerAxisRangeLike = 10.0,
+        translation: PerAxisRangeLike = 10.0,
         num_transforms: int = 2,
+        *,
         phase_encoding_axis: int = 2,
         magnitude: bool = True,
         pad_mode: str = "edge",
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         self.degrees = _params.parse_range_per_axis(degrees, "degrees")
@@ -181,17 +132,16 @@ class RandomMotion(IntensityTransform):
         if isinstance(phase_encoding_axis, bool) or not isinstance(phase_encoding_axis, numbers.Integral):
             raise ValueError(f"phase_encoding_axis must be one int in [0, 2], got {phase_encoding_axis!r}")
         self.phase_encoding_axis = _params.as_axes(phase_encoding_axis, "phase_encoding_axis")[0]
-        if pad_mode not in ("edge", "constant"):
-            raise ValueError(f"pad_mode must be 'edge' or 'constant', got {pad_mode!r}")
+        _params.check_choice(pad_mode, "pad_mode", ("edge", "constant"))
         self.magnitude = bool(magnitude)
         self.pad_mode = pad_mode
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         n = self.num_transforms
         k_deg, k_tr, k_time = jax.random.split(key, 3)
         return {
-            "degrees": _uniform(k_deg, self.degrees[:, 0], self.degrees[:, 1], (n, 3)),
-            "translation": _uniform(k_tr, self.translation[:, 0], self.translation[:, 1], (n, 3)),
+            "degrees": _params.uniform(k_deg, self.degrees[:, 0], self.degrees[:, 1], (n, 3)),
+            "translation": _params.uniform(k_tr, self.translation[:, 0], self.translation[:, 1], (n, 3)),
             "times": jnp.sort(jax.random.uniform(k_time, (n,))),
         }
 
@@ -205,8 +155,8 @@ class RandomMotion(IntensityTransform):
         source = jnp.where(segment == centre, 0, 1 + jnp.where(segment < centre, segment, segment - 1))
         return jnp.fft.ifftshift(source)  # acquisition order -> FFT order
 
-    def apply_image(self, image, params):
-        x = _float(image.data)
+    def apply_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
         shape = image.spatial_shape
         moved = [
             resample(x, rigid_voxel_matrix(image.affine, shape, d, t), shape, order=1, pad_mode=self.pad_mode)
@@ -220,7 +170,7 @@ class RandomMotion(IntensityTransform):
 
 
 # -- ghosting ----------------------------------------------------------------------------
-class RandomGhosting(IntensityTransform):
+class RandomGhosting(IntensityTransform, RandomTransform):
     """Ghosting along one axis: every ``n``-th k-space plane is attenuated.
 
     The planes with integer frequency ``f`` along the chosen axis such that
@@ -250,36 +200,36 @@ class RandomGhosting(IntensityTransform):
     (as for an ordinary image of the bucket shape).
     """
 
-    is_random = True
+    sample_reads_subject = False
 
     def __init__(
         self,
+        num_ghosts: CountRangeLike = (4, 10),
+        axes: AxesLike = (0, 1, 2),
+        intensity: RangeLike = (0.5, 1.0),
+        restore: float | None = None,
         *,
-        num_ghosts=(4, 10),
-        axes=(0, 1, 2),
-        intensity=(0.5, 1.0),
-        restore=None,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
-        self.num_ghosts = _count_range(num_ghosts, "num_ghosts")
+        self.num_ghosts = _params.parse_count_range(num_ghosts, "num_ghosts")
         self.axes = _params.as_axes(axes, "axes")
         if not self.axes:
             raise ValueError("axes must name at least one axis, got an empty sequence")
-        self.intensity = _positive_range(intensity, "intensity")
-        if restore is not None and (not _is_number(restore) or not 0 <= restore <= 1):
+        self.intensity = _params.parse_nonnegative_range(intensity, "intensity")
+        if restore is not None and (not _params.is_number(restore) or not 0 <= restore <= 1):
             raise ValueError(f"restore must be None or a number in [0, 1], got {restore!r}")
         self.restore = None if restore is None else float(restore)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_n, k_axis, k_s = jax.random.split(key, 3)
         return {
             "num_ghosts": jax.random.randint(k_n, (), self.num_ghosts[0], self.num_ghosts[1] + 1, jnp.int32),
             "axis": _choose(
                 jax.random.randint(k_axis, (), 0, len(self.axes)), np.asarray(self.axes, np.int32)
             ),
-            "intensity": _uniform(k_s, *self.intensity),
+            "intensity": _params.uniform(k_s, *self.intensity),
         }
 
     def _attenuate(self, x, axis: int, params) -> jax.Array:
@@ -301,8 +251,8 @@ class RandomGhosting(IntensityTransform):
         out = kspace.attenuate_planes(x, freqs, weights, axis)
         return out - jnp.where(every, intensity, 0.0).astype(out.dtype) * x
 
-    def apply_image(self, image, params):
-        x = _float(image.data)
+    def apply_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
         if len(self.axes) == 1:
             out = jnp.where(params["axis"] == self.axes[0], self._attenuate(x, self.axes[0], params), x)
             return image.replace(data=out.astype(x.dtype))
@@ -315,7 +265,7 @@ class RandomGhosting(IntensityTransform):
 
 
 # -- spikes ------------------------------------------------------------------------------
-class RandomSpike(IntensityTransform):
+class RandomSpike(IntensityTransform, RandomTransform):
     """Herringbone artifact: spikes in k-space.
 
     Each spike adds ``r * max|k-space|`` at a random frequency (positions uniform over
@@ -338,21 +288,28 @@ class RandomSpike(IntensityTransform):
     padding (as for an ordinary image of the bucket shape).
     """
 
-    is_random = True
+    sample_reads_subject = False
 
-    def __init__(self, *, num_spikes=1, intensity=(1.0, 3.0), include=None, exclude=None):
+    def __init__(
+        self,
+        num_spikes: CountRangeLike = 1,
+        intensity: RangeLike = (1.0, 3.0),
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
-        self.num_spikes = _count_range(num_spikes, "num_spikes")
+        self.num_spikes = _params.parse_count_range(num_spikes, "num_spikes")
         self.intensity = _params.parse_range(intensity, "intensity")
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         high = self.num_spikes[1]
         k_n, k_pos, k_r = jax.random.split(key, 3)
         count = jax.random.randint(k_n, (), self.num_spikes[0], high + 1)
         return {
             "positions": jax.random.uniform(k_pos, (high, 3)),
             # one ratio per transform call as in TorchIO, repeated for static shapes
-            "intensity": jnp.full((high,), _uniform(k_r, *self.intensity)),
+            "intensity": jnp.full((high,), _params.uniform(k_r, *self.intensity)),
             "active": jnp.arange(high) < count,
         }
 
@@ -361,8 +318,8 @@ class RandomSpike(IntensityTransform):
         n = jnp.asarray(shape, jnp.int32)
         return jnp.floor(positions * n).astype(jnp.int32) - n // 2
 
-    def apply_image(self, image, params):
-        x = _float(image.data)
+    def apply_image(self, image: Image, params: Params) -> Image:
+        x = _params.as_floating(image.data)
         if params["positions"].shape[0] == 0:
             return image.replace(data=x)
         peak = kspace.peak_magnitude(x)

@@ -39,8 +39,9 @@ from jax.typing import ArrayLike
 from jmed.image import Image, Subject
 from jmed.ops import histogram
 from jmed.ops.crop_pad import valid_mask
-from jmed.transforms import _params
-from jmed.transforms.base import IntensityTransform
+from jmed.transforms import params as _params
+from jmed.transforms.base import IntensityTransform, Params
+from jmed.transforms.params import ImageNames
 
 __all__ = [
     "Clamp",
@@ -56,10 +57,6 @@ __all__ = [
 ]
 
 MaskingMethod = None | str | tuple | Callable[[jax.Array], jax.Array]
-
-
-def _is_traced(*xs) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def _check_masking_method(method: Any, name: str = "masking_method", *, allow_none: bool = True) -> Any:
@@ -107,7 +104,7 @@ def get_mask(subject: Subject, masking_method: MaskingMethod, image: Image) -> j
         masking_method, labels = masking_method
     if callable(masking_method) and not isinstance(masking_method, str):
         mask = masking_method(image.data)
-        xp = jnp if _is_traced(mask) or isinstance(mask, jax.Array) else np
+        xp = jnp if _params.is_traced(mask) or isinstance(mask, jax.Array) else np
         mask = xp.asarray(mask).astype(bool)
         if mask.ndim == 3:
             mask = mask[..., None]
@@ -121,7 +118,7 @@ def get_mask(subject: Subject, masking_method: MaskingMethod, image: Image) -> j
             f"image to normalise has {image.spatial_shape}: resample them to the same space first"
         )
     data = mask_image.data
-    xp = jnp if _is_traced(data) or isinstance(data, jax.Array) else np
+    xp = jnp if _params.is_traced(data) or isinstance(data, jax.Array) else np
     data = xp.asarray(data)
     mask = data != 0 if labels is None else xp.isin(data, xp.asarray(labels))
     return xp.any(mask, axis=-1, keepdims=True)
@@ -130,7 +127,7 @@ def get_mask(subject: Subject, masking_method: MaskingMethod, image: Image) -> j
 def _broadcast_mask(mask, data):
     if mask is None:
         return None
-    xp = jnp if _is_traced(mask, data) or isinstance(mask, jax.Array) else np
+    xp = jnp if _params.is_traced(mask, data) or isinstance(mask, jax.Array) else np
     return xp.broadcast_to(mask, data.shape)
 
 
@@ -146,7 +143,7 @@ def _with_extent(mask, image: Image):
 
 
 def _check_nonempty(mask, what: str) -> None:
-    if mask is not None and not _is_traced(mask) and not np.any(np.asarray(mask)):
+    if mask is not None and not _params.is_traced(mask) and not np.any(np.asarray(mask)):
         raise ValueError(f"{what}: the mask selects no voxel (empty mask); cannot compute statistics")
 
 
@@ -206,13 +203,13 @@ class RescaleIntensity(IntensityTransform):
 
     def __init__(
         self,
-        *,
         out_min_max: float | tuple[float, float] = (0.0, 1.0),
         percentiles: tuple[float, float] = (0.0, 100.0),
-        in_min_max: tuple[float, float] | None = None,
         masking_method: MaskingMethod = None,
-        include=None,
-        exclude=None,
+        in_min_max: tuple[float, float] | None = None,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         if isinstance(out_min_max, numbers.Real):
@@ -239,7 +236,7 @@ class RescaleIntensity(IntensityTransform):
                 _check_nonempty(mask, f"RescaleIntensity of {name!r}")
                 lo, hi = histogram.percentile(data, self.percentiles, mask=mask)
                 clip = True
-                if not _is_traced(lo, hi) and lo == hi:
+                if not _params.is_traced(lo, hi) and lo == hi:
                     raise ValueError(
                         f"RescaleIntensity of {name!r}: percentiles {self.percentiles} of the "
                         f"intensities are equal ({lo}); cannot rescale a constant range"
@@ -288,7 +285,9 @@ class ZNormalization(IntensityTransform):
 
     padding_aware = True
 
-    def __init__(self, *, masking_method: MaskingMethod = None, include=None, exclude=None):
+    def __init__(
+        self, masking_method: MaskingMethod = None, *, include: ImageNames = None, exclude: ImageNames = None
+    ):
         super().__init__(include=include, exclude=exclude)
         self.masking_method = _check_masking_method(masking_method)
 
@@ -302,7 +301,7 @@ class ZNormalization(IntensityTransform):
             mask = _with_extent(mask, image)
             _check_nonempty(mask, f"ZNormalization of {name!r}")
             new, std = _znormalise(image.data, mask)
-            if not _is_traced(std) and not float(std) > 0:
+            if not _params.is_traced(std) and not float(std) > 0:
                 raise ValueError(
                     f"ZNormalization of {name!r}: standard deviation of the selected intensities "
                     "is zero (constant image or mask region); cannot normalise"
@@ -322,7 +321,12 @@ class Clamp(IntensityTransform):
     padding_aware = True
 
     def __init__(
-        self, *, out_min: float | None = None, out_max: float | None = None, include=None, exclude=None
+        self,
+        out_min: float | None = None,
+        out_max: float | None = None,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         for value, name in ((out_min, "out_min"), (out_max, "out_max")):
@@ -333,7 +337,7 @@ class Clamp(IntensityTransform):
         self.out_min = out_min
         self.out_max = out_max
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         return image.replace(data=jnp.clip(jnp.asarray(image.data, jnp.float32), self.out_min, self.out_max))
 
 
@@ -350,13 +354,18 @@ class Mask(IntensityTransform):
     padding_aware = True
 
     def __init__(
-        self, masking_method: MaskingMethod, *, outside_value: float = 0.0, include=None, exclude=None
+        self,
+        masking_method: MaskingMethod,
+        outside_value: float = 0.0,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         self.masking_method = _check_masking_method(masking_method, allow_none=False)
         self.outside_value = _params.finite_number(outside_value, "outside_value")
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         out = {}
         for name in self.selected(subject):
             image = subject[name]
@@ -525,7 +534,9 @@ def load_landmarks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | No
         if path.endswith(".txt"):  # TorchIO's text format: a name, then the values
             with open(path) as f:
                 words = f.read().split()
-            return np.asarray(words[1:] if words and not _is_number(words[0]) else words, np.float64), None
+            return np.asarray(
+                words[1:] if words and not _is_numeric_word(words[0]) else words, np.float64
+            ), None
         if path.endswith(".json"):
             with open(path) as f:
                 record = json.load(f)
@@ -536,7 +547,7 @@ def load_landmarks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | No
     raise ValueError(f"landmarks path must end with .npy, .json or .txt, got {path!r}")
 
 
-def _is_number(word: str) -> bool:
+def _is_numeric_word(word: str) -> bool:
     try:
         float(word)
     except ValueError:
@@ -602,12 +613,12 @@ class HistogramStandardization(IntensityTransform):
     def __init__(
         self,
         landmarks: Any,
+        masking_method: MaskingMethod = None,
         *,
         cutoff: tuple[float, float] = (1.0, 99.0),
         quantiles: Any = "deciles",
-        masking_method: MaskingMethod = None,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         self.percentiles = histogram_percentiles(cutoff, quantiles)
@@ -650,7 +661,7 @@ class HistogramStandardization(IntensityTransform):
             raise ValueError(f"{name} must be finite and non-decreasing, got {values.tolist()}")
         return values
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         out = {}
         for name in self.selected(subject):
             if isinstance(self.landmarks, dict):

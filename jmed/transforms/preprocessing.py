@@ -38,8 +38,9 @@ from jmed.image import LABEL, Image, Subject
 from jmed.ops import crop_pad
 from jmed.ops.filters import gaussian_blur
 from jmed.ops.interpolation import resample as _resample
-from jmed.transforms import _params
-from jmed.transforms.base import Transform
+from jmed.transforms import params as _params
+from jmed.transforms.base import Params, PRNGKey, Transform
+from jmed.transforms.params import ImageNames
 
 __all__ = [
     "CopyAffine",
@@ -59,6 +60,10 @@ __all__ = [
 # 1e-9 is far below float32's resolution of voxel coordinates (6e-5 at 1000)
 _SAME_GRID_ATOL = 1e-9
 
+# tolerance of a voxel count computed from float32 header spacings (see _grid_for_spacing)
+_SHAPE_RATIO_RTOL = 1e-5
+_SHAPE_RATIO_ATOL = 1e-6
+
 INTERPOLATIONS = {"nearest": 0, "linear": 1, "partial_volume": "partial_volume"}
 
 # One compiled kernel per (input shape, output shape, order, padding): eager calls with
@@ -73,7 +78,7 @@ def _resample_eager(data, matrix, shape, order, pad_value):
     shapes share a few compiled kernels (same values as on the exact shapes)."""
     in_shape = tuple(int(n) for n in data.shape[:3])
     buckets.note_kernel_shapes(in_shape, shape)
-    if _is_traced(data) or _is_traced(matrix):
+    if _params.is_traced(data) or _params.is_traced(matrix):
         return _resample_jit(data, matrix, output_shape=shape, order=order, pad_value=pad_value)
     in_bucket, out_bucket = buckets.kernel_bucket(in_shape), buckets.kernel_bucket(shape)
     if in_bucket is None or out_bucket is None:
@@ -91,10 +96,6 @@ def _resample_eager(data, matrix, shape, order, pad_value):
     return np.asarray(out)[:x, :y, :z]
 
 
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
 def _traced_solve(affine: Any, other: Any) -> jax.Array:
     # a closed-form inverse: LU pivoting has no sharding rule for a batch sharded over
     # an explicit mesh axis
@@ -102,27 +103,11 @@ def _traced_solve(affine: Any, other: Any) -> jax.Array:
 
 
 def _require_concrete(value: Any, transform: str, why: str, instead: str) -> None:
-    if _is_traced(value):
+    if _params.is_traced(value):
         raise TypeError(
             f"{transform} needs concrete values, got a traced array (inside jit/vmap): {why}. "
             f"Run it in the loader before batching{instead}."
         )
-
-
-def _as_shape(value: Any, name: str) -> tuple[int, int, int]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value,) * 3
-    try:
-        shape = tuple(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int or 3 ints, got {value!r}") from None
-    if len(shape) != 3 or not all(
-        isinstance(n, (numbers.Integral, np.integer)) and not isinstance(n, bool) for n in shape
-    ):
-        raise ValueError(f"{name} must be an int or 3 ints, got {value!r}")
-    if min(shape) < 1:
-        raise ValueError(f"{name} must be positive, got {tuple(int(n) for n in shape)}")
-    return tuple(int(n) for n in shape)
 
 
 def _as_bounds(value: Any, name: str) -> np.ndarray:
@@ -152,9 +137,7 @@ def _parse_padding_mode(mode: Any) -> tuple[str, float]:
 
 
 def _interpolation(value: str, name: str) -> int:
-    if value not in INTERPOLATIONS:
-        raise ValueError(f"{name} must be one of {tuple(INTERPOLATIONS)}, got {value!r}")
-    return INTERPOLATIONS[value]
+    return INTERPOLATIONS[_params.check_choice(value, name, tuple(INTERPOLATIONS))]
 
 
 # --- reorientation -----------------------------------------------------------------------
@@ -170,7 +153,7 @@ class Reorient(Transform):
     Needs a concrete affine (the permutation decides the output shape).
     """
 
-    def __init__(self, orientation: str, *, include=None, exclude=None):
+    def __init__(self, orientation: str, *, include: ImageNames = None, exclude: ImageNames = None):
         super().__init__(include=include, exclude=exclude)
         affine_lib._parse_orientation(orientation, "orientation")
         self.orientation = orientation.upper()
@@ -189,7 +172,7 @@ class Reorient(Transform):
 class ToCanonical(Reorient):
     """Reorient to RAS+ (closest canonical orientation), as ``nibabel.as_closest_canonical``."""
 
-    def __init__(self, *, include=None, exclude=None):
+    def __init__(self, *, include: ImageNames = None, exclude: ImageNames = None):
         super().__init__("RAS", include=include, exclude=exclude)
 
 
@@ -203,9 +186,9 @@ def _grid_for_spacing(shape: Sequence[int], affine: np.ndarray, spacing: np.ndar
     shape = np.asarray(shape)
     # floor keeps the new extent within the old one (no extrapolation at the borders); the
     # spacing read from a float32 header is off by a few parts in 10^7, so a ratio within
-    # a relative 1e-5 of the next integer is that integer (52 voxels stay 52, not 51)
+    # _SHAPE_RATIO_RTOL of the next integer is that integer (52 voxels stay 52, not 51)
     ratio = shape * old_spacing / spacing
-    new_shape = np.floor(ratio + np.maximum(1e-6, 1e-5 * ratio)).astype(int)
+    new_shape = np.floor(ratio + np.maximum(_SHAPE_RATIO_ATOL, _SHAPE_RATIO_RTOL * ratio)).astype(int)
     new_shape = np.maximum(np.where(shape == 1, 1, new_shape), 1)
     rotation = affine[:3, :3] / old_spacing
     centre = affine[:3, :3] @ ((shape - 1) / 2) + affine[:3, 3]
@@ -223,7 +206,7 @@ def _antialias_sigmas(in_affine, out_affine):
     spacing along each input axis's direction: the length of one output voxel step
     projected on the input grid.
     """
-    if _is_traced(in_affine) or _is_traced(out_affine):
+    if _params.is_traced(in_affine) or _params.is_traced(out_affine):
         xp, matrix = jnp, _traced_solve(in_affine, out_affine)[:3, :3]
     else:
         xp, matrix = np, np.linalg.solve(np.asarray(in_affine), np.asarray(out_affine))[:3, :3]
@@ -231,6 +214,19 @@ def _antialias_sigmas(in_affine, out_affine):
     k = xp.max(xp.abs(matrix), axis=1)
     variance = (k**2 - 1) / (2 * np.sqrt(2 * np.log(2))) ** 2
     return xp.sqrt(xp.maximum(variance, 0.0))
+
+
+def _header_grid(path: str) -> tuple[tuple | None, Exception | None]:
+    """``((spatial_shape, affine), None)`` from the header of the image file at ``path``
+    (voxels are not read), or ``(None, error)`` when it cannot be read: a name that is
+    also a file may still be meant as an image of the subject."""
+    from jmed.io import load
+
+    try:
+        ref = load(path, lazy=True)
+        return (ref.spatial_shape, np.asarray(ref.affine, np.float64)), None
+    except (OSError, ValueError, TypeError) as err:
+        return None, err
 
 
 class Resample(Transform):
@@ -243,7 +239,8 @@ class Resample(Transform):
             * 3 positive numbers: spacing per data axis in mm;
             * an ``Image``: its grid (spatial shape and affine);
             * a string: the name of an image of the subject, else a path to an image
-              file whose header gives the grid;
+              file whose header gives the grid (read once, when the transform is built:
+              applying it reads no file);
             * ``(spatial_shape, affine)``: an explicit grid.
 
             With a spacing, the new grid keeps the direction and the centre of the field
@@ -264,14 +261,14 @@ class Resample(Transform):
 
     def __init__(
         self,
-        target: Any,
-        *,
+        target: Any = 1,
         image_interpolation: str = "linear",
         label_interpolation: str = "nearest",
+        *,
         pad_value: float = 0.0,
         antialias: bool = False,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         self.image_order = _interpolation(image_interpolation, "image_interpolation")
@@ -282,6 +279,8 @@ class Resample(Transform):
         self._spacing = None
         self._grid = None
         self._name = None
+        self._file_grid = None
+        self._file_error = None
         if isinstance(target, numbers.Real) and not isinstance(target, bool):
             self._spacing = np.full(3, float(target))
         elif isinstance(target, Image):
@@ -290,17 +289,19 @@ class Resample(Transform):
             self.target = self._grid
         elif isinstance(target, (str, os.PathLike)):
             self._name = os.fspath(target)
+            if os.path.isfile(self._name):
+                self._file_grid, self._file_error = _header_grid(self._name)
         elif isinstance(target, Sequence) and len(target) == 3:
             try:
                 self._spacing = np.asarray([float(s) for s in target])
             except (TypeError, ValueError):
                 raise ValueError(f"target as 3 spacings must be numbers, got {target!r}") from None
         elif isinstance(target, Sequence) and len(target) == 2:
-            shape = _as_shape(target[0], "target spatial_shape")
+            shape = _params.int_triple(target[0], "target spatial_shape")
             affine = target[1]
             if tuple(np.shape(affine)) != (4, 4):
                 raise ValueError(f"target affine must have shape (4, 4), got {np.shape(affine)}")
-            if not _is_traced(affine):
+            if not _params.is_traced(affine):
                 affine = affine_lib.check_affine(affine, "target affine")
             self._grid = (shape, affine)
         else:
@@ -320,16 +321,13 @@ class Resample(Transform):
             if self._name in subject:
                 ref = subject[self._name]
                 return ref.spatial_shape, ref.affine
-            if os.path.exists(self._name):
-                from jmed.io import load
-
-                ref = load(self._name, lazy=True)
-                # a private memo of the file's header: the public target stays the path
-                self.__dict__["_grid"] = (ref.spatial_shape, ref.affine)
-                return self._grid
+            if self._file_grid is not None:
+                return self._file_grid
+            if self._file_error is not None:
+                raise self._file_error
             raise ValueError(
                 f"target {self._name!r} is neither an image of the subject ({list(subject)}) "
-                "nor an existing file"
+                "nor a file that existed when the transform was built"
             )
         return None
 
@@ -360,7 +358,7 @@ class Resample(Transform):
 
     def _resample_image(self, image: Image, shape, out_affine) -> Image:
         order = self.label_order if image.kind == LABEL else self.image_order
-        if _is_traced(image.affine) or _is_traced(out_affine):
+        if _params.is_traced(image.affine) or _params.is_traced(out_affine):
             matrix = _traced_solve(image.affine, out_affine)
         else:
             matrix = np.linalg.solve(np.asarray(image.affine, np.float64), np.asarray(out_affine, np.float64))
@@ -379,7 +377,7 @@ class Resample(Transform):
             return image.replace(data=data, affine=out_affine)
         if self.antialias and image.kind != LABEL:
             sigmas = _antialias_sigmas(image.affine, out_affine)
-            if _is_traced(sigmas) or np.any(sigmas > 0):
+            if _params.is_traced(sigmas) or np.any(sigmas > 0):
                 data = gaussian_blur(data, sigmas, mode="nearest")
         data = _resample_eager(data, matrix, shape, order, self.pad_value)
         return image.replace(data=data, affine=out_affine)
@@ -400,14 +398,14 @@ class Resize(Transform):
     def __init__(
         self,
         target_shape: int | Sequence[int],
-        *,
         image_interpolation: str = "linear",
         label_interpolation: str = "nearest",
-        include=None,
-        exclude=None,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
-        self.target_shape = _as_shape(target_shape, "target_shape")
+        self.target_shape = _params.int_triple(target_shape, "target_shape")
         _params.check_output_size("Resize", self.target_shape)
         self.image_order = _interpolation(image_interpolation, "image_interpolation")
         self.label_order = _interpolation(label_interpolation, "label_interpolation")
@@ -425,7 +423,7 @@ class Resize(Transform):
         matrix[:3, 3] = 0.5 * scale - 0.5
         order = self.label_order if image.kind == LABEL else self.image_order
         data = _resample_jit(image.data, matrix, output_shape=self.target_shape, order=order, pad_mode="edge")
-        if _is_traced(image.affine):
+        if _params.is_traced(image.affine):
             affine = jnp.matmul(image.affine, jnp.asarray(matrix), precision=jax.lax.Precision.HIGHEST)
         else:
             affine = np.asarray(image.affine) @ matrix
@@ -448,7 +446,7 @@ class WindowParams:
 
     def __init__(self, start: ArrayLike, input_shape: Sequence[int], output_shape: Sequence[int]):
         # int32 eagerly as under jit (JAX's default integer), so both give the same params
-        self.start = start.astype(jnp.int32) if _is_traced(start) else np.asarray(start, np.int32)
+        self.start = start.astype(jnp.int32) if _params.is_traced(start) else np.asarray(start, np.int32)
         self.input_shape = tuple(int(n) for n in input_shape)
         self.output_shape = tuple(int(n) for n in output_shape)
 
@@ -483,7 +481,9 @@ class _Window(Transform):
 
     invertible = True
 
-    def __init__(self, *, padding_mode: Any = "constant", include=None, exclude=None):
+    def __init__(
+        self, *, padding_mode: Any = "constant", include: ImageNames = None, exclude: ImageNames = None
+    ):
         super().__init__(include=include, exclude=exclude)
         self.padding_mode = padding_mode
         self._mode, self._value = _parse_padding_mode(padding_mode)
@@ -515,7 +515,7 @@ class _Window(Transform):
         )
 
     def inverse(self, subject: Subject, params: WindowParams) -> Subject:
-        start = -np.asarray(params.start) if not _is_traced(params.start) else -params.start
+        start = -np.asarray(params.start) if not _params.is_traced(params.start) else -params.start
         return subject.replace(
             {
                 n: _apply_window(subject[n], start, params.input_shape, "constant", 0.0)
@@ -552,17 +552,19 @@ class Crop(_Window):
     Jittable. Inverse: ``Pad`` with zeros.
     """
 
-    def __init__(self, cropping: int | Sequence[int], *, include=None, exclude=None):
+    def __init__(
+        self, cropping: int | Sequence[int], *, include: ImageNames = None, exclude: ImageNames = None
+    ):
         super().__init__(include=include, exclude=exclude)
         self.cropping = _as_bounds(cropping, "cropping")
 
-    def output_shape(self, shape):
+    def output_shape(self, shape: tuple[int, int, int]):
         out = tuple(int(n) for n in np.asarray(shape) - self.cropping.sum(1))
         if min(out) < 1:
             raise ValueError(f"cropping {self.cropping.ravel().tolist()} leaves nothing of shape {shape}")
         return out
 
-    def window_start(self, subject, shape):
+    def window_start(self, subject: Subject, shape: tuple[int, int, int]):
         self.output_shape(shape)
         return self.cropping[:, 0].copy()
 
@@ -581,15 +583,20 @@ class Pad(_Window):
     """
 
     def __init__(
-        self, padding: int | Sequence[int], *, padding_mode: Any = "constant", include=None, exclude=None
+        self,
+        padding: int | Sequence[int],
+        padding_mode: str | float = "constant",
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(padding_mode=padding_mode, include=include, exclude=exclude)
         self.padding = _as_bounds(padding, "padding")
 
-    def output_shape(self, shape):
+    def output_shape(self, shape: tuple[int, int, int]):
         return tuple(int(n) for n in np.asarray(shape) + self.padding.sum(1))
 
-    def window_start(self, subject, shape):
+    def window_start(self, subject: Subject, shape: tuple[int, int, int]):
         return -self.padding[:, 0]
 
 
@@ -639,23 +646,23 @@ class CropOrPad(_Window):
     def __init__(
         self,
         target_shape: int | Sequence[int],
-        *,
+        padding_mode: str | float = "constant",
         mask_name: str | None = None,
-        padding_mode: Any = "constant",
-        include=None,
-        exclude=None,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(padding_mode=padding_mode, include=include, exclude=exclude)
-        self.target_shape = _as_shape(target_shape, "target_shape")
+        self.target_shape = _params.int_triple(target_shape, "target_shape")
         _params.check_output_size("CropOrPad", self.target_shape)
         if mask_name is not None and not isinstance(mask_name, str):
             raise TypeError(f"mask_name must be an image name, got {mask_name!r}")
         self.mask_name = mask_name
 
-    def output_shape(self, shape):
+    def output_shape(self, shape: tuple[int, int, int]):
         return self.target_shape
 
-    def window_start(self, subject, shape):
+    def window_start(self, subject: Subject, shape: tuple[int, int, int]):
         centred = crop_pad.crop_or_pad_bounds(shape, self.target_shape)
         if self.mask_name is None:
             return centred
@@ -665,7 +672,7 @@ class CropOrPad(_Window):
                 f"mask {self.mask_name!r} has spatial shape {mask.spatial_shape}, the images {shape}"
             )
         start = _mask_window_start(mask.data, self.target_shape, tuple(int(v) for v in centred))
-        if not _is_traced(start):
+        if not _params.is_traced(start):
             start = np.asarray(start)
         return start
 
@@ -688,22 +695,20 @@ class EnsureShapeMultiple(_Window):
         *,
         method: str = "pad",
         padding_mode: Any = "constant",
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(padding_mode=padding_mode, include=include, exclude=exclude)
-        self.target_multiple = _as_shape(target_multiple, "target_multiple")
-        if method not in ("pad", "crop"):
-            raise ValueError(f"method must be 'pad' or 'crop', got {method!r}")
-        self.method = method
+        self.target_multiple = _params.int_triple(target_multiple, "target_multiple")
+        self.method = _params.check_choice(method, "method", ("pad", "crop"))
 
-    def output_shape(self, shape):
+    def output_shape(self, shape: tuple[int, int, int]):
         m = np.asarray(self.target_multiple)
         n = np.asarray(shape)
         count = -(-n // m) if self.method == "pad" else np.maximum(n // m, 1)
         return tuple(int(v) for v in count * m)
 
-    def window_start(self, subject, shape):
+    def window_start(self, subject: Subject, shape: tuple[int, int, int]):
         return crop_pad.crop_or_pad_bounds(shape, self.output_shape(shape))
 
 
@@ -727,8 +732,8 @@ class CropForeground(_Window):
         mask_name: str | None = None,
         threshold: float = 0.0,
         margin: int | Sequence[int] = 0,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
         self.mask_name = mask_name
@@ -740,7 +745,7 @@ class CropForeground(_Window):
             raise ValueError(f"margin must be a non-negative int or 3 of them, got {margin!r}")
         self.margin = np.asarray(margin, int)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         shape = _selected_shape(self, subject)
         name = self.mask_name
         if name is None:
@@ -781,13 +786,13 @@ class CopyAffine(Transform):
             voxel grid, so copying the affine would be wrong).
     """
 
-    def __init__(self, target: str, *, include=None, exclude=None):
+    def __init__(self, target: str, *, include: ImageNames = None, exclude: ImageNames = None):
         super().__init__(include=include, exclude=exclude)
         if not isinstance(target, str):
             raise TypeError(f"target must be the name of an image, got {target!r}")
         self.target = target
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         ref = subject[self.target]
         out = {}
         for name in self.selected(subject):

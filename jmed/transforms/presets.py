@@ -1,7 +1,6 @@
 """Ready-made augmentation pipelines composed from jmed transforms.
 
 Each function returns a ``Compose``; call it as any transform, ``pipeline(key, subject)``.
-Transforms are looked up by name in ``jmed.transforms`` when the function is called.
 """
 
 from __future__ import annotations
@@ -9,18 +8,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from jmed.transforms.base import Compose, RandomApply, Transform
-from jmed.transforms.intensity import RandomBlur, RandomBrightness, RandomContrast, RandomGamma, RandomNoise
+from jmed.transforms.intensity import (
+    RandomBiasField,
+    RandomBlur,
+    RandomBrightness,
+    RandomContrast,
+    RandomGamma,
+    RandomNoise,
+)
+from jmed.transforms.mri import RandomMotion
+from jmed.transforms.normalization import HistogramStandardization, RescaleIntensity, ZNormalization
+from jmed.transforms.preprocessing import CropOrPad, Resample, ToCanonical
+from jmed.transforms.spatial import RandomAffine, RandomAnisotropy, RandomElasticDeformation, RandomFlip
 
 __all__ = ["nnunet_augmentation", "nnunet_intensity_augmentation", "torchio_paper_augmentation"]
-
-
-def _get(name: str):
-    import jmed.transforms
-
-    try:
-        return getattr(jmed.transforms, name)
-    except AttributeError:
-        raise ImportError(f"this preset needs jmed.transforms.{name}, which is not available") from None
 
 
 def _noise_blur_brightness_contrast() -> list[Transform]:
@@ -62,21 +63,15 @@ def nnunet_augmentation(*, axes: Sequence[int] = (0, 1, 2)) -> Compose:
     low resolution uses ``RandomAnisotropy`` (one random axis, downsampling 1–2) where
     nnU-Net zooms all axes by 0.5–1. The patch crop that nnU-Net's
     spatial transform performs is left to the patch sampler.
-
-    Raises:
-        ImportError: if a needed transform is not available in ``jmed.transforms``.
     """
-    random_affine = _get("RandomAffine")
-    random_anisotropy = _get("RandomAnisotropy")
-    random_flip = _get("RandomFlip")
     return Compose(
         [
-            RandomApply(random_affine(scales=0.0, degrees=30.0), p=0.2),
-            RandomApply(random_affine(scales=(0.7, 1.4), degrees=0.0, isotropic=True), p=0.2),
+            RandomApply(RandomAffine(scales=0.0, degrees=30.0), p=0.2),
+            RandomApply(RandomAffine(scales=(0.7, 1.4), degrees=0.0, isotropic=True), p=0.2),
             *_noise_blur_brightness_contrast(),
-            RandomApply(random_anisotropy(axes=(0, 1, 2), downsampling=(1.0, 2.0)), p=0.25),
+            RandomApply(RandomAnisotropy(axes=(0, 1, 2), downsampling=(1.0, 2.0)), p=0.25),
             *_gammas(),
-            random_flip(axes=tuple(axes), flip_probability=0.5),
+            RandomFlip(axes=tuple(axes), flip_probability=0.5),
         ]
     )
 
@@ -98,26 +93,23 @@ def torchio_paper_augmentation(
     so the whole pipeline runs where values are concrete (in the loader), not under
     ``jit``.
 
-    Raises:
-        ImportError: if a needed transform is not available in ``jmed.transforms``.
-
     References:
         Pérez-García et al., "TorchIO: a Python library for efficient loading,
         preprocessing, augmentation and patch-based sampling of medical images in deep
         learning", CMPB 2021.
     """
-    steps: list[Transform] = [_get("RescaleIntensity")(), _get("RandomMotion")()]
+    steps: list[Transform] = [RescaleIntensity(), RandomMotion()]
     if landmarks is not None:
-        steps.append(_get("HistogramStandardization")(landmarks))
+        steps.append(HistogramStandardization(landmarks))
     steps += [
-        _get("RandomBiasField")(),
-        _get("ZNormalization")(),
-        _get("RandomNoise")(),
-        _get("ToCanonical")(),
+        RandomBiasField(),
+        ZNormalization(),
+        RandomNoise(),
+        ToCanonical(),
     ]
     if spacing is not None:
-        steps.append(_get("Resample")(spacing))
+        steps.append(Resample(spacing))
     if target_shape is not None:
-        steps.append(_get("CropOrPad")(tuple(target_shape)))
-    steps += [_get("RandomFlip")(axes=(0,)), _get("RandomAffine")(), _get("RandomElasticDeformation")()]
+        steps.append(CropOrPad(tuple(target_shape)))
+    steps += [RandomFlip(axes=(0,)), RandomAffine(), RandomElasticDeformation()]
     return Compose(steps)

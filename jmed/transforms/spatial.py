@@ -38,7 +38,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +49,16 @@ from jmed import affine as affine_lib
 from jmed.image import Image, Subject
 from jmed.ops import bspline
 from jmed.ops.interpolation import PAD_VALUE_RULES, pad_value_for, resample
-from jmed.transforms import _params
-from jmed.transforms.base import Transform, _choose, _split
+from jmed.transforms import params as _params
+from jmed.transforms.base import Params, PRNGKey, RandomTransform, Transform, _choose, _split
+from jmed.transforms.params import (
+    AxesLike,
+    FloatTripleLike,
+    ImageNames,
+    IntTripleLike,
+    PerAxisRangeLike,
+    RangeLike,
+)
 
 __all__ = [
     "OutputGrid",
@@ -66,6 +74,8 @@ __all__ = [
     "compose_mappings",
     "invert_mapping",
 ]
+
+P = TypeVar("P")
 
 IMAGE_INTERPOLATIONS = ("linear", "nearest")
 LABEL_INTERPOLATIONS = ("nearest", "partial_volume")
@@ -127,6 +137,18 @@ def _with_grid(mapping: SpatialMapping, grid: OutputGrid | None) -> SpatialMappi
     )
 
 
+def _on_grid(transform: Any, mapping: SpatialMapping, grid: OutputGrid) -> SpatialMapping:
+    """``mapping`` if it samples ``grid`` (its output shape is the grid's), else a TypeError
+    naming the transform that ignored the grid."""
+    if tuple(mapping.output_shape) != tuple(grid.shape):
+        raise TypeError(
+            f"{type(transform).__name__}.mapping_on_grid returned a mapping with output shape "
+            f"{tuple(mapping.output_shape)} for an output grid of shape {tuple(grid.shape)}: it "
+            "must sample the grid (or leave mapping_on_grid to the base class)"
+        )
+    return mapping
+
+
 def _dense(field):
     return field.dense() if isinstance(field, bspline.SeparableField) else field
 
@@ -175,7 +197,12 @@ def compose_mappings(
     return SpatialMapping(matrix, field, None, shape, affine)
 
 
-def invert_mapping(mapping: SpatialMapping, iterations: int = 12) -> SpatialMapping:
+# fixed-point steps of invert_mapping: each multiplies the error by about the field's
+# Lipschitz constant (< 1 for the non-folding fields RandomElasticDeformation makes)
+INVERSE_ITERATIONS = 12
+
+
+def invert_mapping(mapping: SpatialMapping, iterations: int = INVERSE_ITERATIONS) -> SpatialMapping:
     """Inverse of a mapping whose output grid equals its input grid.
 
     Affine mappings are inverted exactly (matrix inverse). With a displacement field the
@@ -201,12 +228,6 @@ def invert_mapping(mapping: SpatialMapping, iterations: int = 12) -> SpatialMapp
     return SpatialMapping(inv, e, None, shape, mapping.output_affine)
 
 
-def _check_choice(value, allowed, name):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
-
-
 def _check_pad_value(value):
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return _params.finite_number(value, "default_pad_value")
@@ -221,10 +242,16 @@ def _check_pad_label(value):
     raise ValueError(f"default_pad_label must be an integer label, got {value!r}")
 
 
-class SpatialTransform(Transform):
+class SpatialTransform(Transform[P]):
     """Base class: a transform described by a ``SpatialMapping``.
 
-    Subclasses implement ``mapping(params, shape, affine, grid=None)``. ``apply``
+    Subclasses implement ``mapping(params, shape, affine, *, extent=None)``: their own
+    mapping, whose output grid is the input grid (the grid stays, the content moves).
+    Output grids (``Spatial(output_shape=..., output_spacing=...)``) are the base class's
+    business: ``mapping_on_grid`` composes the mapping with the grid, and its result is
+    checked to have the grid's shape. A subclass that can evaluate its mapping directly
+    at the grid's points more cheaply (``RandomElasticDeformation`` evaluates its spline
+    there) overrides ``mapping_on_grid`` too. ``apply``
     resamples every selected image once; intensity images with ``image_interpolation``
     and ``default_pad_value`` (a number, ``"minimum"``, ``"mean"``, ``"otsu"`` or
     ``"edge"``), label maps with ``label_interpolation`` (``"nearest"`` or
@@ -247,29 +274,65 @@ class SpatialTransform(Transform):
         label_interpolation: str = "nearest",
         default_pad_value: float | str = "minimum",
         default_pad_label: int = 0,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(include=include, exclude=exclude)
-        self.image_interpolation = _check_choice(
-            image_interpolation, IMAGE_INTERPOLATIONS, "image_interpolation"
+        self.image_interpolation = _params.check_choice(
+            image_interpolation, "image_interpolation", IMAGE_INTERPOLATIONS
         )
-        self.label_interpolation = _check_choice(
-            label_interpolation, LABEL_INTERPOLATIONS, "label_interpolation"
+        self.label_interpolation = _params.check_choice(
+            label_interpolation, "label_interpolation", LABEL_INTERPOLATIONS
         )
         self.default_pad_value = _check_pad_value(default_pad_value)
         self.default_pad_label = _check_pad_label(default_pad_label)
 
     def mapping(
-        self, params, shape, affine, grid: OutputGrid | None = None, *, extent: ArrayLike | None = None
+        self, params: P, shape: tuple[int, int, int], affine: ArrayLike, *, extent: ArrayLike | None = None
     ) -> SpatialMapping:
-        """The mapping for ``params`` on a grid of static ``shape`` and ``affine``.
+        """This transform's own mapping for ``params`` on a grid of static ``shape`` and
+        ``affine`` (output grid = input grid).
 
         ``extent`` (valid voxels per axis, possibly traced) is given for a padded volume
         (see ``jmed.buckets``): geometry (centres, flips, elastic grids) then follows the
         valid region, as if the volume had shape ``extent``.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement mapping(params, shape, affine)")
+
+    def mapping_on_grid(
+        self,
+        params: P,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        grid: OutputGrid,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
+        """The mapping sampled on the output ``grid``: by default ``mapping`` composed with
+        the grid's axis-aligned matrix (output voxel ``q`` pulls input voxel
+        ``mapping(scale * q + offset)``). Callers use ``grid_mapping``, which checks the
+        result."""
+        return _with_grid(self.mapping(params, shape, affine, extent=extent), grid)
+
+    def grid_mapping(
+        self,
+        params: P,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        grid: OutputGrid | None,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
+        """``mapping`` (``grid`` None) or ``mapping_on_grid``, checked: the result's
+        output shape is the grid's.
+
+        Raises:
+            TypeError: a subclass returned a mapping of another shape (one that ignores
+                the grid), naming the subclass.
+        """
+        if grid is None:
+            return self.mapping(params, shape, affine, extent=extent)
+        return _on_grid(self, self.mapping_on_grid(params, shape, affine, grid, extent=extent), grid)
 
     # -- application -------------------------------------------------------------------
     def _reference(self, subject: Subject) -> tuple[list[str], Image]:
@@ -314,14 +377,14 @@ class SpatialTransform(Transform):
             image.data, m.matrix, m.output_shape, order=order, pad_mode=pad_mode, pad_value=pad, **kw
         )
 
-    def apply(self, subject, params):
+    def apply(self, subject: Subject, params: Params) -> Subject:
         names, ref = self._reference(subject)
         if ref is None:
             return subject
         mapping = self.mapping(params, ref.spatial_shape, ref.affine, extent=ref.extent)
         return self._resample(subject, names, mapping)
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         names, ref = self._reference(subject)
         if ref is None:
             return subject
@@ -364,7 +427,7 @@ def _parse_flip_axes(axes) -> tuple[int | str, ...]:
     return tuple(out)
 
 
-class RandomFlip(SpatialTransform):
+class RandomFlip(SpatialTransform, RandomTransform):
     """Flip along each of ``axes`` with probability ``flip_probability`` (independently).
 
     Args:
@@ -378,15 +441,25 @@ class RandomFlip(SpatialTransform):
     about the image centre. Exact (nearest neighbour on integer coordinates).
     """
 
-    is_random = True
     lossless = True
 
-    def __init__(self, *, axes=0, flip_probability: float = 0.5, include=None, exclude=None):
+    def __init__(
+        self,
+        axes: AxesLike = 0,
+        flip_probability: float = 0.5,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
         self.axes = _parse_flip_axes(axes)
         self.flip_probability = _params.check_probability(flip_probability, "flip_probability")
 
-    def sample(self, key, subject):
+    @property
+    def sample_reads_subject(self) -> bool:  # type: ignore[override]
+        return any(isinstance(a, str) for a in self.axes)  # anatomical names read the affine
+
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         draws = jax.random.bernoulli(key, self.flip_probability, (len(self.axes),))
         _, ref = self._reference(subject)
         direction = jnp.abs(_as_f32(ref.affine)[:3, :3]) if ref is not None else jnp.eye(3)
@@ -397,15 +470,20 @@ class RandomFlip(SpatialTransform):
             flips = flips | ((jnp.arange(3) == axis) & draw)
         return flips
 
-    def mapping(self, params, shape, affine, grid=None, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         sign = jnp.where(params, -1.0, 1.0)
         offset = jnp.where(params, _valid_shape(shape, extent) - 1.0, 0.0)
-        return _with_grid(
-            SpatialMapping(_matrix(jnp.diag(sign), offset), None, None, tuple(shape), affine), grid
-        )
+        return SpatialMapping(_matrix(jnp.diag(sign), offset), None, None, tuple(shape), affine)
 
 
-class RandomRot90(SpatialTransform):
+class RandomRot90(SpatialTransform, RandomTransform):
     """Rotate by ``k * 90`` degrees in the plane of data ``axes``, ``k`` uniform in 0..3.
 
     Lossless (voxels are permuted, never interpolated), like ``numpy.rot90(data, k,
@@ -413,10 +491,12 @@ class RandomRot90(SpatialTransform):
     ``ValueError`` otherwise). Params: ``k`` (int array). The grid stays.
     """
 
-    is_random = True
+    sample_reads_subject = False
     lossless = True
 
-    def __init__(self, *, axes: tuple[int, int] = (0, 1), include=None, exclude=None):
+    def __init__(
+        self, *, axes: tuple[int, int] = (0, 1), include: ImageNames = None, exclude: ImageNames = None
+    ):
         super().__init__(include=include, exclude=exclude)
         axes = tuple(axes) if not isinstance(axes, numbers.Integral) else (axes,)
         if (
@@ -427,10 +507,17 @@ class RandomRot90(SpatialTransform):
             raise ValueError(f"axes must be two different data axes in 0..2, got {axes!r}")
         self.axes = tuple(int(a) for a in axes)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         return jax.random.randint(key, (), 0, 4)
 
-    def mapping(self, params, shape, affine, grid=None, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         a, b = self.axes
         if shape[a] != shape[b]:
             raise ValueError(f"RandomRot90 axes {self.axes} must have equal sizes, got shape {tuple(shape)}")
@@ -448,29 +535,43 @@ class RandomRot90(SpatialTransform):
                 m = _mm(m, step)
             mats.append(m)
         matrix = _choose(params, mats)
-        return _with_grid(SpatialMapping(matrix, None, None, tuple(shape), affine), grid)
+        return SpatialMapping(matrix, None, None, tuple(shape), affine)
 
 
 # --- affine -----------------------------------------------------------------------------
 
 
-def _rotation(degrees: jax.Array) -> jax.Array:
-    """``Rz @ Rx @ Ry`` for angles (degrees) about the world R, A and S axes.
+def _rotation(degrees: jax.Array, order: str = "zxy") -> jax.Array:
+    """The product of the rotations about the world R, A and S axes (``x``, ``y``,
+    ``z``) by ``degrees``, leftmost letter of ``order`` leftmost: ``"zxy"`` is
+    ``Rz @ Rx @ Ry``.
 
-    The order of SimpleITK's ``Euler3DTransform`` (TorchIO's rotation): about A first,
-    then R, then S. TorchIO builds it in LPS with the R and A angles negated, which is
-    this same matrix in RAS.
+    ``"zxy"`` is the order of SimpleITK's ``Euler3DTransform`` (TorchIO's rotation): about
+    A first, then R, then S. TorchIO builds it in LPS with the R and A angles negated,
+    which is this same matrix in RAS. ``RandomMotion`` uses ``"zyx"``.
     """
-    a, b, c = jnp.deg2rad(degrees[0]), jnp.deg2rad(degrees[1]), jnp.deg2rad(degrees[2])
-    one, zero = jnp.ones(()), jnp.zeros(())
-    rx = jnp.array([[one, zero, zero], [zero, jnp.cos(a), -jnp.sin(a)], [zero, jnp.sin(a), jnp.cos(a)]])
-    ry = jnp.array([[jnp.cos(b), zero, jnp.sin(b)], [zero, one, zero], [-jnp.sin(b), zero, jnp.cos(b)]])
-    rz = jnp.array([[jnp.cos(c), -jnp.sin(c), zero], [jnp.sin(c), jnp.cos(c), zero], [zero, zero, one]])
-    return _mm(_mm(rz, rx), ry)
+    radians = jnp.deg2rad(jnp.asarray(degrees))
+    a, b, c = radians[0], radians[1], radians[2]
+    one, zero = jnp.ones_like(a), jnp.zeros_like(a)
+    ca, sa, cb, sb, cc, sc = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b), jnp.cos(c), jnp.sin(c)
+    elementary = {
+        "x": jnp.array([[one, zero, zero], [zero, ca, -sa], [zero, sa, ca]]),
+        "y": jnp.array([[cb, zero, sb], [zero, one, zero], [-sb, zero, cb]]),
+        "z": jnp.array([[cc, -sc, zero], [sc, cc, zero], [zero, zero, one]]),
+    }
+    first, second, third = (elementary[axis] for axis in order)
+    return _mm(_mm(first, second), third)
 
 
 def affine_mapping(
-    scales, degrees, translation, shape, affine, center: str = "image", *, extent=None
+    scales: ArrayLike,
+    degrees: ArrayLike,
+    translation: ArrayLike,
+    shape: tuple[int, int, int],
+    affine: ArrayLike,
+    center: str = "image",
+    *,
+    extent: ArrayLike | None = None,
 ) -> SpatialMapping:
     """Mapping of TorchIO's world transform ``x -> S R (x - c) + c + S t`` (content moves by it).
 
@@ -483,7 +584,7 @@ def affine_mapping(
     A 2D image (one voxel along the third axis) gets no out-of-plane change, as in
     TorchIO: the S scale is 1 and the R and A rotations and the S translation are 0.
     """
-    _check_choice(center, ("image", "origin"), "center")
+    _params.check_choice(center, "center", ("image", "origin"))
     a = _as_f32(affine)
     lin, origin = a[:3, :3], a[:3, 3]
     scales = jnp.asarray(scales, jnp.float32)
@@ -507,7 +608,7 @@ def affine_mapping(
     return SpatialMapping(_matrix(matrix_lin, translation), None, None, tuple(shape), affine)
 
 
-class RandomAffine(SpatialTransform):
+class RandomAffine(SpatialTransform, RandomTransform):
     """Random scaling, rotation and translation in world space, as TorchIO 1.2.
 
     For the same parameters the world map is TorchIO's: ``x -> S R (x - c) + c + S t``
@@ -533,22 +634,22 @@ class RandomAffine(SpatialTransform):
         ValueError: non-positive scales, reversed ranges, unknown options.
     """
 
-    is_random = True
+    sample_reads_subject = False
 
     def __init__(
         self,
-        *,
-        scales=0.1,
-        degrees=10,
-        translation=0,
+        scales: PerAxisRangeLike = 0.1,
+        degrees: PerAxisRangeLike = 10,
+        translation: PerAxisRangeLike = 0,
         isotropic: bool = False,
         center: str = "image",
-        default_pad_value="minimum",
+        default_pad_value: float | str = "minimum",
+        default_pad_label: int = 0,
         image_interpolation: str = "linear",
         label_interpolation: str = "nearest",
-        default_pad_label: int = 0,
-        include=None,
-        exclude=None,
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(
             image_interpolation=image_interpolation,
@@ -566,17 +667,24 @@ class RandomAffine(SpatialTransform):
         if isotropic and not np.all(self.scales == self.scales[0]):
             raise ValueError(f"isotropic=True needs a single scales range, got {scales!r}")
         self.isotropic = bool(isotropic)
-        self.center = _check_choice(center, ("image", "origin"), "center")
+        self.center = _params.check_choice(center, "center", ("image", "origin"))
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         ranges = jnp.asarray(np.stack([self.scales, self.degrees, self.translation]), jnp.float32)
         u = jax.random.uniform(key, (3, 3))
         values = ranges[..., 0] + u * (ranges[..., 1] - ranges[..., 0])
         scales = jnp.broadcast_to(values[0, 0], (3,)) if self.isotropic else values[0]
         return {"scales": scales, "degrees": values[1], "translation": values[2]}
 
-    def mapping(self, params, shape, affine, grid=None, *, extent=None):
-        m = affine_mapping(
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
+        return affine_mapping(
             params["scales"],
             params["degrees"],
             params["translation"],
@@ -585,29 +693,12 @@ class RandomAffine(SpatialTransform):
             self.center,
             extent=extent,
         )
-        return _with_grid(m, grid)
 
 
 # --- elastic ----------------------------------------------------------------------------
 
 
-def _per_axis(value, name, *, integer=False):
-    items = (value,) * 3 if isinstance(value, numbers.Real) and not isinstance(value, bool) else tuple(value)
-    if len(items) != 3:
-        raise ValueError(f"{name} must be one value or 3 values, got {value!r}")
-    for v in items:
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, numbers.Real)
-            or (integer and not isinstance(v, numbers.Integral))
-        ):
-            raise ValueError(f"{name} must be {'integers' if integer else 'numbers'}, got {value!r}")
-        if not np.isfinite(float(v)):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-    return tuple(int(v) if integer else float(v) for v in items)
-
-
-class RandomElasticDeformation(SpatialTransform):
+class RandomElasticDeformation(SpatialTransform, RandomTransform):
     """Dense elastic deformation from random displacements on a coarse control grid.
 
     Displacements (world mm, ``U(-max_displacement, max_displacement)`` per control
@@ -627,20 +718,20 @@ class RandomElasticDeformation(SpatialTransform):
             not in 0..2 or locking every control point.
     """
 
-    is_random = True
+    sample_reads_subject = False
 
     def __init__(
         self,
-        *,
-        num_control_points=7,
-        max_displacement=7.5,
+        num_control_points: IntTripleLike = 7,
+        max_displacement: FloatTripleLike = 7.5,
         locked_borders: int = 2,
         image_interpolation: str = "linear",
         label_interpolation: str = "nearest",
-        default_pad_value="minimum",
+        *,
+        default_pad_value: float | str = "minimum",
         default_pad_label: int = 0,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(
             image_interpolation=image_interpolation,
@@ -650,10 +741,10 @@ class RandomElasticDeformation(SpatialTransform):
             include=include,
             exclude=exclude,
         )
-        self.num_control_points = _per_axis(num_control_points, "num_control_points", integer=True)
+        self.num_control_points = _params.int_triple(num_control_points, "num_control_points")
         if min(self.num_control_points) < 4:
             raise ValueError(f"num_control_points must be >= 4 per axis, got {num_control_points!r}")
-        self.max_displacement = _per_axis(max_displacement, "max_displacement")
+        self.max_displacement = _params.float_triple(max_displacement, "max_displacement")
         if min(self.max_displacement) < 0:
             raise ValueError(f"max_displacement must be >= 0, got {max_displacement!r}")
         if locked_borders not in (0, 1, 2) or isinstance(locked_borders, bool):
@@ -671,11 +762,11 @@ class RandomElasticDeformation(SpatialTransform):
 
     def _check_folding(self, subject):
         _, ref = self._reference(subject)
-        if ref is None or isinstance(ref.affine, jax.core.Tracer):
+        if ref is None or _params.is_traced(ref.affine):
             return
         shape = ref.spatial_shape
         if ref.extent is not None:
-            if isinstance(ref.extent, jax.core.Tracer):
+            if _params.is_traced(ref.extent):
                 return
             shape = tuple(int(v) for v in np.asarray(ref.extent))
         spacing_mm = bspline.control_spacing(shape, self.num_control_points) * np.asarray(ref.spacing, float)
@@ -686,21 +777,33 @@ class RandomElasticDeformation(SpatialTransform):
                 f"max_displacement {self.max_displacement} mm exceeds half the control-point "
                 f"spacing {tuple(float(s) for s in np.round(spacing_mm, 2))} mm: the deformation may fold",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # past sample and its key check
             )
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         self._check_folding(subject)
         u = jax.random.uniform(key, (*self.num_control_points, 3), minval=-1.0, maxval=1.0)
         return u * jnp.asarray(self.max_displacement, jnp.float32) * self._mask[..., None]
 
-    def mapping(self, params, shape, affine, grid=None, *, extent=None):
+    @staticmethod
+    def _to_voxels(shape, affine) -> jax.Array:
         to_voxels = affine_lib.invert(_as_f32(affine)[:3, :3])
         # 2D images (an axis of size 1): no displacement out of the slice
         flat_axes = np.array([n == 1 for n in shape])
         if flat_axes.any():
             to_voxels = jnp.where(flat_axes[:, None], 0.0, to_voxels)
-        if extent is not None and grid is None:
+        return to_voxels
+
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
+        to_voxels = self._to_voxels(shape, affine)
+        if extent is not None:
             # the control grid spans the valid region; its spline continues over the padding
             weights = tuple(
                 bspline.bspline_weights_at(jnp.arange(s, dtype=jnp.float32), s, n, extent=extent[d])
@@ -708,11 +811,21 @@ class RandomElasticDeformation(SpatialTransform):
             )
             field = bspline.separable_field(params, weights)
             return SpatialMapping(jnp.eye(4, dtype=jnp.float32), field, to_voxels, tuple(shape), affine)
-        if grid is None:
-            weights = tuple(bspline.bspline_weights(s, n) for s, n in zip(shape, self.num_control_points))
-            field = bspline.separable_field(params, weights)
-            return SpatialMapping(jnp.eye(4, dtype=jnp.float32), field, to_voxels, tuple(shape), affine)
+        weights = tuple(bspline.bspline_weights(s, n) for s, n in zip(shape, self.num_control_points))
+        field = bspline.separable_field(params, weights)
+        return SpatialMapping(jnp.eye(4, dtype=jnp.float32), field, to_voxels, tuple(shape), affine)
+
+    def mapping_on_grid(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        grid: OutputGrid,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         # evaluate the spline directly at the output grid's positions (still separable)
+        to_voxels = self._to_voxels(shape, affine)
         weights = tuple(
             bspline.bspline_weights_at(
                 grid.scale[d] * jnp.arange(grid.shape[d]) + grid.offset[d], shape[d], n
@@ -761,15 +874,40 @@ class _FusedChain(SpatialTransform):
         self.invertible = all(t.invertible for t in self.transforms)
         self.lossless = source is None
 
-    def sample(self, key, subject):
+    @property
+    def sample_reads_subject(self) -> bool:  # type: ignore[override]
+        return any(t.sample_reads_subject for t in self.transforms)
+
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         keys = _split(key, len(self.transforms))
         return tuple(t.sample(k, subject) for t, k in zip(self.transforms, keys))
 
-    def mapping(self, params, shape, affine, grid=None, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
+        return self._chain(params, shape, affine, None, extent)
+
+    def mapping_on_grid(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        grid: OutputGrid,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
+        return self._chain(params, shape, affine, grid, extent)
+
+    def _chain(self, params, shape, affine, grid, extent):
         maps = []
         for i, (t, p) in enumerate(zip(self.transforms, params)):
             last = i == len(self.transforms) - 1
-            m = t.mapping(p, shape, affine, grid if last else None, extent=extent)
+            m = t.grid_mapping(p, shape, affine, grid if last else None, extent=extent)
             shape, affine = m.output_shape, m.output_affine
             maps.append(m)
         if not maps:
@@ -819,8 +957,8 @@ class Spatial(_FusedChain):
         label_interpolation: str | None = None,
         default_pad_value: float | str | None = None,
         default_pad_label: int | None = None,
-        include=None,
-        exclude=None,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
     ):
         super().__init__(
             transforms,
@@ -832,24 +970,21 @@ class Spatial(_FusedChain):
             exclude=exclude,
         )
         if output_shape is not None:
-            output_shape = tuple(
-                _params.as_positive_int(n, "output_shape")
-                for n in _per_axis(output_shape, "output_shape", integer=True)
-            )
+            output_shape = _params.int_triple(output_shape, "output_shape")
             _params.check_output_size("Spatial", output_shape)
         self.output_shape = output_shape
         if output_spacing is not None:
-            output_spacing = _per_axis(output_spacing, "output_spacing")
+            output_spacing = _params.float_triple(output_spacing, "output_spacing")
             if min(output_spacing) <= 0:
                 raise ValueError(f"output_spacing must be > 0, got {output_spacing!r}")
         self.output_spacing = output_spacing
-        self.crop = _check_choice(crop, ("center", "random"), "crop")
+        self.crop = _params.check_choice(crop, "crop", ("center", "random"))
         self.is_random = self.is_random or crop == "random"
         self.lossless = self.lossless and output_spacing is None
         self._changes_grid = output_shape is not None or output_spacing is not None
         self.invertible = self.invertible and not self._changes_grid
 
-    def inverse(self, subject, params):
+    def inverse(self, subject: Subject, params: Params) -> Subject:
         if self._changes_grid:
             raise TypeError(
                 "Spatial with output_shape/output_spacing changes the grid: its inverse would need "
@@ -868,7 +1003,7 @@ class Spatial(_FusedChain):
             if self.output_spacing is None:
                 out_shape = tuple(shape)
             else:
-                if isinstance(affine, jax.core.Tracer):
+                if _params.is_traced(affine):
                     raise ValueError(
                         "Spatial(output_spacing=...) without output_shape needs a concrete affine"
                     )
@@ -887,13 +1022,20 @@ class Spatial(_FusedChain):
             offset = jnp.where(room >= 0, jnp.floor(offset_fraction * (jnp.floor(room) + 1.0)), centred)
         return OutputGrid(tuple(out_shape), scale, offset)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_children, k_crop = _split(key, 2)
         children = super().sample(k_children, subject)
         fraction = jax.random.uniform(k_crop, (3,)) if self.crop == "random" else jnp.zeros(3)
         return children, fraction
 
-    def mapping(self, params, shape, affine, grid=None, *, extent=None):
+    def mapping(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
         if extent is not None:
             raise ValueError(
                 "Spatial changes the output grid and does not take padded volumes (an extent); "
@@ -901,11 +1043,20 @@ class Spatial(_FusedChain):
             )
         children, fraction = params
         own = self._grid(shape, affine, fraction)
-        if grid is not None:
-            raise ValueError("Spatial with its own output grid cannot take another grid")
         if own.shape == tuple(shape) and self.output_spacing is None:
-            return super().mapping(children, shape, affine, None)
-        return super().mapping(children, shape, affine, own)
+            return self._chain(children, shape, affine, None, None)
+        return _on_grid(self, self._chain(children, shape, affine, own, None), own)
+
+    def mapping_on_grid(
+        self,
+        params: Params,
+        shape: tuple[int, int, int],
+        affine: ArrayLike,
+        grid: OutputGrid,
+        *,
+        extent: ArrayLike | None = None,
+    ) -> SpatialMapping:
+        raise ValueError("Spatial with its own output grid cannot take another grid")
 
     def __repr__(self):
         return f"Spatial({list(self.transforms)!r}, output_shape={self.output_shape}, output_spacing={self.output_spacing})"
@@ -914,7 +1065,7 @@ class Spatial(_FusedChain):
 # --- anisotropy -------------------------------------------------------------------------
 
 
-class RandomAnisotropy(Transform):
+class RandomAnisotropy(RandomTransform):
     """Simulate thick slices along one axis, then return to the original grid.
 
     An axis is drawn from ``axes`` and a factor ``f ~ U(downsampling)``: the volume is
@@ -930,21 +1081,28 @@ class RandomAnisotropy(Transform):
     Params: ``{"axis": int, "factor": float}``.
     """
 
-    is_random = True
+    sample_reads_subject = False
     padding_aware = True
 
-    def __init__(self, *, axes=(0, 1, 2), downsampling=(1.5, 5), include=None, exclude=None):
+    def __init__(
+        self,
+        axes: AxesLike = (0, 1, 2),
+        downsampling: RangeLike = (1.5, 5),
+        *,
+        include: ImageNames = None,
+        exclude: ImageNames = None,
+    ):
         super().__init__(include=include, exclude=exclude)
         self.axes = _params.as_axes(axes, "axes")
         self.downsampling = _params.parse_range(downsampling, "downsampling", min_value=1.0)
 
-    def sample(self, key, subject):
+    def sample(self, key: PRNGKey | None, subject: Subject) -> Params:
         k_axis, k_factor = _split(key, 2)
         axis = _choose(jax.random.randint(k_axis, (), 0, len(self.axes)), np.asarray(self.axes, np.int32))
         lo, hi = self.downsampling
         return {"axis": axis, "factor": jax.random.uniform(k_factor, (), minval=lo, maxval=hi)}
 
-    def apply_image(self, image, params):
+    def apply_image(self, image: Image, params: Params) -> Image:
         data = image.data
         extent = image.extent
         branches = [
