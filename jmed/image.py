@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -750,11 +749,7 @@ class Subject(Mapping):
         """
         from jmed.transforms.base import invert
 
-        with warnings.catch_warnings():
-            if not warn:
-                # Compose warns about its own non-invertible children
-                warnings.filterwarnings("ignore", message=r".* is not invertible; skipped when inverting")
-            return invert(self, warn=warn)
+        return invert(self, warn=warn)
 
     def history_summary(self) -> str:
         """The history as text, one line per transform with its sampled parameters in

@@ -164,6 +164,20 @@ def test_invert_skips_non_invertible_with_warning(phantom):
     np.testing.assert_array_equal(np.asarray(out["t1"].data), 2 * np.asarray(phantom["t1"].data))
 
 
+def test_invert_warn_false_silences_nested_steps(phantom):
+    import warnings
+
+    flip = T.RandomFlip(axes=(0,), flip_probability=1.0)
+    out = Compose([flip, Lambda(lambda x: x * 2)])(jax.random.key(0), phantom)
+    with pytest.warns(UserWarning, match="Lambda is not invertible"):
+        invert(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = invert(out, warn=False)
+    # the flip undone, the doubling skipped
+    np.testing.assert_array_equal(np.asarray(restored["t1"].data), 2 * np.asarray(phantom["t1"].data))
+
+
 def test_deterministic_transforms_need_no_key():
     img = jmed.ScalarImage(np.ones((2, 2, 2), np.float32))
     assert float(Lambda(jnp.negative)(img).data.max()) == -1

@@ -463,6 +463,9 @@ def _fused_stages(transforms: tuple[Transform, ...]) -> list[tuple[Transform | N
     return stages
 
 
+_NOT_INVERTIBLE = "{name} is not invertible; skipped when inverting"
+
+
 class Compose(Transform):
     """Apply transforms in order; the key is split once per child.
 
@@ -553,9 +556,7 @@ class Compose(Transform):
         for fused, start, stop in reversed(stages):
             step = self.transforms[start] if fused is None else fused
             if not step.invertible:
-                warnings.warn(
-                    f"{type(step).__name__} is not invertible; skipped when inverting", stacklevel=2
-                )
+                warnings.warn(_NOT_INVERTIBLE.format(name=type(step).__name__), stacklevel=2)
             elif fused is None:
                 subject = step.inverse(subject, params[start])
             else:
@@ -808,9 +809,12 @@ def invert(subject: Subject, *, warn: bool = True) -> Subject:
     if not isinstance(subject, Subject):
         raise TypeError(f"invert takes a Subject with a history, got {type(subject).__name__}")
     out = subject
-    for t, p in reversed(subject.history):
-        if t.invertible:
-            out = t.inverse(out, p)
-        elif warn:
-            warnings.warn(f"{type(t).__name__} is not invertible; skipped when inverting", stacklevel=2)
+    with warnings.catch_warnings():
+        if not warn:  # nested steps (a Compose's children) warn from their own inverse
+            warnings.filterwarnings("ignore", message=_NOT_INVERTIBLE.format(name=".*"))
+        for t, p in reversed(subject.history):
+            if t.invertible:
+                out = t.inverse(out, p)
+            elif warn:
+                warnings.warn(_NOT_INVERTIBLE.format(name=type(t).__name__), stacklevel=2)
     return out.replace(history=())
