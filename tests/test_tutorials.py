@@ -61,6 +61,9 @@ def test_coming_from_torchio(tmp_path, monkeypatch):
     notebook = _execute(TUTORIALS / "coming_from_torchio.py", tmp_path, monkeypatch)
     text = _text(notebook)
     assert "affine restored: True" in text and "shape restored: True" in text
+    # the history in degrees and mm, one line per step of the composed augmentation
+    assert re.search(r"RandomAffine\(scales=\(.*degrees=\(.*translation_mm=\(", text), text[:3000]
+    assert "is not invertible" not in text  # apply_inverse_transform(warn=False)
     assert "(4, 16, 16, 16, 1) (4, 16, 16, 16, 1)" in text  # a Queue batch, channels last
     losses = re.search(r"\[([\d., ]+)\]\s*$", text.split("shape restored: True")[1], re.M)
     assert losses is not None and len(losses.group(1).split(",")) == 3, text[-2000:]

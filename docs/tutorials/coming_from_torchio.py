@@ -123,17 +123,18 @@ print(np.abs(np.asarray(augmented["t1"].data) - np.asarray(again["t1"].data)).ma
 # %% [markdown]
 # ## Look at it
 #
-# `jmed.plot.plot_subject` draws orthogonal slices in world orientation (letters at the
-# borders), with the label map overlaid. It returns a matplotlib figure, which a notebook
-# shows; `output="file.png"` saves it.
+# `subject.plot()` (TorchIO's spelling, over `jmed.plot.plot_subject`) draws orthogonal
+# slices in world orientation (letters at the borders), with the label map overlaid. It
+# returns a matplotlib figure, which a notebook shows; `output="file.png"` saves it. A
+# `Subject` or `Image` left as the last value of a cell shows its geometry and slices.
 
 # %%
-from jmed.plot import plot_subject, plot_transform  # noqa: E402 - needs matplotlib
+from jmed.plot import plot_transform  # noqa: E402 - needs matplotlib
 
 # jmed.plot returns matplotlib figures; this shows them under the cells that return them
 # %matplotlib inline
 
-plot_subject(augmented, title="augmented")
+augmented.plot(title="augmented")
 
 # %%
 plot_transform(key, augment, preprocessed, num_samples=3)
@@ -143,28 +144,20 @@ plot_transform(key, augment, preprocessed, num_samples=3)
 #
 # Each transform appends `(transform, params)` to `subject.history`: the parameters it
 # drew, as arrays (a `Compose` records one entry, with one set of parameters per
-# step). `T.invert` undoes the invertible steps (spatial ones), last first, and skips
-# the others (intensity changes, and here the preprocessing) with a warning;
-# `T.replay` applies the same steps to another subject.
-
-
-# %%
-def rounded(value):
-    value = np.asarray(value)
-    return (
-        value.astype(float).round(3).tolist() if np.issubdtype(value.dtype, np.floating) else value.tolist()
-    )
-
-
-for transform, params in augmented.history:
-    for step, step_params in zip(transform.transforms, params):
-        print(f"{type(step).__name__:>20}  {jax.tree.map(rounded, step_params)}")
+# step). `history_summary()` prints them in degrees and millimetres;
+# `get_composed_history()` is a transform that replays them on another subject.
+# `apply_inverse_transform()` (TorchIO's name, over `T.invert`) undoes the invertible
+# steps (spatial ones), last first, and skips the others (intensity changes, and here
+# the preprocessing), with a warning unless `warn=False`.
 
 # %%
-restored = T.invert(augmented)
+print(augmented.history_summary())
+
+# %%
+restored = augmented.apply_inverse_transform(warn=False)
 print("affine restored:", np.allclose(restored["t1"].affine, preprocessed["t1"].affine, atol=1e-4))
 print("shape restored:", restored["t1"].shape == preprocessed["t1"].shape)
-plot_subject(restored, title="augmentation undone")
+restored.plot(title="augmentation undone")
 
 # %% [markdown]
 # ## A patch queue into a Flax train step
