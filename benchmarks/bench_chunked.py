@@ -40,7 +40,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -303,14 +302,10 @@ def _child(args) -> None:
 
 
 def _spawn(spec: dict) -> dict | None:
+    from benchmarks.common import run_child
+
     command = [sys.executable, __file__, "--child", json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"{spec['kind']} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}", file=sys.stderr)
-    return None
+    return run_child(command, what=spec["kind"], timeout=3600)[0]
 
 
 # --- the runs ----------------------------------------------------------------------------------------

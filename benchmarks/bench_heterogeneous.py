@@ -43,7 +43,6 @@ import functools
 import inspect
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -328,6 +327,7 @@ def _spawn(
     compilation_cache: Path | None = None,
 ) -> dict | None:
     """Run one loader in a subprocess with this process's allocator setting."""
+    from benchmarks.common import run_child
     from jmed import runtime
 
     command = [sys.executable, __file__, "--child", kind, "--records", str(records_file)]
@@ -345,19 +345,16 @@ def _spawn(
             env.update({k: v.format(folder=compilation_cache) for k, v in COMPILATION_CACHE_ENV.items()})
     if runtime.applied_threshold() is not None:
         command += ["--tune-allocator", str(runtime.applied_threshold())]
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[7:])
-            if compilation_cache is not None:
-                result["compilation_cache_by"] = (
-                    f"Queue({COMPILATION_CACHE_ARGUMENT}=)" if _queue_takes_cache_folder() else "environment"
-                )
-            if compile_log is not None:
-                result["compilations"] = read_compilations(compile_log)
-                result["logged_compilations"] = out.stderr.count(LOGGED_COMPILATION)
-            return result
-    print(f"{kind} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}", file=sys.stderr)
+    result, out = run_child(command, what=kind, env=env, timeout=3600)
+    if result is not None:
+        if compilation_cache is not None:
+            result["compilation_cache_by"] = (
+                f"Queue({COMPILATION_CACHE_ARGUMENT}=)" if _queue_takes_cache_folder() else "environment"
+            )
+        if compile_log is not None:
+            result["compilations"] = read_compilations(compile_log)
+            result["logged_compilations"] = out.stderr.count(LOGGED_COMPILATION)
+        return result
     return None
 
 

@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -295,6 +294,7 @@ def _child(args) -> None:
 
 def _spawn(kind: str, records_file: Path, epochs: int, cache_dir: str | None = None) -> dict | None:
     """Run one loader in a subprocess with this process's allocator setting."""
+    from benchmarks.common import run_child
     from jmed import runtime
 
     command = [
@@ -311,13 +311,7 @@ def _spawn(kind: str, records_file: Path, epochs: int, cache_dir: str | None = N
         command += ["--cache-dir", cache_dir]
     if runtime.applied_threshold() is not None:
         command += ["--tune-allocator", str(runtime.applied_threshold())]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"{kind} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}", file=sys.stderr)
-    return None
+    return run_child(command, what=kind)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

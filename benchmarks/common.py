@@ -12,8 +12,11 @@ calls is reported. Outputs are waited for (``jax.block_until_ready``) inside the
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 MNI_SHAPE = (197, 233, 189)
 T1_NAME = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 LIBRARIES = ("jmed", "torchio", "monai")
+
+
+def run_child(
+    command: list[str], *, what: str, env: dict | None = None, timeout: float = 1800
+) -> tuple[dict | None, subprocess.CompletedProcess]:
+    """Run a benchmark's measuring child process (with ``PYTHONPATH`` at the repository).
+
+    Returns the JSON of its ``RESULT {...}`` line (``None`` when it has none: the child's
+    output is printed to stderr, naming ``what``) and the finished process.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)} if env is None else env
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:]), out
+    print(f"{what} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}", file=sys.stderr)
+    return None, out
 
 
 def default_data_dir() -> Path | None:
