@@ -9,6 +9,7 @@ which may shrink but not grow.
 
 import importlib
 import inspect
+from pathlib import Path
 
 import jax
 import pytest
@@ -270,3 +271,61 @@ def test_torchio_style_positional_calls():
     assert T.RandomBiasField(0.3, 2).order == 2
     assert T.Clamp(0, 1) == T.Clamp(out_min=0, out_max=1)
     assert T.OneHot() == T.OneHot(-1) == T.OneHot(None)
+
+
+# --- layering --------------------------------------------------------------------------------
+
+
+def _layers_from_development_docs():
+    """The module prefixes of each row of the layering table in docs/development.md, in order."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "development.md").read_text()
+    table = text.split("## Layout and layering", 1)[1].split("\n\n", 2)[2]
+    layers = []
+    for row in table.splitlines():
+        if not row.startswith("| ") or row.startswith("| layer") or row.startswith("|---"):
+            continue
+        paths = re.findall(r"`(jmed/[\w/.]*)`", row.split("|")[2])
+        layers.append(tuple(p.removesuffix(".py").removesuffix("/").replace("/", ".") for p in paths))
+    return layers
+
+
+def test_module_level_imports_follow_the_documented_layers():
+    """A module imports (at import time) only from its own layer or earlier ones of the table
+    in docs/development.md, so there are no import cycles; functions may import later layers
+    (conveniences such as ``Image.plot``)."""
+    import ast
+
+    layers = _layers_from_development_docs()
+    assert len(layers) >= 10, layers
+
+    def layer(module):
+        found = [
+            i for i, names in enumerate(layers) for n in names if module == n or module.startswith(n + ".")
+        ]
+        return max(found) if found else None
+
+    package = Path(jmed.__file__).parent
+    problems = []
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if module == "jmed":
+            continue
+        own = layer(module)
+        if own is None:
+            problems.append(f"{module} is in no row of the layering table of docs/development.md")
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                base = node.module
+                targets = [f"jmed.{alias.name}" for alias in node.names] if base == "jmed" else [base]
+            else:
+                continue
+            for target in targets:
+                if target.startswith("jmed.") and (layer(target) or 0) > own:
+                    problems.append(f"{module} imports {target}, a later layer")
+    assert not problems, "\n".join(problems)
