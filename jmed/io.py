@@ -274,7 +274,22 @@ def _region_reader(
         size = tuple(b - a for a, b in zip(start, stop))
         _check_file_holds_voxels(img, path)
         try:
-            unscaled = np.asarray(raw_proxy[index])
+            if isinstance(source, str):
+                # a mapping per read, released at once: only the pages of the box are read,
+                # and they do not stay resident (nibabel's own slicing issues one read call
+                # per contiguous run of voxels: 4096 for a 64^3 box)
+                mapped = np.memmap(
+                    source,
+                    dtype=proxy.dtype,
+                    mode="r",
+                    offset=proxy.offset,
+                    shape=file_shape,
+                    order=proxy.order,
+                )
+                unscaled = np.array(mapped[index])
+                del mapped
+            else:
+                unscaled = np.asarray(raw_proxy[index])
             if kind == INTENSITY:
                 data = _scaled(proxy, unscaled, np.dtype(np.float32))
             else:

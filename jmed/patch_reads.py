@@ -56,12 +56,11 @@ from typing import Any, Protocol, runtime_checkable
 import grain
 import jax
 import jax.numpy as jnp
-import nibabel as nib
 import numpy as np
 
 from jmed import _atomic, compilation, io
 from jmed import affine as affine_lib
-from jmed.image import INTENSITY, LABEL, Image, Subject, check_label_range
+from jmed.image import INTENSITY, LABEL, Image, Subject
 from jmed.sampling import LabelSampler, UniformSampler, _uniform_starts
 
 __all__ = [
@@ -112,13 +111,14 @@ class RegionReader(Protocol):
 class NiftiRegionReader:
     """A region reader over an uncompressed NIfTI file (``.nii``), memory-mapped.
 
-    Values equal ``jmed.load(path, kind)`` in the same box: intensities scaled and
-    converted to float32, label maps checked and stored in their label dtype. The file is
-    opened on first use in each process, so the reader pickles as a path.
+    Reads through ``jmed.load(path, kind, lazy=True)``'s ``read_region``, so values equal
+    ``jmed.load(path, kind)`` in the same box: intensities scaled and converted to float32,
+    label maps checked and stored in their label dtype. The file is opened on first use in
+    each process, so the reader pickles as a path.
 
     Raises:
-        ValueError: a path that is not an uncompressed NIfTI file, a header without
-            voxels, an RGB image, or (on read) non-integer values in a label map.
+        ValueError: a path that is not an uncompressed NIfTI file, an unreadable header or
+            one without voxels, an RGB image, or (on read) non-integer values in a label map.
         FileNotFoundError: a missing file.
     """
 
@@ -134,69 +134,30 @@ class NiftiRegionReader:
             )
         if not self.path.is_file():
             raise FileNotFoundError(f"no such image file: {self.path}")
-        self._img = None
-        img = self._image()
-        file_shape = [int(s) for s in img.shape]
-        if len(file_shape) not in (3, 4) or any(s <= 0 for s in file_shape):
+        self._lazy = None
+        image = self._image()
+        if not image._data.reads_regions:
             raise ValueError(
-                f"{self.path}: patch reads need a 3D or 4D image, got dimensions {tuple(file_shape)}"
+                f"{self.path}: this image cannot be read by region (RGB voxels, or channels not "
+                "stored last); store one channel per colour in a 3D or 4D file"
             )
-        file_dtype = np.dtype(img.get_data_dtype())
-        if file_dtype.names:
-            raise ValueError(f"{self.path}: RGB images are not region-readable; store one channel per colour")
-        self.shape = (*file_shape[:3], file_shape[3] if len(file_shape) == 4 else 1)
-        self.affine = affine_lib.check_affine(img.affine, name=f"affine of {self.path}")
-        self.dtype = np.dtype(np.float32) if kind == INTENSITY else io._label_dtype(file_dtype)
+        self.shape = tuple(int(s) for s in image.shape)
+        self.affine = np.asarray(image.affine, np.float64)
+        self.dtype = np.dtype(image.dtype)
         stat = self.path.stat()
         self.cache_key = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def _image(self):
-        if self._img is None:
-            try:
-                self._img = nib.load(str(self.path), mmap=True)
-            except Exception as err:  # nibabel raises many types for bad headers
-                raise ValueError(
-                    f"{self.path}: cannot read image header ({type(err).__name__}: {err})"
-                ) from err
-        return self._img
+        if self._lazy is None:
+            self._lazy = io.load(self.path, self.kind, lazy=True)
+        return self._lazy
 
     def __getstate__(self):
-        return {**self.__dict__, "_img": None}
+        return {**self.__dict__, "_lazy": None}
 
     def read(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
         start, size = _box(start, size, self.shape[:3], self.path)
-        box = tuple(slice(s, s + n) for s, n in zip(start, size))
-        proxy = self._image().dataobj
-        if len(proxy.shape) == 4:
-            box = (*box, slice(None))
-        try:
-            # a mapping per read, released at once: only the pages the box touches are read,
-            # and they do not stay in this process's resident memory (nibabel's own slicing
-            # issues one read call per contiguous run of voxels: 4096 for a 64^3 box)
-            mapped = np.memmap(
-                self.path,
-                dtype=proxy.dtype,
-                mode="r",
-                offset=proxy.offset,
-                shape=proxy.shape,
-                order=proxy.order,
-            )
-            unscaled = np.array(mapped[box])
-            del mapped
-            raw = io._scaled(proxy, unscaled, np.dtype(np.float32) if self.kind == INTENSITY else None)
-        except (EOFError, OSError, ValueError) as err:
-            raise ValueError(f"{self.path}: cannot read voxels of the box {start} + {size} ({err})") from err
-        if self.kind == INTENSITY:
-            data = raw.astype(np.float32, copy=False)
-        else:
-            if not (np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_):
-                rounded = np.rint(raw)
-                if np.any(~np.isfinite(raw)) or np.any(np.abs(raw - rounded) > 1e-3):
-                    raise ValueError(f"{self.path}: label map has non-integer values; load it as intensity")
-                raw = rounded
-            check_label_range(raw, self.dtype, str(self.path))
-            data = raw.astype(self.dtype, copy=False)
-        return data.reshape(*size, self.shape[3])
+        return self._image().read_region(start, size)
 
     def __repr__(self) -> str:
         return f"NiftiRegionReader({str(self.path)!r}, kind={self.kind!r})"

@@ -138,13 +138,12 @@ def _watched_opener(path, kind):
 
 @pytest.fixture
 def no_whole_reads(monkeypatch):
-    """Whole-volume decoding raises; BOXES starts empty."""
+    """Whole-volume decoding raises (reading headers lazily does not); BOXES starts empty."""
     BOXES.clear()
 
     def refuse(*args, **kwargs):
         raise AssertionError("a whole volume was decoded")
 
-    monkeypatch.setattr(jmed.io, "_load", refuse)
     monkeypatch.setattr(jmed.io, "_read_data", refuse)
     monkeypatch.setattr(nib.Nifti1Image, "get_fdata", refuse)
 
