@@ -1156,8 +1156,8 @@ def convert(
     src_text, dst_text = _text(src), _text(dst)
     if not _io._is_chunked(dst_text):
         return _io.save(_io.load(src_text, kind), dst_text, overwrite=overwrite)
+    image = _io.load(src_text, kind, lazy=True)  # its errors name the file
     raw = None if _io._is_chunked(src_text) else _raw_nifti_source(Path(src_text), kind)
-    image = _io.load(src_text, kind, lazy=True)
     if raw is None:
         return save(
             image,

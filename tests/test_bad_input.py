@@ -63,9 +63,19 @@ EXEMPT = {
     "WindowParams": "parameters built by the window transforms",
     "nnunet_intensity_augmentation": "takes no arguments",
     "max_output_bytes": "takes no arguments (a bad JMED_MAX_OUTPUT_BYTES is tested below)",
+    "Accumulator": "a typing.Protocol, not called",
+    "OutputSpec": "a record that sliding_window_inference builds for accumulator factories",
 }
 
 CASES = [
+    # --- loader options and accumulators -------------------------------------------------------
+    ("SourceOptions", lambda: jmed.SourceOptions(label_names=3), TypeError, r"label_names"),
+    ("ShardOptions", lambda: jmed.ShardOptions(shard_count=0), ValueError, r"shard_count"),
+    ("BucketOptions", lambda: jmed.BucketOptions(max_buckets=0), ValueError, r"max_buckets"),
+    ("WorkerOptions", lambda: jmed.WorkerOptions(worker_buffer_size=-1), ValueError, r"worker_buffer_size"),
+    ("DeviceAccumulator", lambda: jmed.DeviceAccumulator((8, 8, 8)), TypeError, r"spec"),
+    ("HostAccumulator", lambda: jmed.HostAccumulator((8, 8, 8)), TypeError, r"spec"),
+    ("ChunkedAccumulator", lambda: jmed.ChunkedAccumulator(None, "/tmp/out.nii.zarr"), TypeError, r"spec"),
     # --- data model -----------------------------------------------------------------------
     ("Image", lambda: jmed.Image(np.zeros((2, 2)), EYE), ValueError, r"data"),
     ("Image", lambda: jmed.Image(np.zeros((2, 2, 2, 1)), np.eye(3)), ValueError, r"affine"),
@@ -751,6 +761,7 @@ CLI_FILE_CASES = {
     "plot": lambda f: ["plot", f["truncated"], "-o", f["folder"] / "o.png"],
     "landmarks": lambda f: ["landmarks", f["truncated"], "-o", f["folder"] / "lm.npy"],
     "cache": lambda f: ["cache", f["garbage"], "--cache-dir", f["folder"] / "cache"],
+    "convert": lambda f: ["convert", f["garbage"], f["folder"] / "o.nii.zarr"],
 }
 CLI_PARAMETER_CASES = {
     "info": (["info"], None),
@@ -759,6 +770,7 @@ CLI_PARAMETER_CASES = {
     "plot": (["plot", "IN", "-o", "/nonexistent_folder/x.png"], r"nonexistent_folder"),
     "landmarks": (["landmarks", "IN", "-o", "lm.txt"], r"lm\.txt|\.npy"),
     "cache": (["cache", "IN"], None),
+    "convert": (["convert", "IN", "out.nii.zarr", "--chunks", "0"], r"chunks"),
 }
 
 

@@ -86,7 +86,13 @@ class SourceOptions:
 
     def __post_init__(self):
         names = self.label_names
-        object.__setattr__(self, "label_names", (names,) if isinstance(names, str) else tuple(names))
+        try:
+            names = (names,) if isinstance(names, str) else tuple(names)
+        except TypeError:
+            names = None
+        if names is None or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"label_names must be a name or a sequence of names, got {self.label_names!r}")
+        object.__setattr__(self, "label_names", names)
 
 
 @dataclasses.dataclass(frozen=True)
