@@ -27,7 +27,8 @@ nnU-Net's ``foreground_fraction``) from a **class index**: per block of ``64^3``
 centres, how many voxels of each label it holds, built once per label file by reading it
 block by block (never the whole array). A draw then reads one block of the label map to
 find its voxel. The index is stored in ``cache_dir/class-index`` when the Queue has a
-``cache_dir``, else kept in memory in each worker. The draws are not the same as the
+``cache_dir`` and the file a content key (a local file or chunked store), else kept in
+memory in each worker. The draws are not the same as the
 whole-volume path's (they follow the block order), only their distribution is.
 
 Preprocessing needs whole volumes and is refused: preprocess and store the data once
@@ -231,8 +232,29 @@ def open_region(path: str | os.PathLike, kind: str) -> RegionReader:
     """
     _check_region_readable(path)
     if _is_store(path):
-        return ImageRegionReader(io.load(path, kind, lazy=True))
+        return ImageRegionReader(io.load(path, kind, lazy=True), cache_key=_store_key(path))
     return NiftiRegionReader(path, kind)
+
+
+def _store_key(path: str | os.PathLike) -> str | None:
+    """A content key of a local chunked store: a digest of the name, size and change time
+    of every file in it (a chunk rewritten in place changes it too); None for a URL, whose
+    class index is then kept in memory only."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        return None
+    root = Path(text).resolve()
+    digest = hashlib.sha256(str(root).encode())
+    for folder, names, files in sorted(os.walk(root)):
+        names.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(
+                f"{os.path.relpath(folder, root)}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode()
+            )
+    return f"{root}:{digest.hexdigest()[:24]}"
 
 
 # --- class index -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ import contextlib
 import json
 import math
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -501,6 +502,18 @@ def test_chunked_stores_give_the_batches_of_their_nifti_files(records, tmp_path)
         stores.append(copy)
     options = dict(augmentation=FLIP, num_epochs=2)
     from_nifti = _collect(iter(_queue(records, **options)))
-    from_stores = _collect(iter(_queue(stores, **options)))
+    from_stores = _collect(iter(_queue(stores, cache_dir=tmp_path / "cache", **options)))
     assert len(from_stores) == len(from_nifti) == 6
     _assert_batches_equal(from_stores, from_nifti)
+    # the class index of each label store is kept in the cache folder, keyed by the store's
+    # files: found again as it is, built again once a chunk changes
+    assert len(list((tmp_path / "cache" / "class-index").glob("*.npz"))) == NUM_SUBJECTS
+    key = patch_reads.open_region(stores[0]["seg"], "label").cache_key
+    assert patch_reads.open_region(stores[0]["seg"], "label").cache_key == key
+    store = Path(stores[0]["seg"])
+    level_0 = [
+        p for p in sorted(store.rglob("*")) if p.is_file() and p.relative_to(store).parts[:2] == ("0", "c")
+    ]
+    chunk = level_0[0]  # a chunk of the full-resolution labels
+    os.utime(chunk, ns=(chunk.stat().st_atime_ns, chunk.stat().st_mtime_ns + 10**9))
+    assert patch_reads.open_region(stores[0]["seg"], "label").cache_key != key
