@@ -1,14 +1,14 @@
-import contextlib
 import json
 import math
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
+from _loader_helpers import assert_batches_equal as _assert_batches_equal
+from _loader_helpers import collect as _collect
 from absl import flags
 
 import jmed
@@ -90,22 +90,6 @@ def _queue(records, **kw):
     )
     options.update(kw)
     return jmed.Queue(records, **options)
-
-
-def _collect(iterator, limit=None):
-    if limit is not None:
-        return [next(iterator) for _ in range(limit)]
-    with contextlib.closing(iterator):
-        return list(iterator)
-
-
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert jax.tree.structure(x) == jax.tree.structure(y)
-        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-            assert np.asarray(u).dtype == np.asarray(v).dtype
-            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
 # BOXES records every region read through the watched readers: (file name, start, size)
