@@ -49,22 +49,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive  # noqa: E402 - the examples folder, found through sys.path
+
 CLASS_NAMES = {1: "GM", 2: "WM"}  # label 0: background and CSF
 NUM_CLASSES = 3
 SPACING = 2.0  # mm: keeps the CPU cost of the default configuration down
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-
-    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,23 +65,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="mni152 (default when nilearn is installed) or synthetic phantoms",
     )
-    parser.add_argument("--epochs", type=_positive(int), default=3)
-    parser.add_argument("--steps-per-epoch", type=_positive(int), default=20)
+    parser.add_argument("--epochs", type=positive(int), default=3)
+    parser.add_argument("--steps-per-epoch", type=positive(int), default=20)
     parser.add_argument(
         "--patch-size",
-        type=_positive(int),
+        type=positive(int),
         default=32,
         help="side of the cubic training and inference windows (multiple of 4)",
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive(int),
+        type=positive(int),
         default=None,
         help="patches per step, split over the devices: a multiple of their number (default: 4, --quick 2, "
         "rounded up to a multiple of the devices)",
     )
-    parser.add_argument("--width", type=_positive(int), default=8, help="U-Net base features")
-    parser.add_argument("--learning-rate", type=_positive(float), default=3e-3)
+    parser.add_argument("--width", type=positive(int), default=8, help="U-Net base features")
+    parser.add_argument("--learning-rate", type=positive(float), default=3e-3)
     parser.add_argument(
         "--num-workers",
         type=int,
@@ -101,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--devices",
-        type=_positive(int),
+        type=positive(int),
         default=None,
         help="on CPU, emulate this many devices (training batches and validation windows are split over them)",
     )
@@ -160,7 +150,6 @@ def main(argv=None) -> dict:
     import jmed.transforms as T  # noqa: N812
 
     jmed.tune_host_allocator()  # large volumes from the heap, not fresh page mappings (glibc)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import data_parallel
     from unet import create_unet
 

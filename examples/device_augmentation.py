@@ -37,39 +37,32 @@ import time
 from functools import partial
 from pathlib import Path
 
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive  # noqa: E402 - the examples folder, found through sys.path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--volume-size", type=_positive_int, default=48, help="side of the cubic volumes")
+    parser.add_argument("--volume-size", type=positive(int), default=48, help="side of the cubic volumes")
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive(int),
         default=None,
         help="volumes per step, split over the devices: a multiple of their number "
         "(default 2, rounded up to a multiple of the devices)",
     )
     parser.add_argument(
-        "--subjects", type=_positive_int, default=None, help="volumes on disk (default 2 batches)"
+        "--subjects", type=positive(int), default=None, help="volumes on disk (default 2 batches)"
     )
-    parser.add_argument("--patches-per-volume", type=_positive_int, default=2)
-    parser.add_argument("--patch-size", type=_positive_int, default=32, help="multiple of 4")
-    parser.add_argument("--width", type=_positive_int, default=8, help="U-Net base features")
-    parser.add_argument("--steps", type=_positive_int, default=10)
+    parser.add_argument("--patches-per-volume", type=positive(int), default=2)
+    parser.add_argument("--patch-size", type=positive(int), default=32, help="multiple of 4")
+    parser.add_argument("--width", type=positive(int), default=8, help="U-Net base features")
+    parser.add_argument("--steps", type=positive(int), default=10)
     parser.add_argument(
         "--num-workers", type=int, default=0, help="loader worker processes (0: main process)"
     )
     parser.add_argument(
-        "--devices", type=_positive_int, default=None, help="on CPU, emulate this many devices (XLA_FLAGS)"
+        "--devices", type=positive(int), default=None, help="on CPU, emulate this many devices (XLA_FLAGS)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny configuration (CI)")
@@ -100,17 +93,15 @@ def main(argv=None) -> dict:
         # must happen before jax is imported; ignored by GPU/TPU backends
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+    import data_parallel
     import jax
     import numpy as np
     import optax
     from flax import nnx
+    from unet import create_unet
 
     import jmed
     import jmed.transforms as T  # noqa: N812
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import data_parallel
-    from unet import create_unet
 
     devices = jax.devices()
     mesh = data_parallel.data_mesh(devices)

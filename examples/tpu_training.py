@@ -49,35 +49,28 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive  # noqa: E402 - the examples folder, found through sys.path
+
 CLASS_NAMES = {1: "GM", 2: "WM"}
 NUM_CLASSES = 3
 SPACING = 2.0
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=_positive_int, default=5)
-    parser.add_argument("--steps-per-epoch", type=_positive_int, default=50)
+    parser.add_argument("--epochs", type=positive(int), default=5)
+    parser.add_argument("--steps-per-epoch", type=positive(int), default=50)
     parser.add_argument(
-        "--batch-per-device", type=_positive_int, default=2, help="patches per device and step"
+        "--batch-per-device", type=positive(int), default=2, help="patches per device and step"
     )
     parser.add_argument(
-        "--patch-size", type=_positive_int, default=64, help="cubic patch side, multiple of 4"
+        "--patch-size", type=positive(int), default=64, help="cubic patch side, multiple of 4"
     )
-    parser.add_argument("--width", type=_positive_int, default=16, help="U-Net base features")
-    parser.add_argument("--volume-size", type=_positive_int, default=96, help="side of the cubic phantoms")
+    parser.add_argument("--width", type=positive(int), default=16, help="U-Net base features")
+    parser.add_argument("--volume-size", type=positive(int), default=96, help="side of the cubic phantoms")
     parser.add_argument(
-        "--subjects", type=_positive_int, default=16, help="training phantoms (all processes)"
+        "--subjects", type=positive(int), default=16, help="training phantoms (all processes)"
     )
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--num-workers", type=int, default=2, help="loader worker processes per host")
@@ -88,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--coordinator-address", default=None, help="host:port of process 0 (several processes)"
     )
-    parser.add_argument("--num-processes", type=_positive_int, default=None)
+    parser.add_argument("--num-processes", type=positive(int), default=None)
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument(
         "--dry-run", action="store_true", help="compile the train and validation programs, print memory, stop"
@@ -150,7 +143,6 @@ def memory_report(name: str, compiled, *, verbose: bool = True) -> dict | None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import data_parallel
 
     # before anything touches the devices

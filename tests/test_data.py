@@ -1,7 +1,6 @@
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from _loader_helpers import assert_batches_equal as _assert_batches_equal
 from _loader_helpers import collect as _collect
+from _processes import free_port, run_together
 from absl import flags
 
 import jmed
@@ -490,39 +490,18 @@ _DISTRIBUTED = textwrap.dedent(
 )
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_see_disjoint_subjects(records, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_DISTRIBUTED)
-    port = _free_port()
+    port = free_port()
     plain = [{k: str(v) if isinstance(v, Path) else v for k, v in r.items()} for r in records]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(jmed.__file__).parent.parent), env.get("PYTHONPATH", "")])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(i), str(port), json.dumps(plain)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=150)
-            outputs.append(out)
-            assert proc.returncode == 0, out[-3000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    outputs = run_together(
+        [[sys.executable, script, str(i), str(port), json.dumps(plain)] for i in range(2)],
+        env=env,
+        timeout=150,
+    )
     results = [
         json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
         for out in outputs

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _processes import free_port, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -155,39 +155,16 @@ def test_tpu_training_quick_on_8_emulated_devices(tmp_path):
     assert len(history["dice"]) == 2 and all(0 <= d[c] <= 1 for d in history["dice"] for c in ("GM", "WM"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tpu_training_quick_in_two_processes():
     """``jax.distributed`` from the command line: 2 processes x 2 emulated devices, one mesh."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    address = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(EXAMPLES / "tpu_training.py"), "--quick", "--epochs", "1"]
-            + ["--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=300)
-            outputs.append(out)
-            assert proc.returncode == 0, out[-3000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    address = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, EXAMPLES / "tpu_training.py", "--quick", "--epochs", "1"]
+    command += ["--coordinator-address", address, "--num-processes", "2"]
+    outputs = run_together(
+        [[*command, "--process-id", str(i)] for i in range(2)], env=env, timeout=300, cwd=ROOT
+    )
     assert "2 process(es) (jax.distributed), 4 cpu device(s) (2 per process); global batch 4" in outputs[0]
     assert (
         "batch of 4 split over 4 device(s), 1 each; parameters and optimizer state replicated on 4 device(s)"
