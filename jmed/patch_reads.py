@@ -59,9 +59,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmed import _atomic, compilation, io
+from jmed import _atomic, _checks, compilation, io
 from jmed import affine as affine_lib
-from jmed.image import INTENSITY, LABEL, Image, Subject
+from jmed.image import AFFINE_TOLERANCE, INTENSITY, LABEL, Image, Subject
 from jmed.sampling import LabelSampler, UniformSampler, _uniform_starts
 
 __all__ = [
@@ -209,8 +209,8 @@ class ImageRegionReader:
 
 
 def _is_store(path: str | os.PathLike) -> bool:
-    text = os.fspath(path)
-    return text.rstrip("/").lower().endswith(STORE_EXTENSIONS) or "://" in text
+    """A chunked store or a remote URL (``io.load`` reads it through ``jmed.chunked``)."""
+    return io._is_chunked(path)
 
 
 def _check_region_readable(path: str | os.PathLike) -> None:
@@ -231,6 +231,8 @@ def open_region(path: str | os.PathLike, kind: str) -> RegionReader:
             voxels are compressed as one stream), naming the path and the formats allowed.
     """
     _check_region_readable(path)
+    if os.fspath(path).startswith("file://"):
+        path = os.fspath(path)[len("file://") :]
     if _is_store(path):
         return ImageRegionReader(io.load(path, kind, lazy=True), cache_key=_store_key(path))
     return NiftiRegionReader(path, kind)
@@ -246,6 +248,8 @@ def _store_key(path: str | os.PathLike) -> str | None:
     elif "://" in text:
         return None
     root = Path(text).resolve()
+    if not root.is_dir():
+        raise ValueError(f"{path}: a chunked store is a folder; this is not one")
     digest = hashlib.sha256(str(root).encode())
     for folder, names, files in sorted(os.walk(root)):
         names.sort()
@@ -454,16 +458,7 @@ def check_margin(value: Any, patch_size, augmentation) -> tuple[int, int, int]:
     """``patch_margin`` of the Queue as 3 ints >= 0 (``None``: ``default_margin``)."""
     if value is None:
         return default_margin(patch_size, augmentation)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (int(value),) * 3
-    try:
-        margin = tuple(int(v) for v in value)
-        ok = len(margin) == 3 and all(m >= 0 and m == v for m, v in zip(margin, value))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"patch_margin must be an int >= 0, 3 such ints or None, got {value!r}")
-    return margin
+    return _checks.int_triple(value, "patch_margin", minimum=0)
 
 
 def check_queue(queue) -> None:
@@ -532,9 +527,11 @@ def _check_readers(readers: Mapping[str, RegionReader], patch_size) -> None:
     shapes = {name: tuple(r.shape[:3]) for name, r in readers.items()}
     first = next(iter(readers))
     for name, reader in readers.items():
-        if shapes[name] != shapes[first] or not np.allclose(reader.affine, readers[first].affine, atol=1e-3):
+        difference = float(np.max(np.abs(np.asarray(reader.affine) - np.asarray(readers[first].affine))))
+        if shapes[name] != shapes[first] or difference > AFFINE_TOLERANCE:
             raise ValueError(
-                f"its images do not share a voxel grid: {name} {shapes[name]} vs {first} {shapes[first]}; "
+                f"its images do not share a voxel grid: {name} {shapes[name]} vs {first} {shapes[first]}, "
+                f"affines differing by up to {difference:.3g} mm (allowed {AFFINE_TOLERANCE}); "
                 "resample them onto one grid before storing them"
             )
     if any(p > s for p, s in zip(patch_size, shapes[first])):
@@ -655,7 +652,8 @@ class ReadAugmentAndSample(grain.transforms.Map):
         epoch, index = tagged
         starts = self.starts(epoch, index, readers, paths)
         patch = np.array(self.sampler.patch_size)
-        margin = np.array(self.margin)
+        # the margin is room for the augmentation; without one the patch alone is read
+        margin = np.array(self.margin if self.augmentation is not None else (0, 0, 0))
         data, affines = {}, {}
         for name, reader in readers.items():
             regions = [_read_padded(reader, s - margin, patch + 2 * margin, self.kinds[name]) for s in starts]

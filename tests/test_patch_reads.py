@@ -248,6 +248,21 @@ def test_uniform_patch_reads_equal_the_whole_volume_queue(records):
     _assert_batches_equal(first, whole)
 
 
+def test_margin_without_augmentation_reads_the_patch_alone(records):
+    options = dict(sampler=UniformSampler(PATCH), num_epochs=1)
+    plain = _collect(iter(_queue(records, **options)))
+    wide = _collect(iter(_queue(records, patch_margin=2, **options)))
+    assert wide[0]["t1"].data.shape[1:4] == (PATCH,) * 3
+    _assert_batches_equal(wide, plain)
+
+
+def test_file_urls_of_nifti_files_are_read_as_files(records):
+    reader = patch_reads.open_region("file://" + str(records[0]["seg"]), "label")
+    assert isinstance(reader, NiftiRegionReader)
+    expected = np.asanyarray(nib.load(records[0]["seg"]).dataobj)[2:8, 3:9, 4:10]
+    np.testing.assert_array_equal(reader.read((2, 3, 4), (6, 6, 6))[..., 0], expected)
+
+
 @pytest.mark.parametrize("augmentation", [None, FLIP], ids=["none", "flip"])
 def test_patch_reads_never_read_a_whole_volume(records, volumes, no_whole_reads, monkeypatch, augmentation):
     monkeypatch.setattr(patch_reads, "CLASS_INDEX_BLOCK", 5)
