@@ -866,15 +866,50 @@ def test_progress_bar(capfd, accumulator):
     np.testing.assert_array_equal(np.asarray(shown.data), np.asarray(quiet.data))
 
 
-def test_progress_bar_device_accumulator_reads_nothing_back(capfd):
+def test_progress_bar_device_accumulator_reads_nothing_back(capfd, monkeypatch):
     image = random_image((9, 7, 6), seed=55)
     data = jax.device_put(image.data)
     sliding_window_inference(nonlinear, image.replace(data=data), 4, overlap=2, batch_size=4)  # compile
-    # advancing the bar per dispatched batch needs no value from the device
-    with jax.transfer_guard_device_to_host("disallow"):
-        out = sliding_window_inference(
-            nonlinear, image.replace(data=data), 4, overlap=2, batch_size=4, progress=True
-        )
+    # advancing the bar per dispatched batch needs no value from the device: count every
+    # read of a device array's value in the inference modules (np.asarray / np.array of a jax
+    # array, and .item()/int()/float()/tolist() through _value); a transfer guard does not
+    # fire on CPU
+    import types
+
+    import jmed._progress
+    from jmed.inference import accumulators, grid, plan, sliding_window
+
+    reads = []
+
+    def counted(convert):
+        def read(x, *args, **kwargs):
+            if isinstance(x, jax.Array):
+                reads.append(convert.__name__)
+            return convert(x, *args, **kwargs)
+
+        return read
+
+    counting_numpy = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    counting_numpy.asarray, counting_numpy.array = counted(np.asarray), counted(np.array)
+    for module in (accumulators, grid, plan, sliding_window, jmed._progress):
+        if hasattr(module, "np"):
+            monkeypatch.setattr(module, "np", counting_numpy)
+    array_type = type(jnp.zeros(1))
+    value = array_type._value
+
+    def counted_value(self):
+        reads.append("_value")
+        return value.fget(self)
+
+    monkeypatch.setattr(array_type, "_value", property(counted_value))
+    sliding_window.np.asarray(jnp.ones(2)), int(jnp.ones(1)[0])  # the counters work
+    assert reads == ["asarray", "_value"], reads
+    reads.clear()
+    out = sliding_window_inference(
+        nonlinear, image.replace(data=data), 4, overlap=2, batch_size=4, progress=True
+    )
+    assert not reads, reads
+    monkeypatch.undo()
     total = len(grid_locations((9, 7, 6), 4, 2))
     assert f"{total}/{total}" in capfd.readouterr().err
     expected = sliding_window_inference(nonlinear, image, 4, overlap=2, batch_size=4)
@@ -1096,3 +1131,26 @@ def test_chunked_accumulator_refuses_to_overwrite(tmp_path):
     expected = sliding_window_inference(nonlinear, image, 4, accumulator="host")
     np.testing.assert_array_equal(np.asarray(out.data), np.asarray(expected.data))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.zarr"]
+
+
+def test_chunked_accumulator_stores_16_bit_floats_as_float32(tmp_path):
+    pytest.importorskip("zarr")
+    image = random_image((11, 9, 7), seed=63)
+    kwargs = dict(overlap=2, batch_size=3, mode="average", accumulation_dtype=jnp.bfloat16)
+    disk = sliding_window_inference(
+        nonlinear, image, 4, accumulator=jmed.ChunkedAccumulator.at(tmp_path / "o.nii.zarr"), **kwargs
+    )
+    exact = sliding_window_inference(nonlinear, image, 4, overlap=2, batch_size=3, mode="average")
+    assert disk.dtype == np.float32
+    # bfloat16 windows summed in float32: within bfloat16's rounding of the exact average
+    np.testing.assert_allclose(np.asarray(disk.data), np.asarray(exact.data), rtol=2**-7, atol=2**-7)
+    labels = sliding_window_inference(
+        nonlinear,
+        image,
+        4,
+        argmax=True,
+        accumulator=jmed.ChunkedAccumulator.at(tmp_path / "s.nii.zarr"),
+        **kwargs,
+    )
+    host = sliding_window_inference(nonlinear, image, 4, argmax=True, accumulator="host", **kwargs)
+    assert (np.asarray(labels.data) == np.asarray(host.data)).mean() > 0.99

@@ -114,7 +114,7 @@ class GridSampler:
             progress: show a progress bar of the windows on stderr.
         """
         batch_size = _check_batch_size(batch_size)
-        gather = jax.jit(functools.partial(_gather, patch=self.patch_size))
+        gather = _gather_program(self.patch_size)
         total = len(self) - len(self) % batch_size if drop_remainder else len(self)
         with progress_bar(progress, total=total, desc="grid windows", unit="window") as bar:
             for begin in range(0, total, batch_size):
@@ -213,3 +213,9 @@ class GridAggregator:
         if self._accumulator is None:
             raise ValueError("no batch has been added; call add_batch first")
         return self._accumulator.finalize()
+
+
+@functools.lru_cache(maxsize=32)
+def _gather_program(patch: tuple[int, int, int]):
+    """The jitted window cut for ``patch``, shared by every ``batches`` call."""
+    return jax.jit(functools.partial(_gather, patch=patch))

@@ -66,8 +66,14 @@ class ChunkedAccumulator:
         self.progress = progress
         self._low = np.asarray([low for low, _ in spec.crop])
         self._size = tuple(int(length) for _, length in spec.crop)
+        # NIfTI-Zarr stores no 16-bit floats: bfloat16/float16 accumulation is stored as float32
+        sums_dtype = (
+            np.dtype(np.float32)
+            if np.dtype(spec.dtype).itemsize < 4 and not np.issubdtype(np.dtype(spec.dtype), np.integer)
+            else np.dtype(spec.dtype)
+        )
         out_channels, out_dtype = (
-            (1, np.dtype(spec.label_dtype)) if spec.argmax else (spec.channels, spec.dtype)
+            (1, np.dtype(spec.label_dtype)) if spec.argmax else (spec.channels, sums_dtype)
         )
         self._out = ChunkedWriter(
             path,
@@ -85,7 +91,7 @@ class ChunkedAccumulator:
                 self._sums = ChunkedWriter(
                     target.with_name(f".{target.name}.sums.zarr"),
                     (*self._size, spec.channels),
-                    np.dtype(spec.dtype),
+                    sums_dtype,
                     spec.affine,
                     chunks=chunks,
                     levels=1,
@@ -107,14 +113,19 @@ class ChunkedAccumulator:
         starts = np.asarray(starts, np.int64) - self._low
         store = self._sums if self._sums is not None else self._out
         size = np.asarray(self._size)
-        for start, value in zip(starts, values):
-            lo = np.maximum(start, 0)
-            hi = np.minimum(start + value.shape[:3], size)
-            if np.any(hi <= lo):
-                continue  # a window entirely in the padding
-            part = value[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))]
-            current = store.read_region(tuple(lo), tuple(hi - lo))
-            store.write_region(tuple(lo), current + part.astype(current.dtype))
+        lo = np.maximum(starts, 0)
+        hi = np.minimum(starts + np.asarray(values.shape[1:4]), size)
+        inside = np.all(hi > lo, axis=1)  # windows entirely in the padding add nothing
+        if not inside.any():
+            return
+        # one read and one write of the batch's bounding box: each chunk it touches is
+        # decoded and encoded once per batch, not once per overlapping window
+        box_lo, box_hi = lo[inside].min(axis=0), hi[inside].max(axis=0)
+        box = store.read_region(tuple(box_lo), tuple(box_hi - box_lo))
+        for start, value, a, b in zip(starts[inside], values[inside], lo[inside], hi[inside]):
+            part = value[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))]
+            box[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, box_lo))] += part.astype(box.dtype)
+        store.write_region(tuple(box_lo), box)
 
     def finalize(self) -> Image:
         """Commit the store and return it as a lazy ``Image`` (read from ``path``)."""
