@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jmed._checks import is_traced
+from jmed._checks import is_int, is_traced
 from jmed.ops.histogram import count_true
 
 __all__ = [
@@ -68,9 +68,9 @@ def _is_integer(x: jax.Array) -> bool:
 
 
 def _check_num_classes(num_classes, name: str = "num_classes") -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"{name} must be a positive integer, got {num_classes!r}")
-    return num_classes
+    return int(num_classes)
 
 
 def _labels_like(labels: ArrayLike, scores: jax.Array, name: str = "labels") -> jax.Array:
@@ -144,7 +144,7 @@ def _hard_one_hot(prediction: ArrayLike, num_classes: int | None, name: str) -> 
 def _one_hot_pair(prediction, target, num_classes):
     """Boolean one-hot maps ``(..., x, y, z, C)`` of a hard prediction and its target."""
     pred = _hard_one_hot(prediction, num_classes, "prediction")
-    tgt = one_hot(target, pred.shape[-1], dtype=jnp.bool_)
+    tgt = jax.nn.one_hot(_squeeze_channel(target, "target"), pred.shape[-1], dtype=jnp.bool_)
     if tgt.shape != pred.shape:
         raise ValueError(
             f"prediction {pred.shape[:-1]} and target {tgt.shape[:-1]} must have the same spatial shape"
@@ -514,7 +514,7 @@ def _host_label_pair(prediction, target, num_classes) -> tuple[np.ndarray, np.nd
             )
         num_classes = prediction.shape[-1]
         pred = np.argmax(prediction, -1)
-    tgt = _squeeze_host(np.asarray(target), "labels")
+    tgt = _squeeze_host(np.asarray(target), "target")
     if tgt.shape != pred.shape:
         raise ValueError(f"prediction {pred.shape} and target {tgt.shape} must have the same spatial shape")
     return pred, tgt, num_classes

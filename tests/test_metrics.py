@@ -401,3 +401,15 @@ def test_surface_metrics_from_scores_and_bad_inputs():
             fn(pred, target[:, :, :7], num_classes=3)
         with pytest.raises(ValueError, match="num_classes=2 does not match"):
             fn(logits, target, num_classes=2)
+
+
+def test_metric_errors_name_target_and_take_numpy_integers():
+    prediction = np.zeros((4, 4, 4, 1), np.int32)
+    with pytest.raises(ValueError, match="target"):
+        metrics.dice_score(prediction, np.zeros((4, 4), np.int32), num_classes=2)
+    with pytest.raises(ValueError, match="target"):
+        metrics.hausdorff_distance(prediction, np.zeros((4, 4), np.int32), num_classes=2)
+    target = np.zeros((4, 4, 4, 1), np.int32)
+    target[1:3, 1:3, 1:3] = 1
+    a = np.asarray(metrics.dice_score(target, target, num_classes=np.int64(2)))
+    np.testing.assert_allclose(a, np.asarray(metrics.dice_score(target, target, num_classes=2)))
