@@ -1112,8 +1112,13 @@ def _raw_nifti_source(src: Path, kind: str) -> Any:
     if kind == LABEL and (slope, inter) != (1.0, 0.0):
         return None
     filename = img.file_map["image"].filename
+    # one file kept open: slabs are read in file order, so a .nii.gz is inflated in one
+    # forward pass instead of from its start again for every slab
     raw = nib.arrayproxy.ArrayProxy(
-        filename, (tuple(proxy.shape), np.dtype(proxy.dtype), int(proxy.offset), 1.0, 0.0), order=proxy.order
+        filename,
+        (tuple(proxy.shape), np.dtype(proxy.dtype), int(proxy.offset), 1.0, 0.0),
+        order=proxy.order,
+        keep_file_open=True,
     )
     scaling = None if (slope, inter) == (1.0, 0.0) else (slope, inter)
     return raw, dtype, scaling

@@ -447,3 +447,28 @@ def test_draft_store_with_a_base64_header_in_the_attributes(tmp_path):
     image = jmed.load(path)
     np.testing.assert_allclose(image.affine, AFFINE)
     np.testing.assert_array_equal(np.asarray(image.data)[..., 0], data)
+
+
+def test_convert_inflates_a_gzipped_file_once(tmp_path, monkeypatch):
+    """Slabs are read in file order from one open file: the number of times the .nii.gz is
+    opened does not grow with the number of slabs."""
+    import gzip
+
+    data = np.random.default_rng(7).integers(-1000, 1000, (12, 10, 24)).astype(np.int16)
+    source = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), source)
+    opened = []
+    init = gzip.GzipFile.__init__
+
+    def counting_init(self, *args, **kwargs):
+        opened.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(gzip.GzipFile, "__init__", counting_init)
+    counts = {}
+    for chunks in (12, 2):  # 2 slabs, then 12 slabs
+        opened.clear()
+        out = jmed.io.convert(source, tmp_path / f"ct{chunks}.nii.zarr", chunks=chunks, levels=1)
+        counts[chunks] = len(opened)
+        np.testing.assert_array_equal(np.asarray(jmed.load(out).data)[..., 0], data.astype(np.float32))
+    assert counts[2] == counts[12], counts
