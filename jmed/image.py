@@ -736,9 +736,17 @@ class Subject(Mapping):
         Raises:
             TypeError: a history restored from a serialized ``jax.export`` program (only
                 descriptions of its transforms are kept).
+            ValueError: a batch of subjects (its params hold one value per item): replay
+                one item, ``jmed.unstack(batch)[i].get_composed_history()``.
         """
         from jmed.transforms.history import ReplayHistory
 
+        batched = [name for name, image in self.items() if image.data.ndim > 4]
+        if batched and self.history:
+            raise ValueError(
+                f"get_composed_history needs one subject, got a batch (image {batched[0]!r} has "
+                f"shape {tuple(self[batched[0]].shape)}); use jmed.unstack(batch)[i].get_composed_history()"
+            )
         return ReplayHistory(self.history)
 
     def apply_inverse_transform(self, *, warn: bool = True) -> Subject:

@@ -245,3 +245,15 @@ def test_replay_refuses_a_history_restored_from_export(phantom):
     assert format_history(restored).startswith("RandomFlip(")
     with pytest.raises(TypeError, match="not a jmed transform"):
         restored.get_composed_history()
+
+
+def test_composed_history_of_a_batch_is_refused_and_items_replay():
+    subject = jmed.datasets.phantom(0, shape=(8, 8, 8))
+    batch = jmed.stack([subject, subject])
+    flip = T.RandomFlip(axes=(0,))
+    out = jax.vmap(flip)(jax.random.split(jax.random.key(0), 2), batch)
+    with pytest.raises(ValueError, match=r"a batch .*unstack"):
+        out.get_composed_history()
+    for item, original in zip(jmed.unstack(out), jmed.unstack(batch)):
+        replayed = item.get_composed_history()(None, original)
+        np.testing.assert_array_equal(np.asarray(replayed["t1"].data), np.asarray(item["t1"].data))

@@ -109,9 +109,11 @@ class TransformFn(Protocol):
     ) -> Any: ...
 
 
-class MissingKeyError(TypeError):
+class MissingKeyError(TypeError, ValueError):
     """A transform that draws random numbers got no key (or not a key): raised by
-    ``sample`` with the name of the transform, before anything reaches JAX."""
+    ``sample`` and by ``transform(subject)`` with the name of the transform, before
+    anything reaches JAX. A ``TypeError`` and a ``ValueError`` alike, so that code catching
+    either keeps working."""
 
 
 def _guard_key(sample: Callable[..., Any]) -> Callable[..., Any]:
@@ -229,7 +231,7 @@ class Transform(_values.Value, Generic[P]):
             key, data = None, key
         subject, single = _as_subject(data)
         if key is None and self.is_random:
-            raise ValueError(f"{type(self).__name__} is random: call it as transform(key, subject)")
+            raise MissingKeyError(f"{type(self).__name__} is random: call it as transform(key, subject)")
         out, params = self.sample_and_apply(key, subject)
         if single:
             return out["image"]

@@ -45,7 +45,7 @@ import numpy as np
 
 from jmed.image import Image, Subject
 from jmed.transforms import intensity, mri, preprocessing, spatial
-from jmed.transforms.base import Compose, OneOf, RandomApply, SomeOf, Transform
+from jmed.transforms.base import _NOT_INVERTIBLE, Compose, OneOf, RandomApply, SomeOf, Transform
 
 __all__ = ["HistoryStep", "ReplayHistory", "describe_history", "format_history"]
 
@@ -402,6 +402,9 @@ class ReplayHistory(Transform):
         """The recorded ``(transform, params)`` pairs."""
         return tuple(zip(self.transforms, self._params))
 
+    # the params are recorded: sampling reads neither the key nor the subject
+    sample_reads_subject = False
+
     def sample(self, key, subject):
         return self._params
 
@@ -415,7 +418,7 @@ class ReplayHistory(Transform):
             if t.invertible:
                 subject = t.inverse(subject, p)
             else:
-                warnings.warn(f"{type(t).__name__} is not invertible; skipped when inverting", stacklevel=2)
+                warnings.warn(_NOT_INVERTIBLE.format(name=type(t).__name__), stacklevel=2)
         return subject
 
     def __repr__(self) -> str:
