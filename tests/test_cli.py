@@ -224,7 +224,10 @@ def test_rgb_input(tmp_path, capsys):
     rgb["G"] = 9
     path = _write(tmp_path / "rgb.nii.gz", rgb)
     assert cli.main(["transform", str(path), str(tmp_path / "o.nii.gz"), "Clamp"]) == 0
-    assert jmed.load(tmp_path / "o.nii.gz").shape == (4, 4, 4, 3)
+    out = np.asarray(jmed.load(tmp_path / "o.nii.gz").data)
+    assert out.shape == (4, 4, 4, 3)
+    # one channel per colour, values kept (Clamp without bounds changes nothing)
+    np.testing.assert_array_equal(out, np.stack([rgb["R"], rgb["G"], rgb["B"]], axis=-1).astype(np.float32))
     _one_line_error(
         capsys,
         ["transform", path, tmp_path / "l.nii.gz", "RemapLabels", "--label", "--kwargs", "mapping={1:2}"],

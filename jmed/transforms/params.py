@@ -262,7 +262,12 @@ def parse_nonnegative_range_per_axis(value: Any, name: str) -> np.ndarray:
     if isinstance(value, Sequence) and len(value) == 3:
         return np.array([parse_nonnegative_range(v, f"{name}[{i}]") for i, v in enumerate(value)])
     if isinstance(value, Sequence) and len(value) == 6:
-        return np.array([parse_nonnegative_range(tuple(value[2 * i : 2 * i + 2]), name) for i in range(3)])
+        return np.array(
+            [
+                parse_nonnegative_range(tuple(value[2 * i : 2 * i + 2]), f"{name}[{2 * i}:{2 * i + 2}]")
+                for i in range(3)
+            ]
+        )
     raise ValueError(f"{name} must be a number, a (low, high) pair, 3 or 6 values, got {value!r}")
 
 

@@ -324,7 +324,10 @@ class Resample(Transform):
             if self._file_grid is not None:
                 return self._file_grid
             if self._file_error is not None:
-                raise self._file_error
+                error = self._file_error
+                raise ValueError(
+                    f"Resample target {self._name!r}: {type(error).__name__}: {error}"
+                ) from error
             raise ValueError(
                 f"target {self._name!r} is neither an image of the subject ({list(subject)}) "
                 "nor a file that existed when the transform was built"
