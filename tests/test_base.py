@@ -784,3 +784,13 @@ def test_params_module_is_the_one_home_of_parsing():
     ):
         assert name not in source, f"{name} is back in jmed.transforms; use jmed.transforms.params"
     assert source.count("def _rotation(") == 1
+
+
+def test_one_of_with_different_output_shapes_under_jit_names_them():
+    subject = jmed.datasets.phantom(0, shape=(8, 8, 8))
+    choice = T.OneOf([T.RandomFlip(axes=(0,)), T.Resize(4)])
+    with pytest.raises(ValueError, match=r"same shapes under jit .*\(8, 8, 8, 1\).*\(4, 4, 4, 1\)"):
+        jax.jit(choice)(jax.random.key(0), subject)
+    # eagerly each draw keeps the shape of its alternative
+    shapes = {choice(jax.random.key(k), subject)["t1"].shape for k in range(8)}
+    assert shapes == {(8, 8, 8, 1), (4, 4, 4, 1)}

@@ -419,6 +419,14 @@ def _switch(
     structs = {jax.tree.structure(s) for s in shapes}
     if len(structs) > 1:
         raise ValueError("the alternatives of a random choice must return the same structure under jit")
+    leaf_shapes = [tuple(tuple(leaf.shape) for leaf in jax.tree.leaves(s)) for s in shapes]
+    if len(set(leaf_shapes)) > 1:
+        described = "; ".join(f"alternative {i}: {sorted(set(x))}" for i, x in enumerate(leaf_shapes))
+        raise ValueError(
+            "the alternatives of a random choice must return arrays of the same shapes under jit "
+            f"(got {described}); make their output shapes agree (e.g. a CropOrPad after each) or "
+            "call the transform eagerly"
+        )
     dtypes = jax.tree.map(lambda *leaves: jnp.result_type(*leaves), *shapes)
 
     def cast(branch):
