@@ -114,9 +114,13 @@ class _Header:
         import nibabel as nib
         import numpy as np
 
+        text = str(path)
+        if text.rstrip("/").lower().endswith(".zarr") or "://" in text:
+            self._from_image(text, kind)  # a chunked store or a URL: through jmed.load
+            return
         file = Path(path)
         if file.is_dir():
-            raise CommandError(f"{file} is a directory; an image file is needed")
+            raise CommandError(f"{file} is a directory; an image file (or a .zarr store) is needed")
         if not file.exists():
             raise CommandError(f"no such image file: {file}")
         ext = _header.extension(file)
@@ -183,6 +187,20 @@ class _Header:
         self.spacing = spacing
         self.origin = affine[:3, 3]
         self.orientation = "".join(nib.orientations.aff2axcodes(affine))
+
+    def _from_image(self, path: str, kind: str) -> None:
+        import numpy as np
+
+        image = _load(path, kind, lazy=True)
+        self.path, self.kind = path, kind
+        self.affine = np.asarray(image.affine, np.float64)
+        self.shape = tuple(int(n) for n in image.shape)
+        self.spacing = np.asarray(image.spacing, np.float64)
+        self.origin = self.affine[:3, 3]
+        self.orientation = image.orientation
+        self.dtype = self.file_dtype = np.dtype(image.dtype)
+        self.stored = self.dtype.name
+        self.integer = bool(np.issubdtype(self.dtype, np.integer))
 
 
 # --- transforms ----------------------------------------------------------------------------------

@@ -128,6 +128,10 @@ def test_convert_to_nifti_zarr(tmp_path):
     )
     np.testing.assert_allclose(np.asarray(converted.affine), reference.affine, atol=1e-5)
     assert converted._data.source is not None
+    info = _jmed("info", out)
+    assert info.returncode == 0, info.stderr
+    assert f"shape:       {tuple(converted.shape)}" in info.stdout
+    assert f"orientation: {converted.orientation}" in info.stdout
     refused = _jmed("convert", ANAT, out)
     assert (
         refused.returncode == 1
