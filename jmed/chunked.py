@@ -873,7 +873,8 @@ class ChunkedWriter:
             low, high = values.min(), values.max()
             if low < info.min or high > info.max:
                 raise ValueError(
-                    f"{self.path}: value {low if low < info.min else high} does not fit in {self.dtype.name}"
+                    f"{self.path}: value {low if low < info.min else high} does not fit in "
+                    f"{self.dtype.name} (allowed {info.min}..{info.max})"
                 )
         self._write(self._arrays[0], start, values.astype(self.dtype, copy=False))
 

@@ -34,6 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jmed import affine as affine_lib
+from jmed._checks import is_traced
 from jmed.image import Image, Subject, unstack
 
 __all__ = ["VIEWS", "html_summary", "plot_batch", "plot_image", "plot_subject", "plot_transform", "to_png"]
@@ -504,7 +505,7 @@ def _geometry(image: Image) -> dict[str, str]:
     row = {"kind": image.kind, "shape": str(tuple(image.shape)), "dtype": str(image.dtype)}
     affine = image.affine
     row["spacing (mm)"] = row["orientation"] = row["origin (mm)"] = "?"
-    if not isinstance(affine, jax.core.Tracer) and np.shape(affine) == (4, 4):
+    if not is_traced(affine) and np.shape(affine) == (4, 4):
         affine = np.asarray(affine, float)
         try:
             row["spacing (mm)"] = str(tuple((np.round(affine_lib.spacing(affine), 3) + 0.0).tolist()))
@@ -522,9 +523,9 @@ def _drawable(subject: Subject) -> str | None:
     for name, image in subject.items():
         if len(image.shape) != 4:
             return f"{name!r} is a batch of shape {tuple(image.shape)}"
-        if image.is_loaded and isinstance(image.data, jax.core.Tracer):
+        if image.is_loaded and is_traced(image.data):
             return f"{name!r} holds traced values"
-        if isinstance(image.affine, jax.core.Tracer):
+        if is_traced(image.affine):
             return f"{name!r} has a traced affine"
     return None
 

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jmed._checks import is_traced
 from jmed.image import Image, Subject
 from jmed.transforms import intensity, mri, preprocessing, spatial
 from jmed.transforms.base import _NOT_INVERTIBLE, Compose, OneOf, RandomApply, SomeOf, Transform
@@ -103,7 +104,7 @@ def _history_of(history: Subject | Sequence[tuple[Any, Any]]) -> tuple:
 
 
 def _concrete(x: Any) -> np.ndarray | None:
-    if isinstance(x, jax.core.Tracer):
+    if is_traced(x):
         return None
     try:
         return np.asarray(x)
