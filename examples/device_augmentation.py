@@ -38,7 +38,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import positive  # noqa: E402 - the examples folder, found through sys.path
+from arguments import check_unet_patches, positive  # noqa: E402 - the examples folder, found through sys.path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,12 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.width = min(args.width, 4)
         args.steps = min(args.steps, 3)
         args.patches_per_volume = 1
-    if args.patch_size % 4:
-        parser.error(f"--patch-size must be a multiple of 4 (the U-Net pools twice), got {args.patch_size}")
-    if args.patch_size > args.volume_size:
-        parser.error(f"--patch-size ({args.patch_size}) must not exceed --volume-size ({args.volume_size})")
-    if args.num_workers < 0:
-        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    check_unet_patches(parser, args)
     if args.devices is not None and args.batch_size is not None and args.batch_size % args.devices:
         parser.error(
             f"--batch-size ({args.batch_size}) must be a multiple of --devices ({args.devices}): "

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import positive  # noqa: E402 - the examples folder, found through sys.path
+from arguments import check_unet_patches, positive  # noqa: E402 - the examples folder, found through sys.path
 
 CLASS_NAMES = {1: "GM", 2: "WM"}
 NUM_CLASSES = 3
@@ -99,12 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.volume_size = min(args.volume_size, 24)
         args.subjects = min(args.subjects, 2)
         args.num_workers = 0
-    if args.patch_size % 4:
-        parser.error(f"--patch-size must be a multiple of 4 (the U-Net pools twice), got {args.patch_size}")
-    if args.patch_size > args.volume_size:
-        parser.error(f"--patch-size ({args.patch_size}) must not exceed --volume-size ({args.volume_size})")
-    if args.num_workers < 0:
-        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    check_unet_patches(parser, args)
     if args.process_id is not None and args.process_id < 0:
         parser.error(f"--process-id must be >= 0, got {args.process_id}")
     return args
